@@ -1,0 +1,204 @@
+#include "datastore.h"
+
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "json.h"
+#include "units.h"
+
+namespace iofilterfs {
+
+Datastore::Datastore(MountOptions opt) : opt_(std::move(opt)) {}
+
+Datastore::~Datastore() {
+  shutdown();
+  for (auto& [key, inode] : inodes_)
+    if (inode->fd >= 0) ::close(inode->fd);
+  if (root_.fd >= 0) ::close(root_.fd);
+}
+
+bool Datastore::init(std::string* err) {
+  root_.fd = ::open(opt_.backing.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root_.fd < 0) {
+    *err = opt_.backing + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st {};
+  if (fstat(root_.fd, &st) != 0) {
+    *err = opt_.backing + ": " + std::strerror(errno);
+    return false;
+  }
+  root_.dev = st.st_dev;
+  root_.ino = st.st_ino;
+  root_.type = S_IFDIR;
+  root_.nlookup = 2;  // never forgotten
+  return true;
+}
+
+int Datastore::lookup(Inode& parent, const char* name, fuse_entry_param* e) {
+  std::memset(e, 0, sizeof *e);
+  e->attr_timeout = 1.0;
+  e->entry_timeout = 1.0;
+  int fd = ::openat(parent.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno;
+  if (fstatat(fd, "", &e->attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
+    int err = errno;
+    ::close(fd);
+    return err;
+  }
+  Inode* inode;
+  {
+    std::lock_guard<std::mutex> g(inodes_mu_);
+    auto key = std::make_pair(e->attr.st_ino, e->attr.st_dev);
+    if (key == std::make_pair(root_.ino, root_.dev)) {
+      inode = &root_;  // ".." of a top-level directory, or a bind loop
+    } else {
+      auto it = inodes_.find(key);
+      if (it == inodes_.end()) {
+        auto n = std::make_unique<Inode>();
+        n->fd = fd;
+        fd = -1;
+        n->dev = e->attr.st_dev;
+        n->ino = e->attr.st_ino;
+        n->type = e->attr.st_mode & S_IFMT;
+        it = inodes_.emplace(key, std::move(n)).first;
+      }
+      inode = it->second.get();
+    }
+    ++inode->nlookup;
+  }
+  if (fd >= 0) ::close(fd);
+  e->ino = ino_of(*inode);
+  // An open image reports the size its chain presents.
+  if (inode->type == S_IFREG) stat(*inode, &e->attr);
+  return 0;
+}
+
+void Datastore::forget(Inode& i, uint64_t n) {
+  if (&i == &root_) return;
+  std::lock_guard<std::mutex> g(inodes_mu_);
+  i.nlookup = n >= i.nlookup ? 0 : i.nlookup - n;
+  if (i.nlookup == 0) {
+    ::close(i.fd);
+    inodes_.erase(std::make_pair(i.ino, i.dev));  // frees i
+  }
+}
+
+std::string Datastore::relpath(const Inode& i) const {
+  if (&i == &root_) return "";
+  char link[64];
+  std::snprintf(link, sizeof link, "/proc/self/fd/%d", i.fd);
+  char buf[PATH_MAX + 1];
+  ssize_t n = ::readlink(link, buf, PATH_MAX);
+  if (n <= 0) return "";
+  std::string p(buf, static_cast<size_t>(n));
+  const std::string& root = opt_.backing;
+  if (p.size() > root.size() && p.compare(0, root.size(), root) == 0 && p[root.size()] == '/')
+    return p.substr(root.size() + 1);
+  return "";
+}
+
+bool Datastore::is_image(const Inode& i) const {
+  if (i.type != S_IFREG) return false;
+  std::string rel = relpath(i);
+  if (rel.empty()) return false;
+  std::string base = rel.substr(rel.rfind('/') + 1);
+  for (const std::string& pat : opt_.image_patterns) {
+    // A pattern with a '/' matches the path from the datastore root; one without matches the
+    // file name in any directory.
+    bool with_dir = pat.find('/') != std::string::npos;
+    if (fnmatch(pat.c_str(), with_dir ? rel.c_str() : base.c_str(), with_dir ? FNM_PATHNAME : 0) == 0) return true;
+  }
+  return false;
+}
+
+Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
+  std::lock_guard<std::mutex> g(i.m);
+  bool created = false;
+  if (!i.disk) {
+    DiskOptions dopt;
+    dopt.read_only = opt_.read_only;
+    dopt.fault_injection = opt_.fault_injection;
+    Status s = Disk::open(i.fd, relpath(i), dopt, &i.disk, err);
+    if (!s.ok()) return s;
+    created = true;
+  }
+  Status s = i.disk->attach(writable, direct);
+  if (!s.ok()) {
+    *err = s.what ? s.what : std::strerror(s.err);
+    if (created) {
+      (void)i.disk->close();
+      i.disk.reset();
+    }
+    return s;
+  }
+  if (created)
+    spdlog::info("{}: opened ({} {}, policy {}, chain {})", i.disk->relpath(), i.disk->image().format,
+                 format_size(i.disk->image().virtual_size), i.disk->policy(), i.disk->chain_description());
+  *out = i.disk;
+  return Status::Ok();
+}
+
+void Datastore::detach_disk(Inode& i) {
+  std::shared_ptr<Disk> last;
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    if (!i.disk || !i.disk->detach()) return;
+    last = std::move(i.disk);
+  }
+  Status s = last->close();
+  if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
+  else spdlog::info("{}: closed", last->relpath());
+}
+
+std::vector<std::shared_ptr<Disk>> Datastore::open_disks() {
+  std::vector<std::shared_ptr<Disk>> out;
+  std::lock_guard<std::mutex> g(inodes_mu_);
+  for (auto& [key, inode] : inodes_) {
+    std::lock_guard<std::mutex> gi(inode->m);
+    if (inode->disk) out.push_back(inode->disk);
+  }
+  return out;
+}
+
+std::string Datastore::status_json() {
+  std::string s = "{\"backing\":" + json_str(opt_.backing) + ",\"mountpoint\":" + json_str(opt_.mountpoint) +
+                  ",\"read_only\":" + (opt_.read_only ? "true" : "false") + ",\"disks\":[";
+  bool first = true;
+  for (const auto& d : open_disks()) {
+    if (!first) s += ",";
+    first = false;
+    s += "{\"path\":" + json_str(d->relpath()) + ",\"policy\":" + json_str(d->policy()) +
+         ",\"state\":" + json_str(d->state()) + ",\"format\":" + json_str(d->image().format) +
+         ",\"virtual_size\":" + std::to_string(d->image().virtual_size) +
+         ",\"dirty_bytes\":" + std::to_string(d->dirty_bytes()) + "}";
+  }
+  return s + "]}";
+}
+
+void Datastore::shutdown() {
+  for (const auto& d : open_disks()) {
+    Status s = d->close();
+    if (!s.ok()) spdlog::error("{}: shutdown with undrained data: {}", d->relpath(), std::strerror(s.err));
+  }
+}
+
+int Datastore::stat(Inode& i, struct stat* st) {
+  if (fstatat(i.fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (i.type == S_IFREG) {
+    std::shared_ptr<Disk> d;
+    {
+      std::lock_guard<std::mutex> g(i.m);
+      d = i.disk;
+    }
+    uint64_t size;
+    if (d && d->size(&size).ok()) st->st_size = static_cast<off_t>(size);
+  }
+  return 0;
+}
+
+}  // namespace iofilterfs

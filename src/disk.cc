@@ -1,0 +1,191 @@
+#include "disk.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+
+#include "json.h"
+#include <time.h>
+
+namespace iofilterfs {
+namespace {
+
+uint64_t now_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+}  // namespace
+
+Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& opt, std::shared_ptr<Disk>* out,
+                  std::string* err) {
+  std::shared_ptr<Disk> d(new Disk());
+  d->relpath_ = relpath;
+  d->policy_ = opt.policy;
+  Status s = Backing::open(path_fd, opt.read_only, &d->backing_);
+  if (!s.ok()) {
+    *err = s.what ? s.what : "backing open failed";
+    return s;
+  }
+  uint64_t fsize = 0;
+  s = d->backing_->size(&fsize);
+  if (!s.ok()) {
+    *err = s.what;
+    return s;
+  }
+  d->image_ = detect_image_fd(d->backing_->fd(), fsize);
+
+  Layer* bottom = d->backing_.get();
+  if (opt.fault_injection) {
+    d->fault_ = std::make_unique<FaultLayer>();
+    d->fault_->set_next(bottom);
+    bottom = d->fault_.get();
+  }
+  s = Chain::build(Registry::instance(), opt.filters, bottom, &d->chain_, err);
+  if (!s.ok()) return s;
+  d->top_ = d->chain_.top();
+
+  DiskInfo info{relpath, d->image_.format, opt.read_only};
+  // Open bottom-up so each filter's child is ready when it opens; undo on failure.
+  std::vector<Filter*> opened;
+  d->chain_.for_each_bottom_up([&](Filter& f, const FilterInfo& fi) {
+    if (!s.ok()) return;
+    s = f.open(info);
+    if (s.ok()) opened.push_back(&f);
+    else *err = fi.name + ": " + (s.what ? s.what : std::strerror(s.err));
+  });
+  if (!s.ok()) {
+    for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
+    return s;
+  }
+  *out = std::move(d);
+  return Status::Ok();
+}
+
+Disk::~Disk() {
+  if (!closed_) (void)close();
+}
+
+Status Disk::attach(bool writable, bool direct) {
+  Status s = backing_->lock(writable ? Backing::LockMode::Exclusive : Backing::LockMode::Shared);
+  if (!s.ok()) return s;
+  if (direct) {
+    bool fell_back = false;
+    s = backing_->enable_direct(&fell_back);
+    if (!s.ok()) return s;
+    if (fell_back) spdlog::warn("{}: backing filesystem has no O_DIRECT; direct opens are served buffered", relpath_);
+  }
+  ++handles_;
+  return Status::Ok();
+}
+
+bool Disk::detach() { return --handles_ == 0; }
+
+Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
+  uint64_t t0 = now_ns();
+  Status s = top_->read(io, buf, len, off, got);
+  if (!s.ok()) {
+    stats_.errors.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  }
+  stats_.reads.fetch_add(1, std::memory_order_relaxed);
+  stats_.read_bytes.fetch_add(*got, std::memory_order_relaxed);
+  stats_.read_lat.record(now_ns() - t0);
+  return s;
+}
+
+Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off) {
+  uint64_t t0 = now_ns();
+  Status s = top_->write(io, buf, len, off);
+  if (!s.ok()) {
+    stats_.errors.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  }
+  stats_.writes.fetch_add(1, std::memory_order_relaxed);
+  stats_.write_bytes.fetch_add(len, std::memory_order_relaxed);
+  stats_.write_lat.record(now_ns() - t0);
+  return s;
+}
+
+Status Disk::sync(const Io& io, bool datasync) {
+  Status s = top_->sync(io, datasync);
+  (s.ok() ? stats_.syncs : stats_.errors).fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
+Status Disk::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
+  Status s = top_->fallocate(io, mode, off, len);
+  (s.ok() ? stats_.trims : stats_.errors).fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
+Status Disk::resize(const Io& io, uint64_t size) {
+  Status s = top_->resize(io, size);
+  if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
+Status Disk::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
+  return top_->seek(io, off, whence, result);
+}
+
+Status Disk::flush() {
+  std::lock_guard<std::mutex> g(control_mu_);
+  Status s = Status::Ok();
+  // Top first: what an upper filter drains lands in the filters below before they drain.
+  chain_.for_each([&](Filter& f, const FilterInfo&) {
+    if (s.ok()) s = f.drain();
+  });
+  if (!s.ok()) return s;
+  return backing_->sync(Io{}, false);
+}
+
+Status Disk::close() {
+  std::lock_guard<std::mutex> g(control_mu_);
+  if (closed_) return Status::Ok();
+  Status first = Status::Ok();
+  chain_.for_each([&](Filter& f, const FilterInfo& info) {
+    Status s = f.drain();
+    if (!s.ok()) {
+      spdlog::error("{}: filter {} could not drain on close: {}", relpath_, info.name,
+                    s.what ? s.what : std::strerror(s.err));
+      if (first.ok()) first = s;
+    }
+    f.shutdown();
+    f.close();
+  });
+  closed_ = true;
+  return first;
+}
+
+Status Disk::apply_fault_plan(const FaultPlan& plan) {
+  if (!fault_) return Status::Error(ENOTSUP, "fault injection is off (start with --fault-injection)");
+  std::lock_guard<std::mutex> g(control_mu_);
+  return fault_->apply(plan);
+}
+
+std::string Disk::state() const {
+  std::lock_guard<std::mutex> g(control_mu_);
+  if (!failed_reason_.empty()) return "failed: " + failed_reason_;
+  return "active";
+}
+
+uint64_t Disk::dirty_bytes() const {
+  uint64_t n = 0;
+  chain_.for_each([&](const Filter& f, const FilterInfo&) { n += f.dirty_bytes(); });
+  return n;
+}
+
+std::string Disk::stats_json() const {
+  std::string s = "{\"path\":" + json_str(relpath_) + "," + stats_.json() + ",\"filters\":{";
+  bool first = true;
+  chain_.for_each([&](const Filter& f, const FilterInfo& info) {
+    if (!first) s += ",";
+    first = false;
+    s += "\"" + info.name + "\":" + f.stats_json();
+  });
+  return s + "}}";
+}
+
+}  // namespace iofilterfs

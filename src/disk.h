@@ -1,0 +1,96 @@
+// Disk: one open disk image — its backing file, its filter chain, its counters.
+//
+// There is one Disk per backing file (keyed by device and inode), shared by every open of the
+// image through the mount, created by the first open and closed with the last release. Every
+// data operation on the image enters at Disk and runs down the chain:
+//
+//     Disk::write ─► chain.top() ─► ... ─► [FaultLayer] ─► Backing
+//
+// Threads: the data-path methods run concurrently on FUSE worker threads; they touch only the
+// chain (whose filters synchronise themselves) and atomic counters. Handle bookkeeping
+// (attach/detach) is under the owning Inode's mutex. Control events (drain, close, fault plans)
+// are under control_mu_. Lock order: Inode::m, then Disk::control_mu_.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backing.h"
+#include "chain.h"
+#include "fault.h"
+#include "image.h"
+#include "iostats.h"
+
+namespace iofilterfs {
+
+struct DiskOptions {
+  bool read_only = false;        // the mount is read-only
+  bool fault_injection = false;  // insert a FaultLayer above the backing file
+  std::string policy = "none";   // the policy's name, for status
+  std::vector<FilterSpec> filters;
+};
+
+class Disk {
+ public:
+  // Opens the backing file named by `path_fd` (O_PATH), detects its format, builds and opens
+  // the chain. On failure nothing stays open and *err has the reason.
+  static Status open(int path_fd, const std::string& relpath, const DiskOptions& opt,
+                     std::shared_ptr<Disk>* out, std::string* err);
+  ~Disk();
+
+  // Handle bookkeeping (caller holds the inode's mutex). attach takes the image lock —
+  // exclusive for a writer — and opens the O_DIRECT descriptor for a direct handle.
+  Status attach(bool writable, bool direct);
+  // Returns true when this was the last handle.
+  bool detach();
+
+  // Data path.
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got);
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off);
+  Status sync(const Io& io, bool datasync);
+  Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len);
+  Status resize(const Io& io, uint64_t size);
+  Status seek(const Io& io, uint64_t off, int whence, uint64_t* result);
+  Status size(uint64_t* out) { return top_->size(out); }
+
+  // Control: every filter drains to the backing file, then the backing file is synced.
+  Status flush();
+  // Drains and closes the filters; the backing file closes with the Disk.
+  Status close();
+
+  // Fault injection (only when opened with fault_injection).
+  bool has_fault_layer() const { return fault_ != nullptr; }
+  Status apply_fault_plan(const FaultPlan& plan);
+
+  const std::string& relpath() const { return relpath_; }
+  const ImageInfo& image() const { return image_; }
+  const std::string& policy() const { return policy_; }
+  std::string state() const;
+  uint64_t dirty_bytes() const;
+  std::string chain_description() const { return chain_.describe(); }
+  std::string stats_json() const;
+  const IoStats& stats() const { return stats_; }
+
+ private:
+  Disk() = default;
+
+  std::string relpath_;
+  std::string policy_;
+  ImageInfo image_;
+  std::unique_ptr<Backing> backing_;
+  std::unique_ptr<FaultLayer> fault_;
+  Chain chain_;
+  Layer* top_ = nullptr;
+  IoStats stats_;
+
+  int handles_ = 0;  // under the inode's mutex
+
+  mutable std::mutex control_mu_;
+  bool closed_ = false;        // under control_mu_
+  std::string failed_reason_;  // under control_mu_
+};
+
+}  // namespace iofilterfs

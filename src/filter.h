@@ -1,0 +1,165 @@
+// The filter interface: one narrow contract shared by every layer of a disk's I/O path.
+//
+// A disk's I/O path is a stack of Layers. The bottom is the backing file (backing.h); above it,
+// when a test asks for it, the fault-injection layer (fault.h); above that the policy's filters,
+// ordered by their class — replicate, cache, throttle, encrypt — guest side first:
+//
+//     FUSE request ─► replicate ─► cache ─► throttle ─► encrypt ─► [fault] ─► backing file
+//
+// Each Filter holds a pointer to the layer below it (next_) and the default implementation of
+// every operation passes the request down unchanged, so a filter overrides only what it changes
+// (the stacking model of nbdkit's `next` and LevelDB's EnvWrapper). For each request a filter
+// may
+//   complete it  – return Ok without calling next_ (a cache hit);
+//   fail it      – return an error Status; only the layers above it see the error;
+//   pass it      – call next_ (possibly with changed data, as encryption does);
+//   defer it     – block the calling thread while it does slow work (a network send, a token
+//                  wait). Requests run on a pool of FUSE worker threads and no disk-wide lock
+//                  is held across a filter call, so a deferred request holds up only itself.
+//
+// Filters also get the disk's control events (open, close, drain/flush, quiesce/resume,
+// snapshot, shutdown) and report how many bytes they hold that the layer below lacks.
+//
+// Threads: data-path methods are called concurrently from any number of worker threads; a
+// filter protects its own state. Control events are serialised per disk by Disk::control_mu_
+// and may run concurrently with data-path calls.
+//
+// Keep this header free of FUSE and of the framework's other types: it is meant to become the
+// public plugin ABI (kFilterApiVersion below).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "status.h"
+
+namespace YAML { class Node; }
+
+namespace iofilterfs {
+
+inline constexpr int kFilterApiVersion = 1;
+
+// Fixed class order, guest side first. The chain is sorted by this, never by YAML key order.
+enum class FilterClass : int { Replicate = 0, Cache = 1, Throttle = 2, Encrypt = 3 };
+inline constexpr int kFilterClassCount = 4;
+const char* to_string(FilterClass c);
+
+// Per-request context handed down the chain (lives on the worker thread's stack).
+struct Io {
+  bool direct = false;  // the opener asked for O_DIRECT (QEMU cache=none)
+};
+
+// fallocate modes the chain understands (same bits as FALLOC_FL_*).
+struct Layer {
+  virtual ~Layer() = default;
+  // Reads up to len bytes at off into buf; *got is what was read (short only at end of file).
+  virtual Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) = 0;
+  // Writes all len bytes or fails.
+  virtual Status write(const Io& io, const void* buf, size_t len, uint64_t off) = 0;
+  // Makes every acknowledged write durable (fsync; datasync = fdatasync).
+  virtual Status sync(const Io& io, bool datasync) = 0;
+  // mode: 0 (allocate), FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE|KEEP_SIZE, FALLOC_FL_ZERO_RANGE.
+  virtual Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len) = 0;
+  // Sets the size seen by the layer above (truncate or grow).
+  virtual Status resize(const Io& io, uint64_t size) = 0;
+  // SEEK_DATA / SEEK_HOLE from off; ENXIO past the end, as lseek(2).
+  virtual Status seek(const Io& io, uint64_t off, int whence, uint64_t* result) = 0;
+  // The size of the disk as seen by the layer above.
+  virtual Status size(uint64_t* out) = 0;
+};
+
+// What a filter learns about its disk when it is opened.
+struct DiskInfo {
+  std::string path;     // relative to the datastore root
+  std::string format;   // raw, qcow2, vmdk
+  bool read_only = false;
+};
+
+class Filter : public Layer {
+ public:
+  Filter() = default;
+  Filter(const Filter&) = delete;
+  Filter& operator=(const Filter&) = delete;
+
+  void set_next(Layer* next) { next_ = next; }
+  Layer* next() const { return next_; }
+
+  // Data path: pass everything down unchanged.
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    return next_->read(io, buf, len, off, got);
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    return next_->write(io, buf, len, off);
+  }
+  Status sync(const Io& io, bool datasync) override { return next_->sync(io, datasync); }
+  Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len) override {
+    return next_->fallocate(io, mode, off, len);
+  }
+  Status resize(const Io& io, uint64_t size) override { return next_->resize(io, size); }
+  Status seek(const Io& io, uint64_t off, int whence, uint64_t* result) override {
+    return next_->seek(io, off, whence, result);
+  }
+  Status size(uint64_t* out) override { return next_->size(out); }
+
+  // Control events. Called with the disk's control lock held, bottom filter first for open,
+  // top filter first for everything that drains (so data flows down into filters that are
+  // still open).
+  virtual Status open(const DiskInfo&) { return Status::Ok(); }
+  virtual void close() {}
+  // Write everything this filter holds that the layer below lacks, and return only when the
+  // layer below has it (flush, policy removal, unmount).
+  virtual Status drain() { return Status::Ok(); }
+  // Hold new writes after draining, until resume().
+  virtual Status quiesce() { return drain(); }
+  virtual void resume() {}
+  // A named, consistent restore point (called between quiesce and resume).
+  virtual Status snapshot(std::string_view /*name*/) { return Status::Ok(); }
+  // The daemon is stopping: stop background work after a final drain.
+  virtual void shutdown() {}
+
+  // Bytes this filter holds that the layer below does not have yet.
+  virtual uint64_t dirty_bytes() const { return 0; }
+  // One JSON object (without surrounding braces' caller): the filter's own counters.
+  virtual std::string stats_json() const { return "{}"; }
+  // Key parameters, for the chain view ("iops=500 bps=20MiB/s").
+  virtual std::string describe() const { return {}; }
+
+ protected:
+  Layer* next_ = nullptr;
+};
+
+// A filter's entry in the registry: what the daemon lists as "installed filters".
+struct FilterInfo {
+  std::string name;
+  FilterClass cls;
+  int api_version;
+  std::string description;
+  // Checks parameters without side effects; returns an empty string when valid, else the
+  // message (the caller adds FILE:LINE:COLUMN).
+  std::function<std::string(const YAML::Node& params)> validate;
+  std::function<std::unique_ptr<Filter>(const YAML::Node& params)> create;
+};
+
+class Registry {
+ public:
+  // The daemon's registry, with every built-in filter registered.
+  static Registry& instance();
+
+  // Returns false (and changes nothing) when the name is taken or the API version differs.
+  bool add(FilterInfo info);
+  const FilterInfo* find(std::string_view name) const;
+  const std::vector<FilterInfo>& all() const { return filters_; }
+
+ private:
+  std::vector<FilterInfo> filters_;
+};
+
+// Registers the filters built into the daemon (filters/*/). Called once by instance().
+void register_builtin_filters(Registry& r);
+
+}  // namespace iofilterfs

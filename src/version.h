@@ -1,0 +1,4 @@
+#pragma once
+namespace iofilterfs {
+inline constexpr const char* kVersion = IOFILTERFS_VERSION;
+}

@@ -42,7 +42,7 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
     d->fault_->set_next(bottom);
     bottom = d->fault_.get();
   }
-  s = Chain::build(Registry::instance(), opt.filters, bottom, &d->chain_, err);
+  s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
   if (!s.ok()) return s;
   d->top_ = d->chain_.top();
 

@@ -31,6 +31,7 @@ struct DiskOptions {
   bool fault_injection = false;  // insert a FaultLayer above the backing file
   std::string policy = "none";   // the policy's name, for status
   std::vector<FilterSpec> filters;
+  const Registry* registry = nullptr;  // where filter names are found; null: the daemon's
 };
 
 class Disk {

@@ -1,6 +1,7 @@
 #include "iostats.h"
 
 #include <bit>
+#include <cmath>
 #include <cstdio>
 
 namespace iofilterfs {
@@ -36,7 +37,7 @@ uint64_t LatencyHistogram::percentile(double p) const {
   for (int i = 0; i < kBuckets; ++i) total += snap[i] = counts_[i].load(std::memory_order_relaxed);
   if (total == 0) return 0;
   // The smallest rank r (1-based) with r >= p% of total.
-  uint64_t rank = static_cast<uint64_t>(p / 100.0 * static_cast<double>(total) + 0.999999);
+  uint64_t rank = static_cast<uint64_t>(std::ceil(p * static_cast<double>(total) / 100.0));
   if (rank == 0) rank = 1;
   uint64_t seen = 0;
   for (int i = 0; i < kBuckets; ++i) {

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
+#include <csignal>
 #include <cstdio>
 #include <memory>
 
@@ -55,8 +56,11 @@ int run(MountOptions opt) {
         fuse_loop_cfg_set_idle_threads(cfg, opt.threads);  // keep workers (and their buffers)
         int r = fuse_session_loop_mt(se, cfg);
         fuse_loop_cfg_destroy(cfg);
-        rc = r == 0 ? kExitOk : kExitFailure;
-        if (r != 0) spdlog::error("session loop ended with error {}", r);
+        // libfuse's signal handler leaves the signal number as the loop's result: a stop asked
+        // for with SIGTERM/SIGINT/SIGHUP is a clean exit.
+        const bool clean = r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP;
+        rc = clean ? kExitOk : kExitFailure;
+        if (!clean) spdlog::error("session loop ended with error {}", r);
       }
       fuse_session_unmount(se);
       ds.shutdown();

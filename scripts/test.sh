@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: installs what is missing, builds the normal tree and
+# an ASan+UBSan tree, runs every test (unit and real mounts) in both, and ends with one line
+# "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh || exit 1
+bash scripts/build.sh build || exit 1
+bash scripts/build.sh build-asan -DIOFILTERFS_SANITIZE=ON || exit 1
+
+passed=0
+failed=0
+run_suite() {
+  local name=$1 dir=$2 log
+  log=$(mktemp)
+  echo "=== $name ==="
+  ctest --test-dir "$dir" --output-on-failure --timeout 600 2>&1 | tee "$log"
+  local p f
+  # ctest: "100% tests passed, 0 tests failed out of 42"
+  f=$(sed -n 's/.* \([0-9][0-9]*\) tests failed out of \([0-9][0-9]*\).*/\1/p' "$log" | tail -1)
+  t=$(sed -n 's/.* tests failed out of \([0-9][0-9]*\).*/\1/p' "$log" | tail -1)
+  if [ -z "$t" ]; then
+    echo "$name: ctest produced no summary"
+    failed=$((failed + 1))
+  else
+    p=$((t - f))
+    passed=$((passed + p))
+    failed=$((failed + f))
+  fi
+  rm -f "$log"
+}
+
+run_suite "release build" build
+# The sanitizer build: the daemon the integration tests start is the instrumented one.
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  run_suite "ASan+UBSan build" build-asan
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,290 @@
+// The chain: class order whatever the policy's order, error propagation upward only, the
+// default pass-through, registry rules, and deferral that holds up only the deferred request.
+#include <catch2/catch.hpp>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <thread>
+
+#include "chain.h"
+#include "disk.h"
+#include "mem_layer.h"
+
+using namespace iofilterfs;
+
+namespace {
+
+// Records every call on the way down and every result on the way up. Parameters:
+//   fail: ERRNO-number  – fail writes and reads without calling the layer below
+//   complete: true      – complete reads itself (fills 0x5a) without calling below
+class Recorder : public Filter {
+ public:
+  Recorder(std::string name, std::vector<std::string>* log, const YAML::Node& p) : name_(std::move(name)), log_(log) {
+    if (p && p["fail"]) fail_ = p["fail"].as<int>();
+    if (p && p["complete"]) complete_ = p["complete"].as<bool>();
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    log_->push_back(name_ + ":write");
+    if (fail_) return Status::Error(fail_, "recorder: told to fail");
+    Status s = next_->write(io, buf, len, off);
+    log_->push_back(name_ + ":write<-" + std::to_string(s.err));
+    return s;
+  }
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    log_->push_back(name_ + ":read");
+    if (fail_) return Status::Error(fail_, "recorder: told to fail");
+    if (complete_) {
+      std::memset(buf, 0x5a, len);
+      *got = len;
+      return Status::Ok();
+    }
+    Status s = next_->read(io, buf, len, off, got);
+    log_->push_back(name_ + ":read<-" + std::to_string(s.err));
+    return s;
+  }
+  Status drain() override {
+    log_->push_back(name_ + ":drain");
+    return Status::Ok();
+  }
+  Status open(const DiskInfo&) override {
+    log_->push_back(name_ + ":open");
+    return Status::Ok();
+  }
+  void close() override { log_->push_back(name_ + ":close"); }
+
+ private:
+  std::string name_;
+  std::vector<std::string>* log_;
+  int fail_ = 0;
+  bool complete_ = false;
+};
+
+Registry recording_registry(std::vector<std::string>* log) {
+  Registry r;
+  const std::pair<const char*, FilterClass> kinds[] = {{"rep", FilterClass::Replicate},
+                                                       {"cache", FilterClass::Cache},
+                                                       {"thr", FilterClass::Throttle},
+                                                       {"enc", FilterClass::Encrypt}};
+  for (auto [name, cls] : kinds) {
+    std::string n = name;
+    REQUIRE(r.add(FilterInfo{n, cls, kFilterApiVersion, "recording test filter", nullptr,
+                             [n, log](const YAML::Node& p) { return std::make_unique<Recorder>(n, log, p); }}));
+  }
+  REQUIRE(r.add(FilterInfo{"thr2", FilterClass::Throttle, kFilterApiVersion, "second throttle", nullptr,
+                           [log](const YAML::Node& p) { return std::make_unique<Recorder>("thr2", log, p); }}));
+  return r;
+}
+
+FilterSpec spec(const char* name, const char* yaml = "{}") { return FilterSpec{name, YAML::Load(yaml)}; }
+
+}  // namespace
+
+TEST_CASE("the chain runs in class order whatever order the policy lists", "[chain]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  testing::MemLayer bottom;
+  bottom.log = &log;
+  Chain chain;
+  std::string err;
+  // Listed encrypt, cache, replicate, throttle: the framework orders them.
+  REQUIRE(Chain::build(reg, {spec("enc"), spec("cache"), spec("rep"), spec("thr")}, &bottom, &chain, &err).ok());
+  REQUIRE(chain.size() == 4);
+  CHECK(chain.describe() == "rep -> cache -> thr -> enc");
+
+  char buf[16] = "abcdefghijklmno";
+  REQUIRE(chain.top()->write(Io{}, buf, sizeof buf, 0).ok());
+  CHECK(log == std::vector<std::string>{"rep:write", "cache:write", "thr:write", "enc:write", "bottom:write",
+                                        "enc:write<-0", "thr:write<-0", "cache:write<-0", "rep:write<-0"});
+  CHECK(std::string(bottom.data.data(), 15) == "abcdefghijklmno");
+}
+
+TEST_CASE("an error is seen only by the filters above the one that failed", "[chain]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  testing::MemLayer bottom;
+  bottom.log = &log;
+  Chain chain;
+  std::string err;
+  REQUIRE(Chain::build(reg, {spec("thr", "{fail: 5}"), spec("enc"), spec("rep"), spec("cache")}, &bottom, &chain, &err)
+              .ok());
+  char buf[8] = {};
+  Status s = chain.top()->write(Io{}, buf, sizeof buf, 0);
+  CHECK(s.err == EIO);
+  CHECK(log == std::vector<std::string>{"rep:write", "cache:write", "thr:write", "cache:write<-5", "rep:write<-5"});
+  CHECK(bottom.data.empty());
+}
+
+TEST_CASE("a filter can complete a request without the layers below", "[chain]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  testing::MemLayer bottom;
+  bottom.log = &log;
+  Chain chain;
+  std::string err;
+  REQUIRE(Chain::build(reg, {spec("rep"), spec("cache", "{complete: true}"), spec("enc")}, &bottom, &chain, &err).ok());
+  char buf[4];
+  size_t got = 0;
+  REQUIRE(chain.top()->read(Io{}, buf, 4, 0, &got).ok());
+  CHECK(got == 4);
+  CHECK(buf[3] == 0x5a);
+  CHECK(log == std::vector<std::string>{"rep:read", "cache:read", "rep:read<-0"});
+}
+
+TEST_CASE("an empty chain is the bottom layer itself; default filters pass everything", "[chain]") {
+  testing::MemLayer bottom;
+  Chain chain;
+  std::string err;
+  REQUIRE(Chain::build(Registry{}, {}, &bottom, &chain, &err).ok());
+  CHECK(chain.top() == &bottom);
+  CHECK(chain.describe() == "(empty)");
+
+  // A filter that overrides nothing passes every operation down unchanged.
+  Filter plain;
+  plain.set_next(&bottom);
+  REQUIRE(plain.write(Io{}, "xyz", 3, 2).ok());
+  REQUIRE(plain.resize(Io{}, 10).ok());
+  REQUIRE(plain.sync(Io{}, false).ok());
+  uint64_t size = 0;
+  REQUIRE(plain.size(&size).ok());
+  CHECK(size == 10);
+  CHECK(bottom.syncs == 1);
+  CHECK(std::string(bottom.data.data() + 2, 3) == "xyz");
+}
+
+TEST_CASE("the chain refuses two filters of one class and unknown names", "[chain]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  testing::MemLayer bottom;
+  Chain chain;
+  std::string err;
+  CHECK(Chain::build(reg, {spec("thr"), spec("thr2")}, &bottom, &chain, &err).err == EINVAL);
+  CHECK(err == "two filters of class throttle: 'thr' and 'thr2'");
+  CHECK(Chain::build(reg, {spec("rep"), spec("nosuch")}, &bottom, &chain, &err).err == EINVAL);
+  CHECK(err == "unknown filter 'nosuch'");
+  CHECK(log.empty());
+}
+
+TEST_CASE("the registry refuses duplicate names and other interface versions", "[chain]") {
+  Registry r;
+  auto make = [](const YAML::Node&) { return std::make_unique<Filter>(); };
+  CHECK(r.add(FilterInfo{"a", FilterClass::Cache, kFilterApiVersion, "", nullptr, make}));
+  CHECK_FALSE(r.add(FilterInfo{"a", FilterClass::Throttle, kFilterApiVersion, "", nullptr, make}));
+  CHECK_FALSE(r.add(FilterInfo{"b", FilterClass::Throttle, kFilterApiVersion + 1, "", nullptr, make}));
+  CHECK(r.all().size() == 1);
+  CHECK(r.find("a")->cls == FilterClass::Cache);
+  CHECK(r.find("b") == nullptr);
+}
+
+TEST_CASE("validation failures name the filter and nothing is instantiated", "[chain]") {
+  Registry r;
+  int created = 0;
+  REQUIRE(r.add(FilterInfo{"v", FilterClass::Cache, kFilterApiVersion, "",
+                           [](const YAML::Node& p) { return p["size"] ? std::string() : std::string("size is required"); },
+                           [&created](const YAML::Node&) {
+                             ++created;
+                             return std::make_unique<Filter>();
+                           }}));
+  testing::MemLayer bottom;
+  Chain chain;
+  std::string err;
+  CHECK(Chain::build(r, {spec("v")}, &bottom, &chain, &err).err == EINVAL);
+  CHECK(err == "v: size is required");
+  CHECK(created == 0);
+  CHECK(Chain::build(r, {spec("v", "{size: 1}")}, &bottom, &chain, &err).ok());
+  CHECK(created == 1);
+}
+
+namespace {
+
+// Holds writes at offset 0 until released: a filter deferring a request.
+class Gate : public Filter {
+ public:
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (off == 0) {
+      std::unique_lock<std::mutex> l(mu);
+      held = true;
+      cv.notify_all();
+      cv.wait(l, [&] { return open; });
+    }
+    return next_->write(io, buf, len, off);
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false, open = false;
+};
+
+}  // namespace
+
+TEST_CASE("a deferred request holds up only itself, not other requests to the same disk", "[chain][disk]") {
+  Gate* gate = nullptr;
+  Registry r;
+  REQUIRE(r.add(FilterInfo{"gate", FilterClass::Replicate, kFilterApiVersion, "", nullptr, [&gate](const YAML::Node&) {
+                             auto g = std::make_unique<Gate>();
+                             gate = g.get();
+                             return g;
+                           }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("gate")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "gate.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->attach(true, false).ok());
+
+  std::thread held([&] { CHECK(disk->write(Io{}, "first", 5, 0).ok()); });
+  {
+    std::unique_lock<std::mutex> l(gate->mu);
+    gate->cv.wait(l, [&] { return gate->held; });
+  }
+  // The first write is deferred inside the filter; a second one completes meanwhile.
+  REQUIRE(disk->write(Io{}, "second", 6, 4096).ok());
+  CHECK(disk->stats().writes.load() == 1);
+  {
+    std::lock_guard<std::mutex> l(gate->mu);
+    gate->open = true;
+  }
+  gate->cv.notify_all();
+  held.join();
+  CHECK(disk->stats().writes.load() == 2);
+  char buf[6];
+  REQUIRE(pread(fd, buf, 5, 0) == 5);
+  CHECK(std::string(buf, 5) == "first");
+  REQUIRE(pread(fd, buf, 6, 4096) == 6);
+  CHECK(std::string(buf, 6) == "second");
+  disk->detach();
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}
+
+TEST_CASE("a disk opens its filters bottom-up and drains them top-down on flush and close", "[disk]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &reg;
+  opt.filters = {spec("enc"), spec("rep")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "x.raw", opt, &disk, &err).ok());
+  CHECK(log == std::vector<std::string>{"enc:open", "rep:open"});
+  log.clear();
+  REQUIRE(disk->flush().ok());
+  CHECK(log == std::vector<std::string>{"rep:drain", "enc:drain"});
+  log.clear();
+  REQUIRE(disk->close().ok());
+  CHECK(log == std::vector<std::string>{"rep:drain", "rep:close", "enc:drain", "enc:close"});
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

@@ -1,0 +1,75 @@
+// A Layer over memory, for unit tests: the bottom of a chain without any file.
+#pragma once
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "filter.h"
+
+namespace testing {
+
+class MemLayer : public iofilterfs::Layer {
+ public:
+  using Status = iofilterfs::Status;
+  using Io = iofilterfs::Io;
+  std::vector<char> data;
+  std::vector<std::string>* log = nullptr;  // optional: appends "bottom:OP"
+  std::mutex mu;
+  int syncs = 0;
+
+  void note(const char* op) {
+    if (log) log->push_back(std::string("bottom:") + op);
+  }
+  Status read(const Io&, void* buf, size_t len, uint64_t off, size_t* got) override {
+    std::lock_guard<std::mutex> g(mu);
+    note("read");
+    size_t n = off >= data.size() ? 0 : std::min<size_t>(len, data.size() - off);
+    if (n) std::memcpy(buf, data.data() + off, n);
+    *got = n;
+    return Status::Ok();
+  }
+  Status write(const Io&, const void* buf, size_t len, uint64_t off) override {
+    std::lock_guard<std::mutex> g(mu);
+    note("write");
+    if (off + len > data.size()) data.resize(off + len);
+    std::memcpy(data.data() + off, buf, len);
+    return Status::Ok();
+  }
+  Status sync(const Io&, bool) override {
+    std::lock_guard<std::mutex> g(mu);
+    note("sync");
+    ++syncs;
+    return Status::Ok();
+  }
+  Status fallocate(const Io&, int mode, uint64_t off, uint64_t len) override {
+    std::lock_guard<std::mutex> g(mu);
+    note("fallocate");
+    if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+      uint64_t end = std::min<uint64_t>(off + len, data.size());
+      if (off < end) std::memset(data.data() + off, 0, end - off);
+    }
+    return Status::Ok();
+  }
+  Status resize(const Io&, uint64_t size) override {
+    std::lock_guard<std::mutex> g(mu);
+    note("resize");
+    data.resize(size);
+    return Status::Ok();
+  }
+  Status seek(const Io&, uint64_t off, int, uint64_t* result) override {
+    *result = off;
+    return Status::Ok();
+  }
+  Status size(uint64_t* out) override {
+    std::lock_guard<std::mutex> g(mu);
+    *out = data.size();
+    return Status::Ok();
+  }
+};
+
+}  // namespace testing

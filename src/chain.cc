@@ -12,45 +12,117 @@ const char* to_string(FilterClass c) {
   return "unknown";
 }
 
-Status Chain::build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom,
-                    Chain* out, std::string* err) {
-  Chain c;
+namespace {
+
+// Identity of a configured filter: its name and its parameters in canonical YAML.
+std::string spec_key(const FilterSpec& s) {
+  YAML::Emitter e;
+  e << YAML::Flow << s.params;
+  return s.name + " " + e.c_str();
+}
+
+}  // namespace
+
+std::vector<Filter*> ChainPlan::arriving() const {
+  std::vector<Filter*> out;
+  for (int c = kFilterClassCount - 1; c >= 0; --c)
+    if (fresh_[c].filter) out.push_back(fresh_[c].filter.get());
+  return out;
+}
+
+Status Chain::plan(const Registry& registry, const std::vector<FilterSpec>& specs, ChainPlan* out,
+                   std::string* err) const {
+  ChainPlan p;
+  std::array<const FilterSpec*, kFilterClassCount> wanted{};
+  std::array<const FilterInfo*, kFilterClassCount> infos{};
   for (const FilterSpec& s : specs) {
     const FilterInfo* info = registry.find(s.name);
     if (!info) {
       *err = "unknown filter '" + s.name + "'";
       return Status::Error(EINVAL);
     }
-    Slot& slot = c.slots_[static_cast<int>(info->cls)];
-    if (slot.filter) {
-      *err = "two filters of class " + std::string(to_string(info->cls)) + ": '" + slot.info->name +
-             "' and '" + s.name + "'";
+    const int c = static_cast<int>(info->cls);
+    if (wanted[c]) {
+      *err = "two filters of class " + std::string(to_string(info->cls)) + ": '" + wanted[c]->name + "' and '" +
+             s.name + "'";
       return Status::Error(EINVAL);
     }
     if (info->validate) {
-      std::string msg = info->validate(s.params);
+      YAML::Node where = s.params;
+      std::string msg = info->validate(s.params, &where);
       if (!msg.empty()) {
         *err = s.name + ": " + msg;
         return Status::Error(EINVAL);
       }
     }
-    std::unique_ptr<Filter> f = info->create(s.params);
+    wanted[c] = &s;
+    infos[c] = info;
+  }
+  for (int c = 0; c < kFilterClassCount; ++c) {
+    const Slot& cur = slots_[c];
+    if (!wanted[c]) {
+      if (cur.filter) p.changes_ = true;  // removed
+      continue;
+    }
+    std::string key = spec_key(*wanted[c]);
+    if (cur.filter && cur.key == key) {
+      p.keep_[c] = true;  // unchanged: keeps its state
+      continue;
+    }
+    std::unique_ptr<Filter> f = infos[c]->create(wanted[c]->params);
     if (!f) {
-      *err = s.name + ": could not be created";
+      *err = wanted[c]->name + ": could not be created";
       return Status::Error(EINVAL);
     }
-    slot.info = info;
-    slot.filter = std::move(f);
-    ++c.count_;
+    p.fresh_[c] = ChainPlan::Fresh{infos[c], std::move(f), std::move(key)};
+    p.changes_ = true;
   }
-  // Link bottom-up: each filter's child is the next occupied slot below it.
+  *out = std::move(p);
+  return Status::Ok();
+}
+
+std::vector<Filter*> Chain::leaving(const ChainPlan& plan) const {
+  std::vector<Filter*> out;
+  for (int c = 0; c < kFilterClassCount; ++c)
+    if (slots_[c].filter && !plan.keep_[c]) out.push_back(slots_[c].filter.get());
+  return out;
+}
+
+void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<Filter>>* removed) {
+  count_ = 0;
+  for (int c = 0; c < kFilterClassCount; ++c) {
+    Slot& s = slots_[c];
+    if (plan.keep_[c]) {
+      ++count_;
+      continue;
+    }
+    if (s.filter) removed->push_back(std::move(s.filter));
+    s = Slot{};
+    if (plan.fresh_[c].filter) {
+      s.info = plan.fresh_[c].info;
+      s.filter = std::move(plan.fresh_[c].filter);
+      s.key = std::move(plan.fresh_[c].key);
+      ++count_;
+    }
+  }
+  // Relink bottom-up: each filter's child is the next occupied slot below it.
   Layer* below = bottom;
-  for (int i = kFilterClassCount - 1; i >= 0; --i) {
-    if (!c.slots_[i].filter) continue;
-    c.slots_[i].filter->set_next(below);
-    below = c.slots_[i].filter.get();
+  for (int c = kFilterClassCount - 1; c >= 0; --c) {
+    if (!slots_[c].filter) continue;
+    slots_[c].filter->set_next(below);
+    below = slots_[c].filter.get();
   }
-  c.top_ = below;
+  top_ = below;
+}
+
+Status Chain::build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom, Chain* out,
+                    std::string* err) {
+  Chain c;
+  ChainPlan plan;
+  Status s = c.plan(registry, specs, &plan, err);
+  if (!s.ok()) return s;
+  std::vector<std::unique_ptr<Filter>> none;
+  c.commit(std::move(plan), bottom, &none);
   *out = std::move(c);
   return Status::Ok();
 }

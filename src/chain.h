@@ -3,6 +3,14 @@
 // The order is the framework's, never the policy's: filters are kept in one slot per class,
 // and the stack is read off the slots from replicate down to encrypt. A policy that names two
 // filters of one class is refused before anything is instantiated.
+//
+// Re-plumbing (a policy change or reload) is prepare / commit / abort, as QEMU's reopen:
+//   plan()    instantiates the filters that are new or whose parameters changed and marks the
+//             unchanged ones to be kept (with their state); nothing running is touched, and
+//             dropping the plan is the abort;
+//   leaving() lists the filters the plan removes — the disk drains them before committing;
+//   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
+//             plumbing lock exclusively, so no request is inside the chain meanwhile.
 #pragma once
 
 #include <array>
@@ -21,6 +29,26 @@ struct FilterSpec {
   YAML::Node params;
 };
 
+class Chain;
+
+class ChainPlan {
+ public:
+  // Fresh filters, bottom first (the order to open them in).
+  std::vector<Filter*> arriving() const;
+  bool changes() const { return changes_; }
+
+ private:
+  friend class Chain;
+  struct Fresh {
+    const FilterInfo* info = nullptr;
+    std::unique_ptr<Filter> filter;
+    std::string key;
+  };
+  std::array<Fresh, kFilterClassCount> fresh_{};
+  std::array<bool, kFilterClassCount> keep_{};
+  bool changes_ = false;
+};
+
 class Chain {
  public:
   Chain() = default;
@@ -31,6 +59,13 @@ class Chain {
   // On error nothing is kept and *err says which spec was wrong.
   static Status build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom,
                       Chain* out, std::string* err);
+
+  // Prepares a change to `specs` (see above). On error nothing is changed.
+  Status plan(const Registry& registry, const std::vector<FilterSpec>& specs, ChainPlan* out, std::string* err) const;
+  // Filters the plan removes or replaces, top first (the order to drain them in).
+  std::vector<Filter*> leaving(const ChainPlan& plan) const;
+  // Applies the plan above `bottom`; the filters it removes are moved to *removed.
+  void commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<Filter>>* removed);
 
   // The layer requests enter: the first filter, or the bottom when the chain is empty.
   Layer* top() const { return top_; }
@@ -56,6 +91,7 @@ class Chain {
   struct Slot {
     const FilterInfo* info = nullptr;
     std::unique_ptr<Filter> filter;
+    std::string key;  // name and parameters, to tell an unchanged filter
   };
   std::array<Slot, kFilterClassCount> slots_{};
   Layer* top_ = nullptr;

@@ -5,7 +5,8 @@
 //   stats   (read)  JSON counters of the disk and each filter
 //   state   (read)  active | degraded: REASON | failed: REASON
 //   chain   (read)  the ordered filters with their key parameters
-//   policy  (read)  the policy's name
+//   policy  (read)  the policy's name; (write, root) assign a policy by name, persistently;
+//                   removexattr drops the assignment
 //   dirty   (read)  bytes the filters hold that the backing file lacks
 //   flush   (write) every filter drains, then the backing file is synced
 //   fault   (write) a fault-injection plan (fault.h); only with --fault-injection
@@ -13,6 +14,7 @@
 //   status  (read)  JSON of every open disk
 //   filters (read)  the installed filters: name, class, interface version
 //   version (read)
+//   reload  (write, root) re-read the policy file
 #pragma once
 
 #include <fuse_lowlevel.h>
@@ -34,6 +36,9 @@ Status control_get(Datastore& ds, Inode& inode, std::string_view name, std::stri
 // A control verb. EPERM for a mutation by a non-root caller; EINVAL for an unknown verb or a
 // malformed value; ENOTSUP for a verb on a file that is not an image. Nothing changes on error.
 Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::string_view value, const fuse_ctx* ctx);
+// removexattr of a control name: `policy` drops an image's assignment (the rules apply again);
+// the others are not stored, EPERM.
+Status control_remove(Datastore& ds, Inode& inode, std::string_view name, const fuse_ctx* ctx);
 // The control names listxattr shows on this object (NUL-terminated, concatenated).
 std::string control_list(Datastore& ds, Inode& inode);
 

@@ -1,7 +1,7 @@
 #include "datastore.h"
 
 #include <fcntl.h>
-#include <fnmatch.h>
+#include <sys/xattr.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -12,7 +12,8 @@
 
 namespace iofilterfs {
 
-Datastore::Datastore(MountOptions opt) : opt_(std::move(opt)) {}
+Datastore::Datastore(MountOptions opt, std::shared_ptr<const DatastoreConfig> config)
+    : opt_(std::move(opt)), config_(std::move(config)) {}
 
 Datastore::~Datastore() {
   shutdown();
@@ -105,15 +106,33 @@ std::string Datastore::relpath(const Inode& i) const {
 bool Datastore::is_image(const Inode& i) const {
   if (i.type != S_IFREG) return false;
   std::string rel = relpath(i);
-  if (rel.empty()) return false;
-  std::string base = rel.substr(rel.rfind('/') + 1);
-  for (const std::string& pat : opt_.image_patterns) {
-    // A pattern with a '/' matches the path from the datastore root; one without matches the
-    // file name in any directory.
-    bool with_dir = pat.find('/') != std::string::npos;
-    if (fnmatch(pat.c_str(), with_dir ? rel.c_str() : base.c_str(), with_dir ? FNM_PATHNAME : 0) == 0) return true;
-  }
-  return false;
+  return !rel.empty() && config()->is_image(rel);
+}
+
+std::shared_ptr<const DatastoreConfig> Datastore::config() const {
+  std::lock_guard<std::mutex> g(config_mu_);
+  return config_;
+}
+
+namespace {
+
+// The override stored on the backing file, or "".
+std::string read_override(int path_fd) {
+  char buf[256];
+  std::string link = "/proc/self/fd/" + std::to_string(path_fd);
+  ssize_t n = ::getxattr(link.c_str(), Datastore::kPolicyXattr, buf, sizeof buf);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
+}
+
+}  // namespace
+
+std::string Datastore::policy_of(const Inode& i) const {
+  auto cfg = config();
+  std::string o = read_override(i.fd);
+  // An override naming a policy the file no longer defines falls back to the rules.
+  if (!o.empty() && cfg->find_policy(o)) return o;
+  if (!o.empty()) spdlog::warn("{}: assigned policy '{}' is not defined; using the rules", relpath(i), o);
+  return cfg->policy_for(relpath(i));
 }
 
 Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
@@ -123,6 +142,9 @@ Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_
     DiskOptions dopt;
     dopt.read_only = opt_.read_only;
     dopt.fault_injection = opt_.fault_injection;
+    auto cfg = config();
+    dopt.policy = policy_of(i);
+    dopt.filters = cfg->find_policy(dopt.policy)->filters;
     Status s = Disk::open(i.fd, relpath(i), dopt, &i.disk, err);
     if (!s.ok()) return s;
     created = true;
@@ -167,7 +189,13 @@ std::vector<std::shared_ptr<Disk>> Datastore::open_disks() {
 
 std::string Datastore::status_json() {
   std::string s = "{\"backing\":" + json_str(opt_.backing) + ",\"mountpoint\":" + json_str(opt_.mountpoint) +
-                  ",\"read_only\":" + (opt_.read_only ? "true" : "false") + ",\"disks\":[";
+                  ",\"read_only\":" + (opt_.read_only ? "true" : "false");
+  {
+    std::lock_guard<std::mutex> g(config_mu_);
+    s += ",\"config\":" + json_str(config_->file) + ",\"reloads\":" + std::to_string(reloads_) +
+         ",\"config_error\":" + (reload_error_.empty() ? "null" : json_str(reload_error_));
+  }
+  s += ",\"disks\":[";
   bool first = true;
   for (const auto& d : open_disks()) {
     if (!first) s += ",";
@@ -178,6 +206,94 @@ std::string Datastore::status_json() {
          ",\"dirty_bytes\":" + std::to_string(d->dirty_bytes()) + "}";
   }
   return s + "]}";
+}
+
+Status Datastore::reload(std::string* err) {
+  std::lock_guard<std::mutex> serial(reload_mu_);
+  if (opt_.config.empty()) {
+    *err = "no policy file (start with --config)";
+    return Status::Error(EINVAL);
+  }
+  auto next = std::make_shared<DatastoreConfig>();
+  std::string e = load_config(opt_.config, Registry::instance(), next.get());
+  if (!e.empty()) {
+    spdlog::error("reload refused, the old policies stay in force: {}", e);
+    std::lock_guard<std::mutex> g(config_mu_);
+    reload_error_ = e;
+    *err = e;
+    return Status::Error(EINVAL);
+  }
+  {
+    std::lock_guard<std::mutex> g(config_mu_);
+    config_ = next;
+    reload_error_.clear();
+    ++reloads_;
+  }
+  // Re-plumb every open disk; collect them under the table lock (an inode with an open disk
+  // cannot be forgotten, but one could close meanwhile, so keep only the Disk and its policy).
+  struct Job {
+    std::shared_ptr<Disk> disk;
+    std::string policy;
+  };
+  std::vector<Job> jobs;
+  {
+    std::lock_guard<std::mutex> g(inodes_mu_);
+    for (auto& [key, inode] : inodes_) {
+      std::shared_ptr<Disk> d;
+      {
+        std::lock_guard<std::mutex> gi(inode->m);
+        d = inode->disk;
+      }
+      if (d) jobs.push_back({d, policy_of(*inode)});
+    }
+  }
+  int failed = 0;
+  for (auto& j : jobs) {
+    std::string perr;
+    Status s = j.disk->replumb(j.policy, next->find_policy(j.policy)->filters, Registry::instance(), &perr);
+    if (!s.ok()) {
+      ++failed;
+      spdlog::error("{}: keeps its old chain, re-plumbing to policy {} failed: {}", j.disk->relpath(), j.policy, perr);
+    }
+  }
+  spdlog::info("reloaded {}: {} policies, {} rules, {} open disks re-plumbed{}", opt_.config, next->policies.size(),
+               next->rules.size(), jobs.size() - failed, failed ? fmt::format(", {} failed", failed) : "");
+  if (failed) {
+    *err = std::to_string(failed) + " disks could not be re-plumbed (see the log)";
+    return Status::Error(EIO);
+  }
+  return Status::Ok();
+}
+
+Status Datastore::set_policy(Inode& i, const std::string& name, std::string* err) {
+  std::lock_guard<std::mutex> serial(reload_mu_);
+  auto cfg = config();
+  if (!name.empty() && !cfg->find_policy(name)) {
+    *err = "unknown policy '" + name + "'";
+    return Status::Error(EINVAL);
+  }
+  const std::string link = "/proc/self/fd/" + std::to_string(i.fd);
+  const std::string previous = read_override(i.fd);
+  int r = name.empty() ? ::removexattr(link.c_str(), kPolicyXattr)
+                       : ::setxattr(link.c_str(), kPolicyXattr, name.data(), name.size(), 0);
+  if (r != 0 && !(name.empty() && errno == ENODATA)) {
+    *err = std::string("cannot store the assignment on the backing file: ") + std::strerror(errno);
+    return Status::Error(errno);
+  }
+  std::shared_ptr<Disk> d;
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    d = i.disk;
+  }
+  if (!d) return Status::Ok();
+  const std::string policy = policy_of(i);
+  Status s = d->replumb(policy, cfg->find_policy(policy)->filters, Registry::instance(), err);
+  if (!s.ok()) {
+    // Put the old assignment back so what is stored matches what runs.
+    if (previous.empty()) ::removexattr(link.c_str(), kPolicyXattr);
+    else ::setxattr(link.c_str(), kPolicyXattr, previous.data(), previous.size(), 0);
+  }
+  return s;
 }
 
 void Datastore::shutdown() {

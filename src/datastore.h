@@ -7,8 +7,10 @@
 //
 // Threads: FUSE worker threads call everything here concurrently.
 //   inodes_mu_  guards the inode table and every Inode's nlookup;
-//   Inode::m    guards that inode's disk and handle count.
-// Lock order: inodes_mu_, then Inode::m, then Disk::control_mu_.
+//   Inode::m    guards that inode's disk and handle count;
+//   config_mu_  guards the policies in force (taken briefly, never while calling out);
+//   reload_mu_  serialises reloads and policy assignments.
+// Lock order: reload_mu_, inodes_mu_, Inode::m, Disk::control_mu_; config_mu_ is a leaf.
 #pragma once
 
 #include <fuse_lowlevel.h>
@@ -22,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "config.h"
 #include "disk.h"
 #include "options.h"
 
@@ -40,7 +43,7 @@ struct Inode {
 
 class Datastore {
  public:
-  explicit Datastore(MountOptions opt);
+  Datastore(MountOptions opt, std::shared_ptr<const DatastoreConfig> config);
   ~Datastore();
 
   // Opens the backing root; false with *err set when it cannot.
@@ -64,6 +67,16 @@ class Datastore {
   // A regular file that the image patterns select.
   bool is_image(const Inode& i) const;
 
+  // The policies in force.
+  std::shared_ptr<const DatastoreConfig> config() const;
+  // Re-reads the policy file. Invalid: the old policies stay in force, the message is kept for
+  // status and returned. Valid: swapped in, and every open disk is re-plumbed to its policy.
+  Status reload(std::string* err);
+  // The policy an image gets: its persistent override, else the rules.
+  std::string policy_of(const Inode& i) const;
+  // Assigns (or, with an empty name, clears) an image's persistent override and re-plumbs it.
+  Status set_policy(Inode& i, const std::string& name, std::string* err);
+
   // Opens (or joins) the image's Disk for one handle.
   Status attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err);
   // Drops one handle; the last one closes the Disk.
@@ -79,9 +92,18 @@ class Datastore {
   // Stat with the chain's view of an open image's size.
   int stat(Inode& i, struct stat* st);
 
+  // The backing-file xattr that stores an image's policy override. The daemon hides this name
+  // from clients; it lives in the trusted namespace so only root could set it directly.
+  static constexpr const char* kPolicyXattr = "trusted.iofilterfs.policy";
+
  private:
   MountOptions opt_;
+  mutable std::mutex config_mu_;
+  std::shared_ptr<const DatastoreConfig> config_;  // under config_mu_
+  std::string reload_error_;                       // under config_mu_
+  uint64_t reloads_ = 0;                           // under config_mu_
   Inode root_;
+  std::mutex reload_mu_;
   std::mutex inodes_mu_;
   std::map<std::pair<ino_t, dev_t>, std::unique_ptr<Inode>> inodes_;  // under inodes_mu_
 };

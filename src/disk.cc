@@ -42,11 +42,13 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
     d->fault_->set_next(bottom);
     bottom = d->fault_.get();
   }
+  d->bottom_ = bottom;
   s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
   if (!s.ok()) return s;
   d->top_ = d->chain_.top();
 
-  DiskInfo info{relpath, d->image_.format, opt.read_only};
+  d->info_ = DiskInfo{relpath, d->image_.format, opt.read_only};
+  const DiskInfo& info = d->info_;
   // Open bottom-up so each filter's child is ready when it opens; undo on failure.
   std::vector<Filter*> opened;
   d->chain_.for_each_bottom_up([&](Filter& f, const FilterInfo& fi) {
@@ -84,6 +86,7 @@ bool Disk::detach() { return --handles_ == 0; }
 
 Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   uint64_t t0 = now_ns();
+  Inside in(plumbing_);
   Status s = top_->read(io, buf, len, off, got);
   if (!s.ok()) {
     stats_.errors.fetch_add(1, std::memory_order_relaxed);
@@ -97,6 +100,7 @@ Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got
 
 Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   uint64_t t0 = now_ns();
+  Inside in(plumbing_);
   Status s = top_->write(io, buf, len, off);
   if (!s.ok()) {
     stats_.errors.fetch_add(1, std::memory_order_relaxed);
@@ -109,25 +113,82 @@ Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off) {
 }
 
 Status Disk::sync(const Io& io, bool datasync) {
+  Inside in(plumbing_);
   Status s = top_->sync(io, datasync);
   (s.ok() ? stats_.syncs : stats_.errors).fetch_add(1, std::memory_order_relaxed);
   return s;
 }
 
 Status Disk::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
+  Inside in(plumbing_);
   Status s = top_->fallocate(io, mode, off, len);
   (s.ok() ? stats_.trims : stats_.errors).fetch_add(1, std::memory_order_relaxed);
   return s;
 }
 
 Status Disk::resize(const Io& io, uint64_t size) {
+  Inside in(plumbing_);
   Status s = top_->resize(io, size);
   if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
   return s;
 }
 
 Status Disk::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
+  Inside in(plumbing_);
   return top_->seek(io, off, whence, result);
+}
+
+Status Disk::size(uint64_t* out) {
+  Inside in(plumbing_);
+  return top_->size(out);
+}
+
+Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& filters, const Registry& registry,
+                     std::string* err) {
+  std::lock_guard<std::mutex> g(control_mu_);
+  if (closed_) return Status::Error(EBADF, "disk is closed");
+  ChainPlan plan;
+  Status s = chain_.plan(registry, filters, &plan, err);  // prepare: nothing running is touched
+  if (!s.ok()) return s;
+  if (!plan.changes()) {
+    policy_ = policy;
+    return Status::Ok();
+  }
+  std::vector<std::unique_ptr<Filter>> removed;
+  {
+    std::lock_guard<RwLock> excl(plumbing_);  // in-flight requests drain; new ones wait
+    // Filters that leave hand their data down first (a write-back cache destages).
+    for (Filter* f : chain_.leaving(plan)) {
+      s = f->drain();
+      if (!s.ok()) {
+        *err = std::string("a filter being removed could not drain: ") + (s.what ? s.what : std::strerror(s.err));
+        return s;  // abort: the plan's fresh filters are dropped, the old chain stays
+      }
+    }
+    std::vector<Filter*> opened;
+    for (Filter* f : plan.arriving()) {
+      s = f->open(info_);
+      if (!s.ok()) {
+        for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
+        *err = std::string("a new filter could not open: ") + (s.what ? s.what : std::strerror(s.err));
+        return s;
+      }
+      opened.push_back(f);
+    }
+    chain_.commit(std::move(plan), bottom_, &removed);
+    top_ = chain_.top();
+    policy_ = policy;
+  }
+  for (auto& f : removed) {
+    f->shutdown();
+    f->close();
+  }
+  return Status::Ok();
+}
+
+std::string Disk::policy() const {
+  std::lock_guard<std::mutex> g(control_mu_);
+  return policy_;
 }
 
 Status Disk::flush() {
@@ -171,13 +232,20 @@ std::string Disk::state() const {
   return "active";
 }
 
+std::string Disk::chain_description() const {
+  std::lock_guard<std::mutex> g(control_mu_);
+  return chain_.describe();
+}
+
 uint64_t Disk::dirty_bytes() const {
+  std::lock_guard<std::mutex> g(control_mu_);
   uint64_t n = 0;
   chain_.for_each([&](const Filter& f, const FilterInfo&) { n += f.dirty_bytes(); });
   return n;
 }
 
 std::string Disk::stats_json() const {
+  std::lock_guard<std::mutex> g(control_mu_);
   std::string s = "{\"path\":" + json_str(relpath_) + "," + stats_.json() + ",\"filters\":{";
   bool first = true;
   chain_.for_each([&](const Filter& f, const FilterInfo& info) {

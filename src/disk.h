@@ -6,10 +6,12 @@
 //
 //     Disk::write ─► chain.top() ─► ... ─► [FaultLayer] ─► Backing
 //
-// Threads: the data-path methods run concurrently on FUSE worker threads; they touch only the
-// chain (whose filters synchronise themselves) and atomic counters. Handle bookkeeping
-// (attach/detach) is under the owning Inode's mutex. Control events (drain, close, fault plans)
-// are under control_mu_. Lock order: Inode::m, then Disk::control_mu_.
+// Threads: the data-path methods run concurrently on FUSE worker threads; each holds plumbing_
+// shared while it is inside the chain (whose filters synchronise themselves) and updates
+// atomic counters. Handle bookkeeping (attach/detach) is under the owning Inode's mutex.
+// Control events (drain, close, re-plumb, fault plans) are under control_mu_; a re-plumb also
+// takes plumbing_ exclusively to swap filters while no request is inside.
+// Lock order: Inode::m, then Disk::control_mu_, then Disk::plumbing_.
 #pragma once
 
 #include <atomic>
@@ -23,6 +25,7 @@
 #include "fault.h"
 #include "image.h"
 #include "iostats.h"
+#include "rwlock.h"
 
 namespace iofilterfs {
 
@@ -55,10 +58,14 @@ class Disk {
   Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len);
   Status resize(const Io& io, uint64_t size);
   Status seek(const Io& io, uint64_t off, int whence, uint64_t* result);
-  Status size(uint64_t* out) { return top_->size(out); }
+  Status size(uint64_t* out);
 
   // Control: every filter drains to the backing file, then the backing file is synced.
   Status flush();
+  // Re-plumbs to another policy: in-flight requests drain, filters that leave are drained
+  // first, unchanged filters keep their state. On error the old chain stays, untouched.
+  Status replumb(const std::string& policy, const std::vector<FilterSpec>& filters, const Registry& registry,
+                 std::string* err);
   // Drains and closes the filters; the backing file closes with the Disk.
   Status close();
 
@@ -68,24 +75,37 @@ class Disk {
 
   const std::string& relpath() const { return relpath_; }
   const ImageInfo& image() const { return image_; }
-  const std::string& policy() const { return policy_; }
+  std::string policy() const;
   std::string state() const;
   uint64_t dirty_bytes() const;
-  std::string chain_description() const { return chain_.describe(); }
+  std::string chain_description() const;
   std::string stats_json() const;
   const IoStats& stats() const { return stats_; }
 
  private:
   Disk() = default;
 
+  // Holds plumbing_ shared for one request.
+  class Inside {
+   public:
+    explicit Inside(RwLock& l) : l_(l) { l_.lock_shared(); }
+    ~Inside() { l_.unlock_shared(); }
+
+   private:
+    RwLock& l_;
+  };
+
   std::string relpath_;
-  std::string policy_;
+  std::string policy_;  // under control_mu_ (written by replumb)
+  DiskInfo info_;
   ImageInfo image_;
   std::unique_ptr<Backing> backing_;
   std::unique_ptr<FaultLayer> fault_;
   Chain chain_;
-  Layer* top_ = nullptr;
+  Layer* bottom_ = nullptr;  // the layer under the chain: the fault layer or the backing file
+  Layer* top_ = nullptr;     // under plumbing_
   IoStats stats_;
+  RwLock plumbing_;
 
   int handles_ = 0;  // under the inode's mutex
 

@@ -139,9 +139,11 @@ struct FilterInfo {
   FilterClass cls;
   int api_version;
   std::string description;
-  // Checks parameters without side effects; returns an empty string when valid, else the
-  // message (the caller adds FILE:LINE:COLUMN).
-  std::function<std::string(const YAML::Node& params)> validate;
+  // Checks parameters without side effects (a pure function, QEMU's throttle_is_valid):
+  // returns an empty string when valid, else the message, and points *where at the offending
+  // node (the framework turns its mark into FILE:LINE:COLUMN; left alone, the whole params
+  // node is blamed). May be empty when the filter takes no parameters.
+  std::function<std::string(const YAML::Node& params, YAML::Node* where)> validate;
   std::function<std::unique_ptr<Filter>(const YAML::Node& params)> create;
 };
 

@@ -625,9 +625,13 @@ void reply_xattr_value(fuse_req_t req, const char* data, size_t len, size_t size
   else fuse_reply_buf(req, data, len);
 }
 
+// The daemon's own attributes on backing files (policy overrides) are not the clients' business.
+bool is_hidden_name(std::string_view name) { return name.rfind("trusted.iofilterfs.", 0) == 0; }
+
 void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
   Datastore& ds = ds_of(req);
   Inode& i = ds.inode(ino);
+  if (is_hidden_name(name)) return (void)fuse_reply_err(req, ENODATA);
   if (is_control_name(name)) {
     std::string v;
     Status s = control_get(ds, i, name, &v);
@@ -658,6 +662,16 @@ void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
       n = ::listxattr(path.c_str(), all.data(), all.size());
       if (n < 0) return (void)fuse_reply_err(req, errno);
       all.resize(static_cast<size_t>(n));
+      // Drop hidden names from the NUL-separated list.
+      std::string kept;
+      for (size_t p = 0; p < all.size();) {
+        size_t e = all.find('\0', p);
+        if (e == std::string::npos) e = all.size();
+        std::string_view one(all.data() + p, e - p);
+        if (!one.empty() && !is_hidden_name(one)) kept.append(one).push_back('\0');
+        p = e + 1;
+      }
+      all.swap(kept);
     }
   }
   all += control_list(ds, i);
@@ -671,6 +685,7 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
     Status s = control_set(ds, i, name, std::string_view(value, size), fuse_req_ctx(req));
     return (void)fuse_reply_err(req, s.ok() ? 0 : s.err);
   }
+  if (is_hidden_name(name)) return (void)fuse_reply_err(req, EPERM);
   if (i.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
   CallerCreds creds(req);
   fuse_reply_err(req, ::setxattr(proc_path(i.fd).c_str(), name, value, size, flags) == 0 ? 0 : errno);
@@ -679,7 +694,12 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
 void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   Datastore& ds = ds_of(req);
   Inode& i = ds.inode(ino);
-  if (is_control_name(name)) return (void)fuse_reply_err(req, EPERM);  // control names are not stored
+  if (is_control_name(name)) {
+    // Removing the policy drops an image's assignment; other control names are not stored.
+    Status s = control_remove(ds, i, name, fuse_req_ctx(req));
+    return (void)fuse_reply_err(req, s.ok() ? 0 : s.err);
+  }
+  if (is_hidden_name(name)) return (void)fuse_reply_err(req, EPERM);
   if (i.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
   CallerCreds creds(req);
   fuse_reply_err(req, ::removexattr(proc_path(i.fd).c_str(), name) == 0 ? 0 : errno);

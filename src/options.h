@@ -18,8 +18,7 @@ struct MountOptions {
   bool default_permissions = false;
   bool fault_injection = false;
   unsigned threads = 64;
-  std::string log_level = "info";
-  std::vector<std::string> image_patterns = kDefaultImagePatterns;
+  std::string log_level;    // empty: not set (info)
   std::vector<std::string> fuse_opts;  // generic mount options handed to the kernel (nosuid, ...)
 };
 

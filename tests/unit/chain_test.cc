@@ -180,7 +180,7 @@ TEST_CASE("validation failures name the filter and nothing is instantiated", "[c
   Registry r;
   int created = 0;
   REQUIRE(r.add(FilterInfo{"v", FilterClass::Cache, kFilterApiVersion, "",
-                           [](const YAML::Node& p) { return p["size"] ? std::string() : std::string("size is required"); },
+                           [](const YAML::Node& p, YAML::Node*) { return p["size"] ? std::string() : std::string("size is required"); },
                            [&created](const YAML::Node&) {
                              ++created;
                              return std::make_unique<Filter>();

@@ -139,6 +139,8 @@ struct FilterInfo {
   FilterClass cls;
   int api_version;
   std::string description;
+  // The parameter keys it accepts (for the manual's coverage test and for tooling).
+  std::vector<std::string> params;
   // Checks parameters without side effects (a pure function, QEMU's throttle_is_valid):
   // returns an empty string when valid, else the message, and points *where at the offending
   // node (the framework turns its mark into FILE:LINE:COLUMN; left alone, the whole params

@@ -7,7 +7,7 @@
 
 namespace iofilterfs {
 
-// Levenshtein distance between a and b.
+// Edit distance between a and b (optimal string alignment: a swap of neighbours costs one).
 size_t edit_distance(std::string_view a, std::string_view b);
 
 // The known name closest to `unknown`, if it is close enough to be a likely typo; else "".

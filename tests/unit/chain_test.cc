@@ -68,10 +68,10 @@ Registry recording_registry(std::vector<std::string>* log) {
                                                        {"enc", FilterClass::Encrypt}};
   for (auto [name, cls] : kinds) {
     std::string n = name;
-    REQUIRE(r.add(FilterInfo{n, cls, kFilterApiVersion, "recording test filter", nullptr,
+    REQUIRE(r.add(FilterInfo{n, cls, kFilterApiVersion, "recording test filter", {}, nullptr,
                              [n, log](const YAML::Node& p) { return std::make_unique<Recorder>(n, log, p); }}));
   }
-  REQUIRE(r.add(FilterInfo{"thr2", FilterClass::Throttle, kFilterApiVersion, "second throttle", nullptr,
+  REQUIRE(r.add(FilterInfo{"thr2", FilterClass::Throttle, kFilterApiVersion, "second throttle", {}, nullptr,
                            [log](const YAML::Node& p) { return std::make_unique<Recorder>("thr2", log, p); }}));
   return r;
 }
@@ -168,9 +168,9 @@ TEST_CASE("the chain refuses two filters of one class and unknown names", "[chai
 TEST_CASE("the registry refuses duplicate names and other interface versions", "[chain]") {
   Registry r;
   auto make = [](const YAML::Node&) { return std::make_unique<Filter>(); };
-  CHECK(r.add(FilterInfo{"a", FilterClass::Cache, kFilterApiVersion, "", nullptr, make}));
-  CHECK_FALSE(r.add(FilterInfo{"a", FilterClass::Throttle, kFilterApiVersion, "", nullptr, make}));
-  CHECK_FALSE(r.add(FilterInfo{"b", FilterClass::Throttle, kFilterApiVersion + 1, "", nullptr, make}));
+  CHECK(r.add(FilterInfo{"a", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr, make}));
+  CHECK_FALSE(r.add(FilterInfo{"a", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr, make}));
+  CHECK_FALSE(r.add(FilterInfo{"b", FilterClass::Throttle, kFilterApiVersion + 1, "", {}, nullptr, make}));
   CHECK(r.all().size() == 1);
   CHECK(r.find("a")->cls == FilterClass::Cache);
   CHECK(r.find("b") == nullptr);
@@ -179,7 +179,7 @@ TEST_CASE("the registry refuses duplicate names and other interface versions", "
 TEST_CASE("validation failures name the filter and nothing is instantiated", "[chain]") {
   Registry r;
   int created = 0;
-  REQUIRE(r.add(FilterInfo{"v", FilterClass::Cache, kFilterApiVersion, "",
+  REQUIRE(r.add(FilterInfo{"v", FilterClass::Cache, kFilterApiVersion, "", {},
                            [](const YAML::Node& p, YAML::Node*) { return p["size"] ? std::string() : std::string("size is required"); },
                            [&created](const YAML::Node&) {
                              ++created;
@@ -219,7 +219,7 @@ class Gate : public Filter {
 TEST_CASE("a deferred request holds up only itself, not other requests to the same disk", "[chain][disk]") {
   Gate* gate = nullptr;
   Registry r;
-  REQUIRE(r.add(FilterInfo{"gate", FilterClass::Replicate, kFilterApiVersion, "", nullptr, [&gate](const YAML::Node&) {
+  REQUIRE(r.add(FilterInfo{"gate", FilterClass::Replicate, kFilterApiVersion, "", {}, nullptr, [&gate](const YAML::Node&) {
                              auto g = std::make_unique<Gate>();
                              gate = g.get();
                              return g;

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "json.h"
@@ -51,7 +52,9 @@ Status control_get(Datastore& ds, Inode& inode, std::string_view name, std::stri
   else if (key == "state") *value = d ? d->state() : "closed";
   else if (key == "chain") *value = d ? d->chain_description() : "(not open)";
   else if (key == "policy") *value = d ? d->policy() : ds.policy_of(inode);
-  else if (key == "dirty") *value = std::to_string(d ? d->dirty_bytes() : 0);
+  else if (key == "dirty")
+    *value = "{\"backing_bytes\":" + std::to_string(d ? d->dirty_bytes() : 0) + ",\"replica_bytes\":" +
+             std::to_string(d ? d->replica_lag_bytes() : 0) + "}";
   else return Status::Error(ENODATA);
   return Status::Ok();
 }
@@ -60,9 +63,9 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
   std::string_view key = name.substr(kControlPrefix.size());
   const bool root = &inode == &ds.root();
   const std::string path = root ? "/" : ds.relpath(inode);
-  const bool image_verb = key == "flush" || key == "fault" || key == "policy";
-  const bool root_verb = key == "reload";
-  if (!image_verb && !root_verb) {
+  const bool image_verb = key == "flush" || key == "fault" || key == "policy" || key == "quiesce" ||
+                          key == "resume" || key == "snapshot";
+  if (!image_verb && key != "reload") {
     spdlog::warn("{}: unknown control {}", path, name);
     return Status::Error(EINVAL, "unknown control name");
   }
@@ -70,12 +73,26 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
     spdlog::warn("{}: {} refused for uid {}", path, name, ctx->uid);
     return Status::Error(EPERM, "control verbs need root");
   }
-  if (root_verb != root || (image_verb && !ds.is_image(inode))) {
+  // reload belongs to the root; resume to an image or to the root (value: the image's path in
+  // the mount) — while a write is held the kernel holds the image's inode lock, so a setxattr
+  // on the image itself would wait behind that write until the quiesce timed out.
+  const bool applies = root ? (key == "reload" || key == "resume") : (key != "reload" && ds.is_image(inode));
+  if (!applies) {
     spdlog::warn("{}: {} is not a verb of this file", path, name);
     return Status::Error(ENOTSUP, "not an image");
   }
   const std::string arg = trim(value);
 
+  if (root && key == "resume") {
+    std::shared_ptr<Disk> d = ds.find_open_disk(arg);
+    if (!d || !d->quiesced()) {
+      spdlog::warn("/: resume of '{}', which is not a quiesced open image", arg);
+      return Status::Error(EINVAL, "not quiesced");
+    }
+    Status s = d->resume();
+    if (s.ok()) spdlog::info("{}: resumed", arg);
+    return s;
+  }
   if (key == "reload") {
     std::string err;
     Status s = ds.reload(&err);
@@ -97,6 +114,50 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
     if (!d) return Status::Ok();  // nothing is held for a closed image
     Status s = d->flush();
     if (!s.ok()) spdlog::error("{}: flush failed: {}", path, std::strerror(s.err));
+    return s;
+  }
+  if (key == "quiesce") {
+    // The value is the timeout in seconds (default 60): a stuck tool cannot hang a guest.
+    long secs = 60;
+    if (!arg.empty() && arg != "1" && arg != "yes") {
+      char* end = nullptr;
+      secs = std::strtol(arg.c_str(), &end, 10);
+      if (*end || secs < 1 || secs > 86400) {
+        spdlog::warn("{}: quiesce timeout '{}' is not a number of seconds from 1 to 86400", path, arg);
+        return Status::Error(EINVAL, "bad quiesce timeout");
+      }
+    } else if (arg == "1" || arg == "yes") {
+      secs = 60;
+    }
+    if (!d) {
+      spdlog::warn("{}: quiesce of an image that is not open", path);
+      return Status::Error(EBADF, "image not open");
+    }
+    Status s = d->quiesce(std::chrono::seconds(secs));
+    if (s.ok()) spdlog::info("{}: quiesced (writes held for up to {}s)", path, secs);
+    else spdlog::warn("{}: quiesce failed: {}", path, s.what ? s.what : std::strerror(s.err));
+    return s;
+  }
+  if (key == "resume") {
+    if (!d || !d->quiesced()) {
+      spdlog::warn("{}: resume of an image that is not quiesced", path);
+      return Status::Error(EINVAL, "not quiesced");
+    }
+    Status s = d->resume();
+    if (s.ok()) spdlog::info("{}: resumed", path);
+    return s;
+  }
+  if (key == "snapshot") {
+    if (arg.empty() || arg.find('/') != std::string::npos || arg.size() > 200) {
+      spdlog::warn("{}: snapshot needs a name (no '/', at most 200 characters)", path);
+      return Status::Error(EINVAL, "bad snapshot name");
+    }
+    if (!d) {
+      spdlog::warn("{}: snapshot of an image that is not open", path);
+      return Status::Error(EBADF, "image not open");
+    }
+    Status s = d->snapshot(arg);
+    if (!s.ok()) spdlog::warn("{}: snapshot '{}' failed: {}", path, arg, s.what ? s.what : std::strerror(s.err));
     return s;
   }
   // fault

@@ -177,6 +177,14 @@ void Datastore::detach_disk(Inode& i) {
   else spdlog::info("{}: closed", last->relpath());
 }
 
+std::shared_ptr<Disk> Datastore::find_open_disk(const std::string& relpath) {
+  std::string want = relpath;
+  while (!want.empty() && want.front() == '/') want.erase(0, 1);
+  for (auto& d : open_disks())
+    if (d->relpath() == want) return d;
+  return nullptr;
+}
+
 std::vector<std::shared_ptr<Disk>> Datastore::open_disks() {
   std::vector<std::shared_ptr<Disk>> out;
   std::lock_guard<std::mutex> g(inodes_mu_);

@@ -82,6 +82,8 @@ class Datastore {
   // Drops one handle; the last one closes the Disk.
   void detach_disk(Inode& i);
 
+  // The open disk whose path (as it was opened) is `relpath`, or null.
+  std::shared_ptr<Disk> find_open_disk(const std::string& relpath);
   // Every open disk, for status.
   std::vector<std::shared_ptr<Disk>> open_disks();
   // JSON of every open disk.

@@ -100,7 +100,7 @@ Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got
 
 Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   uint64_t t0 = now_ns();
-  Inside in(plumbing_);
+  Modifying in(*this);
   Status s = top_->write(io, buf, len, off);
   if (!s.ok()) {
     stats_.errors.fetch_add(1, std::memory_order_relaxed);
@@ -120,14 +120,14 @@ Status Disk::sync(const Io& io, bool datasync) {
 }
 
 Status Disk::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
-  Inside in(plumbing_);
+  Modifying in(*this);
   Status s = top_->fallocate(io, mode, off, len);
   (s.ok() ? stats_.trims : stats_.errors).fetch_add(1, std::memory_order_relaxed);
   return s;
 }
 
 Status Disk::resize(const Io& io, uint64_t size) {
-  Inside in(plumbing_);
+  Modifying in(*this);
   Status s = top_->resize(io, size);
   if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
   return s;
@@ -186,6 +186,87 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
   return Status::Ok();
 }
 
+Disk::Modifying::Modifying(Disk& d) : d_(d) {
+  d_.plumbing_.lock_shared();
+  while (d_.quiesced_.load(std::memory_order_acquire)) {
+    d_.plumbing_.unlock_shared();
+    d_.wait_resume();
+    d_.plumbing_.lock_shared();
+  }
+}
+
+void Disk::wait_resume() {
+  std::unique_lock<std::mutex> l(q_mu_);
+  while (quiesced_.load()) {
+    if (q_cv_.wait_until(l, q_deadline_) == std::cv_status::timeout && quiesced_.load() &&
+        std::chrono::steady_clock::now() >= q_deadline_) {
+      quiesced_.store(false);
+      spdlog::warn("{}: quiesce timed out; writes resume", relpath_);
+      q_cv_.notify_all();
+    }
+  }
+}
+
+Status Disk::quiesce_locked(std::chrono::seconds timeout) {
+  {
+    std::lock_guard<std::mutex> l(q_mu_);
+    q_deadline_ = std::chrono::steady_clock::now() + timeout;
+    quiesced_.store(true);
+  }
+  // Let the writes already inside the chain finish; later ones wait on the flag.
+  plumbing_.lock();
+  plumbing_.unlock();
+  Status s = Status::Ok();
+  chain_.for_each([&](Filter& f, const FilterInfo&) {
+    if (s.ok()) s = f.quiesce();
+  });
+  if (s.ok()) s = backing_->sync(Io{}, false);
+  if (!s.ok()) (void)resume_locked();
+  return s;
+}
+
+Status Disk::resume_locked() {
+  chain_.for_each([&](Filter& f, const FilterInfo&) { f.resume(); });
+  std::lock_guard<std::mutex> l(q_mu_);
+  quiesced_.store(false);
+  q_cv_.notify_all();
+  return Status::Ok();
+}
+
+Status Disk::quiesce(std::chrono::seconds timeout) {
+  std::lock_guard<std::mutex> g(control_mu_);
+  if (quiesced()) return Status::Error(EALREADY, "already quiesced");
+  return quiesce_locked(timeout);
+}
+
+Status Disk::resume() {
+  std::lock_guard<std::mutex> g(control_mu_);
+  return resume_locked();
+}
+
+Status Disk::snapshot(const std::string& name) {
+  std::lock_guard<std::mutex> g(control_mu_);
+  const bool was_quiesced = quiesced();
+  if (!was_quiesced) {
+    Status s = quiesce_locked(std::chrono::seconds(60));
+    if (!s.ok()) return s;
+  }
+  Status s = Status::Ok();
+  int keepers = 0;
+  chain_.for_each([&](Filter& f, const FilterInfo&) {
+    if (s.ok()) s = f.snapshot(name);
+    ++keepers;
+  });
+  if (!was_quiesced) (void)resume_locked();
+  if (s.ok()) spdlog::info("{}: snapshot '{}' taken ({} filters told)", relpath_, name, keepers);
+  return s;
+}
+
+bool Disk::quiesced() const {
+  std::lock_guard<std::mutex> l(q_mu_);
+  return quiesced_.load() && std::chrono::steady_clock::now() < q_deadline_;
+}
+
 std::string Disk::policy() const {
   std::lock_guard<std::mutex> g(control_mu_);
   return policy_;
@@ -229,7 +310,7 @@ Status Disk::apply_fault_plan(const FaultPlan& plan) {
 std::string Disk::state() const {
   std::lock_guard<std::mutex> g(control_mu_);
   if (!failed_reason_.empty()) return "failed: " + failed_reason_;
-  return "active";
+  return quiesced() ? "quiesced" : "active";
 }
 
 std::string Disk::chain_description() const {
@@ -241,6 +322,13 @@ uint64_t Disk::dirty_bytes() const {
   std::lock_guard<std::mutex> g(control_mu_);
   uint64_t n = 0;
   chain_.for_each([&](const Filter& f, const FilterInfo&) { n += f.dirty_bytes(); });
+  return n;
+}
+
+uint64_t Disk::replica_lag_bytes() const {
+  std::lock_guard<std::mutex> g(control_mu_);
+  uint64_t n = 0;
+  chain_.for_each([&](const Filter& f, const FilterInfo&) { n += f.replica_lag_bytes(); });
   return n;
 }
 

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -62,6 +64,13 @@ class Disk {
 
   // Control: every filter drains to the backing file, then the backing file is synced.
   Status flush();
+  // Drains every filter, syncs, then holds new writes (and fallocate/truncate) until resume()
+  // or until `timeout` passes, so a stuck tool cannot hang a guest. Reads go on.
+  Status quiesce(std::chrono::seconds timeout);
+  Status resume();
+  // quiesce, a named restore point in every filter that keeps history, resume.
+  Status snapshot(const std::string& name);
+  bool quiesced() const;
   // Re-plumbs to another policy: in-flight requests drain, filters that leave are drained
   // first, unchanged filters keep their state. On error the old chain stays, untouched.
   Status replumb(const std::string& policy, const std::vector<FilterSpec>& filters, const Registry& registry,
@@ -78,6 +87,7 @@ class Disk {
   std::string policy() const;
   std::string state() const;
   uint64_t dirty_bytes() const;
+  uint64_t replica_lag_bytes() const;
   std::string chain_description() const;
   std::string stats_json() const;
   const IoStats& stats() const { return stats_; }
@@ -94,6 +104,20 @@ class Disk {
    private:
     RwLock& l_;
   };
+  // The same for a request that changes data: it first waits out a quiesce. The flag is
+  // checked with the lock held, so a quiesce that has taken plumbing_ exclusively once has
+  // seen every earlier writer leave and will hold every later one.
+  class Modifying {
+   public:
+    explicit Modifying(Disk& d);
+    ~Modifying() { d_.plumbing_.unlock_shared(); }
+
+   private:
+    Disk& d_;
+  };
+  void wait_resume();
+  Status quiesce_locked(std::chrono::seconds timeout);  // control_mu_ held
+  Status resume_locked();                               // control_mu_ held
 
   std::string relpath_;
   std::string policy_;  // under control_mu_ (written by replumb)
@@ -108,6 +132,12 @@ class Disk {
   RwLock plumbing_;
 
   int handles_ = 0;  // under the inode's mutex
+
+  // Quiesce: the flag is read on the write path without q_mu_; changes are made under q_mu_.
+  std::atomic<bool> quiesced_{false};
+  mutable std::mutex q_mu_;
+  std::condition_variable q_cv_;
+  std::chrono::steady_clock::time_point q_deadline_;  // under q_mu_
 
   mutable std::mutex control_mu_;
   bool closed_ = false;        // under control_mu_

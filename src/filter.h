@@ -124,6 +124,8 @@ class Filter : public Layer {
 
   // Bytes this filter holds that the layer below does not have yet.
   virtual uint64_t dirty_bytes() const { return 0; }
+  // Bytes written that a replica does not have yet (replication filters).
+  virtual uint64_t replica_lag_bytes() const { return 0; }
   // One JSON object (without surrounding braces' caller): the filter's own counters.
   virtual std::string stats_json() const { return "{}"; }
   // Key parameters, for the chain view ("iops=500 bps=20MiB/s").
@@ -144,7 +146,9 @@ struct FilterInfo {
   // Checks parameters without side effects (a pure function, QEMU's throttle_is_valid):
   // returns an empty string when valid, else the message, and points *where at the offending
   // node (the framework turns its mark into FILE:LINE:COLUMN; left alone, the whole params
-  // node is blamed). May be empty when the filter takes no parameters.
+  // node is blamed). Point it with where->reset(node): in yaml-cpp `*where = node` would
+  // assign into the node *where refers to, rewriting the policy document. May be empty when
+  // the filter takes no parameters.
   std::function<std::string(const YAML::Node& params, YAML::Node* where)> validate;
   std::function<std::unique_ptr<Filter>(const YAML::Node& params)> create;
 };

@@ -156,10 +156,15 @@ int check_config(int argc, char** argv) {
   for (const auto& r : c.rules)
     std::printf("  %d. %-24s -> %-12s %s\n", ++n, r.match.c_str(), r.policy.c_str(),
                 describe_policy(*c.find_policy(r.policy), reg).c_str());
-  std::printf("  default %-24s -> %-12s %s\n", "", c.default_policy.c_str(),
+  std::printf("  (default)                   -> %-12s %s\n", c.default_policy.c_str(),
               describe_policy(*c.find_policy(c.default_policy), reg).c_str());
-  if (backing.empty()) backing = c.backing;
+  const bool asked = !backing.empty();
+  if (!asked) backing = c.backing;
   if (backing.empty()) return kExitOk;
+  if (!asked && !std::filesystem::is_directory(backing)) {
+    std::printf("\n(datastore.backing %s is not a directory here: no images to list)\n", backing.c_str());
+    return kExitOk;
+  }
   std::printf("\nimages in %s:\n", backing.c_str());
   namespace fs = std::filesystem;
   std::error_code ec;

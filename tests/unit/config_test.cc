@@ -20,18 +20,18 @@ Registry test_registry() {
                      if (!p.IsMap()) return {};
                      for (const auto& kv : p) {
                        if (kv.first.Scalar() != "iops") {
-                         *where = kv.first;
+                         where->reset(kv.first);
                          return "unknown key '" + kv.first.Scalar() + "'" + did_you_mean(kv.first.Scalar(), {"iops"});
                        }
                        long v = 0;
                        try {
                          v = kv.second.as<long>();
                        } catch (const YAML::Exception&) {
-                         *where = kv.second;
+                         where->reset(kv.second);
                          return "iops must be a whole number";
                        }
                        if (v <= 0) {
-                         *where = kv.second;
+                         where->reset(kv.second);
                          return "iops must be positive";
                        }
                      }

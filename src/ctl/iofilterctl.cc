@@ -1,0 +1,424 @@
+// iofilterctl: the operator's front end to a mounted datastore.
+//
+// A thin layer over the control attributes (user.iofilter.*) of iofilterfs(8): every command is
+// a getxattr or setxattr on a path in the mount, so anything it does can be done with
+// getfattr/setfattr too. No socket, no second channel.
+//
+// Exit codes: 0 done; 1 the operation failed; 2 usage; 3 not an iofilterfs mount or image;
+// 4 permission denied.
+#include <CLI/CLI.hpp>
+#include <poll.h>
+#include <sys/xattr.h>
+#include <termios.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <climits>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "units.h"
+#include "version.h"
+
+namespace {
+
+constexpr int kOk = 0, kFailed = 1, kUsage = 2, kNotOurs = 3, kDenied = 4;
+
+int exit_for(int err) {
+  switch (err) {
+    case 0: return kOk;
+    case EPERM:
+    case EACCES: return kDenied;
+    case ENODATA:
+    case ENOTSUP: return kNotOurs;
+    default: return kFailed;
+  }
+}
+
+// The value of a control attribute, or the errno.
+int get(const std::string& path, const std::string& name, std::string* out) {
+  const std::string full = "user.iofilter." + name;
+  for (size_t cap = 4096;; cap *= 4) {
+    std::string buf(cap, '\0');
+    ssize_t n = ::getxattr(path.c_str(), full.c_str(), buf.data(), buf.size());
+    if (n >= 0) {
+      buf.resize(static_cast<size_t>(n));
+      *out = std::move(buf);
+      return 0;
+    }
+    if (errno != ERANGE || cap > (64u << 20)) return errno;
+  }
+}
+
+int set(const std::string& path, const std::string& name, const std::string& value) {
+  const std::string full = "user.iofilter." + name;
+  return ::setxattr(path.c_str(), full.c_str(), value.data(), value.size(), 0) == 0 ? 0 : errno;
+}
+
+int report(const std::string& path, const std::string& what, int err) {
+  if (err == ENODATA || err == ENOTSUP)
+    std::fprintf(stderr, "iofilterctl: %s: not an iofilterfs %s\n", path.c_str(), what.c_str());
+  else if (err)
+    std::fprintf(stderr, "iofilterctl: %s: %s\n", path.c_str(), std::strerror(err));
+  return exit_for(err);
+}
+
+// Every mounted iofilterfs datastore.
+std::vector<std::string> our_mounts() {
+  std::vector<std::string> out;
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    size_t dash = line.find(" - ");
+    if (dash == std::string::npos) continue;
+    std::istringstream left(line.substr(0, dash)), right(line.substr(dash + 3));
+    std::string a, b, c, d, mnt, fstype;
+    left >> a >> b >> c >> d >> mnt;
+    right >> fstype;
+    if (fstype == "fuse.iofilterfs") out.push_back(mnt);
+  }
+  return out;
+}
+
+// The iofilterfs mount holding `path`, and the path's place in it.
+bool locate(const std::string& path, std::string* mount, std::string* rel) {
+  char buf[PATH_MAX];
+  if (!::realpath(path.c_str(), buf)) return false;
+  const std::string full = buf;
+  size_t best = 0;
+  for (const auto& m : our_mounts())
+    if (full.size() > m.size() && full.compare(0, m.size(), m) == 0 && full[m.size()] == '/' && m.size() > best) {
+      best = m.size();
+      *mount = m;
+      *rel = full.substr(m.size() + 1);
+    }
+  return best > 0;
+}
+
+std::string str(const YAML::Node& n, const char* key) {
+  return n[key] && n[key].IsScalar() ? n[key].Scalar() : std::string("-");
+}
+double num(const YAML::Node& n, const char* key) {
+  try {
+    return n[key] ? n[key].as<double>() : 0.0;
+  } catch (const YAML::Exception&) {
+    return 0.0;
+  }
+}
+
+void print_table(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> w;
+  for (const auto& r : rows)
+    for (size_t i = 0; i < r.size(); ++i) {
+      if (w.size() <= i) w.push_back(0);
+      w[i] = std::max(w[i], r[i].size());
+    }
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(w[i] - r[i].size() + 2, ' ');
+    }
+    std::printf("%s\n", line.c_str());
+  }
+}
+
+std::string human_size(double bytes) { return iofilterfs::format_size(static_cast<uint64_t>(bytes)); }
+
+int status_of_mount(const std::string& mnt, bool json) {
+  std::string s;
+  if (int e = get(mnt, "status", &s)) return report(mnt, "mount", e);
+  if (json) {
+    std::printf("%s\n", s.c_str());
+    return kOk;
+  }
+  YAML::Node st = YAML::Load(s);
+  std::printf("%s  (backing %s, config %s, reloads %s%s)\n", mnt.c_str(), str(st, "backing").c_str(),
+              str(st, "config").empty() ? "none" : str(st, "config").c_str(), str(st, "reloads").c_str(),
+              st["config_error"] && !st["config_error"].IsNull() ? ", LAST RELOAD REFUSED" : "");
+  if (st["config_error"] && !st["config_error"].IsNull())
+    std::printf("  reload error: %s\n", st["config_error"].Scalar().c_str());
+  std::vector<std::vector<std::string>> rows = {{"DISK", "POLICY", "STATE", "FORMAT", "SIZE", "DIRTY"}};
+  for (const auto& d : st["disks"])
+    rows.push_back({str(d, "path"), str(d, "policy"), str(d, "state"), str(d, "format"),
+                    human_size(num(d, "virtual_size")), human_size(num(d, "dirty_bytes"))});
+  if (rows.size() == 1) std::printf("  no open disks\n");
+  else print_table(rows);
+  return kOk;
+}
+
+int status_of_image(const std::string& path, bool json) {
+  std::string state, policy, chain, dirty;
+  if (int e = get(path, "state", &state)) return report(path, "image", e);
+  get(path, "policy", &policy);
+  get(path, "chain", &chain);
+  get(path, "dirty", &dirty);
+  if (json) {
+    YAML::Node d = YAML::Load(dirty);
+    std::printf("{\"path\":\"%s\",\"state\":\"%s\",\"policy\":\"%s\",\"chain\":\"%s\",\"dirty\":%s}\n", path.c_str(),
+                state.c_str(), policy.c_str(), chain.c_str(), dirty.c_str());
+    return kOk;
+  }
+  YAML::Node d = YAML::Load(dirty);
+  print_table({{"path", path}, {"state", state}, {"policy", policy}, {"chain", chain},
+               {"dirty", human_size(num(d, "backing_bytes")) + " (replica lacks " + human_size(num(d, "replica_bytes")) + ")"}});
+  return kOk;
+}
+
+int cmd_status(const std::vector<std::string>& paths, bool json) {
+  std::vector<std::string> targets = paths;
+  if (targets.empty()) targets = our_mounts();
+  if (targets.empty()) {
+    std::fprintf(stderr, "iofilterctl: no iofilterfs datastore is mounted\n");
+    return kNotOurs;
+  }
+  int rc = kOk;
+  for (const auto& p : targets) {
+    std::string probe;
+    int r = get(p, "status", &probe) == 0 ? status_of_mount(p, json) : status_of_image(p, json);
+    if (r != kOk) rc = r;
+  }
+  return rc;
+}
+
+// Flattens a JSON object into "a.b.c  value" lines.
+void flatten(const YAML::Node& n, const std::string& prefix, std::vector<std::vector<std::string>>* rows) {
+  if (n.IsMap()) {
+    for (const auto& kv : n) flatten(kv.second, prefix.empty() ? kv.first.Scalar() : prefix + "." + kv.first.Scalar(), rows);
+  } else if (n.IsScalar()) {
+    rows->push_back({prefix, n.Scalar()});
+  } else if (n.IsNull()) {
+    rows->push_back({prefix, "-"});
+  }
+}
+
+int cmd_stats(const std::string& disk, bool json) {
+  std::string s;
+  if (int e = get(disk, "stats", &s)) return report(disk, "image", e);
+  if (json) {
+    std::printf("%s\n", s.c_str());
+    return kOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  flatten(YAML::Load(s), "", &rows);
+  print_table(rows);
+  return kOk;
+}
+
+int cmd_filters(const std::string& mnt, bool json) {
+  std::string s;
+  if (int e = get(mnt, "filters", &s)) return report(mnt, "mount", e);
+  if (json) {
+    std::printf("%s\n", s.c_str());
+    return kOk;
+  }
+  std::vector<std::vector<std::string>> rows = {{"NAME", "CLASS", "VERSION", "DESCRIPTION"}};
+  for (const auto& f : YAML::Load(s)) rows.push_back({str(f, "name"), str(f, "class"), str(f, "version"), str(f, "description")});
+  if (rows.size() == 1) std::printf("no filters installed\n");
+  else print_table(rows);
+  return kOk;
+}
+
+int cmd_verb(const std::string& path, const std::string& verb, const std::string& value, const char* done) {
+  if (int e = set(path, verb, value)) return report(path, "image", e);
+  if (done) std::printf("%s: %s\n", path.c_str(), done);
+  return kOk;
+}
+
+int cmd_policy(const std::string& disk, const std::string& name, bool clear, bool json) {
+  if (clear) {
+    if (::removexattr(disk.c_str(), "user.iofilter.policy") != 0) return report(disk, "image", errno);
+  } else if (!name.empty()) {
+    if (int e = set(disk, "policy", name)) return report(disk, "image", e);
+  }
+  std::string p;
+  if (int e = get(disk, "policy", &p)) return report(disk, "image", e);
+  if (json) std::printf("{\"path\":\"%s\",\"policy\":\"%s\"}\n", disk.c_str(), p.c_str());
+  else std::printf("%s\n", p.c_str());
+  return kOk;
+}
+
+// One sample of every open disk's counters.
+struct Sample {
+  std::chrono::steady_clock::time_point at;
+  std::map<std::string, YAML::Node> stats;  // by disk path
+  std::map<std::string, YAML::Node> status;
+};
+
+Sample sample(const std::string& mnt) {
+  Sample s;
+  s.at = std::chrono::steady_clock::now();
+  std::string st;
+  if (get(mnt, "status", &st)) return s;
+  for (const auto& d : YAML::Load(st)["disks"]) {
+    std::string path = str(d, "path"), js;
+    if (get(mnt + "/" + path, "stats", &js) == 0) {
+      s.stats[path] = YAML::Load(js);
+      s.status[path] = static_cast<const YAML::Node&>(d);
+    }
+  }
+  return s;
+}
+
+std::string filter_value(const YAML::Node& stats, const char* filter, const char* key) {
+  YAML::Node f = stats["filters"];
+  if (!f || !f[filter] || !f[filter][key]) return "-";
+  return f[filter][key].Scalar();
+}
+
+int cmd_top(const std::string& mnt, double interval, int iterations) {
+  std::string probe;
+  if (int e = get(mnt, "status", &probe)) return report(mnt, "mount", e);
+  const bool tty = ::isatty(STDIN_FILENO);
+  termios saved{};
+  if (tty) {
+    tcgetattr(STDIN_FILENO, &saved);
+    termios raw = saved;
+    raw.c_lflag &= static_cast<tcflag_t>(~(ICANON | ECHO));
+    tcsetattr(STDIN_FILENO, TCSANOW, &raw);
+  }
+  Sample prev = sample(mnt);
+  for (int i = 0; iterations <= 0 || i < iterations; ++i) {
+    // Wait one interval, or quit on 'q'.
+    pollfd p{STDIN_FILENO, POLLIN, 0};
+    if (tty && ::poll(&p, 1, static_cast<int>(interval * 1000)) > 0) {
+      char c = 0;
+      if (::read(STDIN_FILENO, &c, 1) == 1 && (c == 'q' || c == 'Q')) break;
+    } else if (!tty) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(interval));
+    }
+    Sample cur = sample(mnt);
+    double dt = std::chrono::duration<double>(cur.at - prev.at).count();
+    std::printf("\033[H\033[2J");
+    std::printf("iofilterctl top  %s  every %.1fs  (q quits)\n\n", mnt.c_str(), interval);
+    std::vector<std::vector<std::string>> rows = {{"DISK", "POLICY", "STATE", "R/s", "W/s", "RMB/s", "WMB/s", "RLAT99",
+                                                   "WLAT99", "CACHE-HIT", "DIRTY", "REPL-LAG", "THR-WAIT"}};
+    char b[64];
+    auto fmt = [&](double v, const char* f) {
+      std::snprintf(b, sizeof b, f, v);
+      return std::string(b);
+    };
+    for (const auto& [path, st] : cur.stats) {
+      const YAML::Node& old = prev.stats.count(path) ? prev.stats.at(path) : YAML::Node();
+      auto rate = [&](const char* key) { return dt > 0 ? (num(st, key) - (old ? num(old, key) : 0)) / dt : 0.0; };
+      const YAML::Node& status = cur.status.at(path);
+      std::string hit = "-";
+      std::string hits = filter_value(st, "cache", "hits"), misses = filter_value(st, "cache", "misses");
+      if (hits != "-" && misses != "-") {
+        double h = std::stod(hits), m = std::stod(misses);
+        hit = h + m > 0 ? fmt(100 * h / (h + m), "%.0f%%") : "-";
+      }
+      rows.push_back({path, str(status, "policy"), str(status, "state"), fmt(rate("reads"), "%.0f"),
+                      fmt(rate("writes"), "%.0f"), fmt(rate("read_bytes") / 1e6, "%.1f"),
+                      fmt(rate("write_bytes") / 1e6, "%.1f"), fmt(num(st["read_latency"], "p99_us"), "%.0fus"),
+                      fmt(num(st["write_latency"], "p99_us"), "%.0fus"), hit, human_size(num(status, "dirty_bytes")),
+                      filter_value(st, "replicate", "lag_bytes"), filter_value(st, "throttle", "wait_us")});
+    }
+    if (rows.size() == 1) std::printf("no open disks\n");
+    else print_table(rows);
+    std::fflush(stdout);
+    prev = std::move(cur);
+  }
+  if (tty) tcsetattr(STDIN_FILENO, TCSANOW, &saved);
+  return kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"iofilterctl - control a mounted iofilterfs datastore (a front end to its user.iofilter.* attributes)",
+               "iofilterctl"};
+  app.set_version_flag("-V,--version", std::string("iofilterctl ") + iofilterfs::kVersion);
+  app.require_subcommand(1);
+  bool json = false;
+  app.add_flag("--json", json, "print JSON for scripts instead of tables");
+
+  std::vector<std::string> status_paths;
+  auto* status = app.add_subcommand("status", "every open disk of a mount, or one image (no PATH: every mount)");
+  status->add_option("PATH", status_paths, "a mountpoint or an image");
+
+  std::string disk, mnt, name;
+  auto* stats = app.add_subcommand("stats", "the counters of one disk");
+  stats->add_option("DISK", disk, "an image in the mount")->required();
+
+  double interval = 1.0;
+  int iterations = 0;
+  auto* top = app.add_subcommand("top", "a live table of every open disk, refreshed every second");
+  top->add_option("MOUNT", mnt, "the mountpoint")->required();
+  top->add_option("-i,--interval", interval, "seconds between refreshes")->check(CLI::Range(0.1, 3600.0));
+  top->add_option("-n,--iterations", iterations, "stop after this many refreshes (default: until q)");
+
+  auto* flush = app.add_subcommand("flush", "drain every filter of a disk to its backing file");
+  flush->add_option("DISK", disk, "an image in the mount")->required();
+  int timeout = 60;
+  auto* quiesce = app.add_subcommand("quiesce", "flush, then hold new writes until resume or the timeout");
+  quiesce->add_option("DISK", disk, "an image in the mount")->required();
+  quiesce->add_option("-t,--timeout", timeout, "seconds before writes resume by themselves (default 60)")
+      ->check(CLI::Range(1, 86400));
+  auto* resume = app.add_subcommand("resume", "release the writes a quiesce holds");
+  resume->add_option("DISK", disk, "an image in the mount")->required();
+  auto* snapshot = app.add_subcommand("snapshot", "a named restore point in every filter that keeps history");
+  snapshot->add_option("DISK", disk, "an image in the mount")->required();
+  snapshot->add_option("NAME", name, "the restore point's name")->required();
+  bool clear = false;
+  auto* policy = app.add_subcommand("policy", "show a disk's policy, or assign one (root)");
+  policy->add_option("DISK", disk, "an image in the mount")->required();
+  policy->add_option("NAME", name, "the policy to assign");
+  policy->add_flag("--clear", clear, "drop the assignment: the rules apply again");
+  auto* filters = app.add_subcommand("filters", "the installed filters: name, class, interface version");
+  filters->add_option("MOUNT", mnt, "the mountpoint")->required();
+  auto* reload = app.add_subcommand("reload", "re-read the datastore's policy file");
+  reload->add_option("MOUNT", mnt, "the mountpoint")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int r = app.exit(e);
+    return r == 0 ? kOk : kUsage;
+  }
+  try {
+    if (*status) return cmd_status(status_paths, json);
+    if (*stats) return cmd_stats(disk, json);
+    if (*top) return cmd_top(mnt, interval, iterations);
+    if (*flush) return cmd_verb(disk, "flush", "1", json ? nullptr : "flushed");
+    if (*quiesce) return cmd_verb(disk, "quiesce", std::to_string(timeout), json ? nullptr : "quiesced");
+    if (*resume) {
+      // Sent to the mount's root: a held write keeps the image's own inode locked.
+      std::string root, rel;
+      if (!locate(disk, &root, &rel)) return report(disk, "image", ENOTSUP);
+      if (int e = set(root, "resume", rel)) return report(disk, "image", e);
+      if (!json) std::printf("%s: resumed\n", disk.c_str());
+      return kOk;
+    }
+    if (*snapshot) return cmd_verb(disk, "snapshot", name, json ? nullptr : "snapshot taken");
+    if (*policy) return cmd_policy(disk, name, clear, json);
+    if (*filters) return cmd_filters(mnt, json);
+    if (*reload) {
+      int e = set(mnt, "reload", "1");
+      if (e == EINVAL) {
+        std::string st;
+        get(mnt, "status", &st);
+        YAML::Node n = YAML::Load(st);
+        std::fprintf(stderr, "iofilterctl: %s: reload refused: %s\n", mnt.c_str(),
+                     n["config_error"] && !n["config_error"].IsNull() ? n["config_error"].Scalar().c_str()
+                                                                      : "no policy file");
+        return kFailed;
+      }
+      if (e) return report(mnt, "mount", e);
+      if (!json) std::printf("%s: reloaded\n", mnt.c_str());
+      return kOk;
+    }
+  } catch (const YAML::Exception& e) {
+    std::fprintf(stderr, "iofilterctl: unexpected reply from the daemon: %s\n", e.what());
+    return kFailed;
+  }
+  return kUsage;
+}

@@ -288,3 +288,73 @@ TEST_CASE("a disk opens its filters bottom-up and drains them top-down on flush 
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+
+// A filter whose drain can be told to fail, to test that a re-plumb aborts cleanly.
+class Stubborn : public Filter {
+ public:
+  explicit Stubborn(std::vector<std::string>* log) : log_(log) {}
+  Status drain() override {
+    log_->push_back("stubborn:drain");
+    return fail_drain ? Status::Error(EIO, "cannot drain") : Status::Ok();
+  }
+  void close() override { log_->push_back("stubborn:close"); }
+  static inline bool fail_drain = false;
+
+ private:
+  std::vector<std::string>* log_;
+};
+
+}  // namespace
+
+TEST_CASE("re-plumbing keeps unchanged filters, drains leaving ones first, and aborts cleanly", "[chain][disk]") {
+  std::vector<std::string> log;
+  Registry reg = recording_registry(&log);
+  REQUIRE(reg.add(FilterInfo{"stubborn", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr,
+                             [&log](const YAML::Node&) { return std::make_unique<Stubborn>(&log); }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &reg;
+  opt.filters = {spec("rep"), spec("thr", "{ x: 1 }")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "x.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->chain_description() == "rep -> thr");
+
+  // Same specs: nothing happens to any filter.
+  log.clear();
+  REQUIRE(disk->replumb("same", {spec("rep"), spec("thr", "{ x: 1 }")}, reg, &err).ok());
+  CHECK(log.empty());
+  CHECK(disk->policy() == "same");
+
+  // Add a cache, change thr's parameters, keep rep: only thr leaves (drained, then closed),
+  // the new ones open bottom-up, and data flows through the new chain.
+  log.clear();
+  REQUIRE(disk->replumb("p2", {spec("rep"), spec("thr", "{ x: 2 }"), spec("stubborn")}, reg, &err).ok());
+  CHECK(log == std::vector<std::string>{"thr:drain", "thr:open", "thr:close"});
+  CHECK(disk->chain_description() == "rep -> stubborn -> thr");
+  log.clear();
+  REQUIRE(disk->write(Io{}, "abc", 3, 0).ok());
+  CHECK(log == std::vector<std::string>{"rep:write", "thr:write", "thr:write<-0", "rep:write<-0"});
+
+  // A leaving filter that cannot drain aborts the re-plumb: the old chain stays, whole.
+  Stubborn::fail_drain = true;
+  log.clear();
+  CHECK(disk->replumb("p3", {spec("rep")}, reg, &err).err == EIO);
+  CHECK(err == "a filter being removed could not drain: cannot drain");
+  CHECK(disk->chain_description() == "rep -> stubborn -> thr");
+  CHECK(disk->policy() == "p2");
+  Stubborn::fail_drain = false;
+
+  // An invalid target changes nothing either.
+  CHECK(disk->replumb("p4", {spec("nosuch")}, reg, &err).err == EINVAL);
+  CHECK(disk->chain_description() == "rep -> stubborn -> thr");
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

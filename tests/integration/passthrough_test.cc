@@ -58,6 +58,21 @@ TEST_CASE("files, directories, links and renames pass through to the backing tre
   CHECK(st.st_size == 131072);
   CHECK((st.st_mode & 0777) == 0600);
 
+  // owner and times (as root, the caller may give files away)
+  REQUIRE(chown(m.path("vm1/nvram").c_str(), 1234, 5678) == 0);
+  REQUIRE(stat((t / "b/vm1/nvram").c_str(), &st) == 0);
+  CHECK(st.st_uid == 1234u);
+  CHECK(st.st_gid == 5678u);
+  struct timespec times[2] = {{1000000000, 0}, {1200000000, 500}};
+  REQUIRE(utimensat(AT_FDCWD, m.path("vm1/nvram").c_str(), times, 0) == 0);
+  REQUIRE(stat((t / "b/vm1/nvram").c_str(), &st) == 0);
+  CHECK(st.st_atim.tv_sec == 1000000000);
+  CHECK(st.st_mtim.tv_sec == 1200000000);
+  CHECK(st.st_mtim.tv_nsec == 500);
+  REQUIRE(chmod(m.path("vm1/nvram").c_str(), 0640) == 0);
+  REQUIRE(stat((t / "b/vm1/nvram").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0640);
+
   // readdir sees what the backing has, including files made behind the mount's back
   write_file(t / "b/vm1/made-outside", "x");
   std::string out;

@@ -132,9 +132,16 @@ TEST_CASE("quiesce holds writes until resume, and its timeout releases them", "[
   CHECK(xattr(img, "user.iofilter.state") == "quiesced");
   CHECK(read_file(f.t / "b/disk.raw").substr(0, 6) == "before");  // flushed before holding
 
+  // The held writer writes as QEMU with cache=none does (O_DIRECT). A buffered writer would
+  // also be held, but it keeps its page locked in the kernel's cache meanwhile, and any read of
+  // that page would wait for it.
+  int wfd = open(img.c_str(), O_RDWR | O_DIRECT);
+  REQUIRE(wfd >= 0);
   std::atomic<bool> done{false};
-  std::thread writer([&] {
-    CHECK(pwrite(fd, "during", 6, 4096) == 6);
+  std::jthread writer([&] {  // joins even if a REQUIRE below fails
+    alignas(4096) static char w[4096];
+    std::memcpy(w, "during", 6);
+    CHECK(pwrite(wfd, w, 4096, 4096) == 4096);
     done = true;
   });
   // Reads go on while writes are held (direct: a buffered read-ahead would wait on the page
@@ -154,6 +161,7 @@ TEST_CASE("quiesce holds writes until resume, and its timeout releases them", "[
   CHECK(done.load());
   CHECK(read_file(f.t / "b/disk.raw").substr(4096, 6) == "during");
   CHECK(xattr(img, "user.iofilter.state") == "active");
+  close(wfd);
 
   // A quiesce nobody resumes lets writes go by itself after its timeout.
   REQUIRE(set(img, "user.iofilter.quiesce", "1") == 0);

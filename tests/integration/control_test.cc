@@ -26,16 +26,6 @@ std::string ctl() {
   return q(d.substr(0, d.rfind('/')) + "/iofilterctl");
 }
 
-std::string xattr(const std::string& path, const char* name) {
-  char buf[65536];
-  ssize_t n = getxattr(path.c_str(), name, buf, sizeof buf);
-  return n < 0 ? std::string("ERR:") + std::strerror(errno) : std::string(buf, static_cast<size_t>(n));
-}
-
-int set(const std::string& path, const char* name, const std::string& v) {
-  return setxattr(path.c_str(), name, v.data(), v.size(), 0) == 0 ? 0 : errno;
-}
-
 const std::string kNobody = "setpriv --reuid=65534 --regid=65534 --clear-groups -- ";
 
 struct Fixture {
@@ -55,21 +45,21 @@ TEST_CASE("control attributes read on an image and on the mount's root", "[contr
   Fixture f;
   Mount& m = *f.m;
   const std::string img = m.path("disk.raw");
-  CHECK(xattr(img, "user.iofilter.state") == "closed");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "closed");
   int fd = open(img.c_str(), O_RDWR);
   REQUIRE(fd >= 0);
   REQUIRE(pwrite(fd, "abcd", 4, 0) == 4);
-  CHECK(xattr(img, "user.iofilter.state") == "active");
-  CHECK(xattr(img, "user.iofilter.policy") == "bronze");
-  CHECK(xattr(img, "user.iofilter.chain") == "(empty)");
-  CHECK(xattr(img, "user.iofilter.dirty") == "{\"backing_bytes\":0,\"replica_bytes\":0}");
-  std::string stats = xattr(img, "user.iofilter.stats");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(img, "user.iofilter.policy") == "bronze");
+  CHECK(testing::get_xattr(img, "user.iofilter.chain") == "(empty)");
+  CHECK(testing::get_xattr(img, "user.iofilter.dirty") == "{\"backing_bytes\":0,\"replica_bytes\":0}");
+  std::string stats = testing::get_xattr(img, "user.iofilter.stats");
   CHECK(stats.find("\"writes\":1,") != std::string::npos);
   CHECK(stats.find("\"write_bytes\":4,") != std::string::npos);
   CHECK(stats.find("\"p99_us\"") != std::string::npos);
-  CHECK(xattr(m.mountpoint(), "user.iofilter.version").rfind("0.", 0) == 0);
-  CHECK(xattr(m.mountpoint(), "user.iofilter.filters").front() == '[');
-  std::string status = xattr(m.mountpoint(), "user.iofilter.status");
+  CHECK(testing::get_xattr(m.mountpoint(), "user.iofilter.version").rfind("0.", 0) == 0);
+  CHECK(testing::get_xattr(m.mountpoint(), "user.iofilter.filters").front() == '[');
+  std::string status = testing::get_xattr(m.mountpoint(), "user.iofilter.status");
   CHECK(status.find("\"path\":\"disk.raw\",\"policy\":\"bronze\",\"state\":\"active\",\"format\":\"raw\","
                     "\"virtual_size\":8388608,\"dirty_bytes\":0") != std::string::npos);
   // Queries follow the file's permissions: anyone who may read the image may read them.
@@ -85,7 +75,7 @@ TEST_CASE("control attributes read on an image and on the mount's root", "[contr
   CHECK(out.find("user.iofilter.policy=\"bronze\"") != std::string::npos);
   REQUIRE(sh("getfattr --absolute-names -d -m - " + q(m.path("notes.txt")), &out) == 0);
   CHECK(out.find("iofilter") == std::string::npos);
-  CHECK(xattr(m.path("notes.txt"), "user.iofilter.stats") == "ERR:No data available");
+  CHECK(testing::get_xattr(m.path("notes.txt"), "user.iofilter.stats") == "ERR:No data available");
   // Control names never reach the backing file.
   CHECK(getxattr((f.t / "b/disk.raw").c_str(), "user.iofilter.policy", nullptr, 0) == -1);
   close(fd);
@@ -97,26 +87,26 @@ TEST_CASE("refusals: unknown verb EINVAL, non-root EPERM, not an image ENOTSUP, 
   Mount& m = *f.m;
   const std::string img = m.path("disk.raw");
   int fd = open(img.c_str(), O_RDWR);
-  CHECK(set(img, "user.iofilter.frobnicate", "1") == EINVAL);
+  CHECK(testing::set_xattr(img, "user.iofilter.frobnicate", "1") == EINVAL);
   CHECK(m.log().find("disk.raw: unknown control user.iofilter.frobnicate") != std::string::npos);
-  CHECK(set(img, "user.iofilter.quiesce", "soon") == EINVAL);
-  CHECK(set(img, "user.iofilter.snapshot", "") == EINVAL);
-  CHECK(set(img, "user.iofilter.resume", "1") == EINVAL);  // not quiesced
-  CHECK(set(m.mountpoint(), "user.iofilter.resume", "nosuch.raw") == EINVAL);
-  CHECK(set(img, "user.iofilter.policy", "platinum") == EINVAL);
-  CHECK(set(m.path("notes.txt"), "user.iofilter.flush", "1") == ENOTSUP);
-  CHECK(set(m.mountpoint(), "user.iofilter.flush", "1") == ENOTSUP);
-  CHECK(set(img, "user.iofilter.reload", "1") == ENOTSUP);
-  CHECK(set(m.mountpoint(), "user.iofilter.quiesce", "1") == ENOTSUP);
-  CHECK(set(img, "user.iofilter.status", "x") == EINVAL);  // a read-only name
+  CHECK(testing::set_xattr(img, "user.iofilter.quiesce", "soon") == EINVAL);
+  CHECK(testing::set_xattr(img, "user.iofilter.snapshot", "") == EINVAL);
+  CHECK(testing::set_xattr(img, "user.iofilter.resume", "1") == EINVAL);  // not quiesced
+  CHECK(testing::set_xattr(m.mountpoint(), "user.iofilter.resume", "nosuch.raw") == EINVAL);
+  CHECK(testing::set_xattr(img, "user.iofilter.policy", "platinum") == EINVAL);
+  CHECK(testing::set_xattr(m.path("notes.txt"), "user.iofilter.flush", "1") == ENOTSUP);
+  CHECK(testing::set_xattr(m.mountpoint(), "user.iofilter.flush", "1") == ENOTSUP);
+  CHECK(testing::set_xattr(img, "user.iofilter.reload", "1") == ENOTSUP);
+  CHECK(testing::set_xattr(m.mountpoint(), "user.iofilter.quiesce", "1") == ENOTSUP);
+  CHECK(testing::set_xattr(img, "user.iofilter.status", "x") == EINVAL);  // a read-only name
   std::string out;
   CHECK(sh(kNobody + "setfattr -n user.iofilter.flush -v 1 " + q(img), &out) != 0);
   CHECK(out.find("Operation not permitted") != std::string::npos);
   CHECK(sh(kNobody + "setfattr -n user.iofilter.policy -v gold " + q(img), &out) != 0);
   CHECK(sh(kNobody + "setfattr -n user.iofilter.reload -v 1 " + q(m.mountpoint()), &out) != 0);
   CHECK(m.log().find("refused for uid 65534") != std::string::npos);
-  CHECK(xattr(img, "user.iofilter.policy") == "bronze");
-  CHECK(xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(img, "user.iofilter.policy") == "bronze");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
   close(fd);
   CHECK(m.stop() == 0);
 }
@@ -128,8 +118,8 @@ TEST_CASE("quiesce holds writes until resume, and its timeout releases them", "[
   int fd = open(img.c_str(), O_RDWR);
   REQUIRE(fd >= 0);
   REQUIRE(pwrite(fd, "before", 6, 0) == 6);
-  REQUIRE(set(img, "user.iofilter.quiesce", "30") == 0);
-  CHECK(xattr(img, "user.iofilter.state") == "quiesced");
+  REQUIRE(testing::set_xattr(img, "user.iofilter.quiesce", "30") == 0);
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "quiesced");
   CHECK(read_file(f.t / "b/disk.raw").substr(0, 6) == "before");  // flushed before holding
 
   // The held writer writes as QEMU with cache=none does (O_DIRECT). A buffered writer would
@@ -156,24 +146,24 @@ TEST_CASE("quiesce holds writes until resume, and its timeout releases them", "[
   CHECK_FALSE(done.load());  // the writer is held (it would have finished in microseconds)
   CHECK(read_file(f.t / "b/disk.raw").substr(4096, 6) == std::string(6, '\0'));
   // The writer holds the image's inode lock in the kernel, so resume goes to the root.
-  REQUIRE(set(m.mountpoint(), "user.iofilter.resume", "disk.raw") == 0);
+  REQUIRE(testing::set_xattr(m.mountpoint(), "user.iofilter.resume", "disk.raw") == 0);
   writer.join();
   CHECK(done.load());
   CHECK(read_file(f.t / "b/disk.raw").substr(4096, 6) == "during");
-  CHECK(xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
   close(wfd);
 
   // A quiesce nobody resumes lets writes go by itself after its timeout.
-  REQUIRE(set(img, "user.iofilter.quiesce", "1") == 0);
+  REQUIRE(testing::set_xattr(img, "user.iofilter.quiesce", "1") == 0);
   auto t0 = std::chrono::steady_clock::now();
   CHECK(pwrite(fd, "later", 5, 8192) == 5);
   CHECK(std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(900));
-  CHECK(xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
   CHECK(m.log().find("disk.raw: quiesce timed out; writes resume") != std::string::npos);
 
   // snapshot = quiesce + a restore point in every filter that keeps history + resume.
-  CHECK(set(img, "user.iofilter.snapshot", "before-upgrade") == 0);
-  CHECK(xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::set_xattr(img, "user.iofilter.snapshot", "before-upgrade") == 0);
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
   CHECK(m.log().find("disk.raw: snapshot 'before-upgrade' taken") != std::string::npos);
   close(fd);
   CHECK(m.stop() == 0);
@@ -215,9 +205,9 @@ TEST_CASE("iofilterctl drives the same attributes, with tables, JSON and meaning
   REQUIRE(sh(ctl() + " flush " + q(img), &out) == 0);
   CHECK(out == img + ": flushed\n");
   REQUIRE(sh(ctl() + " quiesce --timeout 20 " + q(img), &out) == 0);
-  CHECK(xattr(img, "user.iofilter.state") == "quiesced");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "quiesced");
   REQUIRE(sh(ctl() + " resume " + q(img), &out) == 0);
-  CHECK(xattr(img, "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(img, "user.iofilter.state") == "active");
   REQUIRE(sh(ctl() + " snapshot " + q(img) + " nightly", &out) == 0);
   REQUIRE(sh(ctl() + " policy " + q(img) + " gold", &out) == 0);
   CHECK(out == "gold\n");

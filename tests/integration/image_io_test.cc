@@ -20,12 +20,6 @@ using testing::TempDir;
 
 namespace {
 
-std::string xattr(const std::string& path, const char* name) {
-  char buf[65536];
-  ssize_t n = getxattr(path.c_str(), name, buf, sizeof buf);
-  return n < 0 ? std::string("ERR:") + std::strerror(errno) : std::string(buf, static_cast<size_t>(n));
-}
-
 void* aligned_alloc_or_die(size_t align, size_t size) {
   void* p = nullptr;
   REQUIRE(posix_memalign(&p, align, size) == 0);
@@ -65,7 +59,7 @@ TEST_CASE("fio random writes from several jobs verify, and the backing file hold
   // The disk counted the writes (stats are per open disk: hold it open while reading them).
   int fd = open(m.path("known.img").c_str(), O_RDONLY);
   REQUIRE(fd >= 0);
-  std::string stats = xattr(m.path("known.img"), "user.iofilter.stats");
+  std::string stats = testing::get_xattr(m.path("known.img"), "user.iofilter.stats");
   CHECK(stats.find("\"path\":\"known.img\"") != std::string::npos);
   CHECK(stats.find("\"read_latency\"") != std::string::npos);
   close(fd);
@@ -97,11 +91,11 @@ TEST_CASE("qemu-img creates, inspects and checks images in the mount", "[image][
   // While the image is open, the mount's status reports it, by content, with its virtual size.
   int fd = open(m.path("vm1/disk.qcow2").c_str(), O_RDONLY);
   REQUIRE(fd >= 0);
-  std::string status = xattr(m.mountpoint(), "user.iofilter.status");
+  std::string status = testing::get_xattr(m.mountpoint(), "user.iofilter.status");
   CHECK(status.find("\"path\":\"vm1/disk.qcow2\"") != std::string::npos);
   CHECK(status.find("\"format\":\"qcow2\"") != std::string::npos);
   CHECK(status.find("\"virtual_size\":2147483648") != std::string::npos);
-  CHECK(xattr(m.path("vm1/disk.qcow2"), "user.iofilter.state") == "active");
+  CHECK(testing::get_xattr(m.path("vm1/disk.qcow2"), "user.iofilter.state") == "active");
   close(fd);
   CHECK(m.stop() == 0);
 }
@@ -212,12 +206,12 @@ TEST_CASE("two handles on one image share one disk and see each other's writes",
   REQUIRE(pread(a, buf + 4096, 4096, 65536) == 4096);
   CHECK(std::memcmp(buf, buf + 4096, 4096) == 0);
   // One disk, counting both handles' writes.
-  std::string stats = xattr(m.path("disk.raw"), "user.iofilter.stats");
+  std::string stats = testing::get_xattr(m.path("disk.raw"), "user.iofilter.stats");
   CHECK(stats.find("\"writes\":2") != std::string::npos);
   free(buf);
   close(a);
   close(b);
-  CHECK(xattr(m.path("disk.raw"), "user.iofilter.state") == "closed");
+  CHECK(testing::get_xattr(m.path("disk.raw"), "user.iofilter.state") == "closed");
   CHECK(m.stop() == 0);
 }
 

@@ -23,16 +23,6 @@ using testing::write_file;
 
 namespace {
 
-std::string xattr(const std::string& path, const char* name) {
-  char buf[65536];
-  ssize_t n = getxattr(path.c_str(), name, buf, sizeof buf);
-  return n < 0 ? std::string("ERR:") + std::strerror(errno) : std::string(buf, static_cast<size_t>(n));
-}
-
-int set(const std::string& path, const char* name, const std::string& v) {
-  return setxattr(path.c_str(), name, v.data(), v.size(), 0) == 0 ? 0 : errno;
-}
-
 // Waits until `pred` holds (the daemon reloads on its own thread after SIGHUP).
 template <typename P>
 bool eventually(P pred) {
@@ -67,14 +57,14 @@ TEST_CASE("the policy file names the datastore; the command line overrides it", 
     std::string out;
     REQUIRE(sh(q(daemon_binary()) + " --config " + q(t / "ds1.yaml"), &out) == 0);
     REQUIRE(testing::is_mounted(t / "m"));
-    CHECK(xattr(t / "m/db/pg.raw", "user.iofilter.policy") == "gold");
-    CHECK(xattr(t / "m/web.raw", "user.iofilter.policy") == "none");
-    CHECK(xattr(t / "m/notes.img", "user.iofilter.policy") == "ERR:No data available");  // not an image here
+    CHECK(testing::get_xattr(t / "m/db/pg.raw", "user.iofilter.policy") == "gold");
+    CHECK(testing::get_xattr(t / "m/web.raw", "user.iofilter.policy") == "none");
+    CHECK(testing::get_xattr(t / "m/notes.img", "user.iofilter.policy") == "ERR:No data available");  // not an image here
     CHECK(sh("fusermount3 -u " + q(t / "m")) == 0);
   }
   // The command line's MOUNTPOINT wins over the file's.
   Mount m(t / "b", t / "m2", {{"--config", t / "ds1.yaml"}});
-  CHECK(xattr(m.path("db/pg.raw"), "user.iofilter.policy") == "gold");
+  CHECK(testing::get_xattr(m.path("db/pg.raw"), "user.iofilter.policy") == "gold");
   CHECK_FALSE(testing::is_mounted(t / "m"));
   CHECK(m.stop() == 0);
 }
@@ -119,22 +109,22 @@ TEST_CASE("reload by SIGHUP and by xattr re-plumbs open disks; a broken file is 
   Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
   int fd = open(m.path("www.raw").c_str(), O_RDWR);
   REQUIRE(fd >= 0);
-  CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
+  CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
 
   // SIGHUP: www.raw now matches a rule for gold.
   std::string next = kTwoPolicies;
   next.replace(next.find("db/*"), 4, "www*");
   write_file(t / "ds.yaml", next);
   REQUIRE(kill(m.pid(), SIGHUP) == 0);
-  CHECK(eventually([&] { return xattr(m.path("www.raw"), "user.iofilter.policy") == "gold"; }));
+  CHECK(eventually([&] { return testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "gold"; }));
   CHECK(pwrite(fd, "still", 5, 0) == 5);  // the open handle kept working
 
   // A broken file: refused whole, the old policies stay, the reason is in the status.
   write_file(t / "ds.yaml", "policies:\n  gold:\n  - nonsense\n");
-  CHECK(set(m.mountpoint(), "user.iofilter.reload", "1") == EINVAL);
-  std::string status = xattr(m.mountpoint(), "user.iofilter.status");
+  CHECK(testing::set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == EINVAL);
+  std::string status = testing::get_xattr(m.mountpoint(), "user.iofilter.status");
   CHECK(status.find("\"config_error\":\"" + t / "ds.yaml" + ":3:3:") != std::string::npos);
-  CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
+  CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
   CHECK(m.log().find("reload refused, the old policies stay in force: " + t / "ds.yaml" + ":3:3:") != std::string::npos);
   REQUIRE(kill(m.pid(), SIGHUP) == 0);  // SIGHUP with a broken file does not stop the daemon either
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -142,9 +132,9 @@ TEST_CASE("reload by SIGHUP and by xattr re-plumbs open disks; a broken file is 
 
   // Fixed again: the error clears and the rules apply.
   write_file(t / "ds.yaml", kTwoPolicies);
-  CHECK(set(m.mountpoint(), "user.iofilter.reload", "1") == 0);
-  CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
-  CHECK(xattr(m.mountpoint(), "user.iofilter.status").find("\"config_error\":null") != std::string::npos);
+  CHECK(testing::set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == 0);
+  CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
+  CHECK(testing::get_xattr(m.mountpoint(), "user.iofilter.status").find("\"config_error\":null") != std::string::npos);
   close(fd);
   CHECK(m.stop() == 0);
 }
@@ -156,11 +146,11 @@ TEST_CASE("an image's assigned policy overrides the rules and survives a restart
   write_file(t / "ds.yaml", kTwoPolicies);
   {
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
-    CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
-    CHECK(set(m.path("www.raw"), "user.iofilter.policy", "gold") == 0);
-    CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
-    CHECK(set(m.path("www.raw"), "user.iofilter.policy", "platinum") == EINVAL);
-    CHECK(set(m.path("notes.txt"), "user.iofilter.policy", "gold") == ENOTSUP);
+    CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
+    CHECK(testing::set_xattr(m.path("www.raw"), "user.iofilter.policy", "gold") == 0);
+    CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
+    CHECK(testing::set_xattr(m.path("www.raw"), "user.iofilter.policy", "platinum") == EINVAL);
+    CHECK(testing::set_xattr(m.path("notes.txt"), "user.iofilter.policy", "gold") == ENOTSUP);
     std::string out;
     CHECK(sh("setpriv --reuid=65534 --regid=65534 --clear-groups -- setfattr -n user.iofilter.policy -v bronze " +
                  q(m.path("www.raw")),
@@ -172,10 +162,10 @@ TEST_CASE("an image's assigned policy overrides the rules and survives a restart
   }
   {
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
-    CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
+    CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "gold");
     // Removing the assignment hands the image back to the rules.
     CHECK(removexattr(m.path("www.raw").c_str(), "user.iofilter.policy") == 0);
-    CHECK(xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
+    CHECK(testing::get_xattr(m.path("www.raw"), "user.iofilter.policy") == "bronze");
     CHECK(m.stop() == 0);
   }
 }

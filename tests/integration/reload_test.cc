@@ -21,13 +21,7 @@ using testing::write_file;
 
 namespace {
 
-std::string xattr(const std::string& path, const char* name) {
-  char buf[65536];
-  ssize_t n = getxattr(path.c_str(), name, buf, sizeof buf);
-  return n < 0 ? std::string("ERR:") + std::strerror(errno) : std::string(buf, static_cast<size_t>(n));
-}
-
-int reload(const std::string& mnt) { return setxattr(mnt.c_str(), "user.iofilter.reload", "1", 1, 0) == 0 ? 0 : errno; }
+int reload(const std::string& mnt) { return testing::set_xattr(mnt, "user.iofilter.reload", "1"); }
 
 const char* kWithThrottle = "policies:\n  p:\n    throttle: { iops: 200000, bps: 4GiB/s }\nrules:\n  - { match: '*', policy: p }\n";
 const char* kWithout = "policies:\n  p:\nrules:\n  - { match: '*', policy: p }\n";
@@ -55,7 +49,7 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
   }
   REQUIRE(fio > 0);
   // Wait until the disk is open.
-  for (int i = 0; i < 500 && xattr(m.mountpoint(), "user.iofilter.status").find("disk.raw") == std::string::npos; ++i)
+  for (int i = 0; i < 500 && testing::get_xattr(m.mountpoint(), "user.iofilter.status").find("disk.raw") == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
 
   int reloads = 0, with_filter = 0;
@@ -64,14 +58,14 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
     write_file(t / "ds.yaml", add ? kWithThrottle : kWithout);
     REQUIRE(reload(m.mountpoint()) == 0);
     ++reloads;
-    std::string chain = xattr(m.path("disk.raw"), "user.iofilter.chain");
+    std::string chain = testing::get_xattr(m.path("disk.raw"), "user.iofilter.chain");
     if (chain.rfind("throttle(", 0) == 0) ++with_filter;
     CHECK((add ? chain.rfind("throttle(", 0) == 0 : chain == "(empty)"));
     if (i == 9) {
       // A broken file in the middle: refused, the workload goes on with the chain it had.
       write_file(t / "ds.yaml", kBroken);
       CHECK(reload(m.mountpoint()) == EINVAL);
-      CHECK(xattr(m.path("disk.raw"), "user.iofilter.chain") == "(empty)");
+      CHECK(testing::get_xattr(m.path("disk.raw"), "user.iofilter.chain") == "(empty)");
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(150));
   }
@@ -88,7 +82,7 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
   CHECK(reloads == 20);
   CHECK(with_filter == 10);
   CHECK(m.log().find("reload refused, the old policies stay in force") != std::string::npos);
-  std::string stats = xattr(m.mountpoint(), "user.iofilter.status");
+  std::string stats = testing::get_xattr(m.mountpoint(), "user.iofilter.status");
   CHECK(stats.find("\"reloads\":20") != std::string::npos);
   CHECK(m.stop() == 0);
 }

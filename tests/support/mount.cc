@@ -5,11 +5,13 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -59,6 +61,18 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::string get_xattr(const std::string& path, const std::string& name) {
+  std::string buf(1 << 20, '\0');
+  ssize_t n = ::getxattr(path.c_str(), name.c_str(), buf.data(), buf.size());
+  if (n < 0) return std::string("ERR:") + std::strerror(errno);
+  buf.resize(static_cast<size_t>(n));
+  return buf;
+}
+
+int set_xattr(const std::string& path, const std::string& name, const std::string& value) {
+  return ::setxattr(path.c_str(), name.c_str(), value.data(), value.size(), 0) == 0 ? 0 : errno;
 }
 
 void write_file(const std::string& path, const std::string& data) {

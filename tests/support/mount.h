@@ -30,6 +30,10 @@ int sh(const std::string& cmd, std::string* out = nullptr);
 std::string q(const std::string& s);
 
 std::string read_file(const std::string& path);
+// The value of an extended attribute, or "ERR:" and the errno's text.
+std::string get_xattr(const std::string& path, const std::string& name);
+// setxattr(2): 0 or the errno.
+int set_xattr(const std::string& path, const std::string& name, const std::string& value);
 void write_file(const std::string& path, const std::string& data);
 
 // The daemon, mounted in the foreground on `mountpoint` over `backing`.

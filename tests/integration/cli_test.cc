@@ -127,7 +127,7 @@ TEST_CASE("without -f the daemon detaches once mounted, and logs to syslog", "[c
   CHECK_FALSE(testing::is_mounted(t / "m"));
 }
 
-TEST_CASE("--version, and every option in --help appears in iofilterfs(8)", "[cli][docs]") {
+TEST_CASE("the version, and every option in --help, are in iofilterfs(8)", "[cli][docs]") {
   std::string out;
   REQUIRE(run_daemon("--version", &out) == 0);
   CHECK(out.rfind("iofilterfs ", 0) == 0);

@@ -254,7 +254,7 @@ TEST_CASE("iofilterctl top shows the running disk in a terminal", "[control][ctl
   CHECK(m.stop() == 0);
 }
 
-TEST_CASE("--version agrees with the daemon, and every subcommand is in iofilterctl(8)", "[control][docs]") {
+TEST_CASE("the versions agree, and every subcommand of iofilterctl is in iofilterctl(8)", "[control][docs]") {
   std::string a, b;
   REQUIRE(sh(ctl() + " --version", &a) == 0);
   REQUIRE(sh(q(testing::daemon_binary()) + " --version", &b) == 0);

@@ -1,5 +1,7 @@
 #include "chain.h"
 
+#include <atomic>
+
 namespace iofilterfs {
 
 const char* to_string(FilterClass c) {
@@ -20,6 +22,10 @@ std::string spec_key(const FilterSpec& s) {
   e << YAML::Flow << s.params;
   return s.name + " " + e.c_str();
 }
+
+// The parameters back from a key (slots keep no YAML nodes: yaml-cpp's assignment would
+// rewrite the policy's own node when a slot is reused).
+YAML::Node key_params(const std::string& key) { return YAML::Load(key.substr(key.find(' ') + 1)); }
 
 }  // namespace
 
@@ -81,6 +87,34 @@ Status Chain::plan(const Registry& registry, const std::vector<FilterSpec>& spec
   return Status::Ok();
 }
 
+void Chain::retune(ChainPlan* plan) {
+  for (int c = 0; c < kFilterClassCount; ++c) {
+    Slot& s = slots_[c];
+    ChainPlan::Fresh& f = plan->fresh_[c];
+    if (!s.filter || !f.filter || s.info != f.info) continue;
+    if (!s.filter->reconfigure(key_params(f.key))) continue;
+    plan->retuned_[c] = ChainPlan::Retuned{true, s.key};
+    s.key = std::move(f.key);
+    f.filter.reset();  // the fresh instance was never opened: dropped
+    f.info = nullptr;
+    plan->keep_[c] = true;
+  }
+  plan->changes_ = false;
+  for (int c = 0; c < kFilterClassCount; ++c)
+    if (plan->fresh_[c].filter || (slots_[c].filter && !plan->keep_[c])) plan->changes_ = true;
+}
+
+void Chain::untune(ChainPlan* plan) {
+  for (int c = 0; c < kFilterClassCount; ++c) {
+    ChainPlan::Retuned& r = plan->retuned_[c];
+    if (!r.done) continue;
+    Slot& s = slots_[c];
+    (void)s.filter->reconfigure(key_params(r.old_key));  // took the new ones, so takes these back
+    s.key = std::move(r.old_key);
+    r = ChainPlan::Retuned{};
+  }
+}
+
 std::vector<Filter*> Chain::leaving(const ChainPlan& plan) const {
   std::vector<Filter*> out;
   for (int c = 0; c < kFilterClassCount; ++c)
@@ -136,6 +170,20 @@ std::string Chain::describe() const {
     if (!d.empty()) s += "(" + d + ")";
   });
   return s.empty() ? "(empty)" : s;
+}
+
+namespace {
+std::atomic<uint64_t> g_congestion_latency_ns{DatastoreSettings{}.congestion_latency_ns};
+}  // namespace
+
+DatastoreSettings datastore_settings() {
+  DatastoreSettings s;
+  s.congestion_latency_ns = g_congestion_latency_ns.load(std::memory_order_relaxed);
+  return s;
+}
+
+void set_datastore_settings(const DatastoreSettings& s) {
+  g_congestion_latency_ns.store(s.congestion_latency_ns, std::memory_order_relaxed);
 }
 
 bool Registry::add(FilterInfo info) {

@@ -8,6 +8,11 @@
 //   plan()    instantiates the filters that are new or whose parameters changed and marks the
 //             unchanged ones to be kept (with their state); nothing running is touched, and
 //             dropping the plan is the abort;
+//   retune()  offers each filter whose parameters changed (same filter, new parameters) the
+//             new ones in place (Filter::reconfigure), while requests keep flowing; one that
+//             takes them stays, with its state and the requests it holds, and the plan keeps it
+//             instead of its fresh replacement. untune() gives them back their old parameters
+//             (the abort of a plan that retune() left with other changes, which then failed);
 //   leaving() lists the filters the plan removes — the disk drains them before committing;
 //   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
 //             plumbing lock exclusively, so no request is inside the chain meanwhile.
@@ -44,8 +49,13 @@ class ChainPlan {
     std::unique_ptr<Filter> filter;
     std::string key;
   };
+  struct Retuned {
+    bool done = false;
+    std::string old_key;
+  };
   std::array<Fresh, kFilterClassCount> fresh_{};
   std::array<bool, kFilterClassCount> keep_{};
+  std::array<Retuned, kFilterClassCount> retuned_{};
   bool changes_ = false;
 };
 
@@ -62,6 +72,12 @@ class Chain {
 
   // Prepares a change to `specs` (see above). On error nothing is changed.
   Status plan(const Registry& registry, const std::vector<FilterSpec>& specs, ChainPlan* out, std::string* err) const;
+  // Offers the filters the plan would replace by a filter of the same name their new
+  // parameters in place (see above); afterwards the plan's changes() says whether anything is
+  // left to commit. Needs the disk's control lock only.
+  void retune(ChainPlan* plan);
+  // Undoes retune(): the retuned filters get their old parameters back.
+  void untune(ChainPlan* plan);
   // Filters the plan removes or replaces, top first (the order to drain them in).
   std::vector<Filter*> leaving(const ChainPlan& plan) const;
   // Applies the plan above `bottom`; the filters it removes are moved to *removed.

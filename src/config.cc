@@ -6,17 +6,19 @@
 #include <cstring>
 
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
 #include "suggest.h"
+#include "units.h"
 
 namespace iofilterfs {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"datastore", "policies", "rules"};
-const std::vector<std::string> kDatastoreKeys = {"backing", "mountpoint", "images", "options",
-                                                 "threads", "log-level", "default-policy"};
+const std::vector<std::string> kDatastoreKeys = {"backing", "mountpoint", "images", "options", "threads",
+                                                 "log-level", "default-policy", "congestion-latency"};
 const std::vector<std::string> kRuleKeys = {"match", "policy"};
 const std::vector<std::string> kLogLevels = {"trace", "debug", "info", "warn", "error", "critical", "off"};
 
@@ -98,6 +100,15 @@ void parse_datastore(const YAML::Node& n, DatastoreConfig* c) {
       fail(v, "unknown log level '" + c->log_level + "' (trace, debug, info, warn, error, critical, off)" );
   }
   if (auto v = n["default-policy"]) c->default_policy = scalar(v, "datastore.default-policy");
+  if (auto v = n["congestion-latency"]) {
+    uint64_t us = 0;
+    const std::string text = scalar(v, "datastore.congestion-latency");
+    if (!parse_duration(text, &us).empty())
+      fail(v, "datastore.congestion-latency must be a duration (e.g. 30ms), not '" + text + "'");
+    if (us < 1000 || us > 60'000'000)
+      fail(v, "datastore.congestion-latency must be from 1ms to 60s, not '" + text + "'");
+    c->congestion_latency_us = us;
+  }
 }
 
 void parse_policies(const YAML::Node& n, const Registry& registry, DatastoreConfig* c) {
@@ -106,6 +117,7 @@ void parse_policies(const YAML::Node& n, const Registry& registry, DatastoreConf
   std::vector<std::string> filter_names;
   for (const FilterInfo& f : registry.all()) filter_names.push_back(f.name);
   std::set<std::string> names;
+  std::map<const FilterInfo*, std::vector<std::pair<std::string, YAML::Node>>> uses;  // in file order
   for (const auto& kv : n) {
     PolicySpec p;
     p.name = scalar(kv.first, "a policy name");
@@ -141,8 +153,16 @@ void parse_policies(const YAML::Node& n, const Registry& registry, DatastoreConf
         if (!msg.empty()) fail(where, fname + ": " + msg);
       }
       p.filters.push_back(FilterSpec{fname, YAML::Clone(params)});
+      uses[info].emplace_back(p.name, params);
     }
     c->policies.push_back(std::move(p));
+  }
+  // Settings that relate across policies, checked by their filter.
+  for (const auto& [info, list] : uses) {
+    if (!info->validate_policies) continue;
+    YAML::Node where = n;
+    std::string msg = info->validate_policies(list, &where);
+    if (!msg.empty()) fail(where, info->name + ": " + msg);
   }
 }
 
@@ -184,6 +204,12 @@ bool glob_matches(const std::string& pattern, const std::string& relpath) {
   if (pattern.find('/') != std::string::npos) return fnmatch(pattern.c_str(), relpath.c_str(), FNM_PATHNAME) == 0;
   const std::string base = relpath.substr(relpath.rfind('/') + 1);
   return fnmatch(pattern.c_str(), base.c_str(), 0) == 0;
+}
+
+DatastoreSettings DatastoreConfig::settings() const {
+  DatastoreSettings s;
+  s.congestion_latency_ns = congestion_latency_us * 1000;
+  return s;
 }
 
 bool DatastoreConfig::is_image(const std::string& relpath) const {

@@ -9,6 +9,7 @@
 //     threads: 64
 //     log-level: info
 //     default-policy: bronze        # for images no rule matches (default: none)
+//     congestion-latency: 30ms      # datastore QoS engages above this latency (default 30ms)
 //   policies:
 //     gold:
 //       throttle: { iops: 5000 }    # FILTER: { parameters }, at most one filter per class
@@ -55,6 +56,7 @@ struct DatastoreConfig {
   std::string log_level;
   std::vector<std::string> images = kDefaultImagePatterns;
   std::string default_policy = kNoPolicy;
+  uint64_t congestion_latency_us = 30'000;
   std::vector<PolicySpec> policies;
   std::vector<RuleSpec> rules;
 
@@ -64,6 +66,8 @@ struct DatastoreConfig {
   bool is_image(const std::string& relpath) const;
   // The policy name the rules give `relpath`: the first matching rule's, else the default.
   std::string policy_for(const std::string& relpath) const;
+  // The settings filters read (filter.h).
+  DatastoreSettings settings() const;
 };
 
 // Parses `text` (named `file` in messages). Returns "" on success.

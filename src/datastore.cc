@@ -13,7 +13,9 @@
 namespace iofilterfs {
 
 Datastore::Datastore(MountOptions opt, std::shared_ptr<const DatastoreConfig> config)
-    : opt_(std::move(opt)), config_(std::move(config)) {}
+    : opt_(std::move(opt)), config_(std::move(config)) {
+  set_datastore_settings(config_->settings());
+}
 
 Datastore::~Datastore() {
   shutdown();
@@ -237,6 +239,7 @@ Status Datastore::reload(std::string* err) {
     reload_error_.clear();
     ++reloads_;
   }
+  set_datastore_settings(next->settings());  // before the disks are re-plumbed
   // Re-plumb every open disk; collect them under the table lock (an inode with an open disk
   // cannot be forgotten, but one could close meanwhile, so keep only the Disk and its policy).
   struct Job {

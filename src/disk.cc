@@ -150,6 +150,10 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
   ChainPlan plan;
   Status s = chain_.plan(registry, filters, &plan, err);  // prepare: nothing running is touched
   if (!s.ok()) return s;
+  // Filters that can take their new parameters in place do, while requests keep flowing (a
+  // throttle keeps its queue and reschedules it under the new limits); only what is left needs
+  // the chain stopped.
+  chain_.retune(&plan);
   if (!plan.changes()) {
     policy_ = policy;
     return Status::Ok();
@@ -162,6 +166,7 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       s = f->drain();
       if (!s.ok()) {
         *err = std::string("a filter being removed could not drain: ") + (s.what ? s.what : std::strerror(s.err));
+        chain_.untune(&plan);
         return s;  // abort: the plan's fresh filters are dropped, the old chain stays
       }
     }
@@ -171,6 +176,7 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       if (!s.ok()) {
         for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
         *err = std::string("a new filter could not open: ") + (s.what ? s.what : std::strerror(s.err));
+        chain_.untune(&plan);
         return s;
       }
       opened.push_back(f);

@@ -71,8 +71,10 @@ class Disk {
   // quiesce, a named restore point in every filter that keeps history, resume.
   Status snapshot(const std::string& name);
   bool quiesced() const;
-  // Re-plumbs to another policy: in-flight requests drain, filters that leave are drained
-  // first, unchanged filters keep their state. On error the old chain stays, untouched.
+  // Re-plumbs to another policy: filters whose parameters changed and that take new ones in
+  // place (Filter::reconfigure) do so while requests keep flowing; if anything else changes,
+  // in-flight requests drain, filters that leave are drained first, unchanged filters keep
+  // their state. On error the old chain stays, with its old parameters.
   Status replumb(const std::string& policy, const std::vector<FilterSpec>& filters, const Registry& registry,
                  std::string* err);
   // Drains and closes the filters; the backing file closes with the Disk.

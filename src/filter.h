@@ -34,6 +34,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "status.h"
@@ -121,6 +122,12 @@ class Filter : public Layer {
   virtual Status snapshot(std::string_view /*name*/) { return Status::Ok(); }
   // The daemon is stopping: stop background work after a final drain.
   virtual void shutdown() {}
+  // A policy change gives this filter new parameters (already validated). Return true when it
+  // took them in place — all of them, with its state and the requests it holds — and false to
+  // be replaced by a fresh instance (the default). Called with the disk's control lock held but
+  // not its plumbing lock: requests keep flowing through the filter meanwhile, so it
+  // synchronises itself. Called again with the old parameters if the rest of the change fails.
+  virtual bool reconfigure(const YAML::Node& /*params*/) { return false; }
 
   // Bytes this filter holds that the layer below does not have yet.
   virtual uint64_t dirty_bytes() const { return 0; }
@@ -151,7 +158,23 @@ struct FilterInfo {
   // the filter takes no parameters.
   std::function<std::string(const YAML::Node& params, YAML::Node* where)> validate;
   std::function<std::unique_ptr<Filter>(const YAML::Node& params)> create;
+  // Optional, pure: checks together the parameters of every policy of one file that uses this
+  // filter — (policy name, params) in file order, each already valid — for settings that relate
+  // across policies (a throttle group's limits). Returns "" or the message, pointing *where as
+  // validate does (left alone, the file's policies section is blamed).
+  std::function<std::string(const std::vector<std::pair<std::string, YAML::Node>>& uses, YAML::Node* where)>
+      validate_policies;
 };
+
+// The datastore's own settings that filters read (the `datastore:` section of the policy
+// file). One datastore per daemon, so they are process-wide: the daemon sets them at start-up
+// and on every reload, before it re-plumbs the disks; filters read them at any time (each
+// field is one relaxed atomic load).
+struct DatastoreSettings {
+  uint64_t congestion_latency_ns = 30'000'000;  // datastore.congestion-latency
+};
+DatastoreSettings datastore_settings();
+void set_datastore_settings(const DatastoreSettings& s);
 
 class Registry {
  public:

@@ -155,6 +155,28 @@ uint64_t ThrottleState::admit(bool is_write, uint64_t bytes, uint64_t now_ns) {
   return t;
 }
 
+uint64_t ThrottleState::ready_at(bool is_write, uint64_t now_ns) const {
+  const int dir = is_write ? 1 : 0;
+  uint64_t t = std::max({now_, now_ns, tail_[dir]});
+  // admit()'s search on copies of every bucket it reads, without the charge at the end.
+  LeakyBucket own[2] = {b_[kBpsRead + dir], b_[kOpsRead + dir]};
+  LeakyBucket sim[kBucketCount];
+  sim[kBpsTotal] = b_[kBpsTotal];
+  sim[kOpsTotal] = b_[kOpsTotal];
+  size_t next = 0;
+  for (;;) {
+    uint64_t u = t;
+    for (LeakyBucket& b : own) {
+      if (!b.on()) continue;
+      b.leak_to(t);
+      u = std::max(u, b.ready_at());
+    }
+    if (shared_) u = total_ready(u, sim, &next);
+    if (u == t) return t;
+    t = u;
+  }
+}
+
 void ThrottleState::push_pending(Charge c) {
   if (count_ == ring_.size()) {
     std::vector<Charge> grown;

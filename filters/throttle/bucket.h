@@ -117,6 +117,11 @@ class ThrottleState {
   // >= now_ns, at which it may start.
   uint64_t admit(bool is_write, uint64_t bytes, uint64_t now_ns);
 
+  // The time admit() would return for a request of this direction arriving at now_ns, without
+  // admitting it (a request's size does not matter: buckets are checked before it pours in).
+  // For a caller that admits only what may start at once (the group queue, group.h).
+  uint64_t ready_at(bool is_write, uint64_t now_ns) const;
+
   const ThrottleConfig& config() const { return cfg_; }
   // Charges to the total buckets not folded into them yet (requests promised a start after
   // the other direction's latest start); for tests.

@@ -12,13 +12,13 @@
 namespace iofilterfs::throttle {
 namespace {
 
-enum class Kind { Ops, Bytes, Duration, Size };
-enum class Field { Avg, Max, Length, IopsSize };
+enum class Kind { Ops, Bytes, Duration, Size, Name, Shares };
+enum class Field { Avg, Max, Length, IopsSize, Group, Shares, Reservation, QosLimit };
 
 struct KeyDef {
   std::string_view name;
   Kind kind;
-  int bucket;  // -1 for iops-size
+  int bucket;  // -1 for the keys that are not a bucket's (iops-size and the QoS keys)
   Field field;
 };
 
@@ -43,11 +43,19 @@ constexpr KeyDef kKeys[] = {
     {"write-bps-max", Kind::Bytes, kBpsWrite, Field::Max},
     {"write-bps-max-length", Kind::Duration, kBpsWrite, Field::Length},
     {"iops-size", Kind::Size, -1, Field::IopsSize},
+    {"group", Kind::Name, -1, Field::Group},
+    {"shares", Kind::Shares, -1, Field::Shares},
+    {"reservation", Kind::Ops, -1, Field::Reservation},
+    {"limit", Kind::Ops, -1, Field::QosLimit},
 };
 constexpr int kKeyCount = sizeof kKeys / sizeof kKeys[0];
 
 constexpr uint64_t kMaxIopsSize = uint64_t(1) << 40;   // 1 TiB
 constexpr uint64_t kMaxLengthUs = 1'000'000'000'000'000;  // 10^9 s, in us (10^18 ns fits 64 bits)
+constexpr size_t kMaxGroupName = 64;
+
+// SIOC's share levels.
+constexpr std::pair<std::string_view, uint64_t> kShareLevels[] = {{"low", 500}, {"normal", 1000}, {"high", 2000}};
 
 int key_index(std::string_view name) {
   for (int i = 0; i < kKeyCount; ++i)
@@ -97,7 +105,7 @@ std::string unknown_key(std::string_view key) {
   if (!close.empty()) return msg + " (did you mean " + q(close) + "?)";
   return msg +
          " (known keys: iops, read-iops, write-iops, bps, read-bps, write-bps, each also with -max and -max-length, "
-         "and iops-size)";
+         "iops-size, group, shares, reservation and limit)";
 }
 
 // ---- values ----
@@ -131,7 +139,13 @@ std::string_view strip_per_second(std::string_view s) {
 }
 
 const char* none_hint(Field f) {
-  return f == Field::Max ? " (leave it out for no burst)" : f == Field::Avg ? " (leave it out for no limit)" : "";
+  switch (f) {
+    case Field::Max: return " (leave it out for no burst)";
+    case Field::Avg:
+    case Field::QosLimit: return " (leave it out for no limit)";
+    case Field::Reservation: return " (leave it out for none)";
+    default: return "";
+  }
 }
 
 std::string format_bytes(uint64_t v) {
@@ -154,7 +168,9 @@ std::string format_ns(uint64_t ns) {
 
 std::string format_value(Kind kind, uint64_t v) {
   switch (kind) {
-    case Kind::Ops: return std::to_string(v);
+    case Kind::Ops:
+    case Kind::Shares:
+    case Kind::Name: return std::to_string(v);
     case Kind::Bytes: return format_bytes(v) + "/s";
     case Kind::Size: return format_bytes(v);
     case Kind::Duration: return format_ns(v);
@@ -175,6 +191,36 @@ std::string parse_ops(const KeyDef& k, std::string_view text, uint64_t* out) {
   if (v == 0) return q(k.name) + " must be greater than 0" + none_hint(k.field);
   if (v > kValueMax) return q(k.name) + " is too large (at most " + std::to_string(kValueMax) + ")";
   *out = v;
+  return {};
+}
+
+std::string parse_shares(const KeyDef& k, std::string_view text, uint64_t* out) {
+  std::string_view s = trim(text);
+  for (auto [name, v] : kShareLevels)
+    if (s == name) {
+      *out = v;
+      return {};
+    }
+  const std::string expect = q(k.name) + " must be a whole number from 1 to " + std::to_string(kMaxShares) +
+                             ", or low, normal or high (500, 1000, 2000), not " + q(text);
+  bool digits = !s.empty() && s.size() <= 16 &&
+                std::all_of(s.begin(), s.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+  if (!digits) return expect;
+  uint64_t v = std::stoull(std::string(s));
+  if (v == 0 || v > kMaxShares) return expect;
+  *out = v;
+  return {};
+}
+
+std::string parse_name(const KeyDef& k, std::string_view text, std::string* out) {
+  bool ok = !text.empty() && text.size() <= kMaxGroupName &&
+            std::all_of(text.begin(), text.end(), [](char c) {
+              return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+            });
+  if (!ok)
+    return q(k.name) + " must be a name of letters, digits, '-', '_' and '.' (at most " +
+           std::to_string(kMaxGroupName) + "), not " + q(text);
+  *out = std::string(text);
   return {};
 }
 
@@ -232,7 +278,9 @@ std::string parse_length(const KeyDef& k, std::string_view text, uint64_t* out_n
 
 const char* kind_noun(Kind kind) {
   switch (kind) {
-    case Kind::Ops: return "a number";
+    case Kind::Ops:
+    case Kind::Shares: return "a number";
+    case Kind::Name: return "a name";
     case Kind::Bytes: return "a rate";
     case Kind::Duration: return "a duration";
     case Kind::Size: return "a size";
@@ -250,6 +298,7 @@ struct Seen {
   bool set = false;
   YAML::Node key, value;
   uint64_t v = 0;
+  std::string name;  // the group's
 };
 
 void blame(YAML::Node* where, const YAML::Node& n) {
@@ -257,9 +306,10 @@ void blame(YAML::Node* where, const YAML::Node& n) {
   if (where) where->reset(n);
 }
 
-std::string check(const YAML::Node& params, ThrottleConfig* cfg, YAML::Node* where) {
+std::string check(const YAML::Node& params, ThrottleParams* out, YAML::Node* where) {
   static const std::string kNoLimit =
-      "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps";
+      "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps, or of the "
+      "datastore QoS keys shares, reservation, limit";
   if (!params.IsDefined() || params.IsNull()) return kNoLimit;
   if (!params.IsMap()) {
     blame(where, params);
@@ -293,18 +343,20 @@ std::string check(const YAML::Node& params, ThrottleConfig* cfg, YAML::Node* whe
       return q(k.name) + " must be " + kind_noun(k.kind) + ", not " + type_noun(value);
     }
     uint64_t v = 0;
-    std::string err;
+    std::string err, name;
     switch (k.kind) {
       case Kind::Ops: err = parse_ops(k, value.Scalar(), &v); break;
       case Kind::Bytes:
       case Kind::Size: err = parse_bytes(k, value.Scalar(), &v); break;
       case Kind::Duration: err = parse_length(k, value.Scalar(), &v); break;
+      case Kind::Shares: err = parse_shares(k, value.Scalar(), &v); break;
+      case Kind::Name: err = parse_name(k, value.Scalar(), &name); break;
     }
     if (!err.empty()) {
       blame(where, value);
       return err;
     }
-    seen[i] = Seen{true, key, value, v};
+    seen[i] = Seen{true, key, value, v, name};
   }
 
   // Across keys, in QEMU's order of checks.
@@ -350,15 +402,33 @@ std::string check(const YAML::Node& params, ThrottleConfig* cfg, YAML::Node* whe
     blame(where, seen[isz].key);
     return "'iops-size' needs an iops limit ('iops', 'read-iops' or 'write-iops')";
   }
-  bool any = false;
-  for (int i = 0; i < kKeyCount; ++i) any |= seen[i].set && kKeys[i].field == Field::Avg;
-  if (!any) {
+  bool any_limit = false;
+  for (int i = 0; i < kKeyCount; ++i) any_limit |= seen[i].set && kKeys[i].field == Field::Avg;
+  const Seen &group = seen[key_index("group")], &reservation = seen[key_index("reservation")],
+             &limit = seen[key_index("limit")], &shares = seen[key_index("shares")];
+  if (group.set && !any_limit) {
+    blame(where, group.key);
+    return "'group' needs the limits its disks share (iops, read-iops, write-iops, bps, read-bps or write-bps)";
+  }
+  if (reservation.set && limit.set && reservation.v > limit.v) {
+    blame(where, reservation.value);
+    return "'reservation' (" + std::to_string(reservation.v) + ") is above 'limit' (" + std::to_string(limit.v) +
+           "); a disk cannot be guaranteed more than it may do";
+  }
+  const Seen& iops = seen[index_of(kOpsTotal, Field::Avg)];
+  if (reservation.set && iops.set && reservation.v > iops.v) {
+    blame(where, reservation.value);
+    return "'reservation' (" + std::to_string(reservation.v) + ") is above 'iops' (" + std::to_string(iops.v) +
+           "); a disk cannot be guaranteed more than it may do";
+  }
+  if (!any_limit && !reservation.set && !limit.set && !shares.set) {
     blame(where, params);
     return kNoLimit;
   }
 
-  if (cfg) {
-    ThrottleConfig c;
+  if (out) {
+    ThrottleParams p;
+    ThrottleConfig& c = p.limits;
     for (int i = 0; i < kKeyCount; ++i) {
       if (!seen[i].set) continue;
       const KeyDef& k = kKeys[i];
@@ -367,9 +437,13 @@ std::string check(const YAML::Node& params, ThrottleConfig* cfg, YAML::Node* whe
         case Field::Max: c.limit[k.bucket].max = seen[i].v; break;
         case Field::Length: c.limit[k.bucket].max_length_ns = seen[i].v; break;
         case Field::IopsSize: c.iops_size = seen[i].v; break;
+        case Field::Group: p.group = seen[i].name; break;
+        case Field::Shares: p.shares = seen[i].v; break;
+        case Field::Reservation: p.reservation = seen[i].v; break;
+        case Field::QosLimit: p.limit = seen[i].v; break;
       }
     }
-    *cfg = c;
+    *out = std::move(p);
   }
   return {};
 }
@@ -387,14 +461,55 @@ const std::vector<std::string_view>& throttle_keys() {
 
 std::string validate_throttle(const YAML::Node& params, YAML::Node* where) { return check(params, nullptr, where); }
 
+std::string parse_throttle(const YAML::Node& params, ThrottleParams* out, YAML::Node* where) {
+  return check(params, out, where);
+}
+
 std::string parse_throttle(const YAML::Node& params, ThrottleConfig* cfg, YAML::Node* where) {
-  return check(params, cfg, where);
+  ThrottleParams p;
+  std::string err = check(params, &p, where);
+  if (err.empty()) *cfg = p.limits;
+  return err;
+}
+
+std::string validate_throttle_policies(const std::vector<std::pair<std::string, YAML::Node>>& uses, YAML::Node* where) {
+  struct First {
+    std::string group, policy;
+    ThrottleConfig limits;
+  };
+  std::vector<First> seen;
+  for (const auto& [policy, params] : uses) {
+    ThrottleParams p;
+    if (!check(params, &p, nullptr).empty() || p.group.empty()) continue;
+    auto it = std::find_if(seen.begin(), seen.end(), [&](const First& f) { return f.group == p.group; });
+    if (it == seen.end()) {
+      seen.push_back(First{p.group, policy, p.limits});
+      continue;
+    }
+    if (it->limits == p.limits) continue;
+    blame(where, params["group"]);
+    return "group " + q(p.group) + " is given different limits by policy " + q(it->policy) + " (" +
+           describe_throttle(it->limits) + ") and policy " + q(policy) + " (" + describe_throttle(p.limits) +
+           "); every policy that names a group must give it the same limits";
+  }
+  return {};
+}
+
+std::string describe_throttle(const ThrottleParams& p) {
+  std::string s = describe_throttle(p.limits);
+  auto add = [&](const char* key, const std::string& v) { s += (s.empty() ? "" : " ") + std::string(key) + "=" + v; };
+  if (!p.group.empty()) add("group", p.group);
+  if (p.shares != kDefaultShares) add("shares", std::to_string(p.shares));
+  if (p.reservation) add("reservation", std::to_string(p.reservation));
+  if (p.limit) add("limit", std::to_string(p.limit));
+  return s;
 }
 
 std::string describe_throttle(const ThrottleConfig& cfg) {
   std::string s;
   for (const KeyDef& k : kKeys) {
     uint64_t v = 0;
+    if (k.bucket < 0 && k.field != Field::IopsSize) continue;  // not a limit
     if (k.field == Field::IopsSize) {
       v = cfg.iops_size;
     } else {

@@ -1,15 +1,22 @@
 // The throttle: QEMU's leaky buckets as an exact scheduler (times checked to the nanosecond,
-// without sleeping), the parameter validation table, and the adapter over a memory layer.
+// without sleeping), groups' round robin and the datastore's mClock scheduler and congestion
+// control (simulated time, exact counts), the parameter validation table, re-plumbing in
+// place, and the adapter over a memory layer.
 #include <catch2/catch.hpp>
 #include <yaml-cpp/yaml.h>
 
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "throttle/bucket.h"
+#include "throttle/group.h"
 #include "throttle/params.h"
+#include "throttle/qos.h"
 #include "throttle/throttle_filter.h"
 #include "chain.h"
+#include "config.h"
 #include "mem_layer.h"
 
 using namespace iofilterfs;
@@ -228,10 +235,12 @@ TEST_CASE("throttle parameters: good and bad, with the exact message and the nod
       {"bps-write: 5", "unknown key 'bps-write' (did you mean 'write-bps'?)", 0, 0},
       {"iops_rd_max: 5", "unknown key 'iops_rd_max' (did you mean 'read-iops-max'?)", 0, 0},
       {"throttling.bps-total-max-length: 5", "unknown key 'throttling.bps-total-max-length' (did you mean 'bps-max-length'?)", 0, 0},
-      {"iops: 5\n  \ngroup: foo",
-       "unknown key 'group' (known keys: iops, read-iops, write-iops, bps, read-bps, write-bps, each also with -max and "
-       "-max-length, and iops-size)",
+      {"iops: 5\n  \nflavour: foo",
+       "unknown key 'flavour' (known keys: iops, read-iops, write-iops, bps, read-bps, write-bps, each also with -max "
+       "and -max-length, iops-size, group, shares, reservation and limit)",
        2, 0},
+      {"throttling.group: db", "unknown key 'throttling.group' (did you mean 'group'?)", 0, 0},
+      {"resrvation: 100", "unknown key 'resrvation' (did you mean 'reservation'?)", 0, 0},
       {"iops: 500\niops: 600", "duplicate key 'iops' (first on line 1)", 1, 0},
 
       {"iops: fast", "'iops' must be a whole number of operations per second (e.g. 500), not 'fast'", 0, 6},
@@ -284,7 +293,40 @@ TEST_CASE("throttle parameters: good and bad, with the exact message and the nod
       {"bps: 1000000\nbps-max: 10000000\nbps-max-length: 1000000000",
        "'bps-max' times 'bps-max-length' is too large a burst (at most 1000000000000000 bytes)", 2, 16},
       {"bps: 1MiB\niops-size: 4KiB", "'iops-size' needs an iops limit ('iops', 'read-iops' or 'write-iops')", 1, 0},
-      {"{}", "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps", -1, -1},
+      {"{}",
+       "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps, or of the datastore "
+       "QoS keys shares, reservation, limit",
+       -1, -1},
+
+      // Groups and datastore QoS.
+      {"iops: 1000\ngroup: db", "", 0, 0},
+      {"bps: 20MiB/s\ngroup: web-1.tier_2", "", 0, 0},
+      {"shares: 2000", "", 0, 0},
+      {"shares: high\nreservation: 200\nlimit: 1000", "", 0, 0},
+      {"reservation: 200", "", 0, 0},
+      {"limit: 300\niops: 500", "", 0, 0},
+      {"iops: 500\nreservation: 500\nlimit: 500", "", 0, 0},
+      {"group: db", "'group' needs the limits its disks share (iops, read-iops, write-iops, bps, read-bps or write-bps)",
+       0, 0},
+      {"group: db\nshares: 10",
+       "'group' needs the limits its disks share (iops, read-iops, write-iops, bps, read-bps or write-bps)", 0, 0},
+      {"iops: 1\ngroup: my group",
+       "'group' must be a name of letters, digits, '-', '_' and '.' (at most 64), not 'my group'", 1, 7},
+      {"iops: 1\ngroup: [a]", "'group' must be a name, not a list", 1, 7},
+      {"shares: 0",
+       "'shares' must be a whole number from 1 to 1000000, or low, normal or high (500, 1000, 2000), not '0'", 0, 8},
+      {"shares: lots",
+       "'shares' must be a whole number from 1 to 1000000, or low, normal or high (500, 1000, 2000), not 'lots'", 0, 8},
+      {"shares: 1000001",
+       "'shares' must be a whole number from 1 to 1000000, or low, normal or high (500, 1000, 2000), not '1000001'", 0,
+       8},
+      {"reservation: 0", "'reservation' must be greater than 0 (leave it out for none)", 0, 13},
+      {"limit: 0", "'limit' must be greater than 0 (leave it out for no limit)", 0, 7},
+      {"limit: 1.5", "'limit' must be a whole number of operations per second (e.g. 500), not '1.5'", 0, 7},
+      {"reservation: 300\nlimit: 200",
+       "'reservation' (300) is above 'limit' (200); a disk cannot be guaranteed more than it may do", 0, 13},
+      {"iops: 100\nreservation: 200",
+       "'reservation' (200) is above 'iops' (100); a disk cannot be guaranteed more than it may do", 1, 13},
       {"[1, 2]", "parameters must be a mapping, not a list", -1, -1},
   };
   for (const Row& row : rows) {
@@ -309,7 +351,8 @@ TEST_CASE("throttle parameters: good and bad, with the exact message and the nod
   YAML::Node none;
   YAML::Node where = none;
   CHECK(validate_throttle(none, &where) ==
-        "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps");
+        "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps, or of the datastore "
+        "QoS keys shares, reservation, limit");
   CHECK(validate_throttle(YAML::Load("iops: 0"), nullptr) == "'iops' must be greater than 0 (leave it out for no limit)");
 }
 
@@ -337,11 +380,12 @@ TEST_CASE("throttle_keys lists every accepted key once", "[throttle][config]") {
       "iops",      "iops-max",      "iops-max-length",      "read-iops",  "read-iops-max",  "read-iops-max-length",
       "write-iops", "write-iops-max", "write-iops-max-length", "bps",        "bps-max",        "bps-max-length",
       "read-bps",  "read-bps-max",  "read-bps-max-length",  "write-bps",  "write-bps-max",  "write-bps-max-length",
-      "iops-size"};
+      "iops-size", "group",         "shares",               "reservation", "limit"};
   CHECK(throttle_keys() == expect);
   for (std::string_view k : throttle_keys()) {
     // Each listed key is accepted by validation (with whatever it needs beside it).
-    std::string yaml = std::string(k) + ": " + (k.find("length") != k.npos ? "2s" : "1000");
+    std::string yaml = std::string(k) + ": " + (k.find("length") != k.npos ? "2s" : k == "group" ? "g" : "1000");
+    if (k == "group") yaml += "\niops: 1000";
     if (k.find("max") != k.npos || k == "iops-size") {
       std::string base = std::string(k.substr(0, k.find("-max")));
       if (k == "iops-size") base = "iops";
@@ -381,10 +425,633 @@ TEST_CASE("the throttle filter passes reads and writes down and counts them", "[
   CHECK(bottom.syncs == 1);
   std::string stats;
   chain.for_each([&](const Filter& f, const FilterInfo&) { stats = f.stats_json(); });
-  CHECK(stats ==
-        "{\"delayed\":0,\"wait_ns\":0,\"queued\":0,\"reads\":1,\"writes\":1,\"read_bytes\":8,\"write_bytes\":5}");
+  // Not opened: no group, no datastore QoS (which a disk's filters join in open()).
+  CHECK(stats.rfind(
+            "{\"delayed\":0,\"wait_ns\":0,\"wait_us\":0,\"queued\":0,\"inflight\":0,\"reads\":1,\"writes\":1,"
+            "\"read_bytes\":8,\"write_bytes\":5,\"iops\":",
+            0) == 0);
+  CHECK(stats.find("\"group\":null,\"shares\":1000,\"reservation\":0,\"limit\":0,\"congested\":false,\"window\":null,") !=
+        std::string::npos);
 
   CHECK(Chain::build(Registry::instance(), {FilterSpec{"throttle", YAML::Load("iosp: 5")}}, &bottom, &chain, &err).err ==
         EINVAL);
   CHECK(err == "throttle: unknown key 'iosp' (did you mean 'iops'?)");
+}
+
+// ---- ready_at: admit() without the charge ----
+
+TEST_CASE("ready_at tells exactly what admit would, without admitting", "[throttle]") {
+  for (const char* yaml : {"iops: 500", "iops: 100\nwrite-bps: 1MiB/s", "read-iops: 100\nwrite-iops: 10",
+                           "iops: 500\niops-max: 2000\niops-max-length: 2s\nbps: 10MiB/s", "iops: 100\nbps: 1MiB/s\niops-size: 4KiB"}) {
+    INFO(yaml);
+    ThrottleState s(config(yaml));
+    uint64_t now = T0;
+    for (uint64_t k = 0; k < 3000; ++k) {
+      const bool w = (k * 7) % 3 == 0;
+      const uint64_t bytes = 512u << (k % 9);
+      if (k % 97 == 0) now += 50 * kMs;  // now and then time moves on
+      ThrottleState copy = s;
+      const uint64_t expect = copy.admit(w, bytes, now);
+      REQUIRE(s.ready_at(w, now) == expect);
+      REQUIRE(s.admit(w, bytes, now) == expect);
+    }
+  }
+}
+
+// ---- groups: round robin over the shared buckets ----
+
+namespace {
+
+// Drives a GroupQueue with closed-loop members: member m keeps depth[m] requests queued (a
+// request that starts completes at once and is replaced by a new one, as a disk at a fixed
+// queue depth whose backing store is fast). Counts, per member, requests started in [from, to).
+struct GroupSim {
+  GroupQueue q;
+  std::vector<int> ids;
+  std::vector<std::vector<GroupRequest>> reqs;  // fixed storage per member
+  std::vector<uint64_t> started;
+  uint64_t now = T0;
+
+  GroupSim(const ThrottleConfig& cfg, const std::vector<int>& depth, const std::vector<bool>& writes = {}) : q(cfg) {
+    for (size_t m = 0; m < depth.size(); ++m) {
+      ids.push_back(q.join());
+      reqs.emplace_back(static_cast<size_t>(depth[m]));
+      started.push_back(0);
+      for (GroupRequest& r : reqs.back()) {
+        r.is_write = !writes.empty() && writes[m];
+        r.bytes = 4096;
+        r.owner = reinterpret_cast<void*>(m);
+        q.arrive(ids[m], &r);
+      }
+    }
+  }
+  // Runs until `to`, counting starts from `from`.
+  void run(uint64_t from, uint64_t to) {
+    while (now < to) {
+      uint64_t next = kNever;
+      GroupRequest* r = q.dispatch(now, &next);
+      if (!r) {  // nothing more at this instant
+        REQUIRE(next > now);
+        REQUIRE(next != kNever);
+        now = next;
+        continue;
+      }
+      while (r) {
+        GroupRequest* n = r->next;
+        const size_t m = reinterpret_cast<size_t>(r->owner);
+        if (now >= from) ++started[m];
+        q.arrive(ids[m], r);  // its replacement
+        r = n;
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a group of two disks shares one budget half and half, whatever their queue depths", "[throttle][group]") {
+  // 1000 iops for the group; one disk keeps 32 requests queued, the other 1. Arrival order
+  // would give the deep one 32/33 of the budget; round robin gives each half.
+  GroupSim sim(config("iops: 1000"), {32, 1});
+  sim.run(T0, T0 + kSec);  // the bucket's burst (a tenth of a second) passes
+  sim.started = {0, 0};
+  sim.run(T0 + kSec, T0 + 11 * kSec);
+  CHECK(sim.started[0] + sim.started[1] == 10000);  // exactly the group's limit
+  CHECK(sim.started[0] == 5000);
+  CHECK(sim.started[1] == 5000);
+}
+
+TEST_CASE("a group of three disks at different depths: a third each", "[throttle][group]") {
+  GroupSim sim(config("iops: 300"), {4, 8, 16});
+  sim.run(T0, T0 + kSec);
+  sim.started = {0, 0, 0};
+  sim.run(T0 + kSec, T0 + 11 * kSec);
+  CHECK(sim.started[0] == 1000);
+  CHECK(sim.started[1] == 1000);
+  CHECK(sim.started[2] == 1000);
+}
+
+TEST_CASE("a group's bandwidth limit with equal request sizes is shared evenly", "[throttle][group]") {
+  GroupSim sim(config("bps: 4MiB/s"), {2, 20});
+  sim.run(T0, T0 + kSec);
+  sim.started = {0, 0};
+  sim.run(T0 + kSec, T0 + 9 * kSec);
+  CHECK(sim.started[0] + sim.started[1] == 8 * 1024);  // 8 s of 4 MiB/s in 4 KiB requests
+  CHECK(sim.started[0] == sim.started[1]);
+}
+
+TEST_CASE("in a group, reads are not held behind writes when only read/write limits are set", "[throttle][group]") {
+  // Member 0 writes (write-iops 10), member 1 reads (read-iops 100): each gets its own limit.
+  GroupSim sim(config("read-iops: 100\nwrite-iops: 10"), {8, 8}, {true, false});
+  sim.run(T0, T0 + kSec);
+  sim.started = {0, 0};
+  sim.run(T0 + kSec, T0 + 11 * kSec);
+  CHECK(sim.started[0] == 100);
+  CHECK(sim.started[1] == 1000);
+
+  // One member with a write waiting for the write limit and a read behind it: the read goes.
+  GroupQueue q(config("read-iops: 100\nwrite-iops: 1"));
+  const int m = q.join();
+  GroupRequest w1, w2, rd;
+  w1.is_write = w2.is_write = true;
+  q.arrive(m, &w1);
+  q.arrive(m, &w2);
+  q.arrive(m, &rd);
+  uint64_t next = 0;
+  GroupRequest* got = q.dispatch(T0, &next);
+  // w1 starts (empty bucket); w2 must wait 0.9 s (bucket of 0.1 op); rd goes past it.
+  REQUIRE(got == &w1);
+  REQUIRE(got->next == &rd);
+  CHECK(rd.next == nullptr);
+  CHECK(next == T0 + 900 * kMs);
+  CHECK(q.dispatch(T0 + 900 * kMs - 1, &next) == nullptr);
+  CHECK(q.dispatch(T0 + 900 * kMs, &next) == &w2);
+  CHECK(next == kNever);
+  CHECK(q.waiting() == 0);
+}
+
+TEST_CASE("a group follows exactly the schedule of one disk with its limits", "[throttle][group]") {
+  // Requests queued all at once start when a single disk's would (bucket.h): 51 at once, then
+  // one every 2ms at 500 iops, alternating between the members.
+  GroupQueue q(config("iops: 500"));
+  const int a = q.join(), b = q.join();
+  std::vector<GroupRequest> ra(100), rb(100);
+  for (size_t i = 0; i < 100; ++i) {
+    q.arrive(a, &ra[i]);
+    q.arrive(b, &rb[i]);
+  }
+  uint64_t now = T0, next = 0;
+  std::vector<std::pair<uint64_t, GroupRequest*>> starts;
+  while (q.waiting()) {
+    for (GroupRequest* r = q.dispatch(now, &next); r; r = r->next) starts.emplace_back(now, r);
+    if (q.waiting()) now = next;
+  }
+  REQUIRE(starts.size() == 200);
+  for (size_t k = 0; k < starts.size(); ++k) {
+    INFO(k);
+    REQUIRE(starts[k].first == T0 + (k <= 50 ? 0 : (k - 50) * 2 * kMs));
+    REQUIRE(starts[k].second == (k % 2 == 0 ? &ra[k / 2] : &rb[k / 2]));  // strictly alternating
+  }
+}
+
+TEST_CASE("a group's new limits apply to the requests already queued, none lost", "[throttle][group]") {
+  GroupQueue q(config("iops: 10"));
+  const int a = q.join();
+  std::vector<GroupRequest> r(50);
+  for (GroupRequest& x : r) q.arrive(a, &x);
+  uint64_t next = 0;
+  size_t n = 0;
+  for (GroupRequest* g = q.dispatch(T0, &next); g; g = g->next) ++n;
+  CHECK(n == 2);  // bucket of one operation: two start at once
+  CHECK(next == T0 + 100 * kMs);
+  // 10 -> 1000 iops: fresh buckets (QEMU), so a tenth of a second's worth (100) may start at
+  // once: all 48 that wait, in their order.
+  q.configure(config("iops: 1000"));
+  GroupRequest* g = q.dispatch(T0 + kMs, &next);
+  for (size_t i = 2; i < 50; ++i, g = g->next) REQUIRE(g == &r[i]);
+  CHECK(g == nullptr);
+  CHECK(next == kNever);
+  CHECK(q.config() == config("iops: 1000"));
+}
+
+TEST_CASE("group members join and leave; ids are reused", "[throttle][group]") {
+  GroupQueue q(config("iops: 10"));
+  CHECK(q.join() == 0);
+  CHECK(q.join() == 1);
+  CHECK(q.join() == 2);
+  q.leave(1);
+  CHECK(q.members() == 2);
+  CHECK(q.join() == 1);
+  CHECK(q.members() == 3);
+}
+
+// ---- datastore QoS: tags, mClock, congestion control ----
+
+TEST_CASE("tag clocks are spaced exactly 1/rate apart, never drift, and reset after idling", "[throttle][qos]") {
+  TagClock c(3);
+  uint64_t t = c.next(T0);
+  CHECK(t == T0);
+  c.take(t);
+  for (uint64_t k = 1; k < 1000; ++k) {
+    t = c.next(T0);
+    REQUIRE(t == T0 + (k * kSec + 2) / 3);  // ceil(k/3 s)
+    c.take(t);
+  }
+  // Idle for a while: the next tag is the arrival, not a catch-up burst.
+  t = c.next(T0 + 3600 * kSec);
+  CHECK(t == T0 + 3600 * kSec);
+  c.take(t);
+  CHECK(c.next(0) == T0 + 3600 * kSec + 333'333'334);
+  c.give_back();  // mClock's adjustment: the last tag moves back one step
+  CHECK(c.next(0) == T0 + 3600 * kSec);
+  c.set_rate(1);
+  CHECK(c.next(0) == T0 + 3600 * kSec - 333'333'333 + kSec);
+}
+
+namespace {
+
+// A datastore simulated in whole: clients keep depth[i] requests outstanding (a completed one is
+// replaced at once), every dispatched request completes `latency` later, and the scheduler sees
+// a fixed window. Counts dispatches per client in [from, to).
+struct QosSim {
+  QosScheduler s;
+  std::vector<int> ids;
+  std::vector<std::vector<QosRequest>> reqs;
+  std::vector<uint64_t> count, by_reservation;
+  std::vector<std::pair<uint64_t, QosRequest*>> running;  // completion time, request
+  uint64_t now = T0, latency, window, inflight = 0, max_inflight = 0;
+
+  QosSim(const std::vector<QosParams>& clients, const std::vector<int>& depth, uint64_t lat, uint64_t win)
+      : latency(lat), window(win) {
+    for (size_t i = 0; i < clients.size(); ++i) {
+      ids.push_back(s.add(clients[i]));
+      reqs.emplace_back(static_cast<size_t>(depth[i]));
+      count.push_back(0);
+      by_reservation.push_back(0);
+    }
+  }
+  void start_client(size_t i, uint64_t at) {
+    for (QosRequest& r : reqs[i]) {
+      r.arrival = at;
+      r.owner = reinterpret_cast<void*>(i);
+      s.arrive(ids[i], &r);
+    }
+  }
+  void run(uint64_t from, uint64_t to, const std::vector<bool>& stop_after = {}) {
+    while (now < to) {
+      // Completions due now: their clients send replacements (unless told to stop).
+      for (size_t k = 0; k < running.size();) {
+        if (running[k].first > now) {
+          ++k;
+          continue;
+        }
+        QosRequest* r = running[k].second;
+        running.erase(running.begin() + static_cast<long>(k));
+        --inflight;
+        const size_t i = reinterpret_cast<size_t>(r->owner);
+        if (stop_after.empty() || !stop_after[i]) {
+          r->arrival = now;
+          s.arrive(ids[i], r);
+        }
+      }
+      uint64_t next = kNever;
+      for (QosRequest* r = s.dispatch(now, inflight, window, &next); r;) {
+        QosRequest* n = r->next;
+        const size_t i = reinterpret_cast<size_t>(r->owner);
+        if (now >= from) {
+          ++count[i];
+          by_reservation[i] += r->by_reservation;
+        }
+        running.emplace_back(now + latency, r);
+        ++inflight;
+        r = n;
+      }
+      max_inflight = std::max(max_inflight, inflight);
+      for (const auto& c : running) next = std::min(next, c.first);
+      REQUIRE(next != kNever);
+      now = std::min(next, to);
+    }
+  }
+};
+
+QosParams qos(uint64_t shares, uint64_t reservation = 0) { return QosParams{shares, reservation}; }
+
+}  // namespace
+
+TEST_CASE("mClock: backlogged disks get the window's throughput in proportion to their shares", "[throttle][qos]") {
+  SECTION("2:1") {
+    // Window 12 at 40ms: 300 requests a second, 200 and 100.
+    QosSim sim({qos(2000), qos(1000)}, {32, 32}, 40 * kMs, 12);
+    sim.start_client(0, T0);
+    sim.start_client(1, T0);
+    sim.run(T0 + kSec, T0 + 11 * kSec);
+    INFO(sim.count[0] << " " << sim.count[1]);
+    CHECK(sim.count[0] + sim.count[1] == 3000);
+    CHECK(sim.count[0] == 2000);
+    CHECK(sim.count[1] == 1000);
+    CHECK(sim.max_inflight == 12);
+  }
+  SECTION("1:2:3, low/normal/high") {
+    QosSim sim({qos(500), qos(1000), qos(2000)}, {16, 16, 16}, 10 * kMs, 7);
+    for (size_t i = 0; i < 3; ++i) sim.start_client(i, T0);
+    sim.run(T0 + kSec, T0 + 11 * kSec);
+    INFO(sim.count[0] << " " << sim.count[1] << " " << sim.count[2]);
+    CHECK(sim.count[0] + sim.count[1] + sim.count[2] == 7000);
+    CHECK(sim.count[0] == 1000);
+    CHECK(sim.count[1] == 2000);
+    CHECK(sim.count[2] == 4000);
+  }
+}
+
+TEST_CASE("mClock: a reservation is met when the disk's share is below it, and is not added on top", "[throttle][qos]") {
+  SECTION("share below the reservation: exactly the reservation, the rest by shares") {
+    // Window 16 at 40ms: 400/s by weight alone would be 133 each. Disk 0 reserves 200: it gets
+    // 200 (all in the constraint phase), the other two share what is left of the window.
+    QosSim sim({qos(1000, 200), qos(1000), qos(1000)}, {32, 32, 32}, 40 * kMs, 16);
+    for (size_t i = 0; i < 3; ++i) sim.start_client(i, T0);
+    sim.run(T0 + kSec, T0 + 11 * kSec);
+    INFO(sim.count[0] << " " << sim.count[1] << " " << sim.count[2]);
+    CHECK(sim.count[0] == 2000);
+    CHECK(sim.by_reservation[0] == 2000);
+    CHECK(sim.count[1] == 1000);
+    CHECK(sim.count[2] == 1000);
+  }
+  SECTION("a reservation holds whatever the window and the others' shares") {
+    // Shares 1 against 1000 and 1000: the reserved disk still gets its 50/s (2 requests in
+    // flight at 40ms), and the others the rest of the window of 4 (50/s between them).
+    QosSim sim({qos(1, 50), qos(1000), qos(1000)}, {8, 8, 8}, 40 * kMs, 4);
+    for (size_t i = 0; i < 3; ++i) sim.start_client(i, T0);
+    sim.run(T0 + kSec, T0 + 11 * kSec);
+    CHECK(sim.count[0] == 500);
+    CHECK(sim.count[1] == 250);
+    CHECK(sim.count[2] == 250);
+  }
+  SECTION("share above the reservation: the share, not reservation plus share") {
+    // Window 12 at 40ms: 100 each by weight, above disk 0's reservation of 50.
+    QosSim sim({qos(1000, 50), qos(1000), qos(1000)}, {32, 32, 32}, 40 * kMs, 12);
+    for (size_t i = 0; i < 3; ++i) sim.start_client(i, T0);
+    sim.run(T0 + kSec, T0 + 11 * kSec);
+    INFO(sim.count[0] << " " << sim.count[1] << " " << sim.count[2]);
+    CHECK(sim.count[0] + sim.count[1] + sim.count[2] == 3000);
+    CHECK(sim.count[0] >= 999);
+    CHECK(sim.count[0] <= 1001);
+    CHECK(sim.count[1] >= 999);
+    CHECK(sim.count[1] <= 1001);
+  }
+}
+
+TEST_CASE("mClock: reservations alone dispatch exactly 1/reservation apart", "[throttle][qos]") {
+  QosScheduler s;
+  const int c = s.add(qos(1000, 100));
+  std::vector<QosRequest> r(20);
+  for (QosRequest& x : r) {
+    x.arrival = T0;
+    s.arrive(c, &x);
+  }
+  uint64_t now = T0, next = 0;
+  for (size_t k = 0; k < r.size(); ++k) {
+    QosRequest* got = s.dispatch(now, 0, /*window*/ 0, &next);  // the weight phase never runs
+    REQUIRE(got == &r[k]);
+    REQUIRE(got->by_reservation);
+    REQUIRE(got->next == nullptr);
+    if (k + 1 < r.size()) REQUIRE(next == T0 + (k + 1) * 10 * kMs);
+    now = next;
+  }
+  CHECK(next == kNever);
+}
+
+TEST_CASE("mClock: without a window (not congested) everything goes at once", "[throttle][qos]") {
+  QosScheduler s;
+  const int a = s.add(qos(1)), b = s.add(qos(1000, 10));
+  std::vector<QosRequest> r(10);
+  for (size_t i = 0; i < r.size(); ++i) s.arrive(i % 2 ? a : b, &r[i]);
+  uint64_t next = 0;
+  size_t n = 0;
+  for (QosRequest* g = s.dispatch(T0, 1000, kUnlimited, &next); g; g = g->next) ++n;
+  CHECK(n == 10);
+  CHECK(s.waiting() == 0);
+  CHECK(next == kNever);
+}
+
+TEST_CASE("mClock: a disk that idled earns no credit, and one that was served does not pay later", "[throttle][qos]") {
+  // Disk 1 runs alone for 10 s, then disk 0 starts: from then on they alternate 1:1 (equal
+  // shares) at once — disk 0 gets no burst for the time it was away, disk 1 no penalty.
+  QosSim sim({qos(1000), qos(1000)}, {16, 16}, 10 * kMs, 4);
+  sim.start_client(1, T0);
+  sim.run(T0, T0 + 10 * kSec);
+  CHECK(sim.count[1] == 4000);
+  sim.count = {0, 0};
+  sim.start_client(0, sim.now);
+  sim.run(sim.now, sim.now + kSec);
+  INFO(sim.count[0] << " " << sim.count[1]);
+  CHECK(sim.count[0] + sim.count[1] == 400);
+  CHECK(sim.count[0] >= 198);
+  CHECK(sim.count[0] <= 202);
+}
+
+TEST_CASE("mClock: shares and reservations change in place, the queue kept", "[throttle][qos]") {
+  QosSim sim({qos(1000), qos(1000)}, {16, 16}, 10 * kMs, 4);
+  sim.start_client(0, T0);
+  sim.start_client(1, T0);
+  sim.run(T0, T0 + 5 * kSec);
+  CHECK(sim.count[0] == sim.count[1]);
+  sim.s.set(sim.ids[0], qos(3000));
+  sim.count = {0, 0};
+  sim.run(sim.now + kSec, sim.now + 11 * kSec);
+  INFO(sim.count[0] << " " << sim.count[1]);
+  CHECK(sim.count[0] + sim.count[1] == 4000);
+  CHECK(sim.count[0] == 3000);
+  CHECK(sim.s.reserved_iops() == 0);
+  sim.s.set(sim.ids[1], qos(1000, 300));
+  CHECK(sim.s.reserved_iops() == 300);
+  sim.count = {0, 0};
+  sim.run(sim.now + kSec, sim.now + 11 * kSec);
+  INFO(sim.count[0] << " " << sim.count[1]);
+  CHECK(sim.count[1] >= 2999);  // its share (100/s) is below its new reservation
+  CHECK(sim.count[1] <= 3001);
+}
+
+TEST_CASE("congestion control: on after three intervals above the threshold, off after ten well below",
+          "[throttle][qos]") {
+  const uint64_t L = 30 * kMs, I = 100 * kMs;
+  CongestionControl cc;
+  auto interval = [&](uint64_t latency_ms, uint64_t inflight = 48, uint64_t n = 100) {
+    cc.update(L, I, n, n * latency_ms * kMs, inflight, 0);
+  };
+  interval(40);
+  interval(40);
+  CHECK_FALSE(cc.congested());
+  interval(29);  // not above: the count starts again
+  interval(40);
+  interval(40);
+  CHECK_FALSE(cc.congested());
+  CHECK(cc.window() == kUnlimited);
+  interval(40);
+  REQUIRE(cc.congested());
+  CHECK(cc.window() == 48);  // the requests in flight when it engaged
+  CHECK(cc.latency_ns() == 40 * kMs);
+
+  // The hysteresis band (above 4/5 of the threshold, at or below it) neither turns it off nor
+  // counts towards it.
+  for (int i = 0; i < 50; ++i) interval(25);
+  CHECK(cc.congested());
+  for (int i = 0; i < 9; ++i) interval(24);
+  CHECK(cc.congested());
+  interval(25);  // the count starts again
+  for (int i = 0; i < 9; ++i) interval(20);
+  CHECK(cc.congested());
+  interval(20);
+  CHECK_FALSE(cc.congested());
+  CHECK(cc.window() == kUnlimited);
+
+  // Requests in flight and none completed: nothing learnt either way.
+  for (int i = 0; i < 2; ++i) interval(40);
+  cc.update(L, I, 0, 0, 10, 0);
+  interval(40);
+  CHECK(cc.congested());
+  // Idle: a long quiet stretch counts as that many quiet intervals.
+  cc.update(L, 5 * kSec, 0, 0, 0, 0);
+  CHECK_FALSE(cc.congested());
+}
+
+TEST_CASE("congestion control: PARDA's window settles where the latency allows, above the reservations' need",
+          "[throttle][qos]") {
+  const uint64_t L = 30 * kMs, I = 100 * kMs;
+  CongestionControl cc;
+  for (int i = 0; i < 3; ++i) cc.update(L, I, 100, 100 * 40 * kMs, 48, 0);
+  REQUIRE(cc.window() == 48);
+  // A backing store that takes 40ms whatever the load: w <- (w + w*30/40 + 4) / 2, which
+  // settles at 16 (= beta / (1 - 30/40)).
+  const uint64_t expect[] = {44, 40, 37, 34, 31, 29, 27, 25, 23, 22, 21, 20, 19, 18, 17, 16, 16, 16};
+  for (uint64_t e : expect) {
+    cc.update(L, I, 100, 100 * 40 * kMs, 48, 0);
+    REQUIRE(cc.window() == e);
+  }
+  // Latency below the threshold (within the band): the window grows.
+  cc.update(L, I, 100, 100 * 25 * kMs, 16, 0);
+  CHECK(cc.window() == (16 * 25 + 16 * 30 + 4 * 25) / 50);
+  // The floor: 4 plus the slots 300 reserved IOPS need at 40ms (12).
+  for (int i = 0; i < 40; ++i) cc.update(L, I, 100, 100 * 40 * kMs, 16, 300);
+  CHECK(cc.window() == 16);
+  for (int i = 0; i < 40; ++i) cc.update(L, I, 100, 100 * 40 * kMs, 16, 500);
+  CHECK(cc.window() == 24);  // 4 + 500 x 0.04
+}
+
+TEST_CASE("the rate meter reports the last whole second", "[throttle][qos]") {
+  RateMeter m;
+  CHECK(m.ops_per_sec(T0) == 0);
+  for (int i = 0; i < 500; ++i) m.add(T0 + i * 2 * kMs, 4096);
+  CHECK(m.ops_per_sec(T0 + 999 * kMs) == 0);  // the second before T0: nothing
+  CHECK(m.ops_per_sec(T0 + kSec) == 500);
+  CHECK(m.bytes_per_sec(T0 + kSec) == 500 * 4096);
+  m.add(T0 + kSec + 1, 1);
+  CHECK(m.ops_per_sec(T0 + 1500 * kMs) == 500);
+  CHECK(m.ops_per_sec(T0 + 2 * kSec) == 1);
+  CHECK(m.ops_per_sec(T0 + 3 * kSec) == 0);  // nothing in the second before
+}
+
+// ---- groups across policies, the datastore key ----
+
+TEST_CASE("every policy naming a group must give it the same limits", "[throttle][config]") {
+  const char* yaml = R"(
+datastore:
+  congestion-latency: 50ms
+policies:
+  gold:
+    throttle: { iops: 1000, group: db, shares: high }
+  silver:
+    throttle: { group: db, iops: 1000, reservation: 100 }
+  bronze:
+    throttle: { iops: 500, group: web }
+  tin:
+    throttle: { iops: 500, group: db }
+)";
+  DatastoreConfig c;
+  std::string err = parse_config(yaml, "ds.yaml", Registry::instance(), &c);
+  CHECK(err ==
+        "ds.yaml:12:35: throttle: group 'db' is given different limits by policy 'gold' (iops=1000) and policy 'tin' "
+        "(iops=500); every policy that names a group must give it the same limits");
+  std::string fixed = yaml;
+  fixed.replace(fixed.rfind("iops: 500"), 9, "iops: 1000");
+  err = parse_config(fixed, "ds.yaml", Registry::instance(), &c);
+  CHECK(err == "");
+  CHECK(c.congestion_latency_us == 50'000);
+  CHECK(c.settings().congestion_latency_ns == 50 * kMs);
+  CHECK(describe_policy(*c.find_policy("gold"), Registry::instance()) == "throttle(iops=1000 group=db shares=high)");
+
+  DatastoreConfig d;
+  CHECK(parse_config("policies:\n", "x.yaml", Registry::instance(), &d) == "");
+  CHECK(d.congestion_latency_us == 30'000);  // the default
+  CHECK(parse_config("datastore:\n  congestion-latency: soon\n", "x.yaml", Registry::instance(), &d) ==
+        "x.yaml:2:23: datastore.congestion-latency must be a duration (e.g. 30ms), not 'soon'");
+  CHECK(parse_config("datastore:\n  congestion-latency: 100us\n", "x.yaml", Registry::instance(), &d) ==
+        "x.yaml:2:23: datastore.congestion-latency must be from 1ms to 60s, not '100us'");
+  CHECK(parse_config("datastore:\n  congestion-latncy: 5ms\n", "x.yaml", Registry::instance(), &d) ==
+        "x.yaml:2:3: unknown key 'congestion-latncy' in datastore (did you mean 'congestion-latency'?)");
+}
+
+TEST_CASE("describe() shows the group and QoS keys", "[throttle][config]") {
+  ThrottleParams p;
+  REQUIRE(parse_throttle(YAML::Load("iops: 1000\ngroup: db\nshares: high\nreservation: 100\nlimit: 900"), &p) == "");
+  CHECK(p.group == "db");
+  CHECK(p.shares == 2000);
+  CHECK(p.reservation == 100);
+  CHECK(p.limit == 900);
+  CHECK(describe_throttle(p) == "iops=1000 group=db shares=2000 reservation=100 limit=900");
+  REQUIRE(parse_throttle(YAML::Load("shares: 1000"), &p) == "");
+  CHECK(describe_throttle(p) == "");
+  CHECK(p == ThrottleParams{});
+}
+
+// ---- re-plumbing in place ----
+
+TEST_CASE("a changed throttle takes its new limits in place; a filter that cannot is replaced", "[throttle][chain]") {
+  testing::MemLayer bottom;
+  Chain chain;
+  std::string err;
+  REQUIRE(Chain::build(Registry::instance(), {FilterSpec{"throttle", YAML::Load("iops: 10")}}, &bottom, &chain, &err).ok());
+  Filter* before = chain.top() == &bottom ? nullptr : static_cast<Filter*>(chain.top());
+  REQUIRE(before);
+
+  ChainPlan plan;
+  REQUIRE(chain.plan(Registry::instance(), {FilterSpec{"throttle", YAML::Load("iops: 20\nshares: 2000")}}, &plan, &err).ok());
+  CHECK(plan.changes());
+  chain.retune(&plan);
+  CHECK_FALSE(plan.changes());  // nothing left to commit: the same instance took the limits
+  CHECK(chain.top() == before);
+  CHECK(chain.describe() == "throttle(iops=20 shares=2000)");
+  // Planning the same again finds it unchanged.
+  ChainPlan again;
+  REQUIRE(chain.plan(Registry::instance(), {FilterSpec{"throttle", YAML::Load("iops: 20\nshares: 2000")}}, &again, &err).ok());
+  CHECK_FALSE(again.changes());
+  // Undone, as the abort of a plan that failed later.
+  chain.untune(&plan);
+  CHECK(chain.describe() == "throttle(iops=10)");
+  ChainPlan back;
+  REQUIRE(chain.plan(Registry::instance(), {FilterSpec{"throttle", YAML::Load("iops: 10")}}, &back, &err).ok());
+  CHECK_FALSE(back.changes());
+
+  // A filter that keeps the default reconfigure() is replaced by a fresh one.
+  Registry r;
+  r.add(FilterInfo{"plain", FilterClass::Throttle, kFilterApiVersion, "", {"x"}, {},
+                   [](const YAML::Node&) { return std::make_unique<Filter>(); }});
+  Chain c2;
+  REQUIRE(Chain::build(r, {FilterSpec{"plain", YAML::Load("x: 1")}}, &bottom, &c2, &err).ok());
+  ChainPlan p2;
+  REQUIRE(c2.plan(r, {FilterSpec{"plain", YAML::Load("x: 2")}}, &p2, &err).ok());
+  c2.retune(&p2);
+  CHECK(p2.changes());
+  CHECK(p2.arriving().size() == 1);
+}
+
+TEST_CASE("a reload's new limits reschedule the requests already waiting", "[throttle][filter]") {
+  // 1 iops: the bucket holds a tenth of an operation, so a second read waits 0.9 s. Raising the
+  // limit wakes it at once, rescheduled; nothing spins meanwhile.
+  testing::MemLayer bottom;
+  bottom.data.assign(4096, 'x');
+  ThrottleFilter f(config("iops: 1"));
+  f.set_next(&bottom);
+  char buf[16];
+  size_t got = 0;
+  REQUIRE(f.read(Io{}, buf, 16, 0, &got).ok());
+  auto t0 = std::chrono::steady_clock::now();
+  std::thread waiter([&] {
+    size_t g = 0;
+    char b[16];
+    (void)f.read(Io{}, b, 16, 0, &g);
+  });
+  for (int i = 0; i < 200 && f.stats_json().find("\"queued\":1") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  CHECK(f.stats_json().find("\"queued\":1,") != std::string::npos);
+  REQUIRE(f.reconfigure(YAML::Load("iops: 100000")));
+  waiter.join();
+  const auto took = std::chrono::steady_clock::now() - t0;
+  CHECK(took < std::chrono::milliseconds(500));
+  CHECK(f.describe() == "iops=100000");
+  const std::string stats = f.stats_json();
+  CHECK(stats.find("\"delayed\":1,") != std::string::npos);
+  CHECK(stats.find("\"queued\":0,") != std::string::npos);
+  CHECK(stats.find("\"reads\":2,") != std::string::npos);
+  CHECK_FALSE(f.reconfigure(YAML::Load("iops: 0")));  // invalid: refused, nothing changed
+  CHECK(f.describe() == "iops=100000");
 }

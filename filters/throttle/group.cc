@@ -1,0 +1,82 @@
+// A throttle group's round-robin queue; the idea is described in group.h.
+#include "group.h"
+
+namespace iofilterfs::throttle {
+
+GroupQueue::GroupQueue(const ThrottleConfig& cfg) : state_(cfg) {}
+
+void GroupQueue::configure(const ThrottleConfig& cfg) { state_ = ThrottleState(cfg); }
+
+int GroupQueue::join() {
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (!members_[i].used) {
+      members_[i] = Member{};
+      members_[i].used = true;
+      return static_cast<int>(i);
+    }
+  members_.push_back(Member{});
+  members_.back().used = true;
+  return static_cast<int>(members_.size() - 1);
+}
+
+void GroupQueue::leave(int member) { members_[member].used = false; }
+
+size_t GroupQueue::members() const {
+  size_t n = 0;
+  for (const Member& m : members_) n += m.used;
+  return n;
+}
+
+void GroupQueue::arrive(int member, GroupRequest* r) {
+  r->seq = seq_++;
+  r->next = nullptr;
+  Fifo& q = members_[member].q[r->is_write ? 1 : 0];
+  if (q.tail) q.tail->next = r;
+  else q.head = r;
+  q.tail = r;
+  ++waiting_;
+}
+
+GroupRequest* GroupQueue::dispatch(uint64_t now, uint64_t* next_event) {
+  GroupRequest *first = nullptr, *last = nullptr;
+  const size_t n = members_.size();
+  while (waiting_) {
+    // Readiness does not depend on the member or the size, only on the direction.
+    const bool ready[2] = {state_.ready_at(false, now) <= now, state_.ready_at(true, now) <= now};
+    if (!ready[0] && !ready[1]) break;
+    GroupRequest* r = nullptr;
+    size_t served = 0;
+    for (size_t i = 0; i < n && !r; ++i) {
+      const size_t m = (turn_ + i) % n;
+      Fifo* q = members_[m].q;
+      GroupRequest* rd = ready[0] ? q[0].head : nullptr;
+      GroupRequest* wr = ready[1] ? q[1].head : nullptr;
+      if (rd && wr) r = rd->seq < wr->seq ? rd : wr;  // the member's older request first
+      else r = rd ? rd : wr;
+      served = m;
+    }
+    if (!r) break;  // only requests of a direction that must wait
+    Fifo& q = members_[served].q[r->is_write ? 1 : 0];
+    q.head = r->next;
+    if (!q.head) q.tail = nullptr;
+    --waiting_;
+    state_.admit(r->is_write, r->bytes, now);  // starts now: it was ready
+    r->next = nullptr;
+    if (last) last->next = r;
+    else first = r;
+    last = r;
+    turn_ = (served + 1) % n;
+  }
+  *next_event = kNever;
+  for (int dir = 0; dir < 2; ++dir) {
+    bool any = false;
+    for (const Member& m : members_) any |= m.q[dir].head != nullptr;
+    if (any) {
+      uint64_t t = state_.ready_at(dir == 1, now);
+      if (t < *next_event) *next_event = t;
+    }
+  }
+  return first;
+}
+
+}  // namespace iofilterfs::throttle

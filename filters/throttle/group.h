@@ -1,0 +1,95 @@
+// A throttle group's queue: one set of leaky buckets (bucket.h) shared by every member disk,
+// served round-robin so that no member can starve another — the scheme of QEMU's throttle
+// groups (block/throttle-groups.c), as a pure scheduler with the time passed in.
+//
+// Why a queue here when a single disk needs none. A disk's own buckets can tell each request,
+// the moment it arrives, exactly when it may start (bucket.h: "virtual scheduling"), because
+// its requests are served first in, first out. Shared buckets served in arrival order would
+// hand the budget out in proportion to each disk's queue depth: a disk with 32 requests
+// outstanding would get 32 times the share of a disk with one. Fairness needs the decision to
+// be taken when the budget frees up, among the disks waiting then:
+//
+//            member 0   member 1   member 2          each member: a read FIFO and a write FIFO
+//            ┌──┐┌──┐   ┌──┐       ┌──┐┌──┐
+//            │r ││w │   │r │       │  ││w │
+//            └┬─┘└┬─┘   └┬─┘       └──┘└┬─┘
+//             └───┴──► round robin ◄────┘
+//                          │  the next member (after the one served last) whose oldest
+//                          ▼  request is of a direction the shared buckets let start now
+//                    group buckets (iops, bps, read-*, write-*, bursts: QEMU's semantics)
+//
+// dispatch(now) starts every request that may start at `now`, one per member in turn, and
+// returns when the next one could (the buckets' ready time): the caller sleeps until then or
+// until a request arrives. A request is charged to the buckets when it starts, at `now`, so the
+// group as a whole follows exactly the leaky-bucket schedule of one disk with these limits. The
+// turn is per request, as in QEMU (a member with larger requests gets more bytes when the limit
+// is an iops one, and the same bytes when it is a bps one only if its requests are as large).
+// Within a member, reads and writes keep their own FIFOs, so a read is never held behind a
+// write of its own disk that waits for a write limit.
+//
+// Requests are nodes the caller owns (on its waiting thread's stack): nothing here allocates
+// per request. Not thread-safe: the runtime (runtime.h) holds the group's mutex around it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "bucket.h"
+
+namespace iofilterfs::throttle {
+
+inline constexpr uint64_t kNever = ~uint64_t(0);
+
+struct GroupRequest {
+  bool is_write = false;
+  uint64_t bytes = 0;
+  void* owner = nullptr;  // the caller's: its waiter
+  // The queue's own bookkeeping.
+  uint64_t seq = 0;
+  GroupRequest* next = nullptr;
+};
+
+class GroupQueue {
+ public:
+  explicit GroupQueue(const ThrottleConfig& cfg = {});
+
+  // New limits. The buckets start empty, as QEMU's throttle_config() does on a change (the
+  // group may burst as after an idle period); the waiting requests keep their places.
+  void configure(const ThrottleConfig& cfg);
+  const ThrottleConfig& config() const { return state_.config(); }
+
+  // A new member; returns its id (a freed id is reused).
+  int join();
+  // A member with nothing waiting leaves.
+  void leave(int member);
+  size_t members() const;
+
+  // Queues a request of `member` (the caller keeps *r alive until dispatch hands it back).
+  void arrive(int member, GroupRequest* r);
+  // Starts, in round-robin order over the members, every waiting request that may start at
+  // now_ns (a value below one seen before counts as the latest one) and returns them as a
+  // list linked through `next`, in the order started. *next_event: when the next waiting
+  // request may start if nothing else happens, or kNever when none waits.
+  GroupRequest* dispatch(uint64_t now_ns, uint64_t* next_event);
+
+  size_t waiting() const { return waiting_; }
+
+ private:
+  struct Fifo {
+    GroupRequest* head = nullptr;
+    GroupRequest* tail = nullptr;
+  };
+  struct Member {
+    bool used = false;
+    Fifo q[2];  // reads, writes
+  };
+
+  ThrottleState state_;
+  std::vector<Member> members_;
+  size_t turn_ = 0;  // the member whose turn comes first
+  uint64_t seq_ = 0;
+  size_t waiting_ = 0;
+};
+
+}  // namespace iofilterfs::throttle

@@ -1,0 +1,355 @@
+// The throttle filter through a real mount, measured with fio (libaio, direct=1): the accuracy
+// figures of issue 6 — a 500 IOPS limit and a 20 MiB/s limit within 5%, a burst at iops-max for
+// about iops-max-length, a group of two disks shared half and half, shares 2:1 and a reservation
+// honoured while the backing store is congested (the fault layer adds 40 ms below every
+// filter), an unthrottled neighbour unaffected — and limits changed by a reload while requests
+// wait, without losing them and without spinning.
+//
+// Every figure is printed (the machine is small and noisy; the figures are what a report
+// quotes). Runs are as short as still measures honestly: 20 s for the 500 IOPS limit (the
+// issue's figure), 10 s elsewhere, after a ramp where a control loop has to settle first.
+#include <catch2/catch.hpp>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <yaml-cpp/yaml.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "mount.h"
+
+using testing::get_xattr;
+using testing::Mount;
+using testing::q;
+using testing::read_file;
+using testing::set_xattr;
+using testing::sh;
+using testing::TempDir;
+using testing::write_file;
+
+namespace {
+
+// One fio job's result, reads and writes together: fio's own rates, and the requests and bytes
+// completed in the measured window. fio's rates divide by a runtime that includes draining the
+// queue at the end, which behind a throttle takes depth/limit seconds (160 ms for 32 requests
+// at 200 IOPS): rate() divides by the window itself.
+struct Job {
+  std::string name;
+  double iops = 0, bw = 0;
+  uint64_t ios = 0, bytes = 0;
+  double rate(double seconds) const { return static_cast<double>(ios) / seconds; }
+  double byte_rate(double seconds) const { return static_cast<double>(bytes) / seconds; }
+};
+
+// Runs fio in `dir` with `args` (global options first, then --name=... per job) and returns
+// every job's result, in order. Fails the test with fio's output if it fails.
+std::vector<Job> fio(const std::string& dir, const std::string& args) {
+  std::string out;
+  const int rc = sh("cd " + q(dir) + " && fio --output-format=json --output=fio.json " + args, &out);
+  const std::string json = read_file(dir + "/fio.json");
+  INFO("fio " << args << "\n" << out << json.substr(0, 4000));
+  REQUIRE(rc == 0);
+  YAML::Node root = YAML::Load(json.substr(json.find('{')));  // JSON is YAML
+  std::vector<Job> jobs;
+  for (const auto& j : root["jobs"]) {
+    Job r;
+    r.name = j["jobname"].as<std::string>();
+    for (const char* dir : {"read", "write"}) {
+      r.iops += j[dir]["iops"].as<double>();
+      r.bw += j[dir]["bw_bytes"].as<double>();
+      r.ios += j[dir]["total_ios"].as<uint64_t>();
+      r.bytes += j[dir]["io_bytes"].as<uint64_t>();
+    }
+    jobs.push_back(r);
+  }
+  return jobs;
+}
+
+// The common fio options: 4k random reads, libaio, O_DIRECT, time based.
+std::string fio_opts(int seconds, int depth, const std::string& extra = "") {
+  return "--ioengine=libaio --direct=1 --rw=randread --bs=4k --time_based --runtime=" + std::to_string(seconds) +
+         " --iodepth=" + std::to_string(depth) + " --randrepeat=0 --norandommap " + extra;
+}
+
+// A datastore of `images` (64 MiB raw files) and a policy file with `policies` and `rules`.
+void datastore(const TempDir& t, const std::vector<std::string>& images, const std::string& yaml) {
+  std::string cmd = "mkdir -p " + q(t / "b") + " " + q(t / "m");
+  for (const auto& i : images) cmd += " && truncate -s 64M " + q(t / ("b/" + i));
+  REQUIRE(sh(cmd) == 0);
+  write_file(t / "ds.yaml", yaml);
+}
+
+// A number from a flat JSON object, e.g. the throttle's stats.
+double json_number(const std::string& json, const std::string& key) {
+  size_t p = json.find("\"" + key + "\":");
+  if (p == std::string::npos) return -1;
+  return std::atof(json.c_str() + p + key.size() + 3);
+}
+
+// CPU seconds (user + system) the process has used.
+double cpu_seconds(pid_t pid) {
+  std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  std::istringstream in(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && in >> field; ++i)
+    if (i == 14 || i == 15) ticks += std::stod(field);
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+}  // namespace
+
+TEST_CASE("a 500 IOPS limit holds within 5% over 20 s", "[throttle][fio]") {
+  TempDir t;
+  datastore(t, {"disk.raw"}, "policies:\n  p: { throttle: { iops: 500 } }\nrules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  auto jobs = fio(t.path(), fio_opts(20, 16) + " --name=limited --filename=" + q(m.path("disk.raw")));
+  const double iops = jobs[0].rate(20);
+  std::printf("throttle: iops 500 over 20 s: measured %.1f IOPS (%+.2f%%; fio's own figure %.1f)\n", iops,
+              100 * (iops - 500) / 500, jobs[0].iops);
+  CHECK(iops >= 475);
+  CHECK(iops <= 525);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("a 20 MiB/s limit holds within 5%", "[throttle][fio]") {
+  TempDir t;
+  datastore(t, {"disk.raw"},
+            "policies:\n  p: { throttle: { bps: 20MiB/s } }\nrules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  auto jobs = fio(t.path(), "--ioengine=libaio --direct=1 --rw=randrw --bs=128k --time_based --runtime=10 --iodepth=8"
+                            " --randrepeat=0 --norandommap --name=limited --filename=" +
+                                q(m.path("disk.raw")));
+  const double mib = jobs[0].byte_rate(10) / (1 << 20);
+  std::printf("throttle: bps 20MiB/s over 10 s (128k reads and writes): measured %.2f MiB/s (%+.2f%%; fio's own "
+              "figure %.2f)\n",
+              mib, 100 * (mib - 20) / 20, jobs[0].bw / (1 << 20));
+  CHECK(mib >= 19);
+  CHECK(mib <= 21);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("a burst runs near iops-max for about iops-max-length after idle, then at the limit", "[throttle][fio]") {
+  TempDir t;
+  datastore(t, {"disk.raw"},
+            "policies:\n  p: { throttle: { iops: 500, iops-max: 2000, iops-max-length: 2s } }\n"
+            "rules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  // A fresh disk is an idle one: its buckets are empty. fio logs the IOPS of each second.
+  fio(t.path(), fio_opts(5, 32, "--write_iops_log=burst --log_avg_msec=1000") + " --name=burst --filename=" +
+                    q(m.path("disk.raw")));
+  std::vector<double> per_second;
+  std::istringstream log(read_file(t / "burst_iops.1.log"));
+  std::string line;
+  while (std::getline(log, line))
+    if (!line.empty()) per_second.push_back(std::atof(line.c_str() + line.find(',') + 1));
+  std::string shown;
+  for (double v : per_second) shown += " " + std::to_string(static_cast<int>(v));
+  std::printf("throttle: iops 500, iops-max 2000, iops-max-length 2s from idle: IOPS per second:%s\n", shown.c_str());
+  REQUIRE(per_second.size() >= 5);
+  // The schedule (bucket.h): the burst bucket's 200 at once, 2000/s until 2.53 s, then 500/s.
+  const double burst = (per_second[0] + per_second[1]) / 2, after = (per_second[3] + per_second[4]) / 2;
+  std::printf("throttle: first 2 s %.0f IOPS (expected ~2100 with the burst bucket's 200), seconds 4-5 %.0f IOPS\n",
+              burst, after);
+  CHECK(burst >= 1800);
+  CHECK(burst <= 2300);
+  CHECK(after >= 450);
+  CHECK(after <= 550);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("a group of two busy disks shares one 1000 IOPS budget half and half", "[throttle][fio][group]") {
+  TempDir t;
+  datastore(t, {"a.raw", "b.raw"},
+            "policies:\n  g: { throttle: { iops: 1000, group: pair } }\nrules:\n  - { match: '*', policy: g }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  // Different queue depths on purpose: served in arrival order, the deeper disk would take 8/9.
+  auto jobs = fio(t.path(), fio_opts(10, 4) + " --name=a --iodepth=32 --filename=" + q(m.path("a.raw")) +
+                                " --name=b --iodepth=4 --filename=" + q(m.path("b.raw")));
+  REQUIRE(jobs.size() == 2);
+  const double a = jobs[0].rate(10), b = jobs[1].rate(10), total = a + b;
+  std::printf("throttle: group of 2 at 1000 IOPS (depths 32 and 4): %.1f + %.1f = %.1f IOPS, shares %.1f%% / %.1f%%\n",
+              a, b, total, 100 * a / 1000, 100 * b / 1000);
+  CHECK(a >= 400);
+  CHECK(a <= 600);
+  CHECK(b >= 400);
+  CHECK(b <= 600);
+  CHECK(total >= 950);
+  CHECK(total <= 1050);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("under congestion, shares 2:1 give throughput 2:1 and a reservation of 200 IOPS is met",
+          "[throttle][fio][qos]") {
+  TempDir t;
+  datastore(t, {"hi.raw", "lo.raw", "res.raw", "x.raw", "y.raw"}, R"(
+datastore:
+  congestion-latency: 30ms
+policies:
+  hi:  { throttle: { shares: 2000 } }
+  lo:  { throttle: { shares: 1000 } }
+  res: { throttle: { shares: 100, reservation: 200 } }
+rules:
+  - { match: "hi.raw", policy: hi }
+  - { match: "res.raw", policy: res }
+  - { match: "*", policy: lo }
+)");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection", "--threads", "160"}});
+  // Hold the images open so their disks (and the fault plans) stay; every request gets 40 ms
+  // below the filters, above the 30 ms threshold: a congested backing store.
+  std::vector<int> fds;
+  for (const char* i : {"hi.raw", "lo.raw", "res.raw", "x.raw", "y.raw"}) {
+    fds.push_back(open(m.path(i).c_str(), O_RDONLY));
+    REQUIRE(fds.back() >= 0);
+    REQUIRE(set_xattr(m.path(i), "user.iofilter.fault", "delay=all:40ms") == 0);
+  }
+
+  SECTION("shares 2:1") {
+    // 3 s of ramp: congestion is detected (0.3 s) and the window settles from the depth in
+    // flight towards PARDA's equilibrium before fio starts counting.
+    auto jobs = fio(t.path(), fio_opts(10, 32, "--ramp_time=3") + " --name=hi --filename=" + q(m.path("hi.raw")) +
+                                  " --name=lo --filename=" + q(m.path("lo.raw")));
+    REQUIRE(jobs.size() == 2);
+    const std::string stats = get_xattr(m.path("hi.raw"), "user.iofilter.stats");
+    const double hi = jobs[0].rate(10), lo = jobs[1].rate(10), ratio = hi / lo;
+    std::printf("throttle: congested (40 ms below, threshold 30 ms), shares 2000:1000: %.1f and %.1f IOPS, ratio %.3f "
+                "(%+.1f%% off 2:1); window %g, datastore latency %g us\n",
+                hi, lo, ratio, 100 * (ratio - 2) / 2, json_number(stats, "window"),
+                json_number(stats, "datastore_latency_us"));
+    INFO(stats);
+    CHECK(stats.find("\"congested\":true") != std::string::npos);
+    CHECK(ratio >= 1.8);
+    CHECK(ratio <= 2.2);
+  }
+  SECTION("a reservation of 200 IOPS while two others saturate") {
+    // res has shares 100 against 1000 and 1000: by shares alone it would get a twenty-first
+    // of the window; its reservation gets it 200.
+    auto jobs = fio(t.path(), fio_opts(10, 32, "--ramp_time=3") + " --name=res --iodepth=32 --filename=" +
+                                  q(m.path("res.raw")) + " --name=x --filename=" + q(m.path("x.raw")) +
+                                  " --name=y --filename=" + q(m.path("y.raw")));
+    REQUIRE(jobs.size() == 3);
+    const std::string stats = get_xattr(m.path("res.raw"), "user.iofilter.stats");
+    const double res = jobs[0].rate(10), x = jobs[1].rate(10), y = jobs[2].rate(10);
+    std::printf("throttle: congested, reservation 200 (shares 100) against two disks of shares 1000: %.1f IOPS "
+                "(%" PRIu64 " requests in 10 s); the others %.1f and %.1f; window %g\n",
+                res, jobs[0].ios, x, y, json_number(stats, "window"));
+    INFO(stats);
+    CHECK(stats.find("\"congested\":true") != std::string::npos);
+    // The scheduler serves a reservation at exactly 200/s (R tags 5 ms apart), so a 10 s window
+    // counts 2000 requests, give or take the one cut by the window's edge.
+    CHECK(jobs[0].ios >= 1999);
+    CHECK(x > 20);
+    CHECK(y > 20);
+  }
+  for (int fd : fds) close(fd);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("an unthrottled neighbour keeps its throughput next to a throttled disk", "[throttle][fio]") {
+  TempDir t;
+  datastore(t, {"slow.raw", "free.raw"},
+            "policies:\n  p: { throttle: { iops: 500 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
+  // The neighbour's backing store takes 2 ms a request (the fault layer), so its throughput is
+  // set by its queue depth and that latency, not by how much CPU the machine's other tenants
+  // leave: what the throttled disk could take from it is a thread, a lock or a queue, which is
+  // what this measures. One fio run of the neighbour, its IOPS logged each second; the
+  // throttled disk (500 IOPS, 32 requests queued) runs in the middle of it, from 2.5 s to 6.5 s.
+  const int fd = open(m.path("free.raw").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  REQUIRE(set_xattr(m.path("free.raw"), "user.iofilter.fault", "delay=all:2ms") == 0);
+  std::string out;
+  const int rc = sh("cd " + q(t.path()) + " && (sleep 2.5; fio --output-format=json --output=slow.json " +
+                        fio_opts(4, 32) + " --name=slow --filename=" + q(m.path("slow.raw")) +
+                        " > slow.out 2>&1) & cd " + q(t.path()) + " && fio --output-format=json --output=free.json " +
+                        fio_opts(9, 8, "--write_iops_log=free --log_avg_msec=1000") + " --name=free --filename=" +
+                        q(m.path("free.raw")) + "; wait",
+                    &out);
+  INFO(out << read_file(t / "slow.out"));
+  REQUIRE(rc == 0);
+  std::vector<double> per_second;
+  std::istringstream log(read_file(t / "free_iops.1.log"));
+  std::string line;
+  while (std::getline(log, line))
+    if (!line.empty()) per_second.push_back(std::atof(line.c_str() + line.find(',') + 1));
+  REQUIRE(per_second.size() >= 9);
+  std::string shown;
+  for (double v : per_second) shown += " " + std::to_string(static_cast<int>(v));
+  // Seconds 3-5 (0-based) had the throttled disk beside; 1 and 7-8 did not (0, 2 and 6 are
+  // the start and the switches).
+  const double alone = (per_second[1] + per_second[7] + per_second[8]) / 3;
+  const double together = (per_second[3] + per_second[4] + per_second[5]) / 3;
+  const std::string slow_json = read_file(t / "slow.json");
+  const size_t ios = slow_json.find("\"total_ios\" : ");
+  std::printf("throttle: neighbour (2 ms below, depth 8) IOPS per second:%s; alone %.0f, next to a disk throttled at 500 "
+              "IOPS %.0f: %+.1f%% (the throttled disk did %s requests in 4 s)\n",
+              shown.c_str(), alone, together, 100 * (together - alone) / alone,
+              ios == std::string::npos ? "?" : slow_json.substr(ios + 14, slow_json.find(',', ios) - ios - 14).c_str());
+  CHECK(together >= 0.9 * alone);
+  close(fd);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("a reload changes the limits while requests wait: none lost, none spinning, none held to the old limit",
+          "[throttle][fio][reload]") {
+  TempDir t;
+  const std::string slow = "policies:\n  p: { throttle: { iops: 5 } }\nrules:\n  - { match: '*', policy: p }\n";
+  datastore(t, {"disk.raw"}, slow);
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const int fd = open(m.path("disk.raw").c_str(), O_RDONLY);  // keeps the disk (and its counters)
+  REQUIRE(fd >= 0);
+  // 32 requests queued against 5 IOPS: at the old limit they would need 6 s more.
+  std::string out;
+  REQUIRE(sh("cd " + q(t.path()) + " && (fio --output-format=json --output=bg.json --ioengine=libaio --direct=1 "
+             "--rw=randread --bs=4k --iodepth=32 --number_ios=200 --randrepeat=0 --norandommap --name=bg --filename=" +
+             q(m.path("disk.raw")) + " > bg.out 2>&1 &)") == 0);
+  std::string stats;
+  for (int i = 0; i < 100; ++i) {
+    stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
+    if (json_number(stats, "queued") >= 20) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 20);
+  // Held requests sleep: the daemon's CPU over one second stays near zero.
+  const double cpu0 = cpu_seconds(m.pid());
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const double cpu = cpu_seconds(m.pid()) - cpu0;
+  std::printf("throttle: %g requests held at 5 IOPS; daemon CPU over 1 s: %.3f s\n", json_number(stats, "queued"), cpu);
+  CHECK(cpu < 0.05);
+  const double reads_before = json_number(get_xattr(m.path("disk.raw"), "user.iofilter.stats"), "reads");
+
+  std::string fast = slow;
+  fast.replace(fast.find("iops: 5 "), 8, "iops: 5000 ");
+  write_file(t / "ds.yaml", fast);
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == 0);
+  // The 200 reads are through soon after (at 5 IOPS they would take 40 s more).
+  for (int i = 0; i < 1000; ++i) {
+    stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
+    if (json_number(stats, "reads") >= 200 && json_number(stats, "inflight") == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // fio writes its report as it exits.
+  REQUIRE(sh("cd " + q(t.path()) + " && for i in $(seq 100); do grep -q '\"error\"' bg.json 2>/dev/null && exit 0; "
+             "sleep 0.05; done; exit 1") == 0);
+  std::printf("throttle: reload 5 -> 5000 IOPS with requests waiting: the remaining reads done %.3f s later\n", took);
+  INFO(stats << read_file(t / "bg.out"));
+  CHECK(took < 0.5);
+  CHECK(json_number(stats, "queued") == 0);
+  // The same filter instance took the new limits: its counters run on from before the reload.
+  CHECK(json_number(stats, "reads") >= 200);
+  CHECK(json_number(stats, "reads") > reads_before);
+  CHECK(get_xattr(m.path("disk.raw"), "user.iofilter.chain") == "throttle(iops=5000)");
+  CHECK(read_file(t / "bg.json").find("\"error\" : 0") != std::string::npos);
+  close(fd);
+  CHECK(m.stop() == 0);
+}

@@ -38,7 +38,7 @@ TEST_CASE("fio random writes from several jobs verify, and the backing file hold
   // verify pass reading everything back through the mount.
   int rc = sh("cd " + q(t.path()) + " && fio --name=verify --filename=" + q(m.path("disk.raw")) +
                   " --size=16M --offset_increment=16M --numjobs=4 --rw=randwrite --bs=4k --ioengine=libaio"
-                  " --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0"
+                  " --iodepth=16 --direct=1 --verify=crc32c --verify_state_save=0 --verify_fatal=1 --do_verify=1 --randrepeat=0"
                   " --output-format=json --output=fio.json",
               &out);
   INFO(out << read_file(t / "fio.json") << m.log());

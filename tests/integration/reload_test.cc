@@ -40,7 +40,7 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
   // verify pass; its JSON result is read at the end.
   const std::string cmd = "fio --name=reload --filename=" + m.path("disk.raw") +
                           " --size=24M --offset_increment=24M --numjobs=2 --rw=randwrite --bs=4k --ioengine=libaio"
-                          " --iodepth=8 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0"
+                          " --iodepth=8 --direct=1 --verify=crc32c --verify_state_save=0 --verify_fatal=1 --do_verify=1 --randrepeat=0"
                           " --rate_iops=1500 --output-format=json --output=" + t / "fio.json";
   pid_t fio = fork();
   if (fio == 0) {

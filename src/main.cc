@@ -4,31 +4,166 @@
 //   iofilterfs check-config FILE [--backing DIR] validate a policy file and show what it assigns
 #include <CLI/CLI.hpp>
 #include <fuse_lowlevel.h>
+#include <poll.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/syslog_sink.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
+#include <sys/fsuid.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <mutex>
+#include <sstream>
 #include <thread>
 
 #include "cli.h"
 #include "config.h"
 #include "datastore.h"
 #include "fuse_ops.h"
+#include "notify.h"
 #include "version.h"
 
 using namespace iofilterfs;
 
 namespace {
 
-// SIGHUP asks for a reload. The handler only pokes an eventfd; a thread of our own reloads.
+// ---- the service manager -------------------------------------------------------------------
+//
+// Under systemd (Type=notify, see systemd/iofilterfs@.service) the daemon tells the manager what
+// it is doing through Notifier (notify.h); everywhere else those calls are no-ops.
+//   READY=1      only once the mount answers: the health thread's first probe (a getxattr of
+//                user.iofilter.version on the mount's root, made through the kernel like any
+//                client's) has come back, so FUSE_INIT has been answered and a worker is serving;
+//   WATCHDOG=1   every half $WATCHDOG_USEC while that probe keeps coming back: a session that
+//                cannot answer (the request loop dead, every worker stuck) stops the pings and
+//                the manager restarts the service. The probe touches no disk, so a disk whose
+//                filters are slow or stuck (a long flush, a held quiesce) does not restart the
+//                whole datastore: a failure inside one disk's filters affects that disk only;
+//   RELOADING=1 / READY=1 around a SIGHUP reload, with the outcome in STATUS=;
+//   STATUS=      one line: the open disks and their health, and a refused reload;
+//   STOPPING=1   when the request loop has ended, before the filters drain and the mount goes.
+
+// STATUS= text: the open disks by state, the first unhealthy one with its reason, and a
+// refused reload. Reads the datastore's own status JSON (the same the status xattr returns).
+std::string status_line(Datastore& ds) {
+  YAML::Node st;
+  try {
+    st = YAML::Load(ds.status_json());
+  } catch (const std::exception& e) {
+    return std::string("status unavailable: ") + e.what();
+  }
+  size_t n = 0, active = 0, quiesced = 0, degraded = 0, failed = 0;
+  std::string first_bad;
+  for (const auto& d : st["disks"]) {
+    ++n;
+    const std::string state = d["state"].as<std::string>("");
+    if (state == "active") ++active;
+    else if (state == "quiesced") ++quiesced;
+    else {
+      if (state.rfind("degraded", 0) == 0) ++degraded;
+      else ++failed;
+      if (first_bad.empty()) first_bad = d["path"].as<std::string>("") + " " + state;
+    }
+  }
+  std::string s = "Serving " + st["mountpoint"].as<std::string>("") + ": ";
+  if (n == 0) s += "no disks open";
+  else if (active == n) s += std::to_string(n) + (n == 1 ? " disk open, active" : " disks open, all active");
+  else {
+    s += std::to_string(n) + (n == 1 ? " disk open (" : " disks open (");
+    std::string parts;
+    auto part = [&](size_t k, const char* what) {
+      if (k) parts += (parts.empty() ? "" : ", ") + std::to_string(k) + " " + what;
+    };
+    part(active, "active");
+    part(quiesced, "quiesced");
+    part(degraded, "degraded");
+    part(failed, "failed");
+    s += parts + ")";
+    if (!first_bad.empty()) s += "; " + first_bad;
+  }
+  if (st["config_error"] && !st["config_error"].IsNull())
+    s += "; last reload refused, old policies in force: " + st["config_error"].as<std::string>("");
+  return Notifier::one_line(s);
+}
+
+// What the manager has been told, shared by the threads that tell it. mu_ orders the messages
+// (RELOADING=1 never before the first READY=1) and guards the last STATUS= sent.
+class Service {
+ public:
+  Service(Notifier& notify, Datastore& ds) : notify_(notify), ds_(ds) {}
+  bool enabled() const { return notify_.enabled(); }
+
+  // The mount answers: READY=1 and the first STATUS=.
+  void ready() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (ready_ || stopping_) return;
+    ready_ = true;
+    status_ = status_line(ds_);
+    send("READY=1\nSTATUS=" + status_);
+    spdlog::info("ready: {}", status_);
+  }
+  void reloading(const std::string& file) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!ready_ || stopping_) return;
+    send("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(Notifier::monotonic_usec()) + "\nSTATUS=" +
+         Notifier::one_line("Reloading " + file));
+  }
+  void reloaded() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!ready_ || stopping_) return;
+    status_ = status_line(ds_);
+    send("READY=1\nSTATUS=" + status_);
+  }
+  // A STATUS= line when the disks' health has changed since the last one.
+  void refresh() {
+    if (!notify_.enabled()) return;
+    std::string s = status_line(ds_);
+    std::lock_guard<std::mutex> g(mu_);
+    if (!ready_ || stopping_ || s == status_) return;
+    status_ = s;
+    send("STATUS=" + status_);
+  }
+  void stopping(const std::string& why) {
+    std::lock_guard<std::mutex> g(mu_);
+    stopping_ = true;
+    send("STOPPING=1\nSTATUS=" + Notifier::one_line(why));
+  }
+  void status(const std::string& text) {
+    std::lock_guard<std::mutex> g(mu_);
+    send("STATUS=" + Notifier::one_line(text));
+  }
+  void watchdog() { send("WATCHDOG=1"); }
+
+ private:
+  void send(const std::string& msg) {
+    if (!notify_.send(msg) && !send_failed_.exchange(true))
+      spdlog::warn("cannot notify the service manager: {}", std::strerror(errno));
+  }
+  Notifier& notify_;
+  Datastore& ds_;
+  std::mutex mu_;
+  bool ready_ = false;     // under mu_
+  bool stopping_ = false;  // under mu_
+  std::string status_;     // under mu_
+  std::atomic<bool> send_failed_{false};
+};
+
+// SIGHUP asks for a reload. The handler only pokes an eventfd; a thread of our own reloads,
+// and between signals refreshes the STATUS= line.
 int g_reload_fd = -1;
 
 void on_sighup(int) {
@@ -39,7 +174,7 @@ void on_sighup(int) {
 
 class ReloadThread {
  public:
-  explicit ReloadThread(Datastore& ds) : ds_(ds) {
+  ReloadThread(Datastore& ds, Service& svc) : ds_(ds), svc_(svc) {
     g_reload_fd = ::eventfd(0, EFD_CLOEXEC);
     thread_ = std::thread([this] { loop(); });
     struct sigaction sa {};
@@ -57,24 +192,199 @@ class ReloadThread {
   }
 
  private:
+  static constexpr int kStatusPeriodMs = 10000;
   void loop() {
-    uint64_t n;
-    while (::read(g_reload_fd, &n, sizeof n) == sizeof n && !stop_) {
+    pollfd p{g_reload_fd, POLLIN, 0};
+    for (;;) {
+      int r = ::poll(&p, 1, svc_.enabled() ? kStatusPeriodMs : -1);
+      if (stop_) return;
+      if (r == 0) {
+        svc_.refresh();
+        continue;
+      }
+      uint64_t n;
+      if (r < 0 || ::read(g_reload_fd, &n, sizeof n) != sizeof n) continue;
       std::string err;
       spdlog::info("SIGHUP: reloading the policy file");
+      svc_.reloading(ds_.options().config);
       (void)ds_.reload(&err);  // logs its outcome; an invalid file leaves the old policies
+      svc_.reloaded();
     }
   }
   Datastore& ds_;
+  Service& svc_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
 
-int run(MountOptions opt, std::shared_ptr<const DatastoreConfig> config) {
+// Sends READY=1 once the mount answers, then WATCHDOG=1 while it keeps answering (see above).
+// A probe stuck in the kernel is released with an error when the session's device is closed at
+// unmount, so the thread is joined only after fuse_session_unmount.
+class HealthThread {
+ public:
+  HealthThread(Service& svc, std::string mountpoint, uint64_t watchdog_usec)
+      : svc_(svc), mountpoint_(std::move(mountpoint)), watchdog_usec_(watchdog_usec) {
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~HealthThread() {
+    stop();
+    thread_.join();
+  }
+  // No more pings (the loop has ended; the thread may still be inside a probe).
+  void stop() {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  bool probe(std::string* err) {
+    char buf[64];
+    if (::getxattr(mountpoint_.c_str(), "user.iofilter.version", buf, sizeof buf) >= 0) return true;
+    *err = std::strerror(errno);
+    return false;
+  }
+  // Sleeps `ms`; false when stopped meanwhile.
+  bool sleep_ms(uint64_t ms) {
+    std::unique_lock<std::mutex> g(mu_);
+    return !cv_.wait_for(g, std::chrono::milliseconds(ms), [this] { return stop_; });
+  }
+  bool stopped() {
+    std::lock_guard<std::mutex> g(mu_);
+    return stop_;
+  }
+  void loop() {
+    std::string err;
+    while (!probe(&err)) {
+      spdlog::debug("the mount does not answer yet: {}", err);
+      if (!sleep_ms(50)) return;
+    }
+    if (stopped()) return;
+    svc_.ready();
+    if (watchdog_usec_ == 0) return;
+    const uint64_t period_ms = std::max<uint64_t>(watchdog_usec_ / 2000, 1);
+    spdlog::info("watchdog: {} ms, pinging every {} ms while the mount answers", watchdog_usec_ / 1000, period_ms);
+    svc_.watchdog();
+    while (sleep_ms(period_ms)) {
+      if (!probe(&err)) {
+        if (!stopped()) spdlog::warn("watchdog: the mount did not answer ({}); not pinging", err);
+        continue;
+      }
+      if (stopped()) return;
+      svc_.watchdog();
+    }
+  }
+  Service& svc_;
+  const std::string mountpoint_;
+  const uint64_t watchdog_usec_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;  // under mu_
+  std::thread thread_;
+};
+
+// Closes every open disk, so that each filter drains what the backing file lacks. Returns how
+// many could not (each is logged); Datastore::shutdown() afterwards finds them closed.
+size_t drain_all(Datastore& ds) {
+  size_t bad = 0;
+  for (const auto& d : ds.open_disks()) {
+    Status s = d->close();
+    if (!s.ok()) {
+      ++bad;
+      spdlog::error("{}: stopped with undrained data: {}", d->relpath(), s.what ? s.what : std::strerror(s.err));
+    } else {
+      spdlog::info("{}: drained and closed", d->relpath());
+    }
+  }
+  ds.shutdown();
+  return bad;
+}
+
+// A daemon that died without unmounting (SIGKILL, the watchdog's SIGABRT, a crash) leaves its
+// mount behind, dead: every access to it fails with ENOTCONN. Restart=on-failure would then be
+// refused forever; so a dead iofilterfs mount on our mountpoint is detached first. Only ours
+// (type fuse.iofilterfs) and only when dead: a live mount is refused as "already mounted".
+void detach_dead_mount(const std::string& mountpoint) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(mountpoint, ec).lexically_normal();
+  if (ec || !p.has_filename()) return;
+  char parent[PATH_MAX];
+  if (!::realpath(p.parent_path().c_str(), parent)) return;
+  const std::string target = (fs::path(parent) / p.filename()).string();
+
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  bool ours = false;
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    std::string id, up, devno, root, mnt, rest;
+    if (!(ls >> id >> up >> devno >> root >> mnt)) continue;
+    std::string un;  // mountinfo escapes space, tab, newline and backslash as \ooo
+    for (size_t i = 0; i < mnt.size(); ++i) {
+      if (mnt[i] == '\\' && i + 3 < mnt.size() + 1) {
+        un += static_cast<char>(std::strtol(mnt.substr(i + 1, 3).c_str(), nullptr, 8));
+        i += 3;
+      } else {
+        un += mnt[i];
+      }
+    }
+    size_t dash = line.find(" - ");
+    if (un == target && dash != std::string::npos && line.compare(dash + 3, 16, "fuse.iofilterfs ") == 0) ours = true;
+  }
+  struct stat st;
+  if (!ours || ::stat(target.c_str(), &st) == 0 || errno != ENOTCONN) return;
+  if (::umount2(target.c_str(), MNT_DETACH) == 0)
+    spdlog::warn("{}: detached the dead mount a previous daemon left behind", target);
+  else
+    spdlog::warn("{}: a previous daemon's mount is dead and cannot be detached: {}", target, std::strerror(errno));
+}
+
+// A root daemon serves each request with the caller's fsuid and fsgid (creds.h). setfsuid(2)
+// and setfsgid(2) cannot report failure: without CAP_SETUID/CAP_SETGID (a service's too tight
+// capability bounding set) they would silently leave the daemon acting as root, creating
+// root-owned files for every user. So try both once, before mounting. Returns "" or why not.
+std::string check_identity_switch() {
+  if (::geteuid() != 0) return {};
+  constexpr uid_t kProbe = 65534;
+  ::setfsuid(kProbe);
+  const bool uid_ok = static_cast<uid_t>(::setfsuid(static_cast<uid_t>(-1))) == kProbe;
+  ::setfsuid(0);
+  ::setfsgid(kProbe);
+  const bool gid_ok = static_cast<gid_t>(::setfsgid(static_cast<gid_t>(-1))) == kProbe;
+  ::setfsgid(0);
+  if (uid_ok && gid_ok) return {};
+  return std::string("running as root without ") + (uid_ok ? "" : "CAP_SETUID") + (uid_ok || gid_ok ? "" : " and ") +
+         (gid_ok ? "" : "CAP_SETGID") + ": files would be created as root instead of as their callers";
+}
+
+// journald reads the syslog priority of each line of a service's stderr from a "<N>" prefix
+// (sd-daemon(3)); its own timestamps make ours redundant.
+class SyslogPriorityFlag : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+    static constexpr char kPriority[] = {'7', '7', '6', '4', '3', '2', '6'};  // trace .. critical, off
+    const char p[3] = {'<', kPriority[static_cast<int>(msg.level)], '>'};
+    dest.append(p, p + 3);
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<SyslogPriorityFlag>(); }
+};
+
+// $JOURNAL_STREAM names the journal's stream as DEVICE:INODE; it counts only while stderr is it.
+bool stderr_is_journal() {
+  const char* js = std::getenv("JOURNAL_STREAM");
+  struct stat st;
+  if (!js || ::fstat(STDERR_FILENO, &st) != 0) return false;
+  return std::string(js) == std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+}
+
+int run(MountOptions opt, std::shared_ptr<const DatastoreConfig> config, Notifier& notify) {
   Datastore ds(opt, std::move(config));
+  Service svc(notify, ds);
   std::string err;
   if (!ds.init(&err)) {
     std::fprintf(stderr, "iofilterfs: %s\n", err.c_str());
+    svc.status("Failed: " + err);
     return kExitUsage;
   }
 
@@ -88,38 +398,58 @@ int run(MountOptions opt, std::shared_ptr<const DatastoreConfig> config) {
   const char* argv[] = {"iofilterfs", "-o", fo.c_str()};
   fuse_args args = FUSE_ARGS_INIT(3, const_cast<char**>(argv));
 
+  // Under a service manager the daemon must stay the process it started (Type=notify): never
+  // detach then, -f or not.
+  const bool foreground = opt.foreground || notify.enabled();
+  if (notify.enabled() && !opt.foreground)
+    spdlog::info("NOTIFY_SOCKET is set: staying in the foreground for the service manager");
+
   const fuse_lowlevel_ops& ops = datastore_operations();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &ds);
   if (!se) {
     std::fprintf(stderr, "iofilterfs: could not create the FUSE session\n");
+    svc.status("Failed: could not create the FUSE session");
     return kExitFailure;
   }
   int rc = kExitFailure;
   if (fuse_set_signal_handlers(se) == 0) {
     if (fuse_session_mount(se, opt.mountpoint.c_str()) == 0) {
-      if (!opt.foreground) {
+      if (!foreground) {
         // Once detached, stderr is gone: log to syslog (the journal).
         spdlog::set_default_logger(spdlog::syslog_logger_mt("iofilterfs", "iofilterfs", LOG_PID));
       }
-      if (fuse_daemonize(opt.foreground ? 1 : 0) == 0) {
-        ReloadThread reloader(ds);  // after daemonizing: threads do not survive fork
+      std::unique_ptr<HealthThread> health;  // outlives the unmount: see HealthThread
+      if (fuse_daemonize(foreground ? 1 : 0) == 0) {
+        ReloadThread reloader(ds, svc);  // after daemonizing: threads do not survive fork
+        if (notify.enabled()) health = std::make_unique<HealthThread>(svc, opt.mountpoint, notify.watchdog_usec());
         fuse_loop_config* cfg = fuse_loop_cfg_create();
         fuse_loop_cfg_set_clone_fd(cfg, 1);
         fuse_loop_cfg_set_max_threads(cfg, opt.threads);
         fuse_loop_cfg_set_idle_threads(cfg, opt.threads);  // keep workers (and their buffers)
         int r = fuse_session_loop_mt(se, cfg);
         fuse_loop_cfg_destroy(cfg);
+        if (health) health->stop();
         // libfuse's signal handler leaves the signal number as the loop's result: a stop asked
         // for with SIGTERM/SIGINT is a clean exit.
         const bool clean = r == 0 || r == SIGTERM || r == SIGINT;
         rc = clean ? kExitOk : kExitFailure;
         if (!clean) spdlog::error("session loop ended with error {}", r);
+        const size_t open = ds.open_disks().size();
+        svc.stopping("Stopping: unmounting " + opt.mountpoint + ", draining " + std::to_string(open) +
+                     (open == 1 ? " open disk" : " open disks"));
+      } else {
+        svc.status("Failed: could not detach");
       }
       fuse_session_unmount(se);
-      ds.shutdown();
+      health.reset();
+      if (size_t bad = drain_all(ds)) {
+        rc = kExitFailure;
+        svc.status("Stopped with undrained data on " + std::to_string(bad) + (bad == 1 ? " disk" : " disks"));
+      }
       spdlog::info("unmounted {}", opt.mountpoint);
     } else {
       std::fprintf(stderr, "iofilterfs: could not mount %s\n", opt.mountpoint.c_str());
+      svc.status("Failed: could not mount " + opt.mountpoint);
     }
     fuse_remove_signal_handlers(se);
   }
@@ -198,6 +528,10 @@ int check_config(int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "check-config") return check_config(argc - 1, argv + 1);
 
+  // First, so that a refusal reaches the service manager too (STATUS=, ERRNO=).
+  Notifier notify;
+  const std::string notify_err = notify.from_environment();
+
   MountOptions opt;
   std::vector<std::string> o_lists;
   std::string log_level;
@@ -222,12 +556,16 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     int r = app.exit(e);
+    if (r != 0) notify.send("STATUS=" + Notifier::one_line(std::string("Failed: ") + e.what()) + "\nERRNO=22");
     return r == 0 ? kExitOk : kExitUsage;
   }
-  auto fail = [](const std::string& msg) {
-    std::fprintf(stderr, "iofilterfs: %s\n", msg.c_str());
+  // A refusal: one line on stderr (and to the service manager), exit status 2.
+  auto refuse = [&notify](const std::string& line, int err) {
+    std::fprintf(stderr, "%s\n", line.c_str());
+    notify.send("STATUS=" + Notifier::one_line("Failed: " + line) + "\nERRNO=" + std::to_string(err));
     return kExitUsage;
   };
+  auto fail = [&](const std::string& msg) { return refuse("iofilterfs: " + msg, EINVAL); };
   // -o config=FILE counts like --config: read the -o lists once to find it.
   {
     MountOptions probe;
@@ -240,10 +578,7 @@ int main(int argc, char** argv) {
   auto config = std::make_shared<DatastoreConfig>();
   if (!opt.config.empty()) {
     std::string err = load_config(opt.config, Registry::instance(), config.get());
-    if (!err.empty()) {
-      std::fprintf(stderr, "%s\n", err.c_str());
-      return kExitUsage;
-    }
+    if (!err.empty()) return refuse(err, ::access(opt.config.c_str(), R_OK) == 0 ? EINVAL : errno);
     if (opt.backing.empty()) opt.backing = config->backing;
     if (opt.mountpoint.empty()) opt.mountpoint = config->mountpoint;
     for (const auto& o : config->options)
@@ -262,9 +597,18 @@ int main(int argc, char** argv) {
   auto lvl = spdlog::level::from_str(opt.log_level);
   if (lvl == spdlog::level::off && opt.log_level != "off") return fail("unknown log level '" + opt.log_level + "'");
   spdlog::set_level(lvl);
-  spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  if (stderr_is_journal()) {
+    auto f = std::make_unique<spdlog::pattern_formatter>();
+    f->add_flag<SyslogPriorityFlag>('*').set_pattern("%*%v");
+    spdlog::set_formatter(std::move(f));
+  } else {
+    spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  }
+  if (!notify_err.empty()) spdlog::warn("{}: not notifying the service manager", notify_err);
 
+  if (std::string err = check_identity_switch(); !err.empty()) return fail(err);
+  detach_dead_mount(opt.mountpoint);
   if (std::string err = check_paths(&opt); !err.empty()) return fail(err);
   ::umask(0);  // modes arrive already masked by the caller's umask
-  return run(opt, std::move(config));
+  return run(opt, std::move(config), notify);
 }

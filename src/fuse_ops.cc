@@ -18,7 +18,9 @@
 
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 
 #include "buffers.h"
 #include "control.h"
@@ -80,6 +82,27 @@ struct DirHandle {
 
 DirHandle* dh_of(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(static_cast<uintptr_t>(fi->fh)); }
 
+// Handles the kernel has not released. At unmount it sends no more releases, so op_destroy
+// frees what is left — and with them the last references to their disks. Touched on open and
+// release only, never per I/O.
+struct OpenHandles {
+  std::mutex mu;
+  std::unordered_set<FileHandle*> files;
+  std::unordered_set<DirHandle*> dirs;
+};
+OpenHandles g_open;
+
+template <typename H>
+void remember(std::unordered_set<H*>& set, H* h) {
+  std::lock_guard<std::mutex> g(g_open.mu);
+  set.insert(h);
+}
+template <typename H>
+void forget_handle(std::unordered_set<H*>& set, H* h) {
+  std::lock_guard<std::mutex> g(g_open.mu);
+  set.erase(h);
+}
+
 // ---- init ----------------------------------------------------------------------------------
 
 void op_init(void* userdata, fuse_conn_info* conn) {
@@ -103,7 +126,17 @@ void op_init(void* userdata, fuse_conn_info* conn) {
                ds.options().threads, ds.options().read_only ? ", read-only" : "");
 }
 
-void op_destroy(void* userdata) { static_cast<Datastore*>(userdata)->shutdown(); }
+void op_destroy(void* userdata) {
+  static_cast<Datastore*>(userdata)->shutdown();  // every disk's filters drain and close
+  std::lock_guard<std::mutex> g(g_open.mu);
+  for (FileHandle* h : g_open.files) {
+    if (!h->disk) ::close(h->fd);
+    delete h;
+  }
+  for (DirHandle* d : g_open.dirs) delete d;
+  g_open.files.clear();
+  g_open.dirs.clear();
+}
 
 // ---- names ---------------------------------------------------------------------------------
 
@@ -321,10 +354,12 @@ void finish_open(fuse_req_t req, Inode& i, int fd, fuse_file_info* fi, const fus
   // Direct opens bypass the kernel's page cache; Backing aligns what reaches O_DIRECT.
   fi->direct_io = fh->direct ? 1 : 0;
   fi->keep_cache = 0;
+  remember(g_open.files, fh.get());
   fi->fh = reinterpret_cast<uintptr_t>(fh.release());
   if (e) {
     if (fuse_reply_create(req, e, fi) == -ENOENT) {  // the opener was interrupted
       FileHandle* h = fh_of(fi);
+      forget_handle(g_open.files, h);
       if (h->disk) ds.detach_disk(i);
       else ::close(h->fd);
       delete h;
@@ -332,6 +367,7 @@ void finish_open(fuse_req_t req, Inode& i, int fd, fuse_file_info* fi, const fus
     }
   } else if (fuse_reply_open(req, fi) == -ENOENT) {
     FileHandle* h = fh_of(fi);
+    forget_handle(g_open.files, h);
     if (h->disk) ds.detach_disk(i);
     else ::close(h->fd);
     delete h;
@@ -378,6 +414,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Datastore& ds = ds_of(req);
   std::unique_ptr<FileHandle> fh(fh_of(fi));
+  forget_handle(g_open.files, fh.get());
   if (fh->disk) {
     fh->disk.reset();
     ds.detach_disk(ds.inode(ino));
@@ -525,6 +562,7 @@ void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     ::close(fd);
     return (void)fuse_reply_err(req, err);
   }
+  remember(g_open.dirs, dh.get());
   fi->fh = reinterpret_cast<uintptr_t>(dh.release());
   fuse_reply_open(req, fi);
 }
@@ -601,6 +639,7 @@ void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse
 }
 
 void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  forget_handle(g_open.dirs, dh_of(fi));
   delete dh_of(fi);
   fuse_reply_err(req, 0);
 }

@@ -43,7 +43,7 @@ TEST_CASE("a second daemon and QEMU cannot open an image the first daemon has op
   CHECK(second.stop() == 0);
 }
 
-TEST_CASE("readers share an image; a writer needs it alone", "[lock]") {
+TEST_CASE("readers share an image, a writer needs it alone", "[lock]") {
   TempDir t;
   sh("mkdir -p " + q(t / "b") + " " + q(t / "m1") + " " + q(t / "m2") + " && truncate -s 1M " + q(t / "b/disk.raw"));
   Mount first(t / "b", t / "m1");

@@ -46,7 +46,7 @@ rules:
 
 }  // namespace
 
-TEST_CASE("the policy file names the datastore; the command line overrides it", "[policy]") {
+TEST_CASE("the policy file names the datastore, the command line overrides it", "[policy]") {
   TempDir t;
   sh("mkdir -p " + q(t / "b/db") + " " + q(t / "m") + " " + q(t / "m2") + " && truncate -s 1M " + q(t / "b/db/pg.raw") +
      " " + q(t / "b/web.raw") + " " + q(t / "b/notes.img"));
@@ -101,7 +101,7 @@ TEST_CASE("check-config shows each rule's and each image's policy, and refuses a
   CHECK(out == t / "bad.yaml" + ":2:27: rule for '*' names unknown policy 'silver'\n");
 }
 
-TEST_CASE("reload by SIGHUP and by xattr re-plumbs open disks; a broken file is refused whole", "[policy][reload]") {
+TEST_CASE("reload by SIGHUP and by xattr re-plumbs open disks, a broken file is refused whole", "[policy][reload]") {
   TempDir t;
   sh("mkdir -p " + q(t / "b/db") + " " + q(t / "m") + " && truncate -s 4M " + q(t / "b/db/pg.raw") + " " +
      q(t / "b/www.raw"));

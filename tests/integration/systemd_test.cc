@@ -248,6 +248,16 @@ uint64_t monotonic_usec() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000u + static_cast<uint64_t>(ts.tv_nsec) / 1000u;
 }
 
+// close(2) of a file in a FUSE mount sends its RELEASE asynchronously: before stopping a daemon
+// whose images were open, wait until it has closed them (status lists no disk).
+void wait_disks_closed(const std::string& mnt) {
+  for (int i = 0; i < 500; ++i) {
+    if (testing::get_xattr(mnt, "user.iofilter.status").find("\"disks\":[]") != std::string::npos) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  FAIL("the daemon still has open disks: " << testing::get_xattr(mnt, "user.iofilter.status"));
+}
+
 std::string version_of(const std::string& binary) {
   std::string out;
   REQUIRE(sh(q(binary) + " --version", &out) == 0);
@@ -334,6 +344,7 @@ TEST_CASE("SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 with the new st
     CHECK(again->get("STATUS") == "Serving " + ds.mnt + ": 1 disk open, active");
   }
   ::close(fd);
+  wait_disks_closed(ds.mnt);
   ::kill(svc.pid(), SIGTERM);
   CHECK(svc.wait(20) == 0);
 }
@@ -403,6 +414,7 @@ TEST_CASE("WATCHDOG=1 every half WATCHDOG_USEC while the mount answers, none whi
   collect(4000);
   writer.join();
   ::close(fd);
+  wait_disks_closed(ds.mnt);
   // Pings stopped while the write was held (from ~0.2 s after it began until ~2.5 s), and came back.
   size_t during = 0, after = 0;
   for (auto p : pings) {

@@ -131,7 +131,7 @@ TEST_CASE("a filter can complete a request without the layers below", "[chain]")
   CHECK(log == std::vector<std::string>{"rep:read", "cache:read", "rep:read<-0"});
 }
 
-TEST_CASE("an empty chain is the bottom layer itself; default filters pass everything", "[chain]") {
+TEST_CASE("an empty chain is the bottom layer itself, default filters pass everything", "[chain]") {
   testing::MemLayer bottom;
   Chain chain;
   std::string err;

@@ -614,7 +614,7 @@ TEST_CASE("a group's new limits apply to the requests already queued, none lost"
   CHECK(q.config() == config("iops: 1000"));
 }
 
-TEST_CASE("group members join and leave; ids are reused", "[throttle][group]") {
+TEST_CASE("group members join and leave, ids are reused", "[throttle][group]") {
   GroupQueue q(config("iops: 10"));
   CHECK(q.join() == 0);
   CHECK(q.join() == 1);
@@ -985,7 +985,7 @@ TEST_CASE("describe() shows the group and QoS keys", "[throttle][config]") {
 
 // ---- re-plumbing in place ----
 
-TEST_CASE("a changed throttle takes its new limits in place; a filter that cannot is replaced", "[throttle][chain]") {
+TEST_CASE("a changed throttle takes its new limits in place, a filter that cannot is replaced", "[throttle][chain]") {
   testing::MemLayer bottom;
   Chain chain;
   std::string err;

@@ -21,7 +21,7 @@ TEST_CASE("sizes take binary and decimal units", "[units]") {
   CHECK(parse_size("0.3B", &b) == "'0.3B' is not a whole number of bytes");
 }
 
-TEST_CASE("durations take us to days; a bare number is seconds", "[units]") {
+TEST_CASE("durations take us to days, a bare number is seconds", "[units]") {
   uint64_t us = 0;
   CHECK(parse_duration("250ms", &us).empty());
   CHECK(us == 250000);

@@ -14,9 +14,10 @@ passed=0
 failed=0
 run_suite() {
   local name=$1 dir=$2 log
+  shift 2
   log=$(mktemp)
   echo "=== $name ==="
-  ctest --test-dir "$dir" --output-on-failure --timeout 600 2>&1 | tee "$log"
+  ctest --test-dir "$dir" --output-on-failure --timeout 600 "$@" 2>&1 | tee "$log"
   local p f
   # ctest: "100% tests passed, 0 tests failed out of 42"
   f=$(sed -n 's/.* \([0-9][0-9]*\) tests failed out of \([0-9][0-9]*\).*/\1/p' "$log" | tail -1)
@@ -33,9 +34,11 @@ run_suite() {
 }
 
 run_suite "release build" build
-# The sanitizer build: the daemon the integration tests start is the instrumented one.
+# The sanitizer build: the daemon the integration tests start is the instrumented one. The one
+# test whose figure is the CPU-bound throughput of an unthrottled neighbour is left to the
+# release run: under the sanitizers' CPU cost that figure measures ASan, not isolation.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  run_suite "ASan+UBSan build" build-asan
+  run_suite "ASan+UBSan build" build-asan -E "unthrottled neighbour"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -4,12 +4,14 @@
 // Installed so far: throttle. The replicate, cache and encrypt classes arrive with their own
 // issues.
 #include "filter.h"
+#include "encrypt/encrypt_filter.h"
 #include "throttle/throttle_filter.h"
 
 namespace iofilterfs {
 
 void register_builtin_filters(Registry& r) {
   register_throttle(r);
+  register_encrypt(r);
 }
 
 }  // namespace iofilterfs

@@ -323,9 +323,45 @@ int Datastore::stat(Inode& i, struct stat* st) {
       d = i.disk;
     }
     uint64_t size;
-    if (d && d->size(&size).ok()) st->st_size = static_cast<off_t>(size);
+    if (d) {
+      if (d->size(&size).ok()) st->st_size = static_cast<off_t>(size);
+    } else {
+      closed_image_size(i, st);
+    }
   }
   return 0;
+}
+
+void Datastore::closed_image_size(Inode& i, struct stat* st) {
+  // Only a filter that keeps a header in the file (FilterInfo::visible_size) changes the size;
+  // most datastores have none, and then nothing more is read.
+  auto cfg = config();
+  const Registry& registry = Registry::instance();
+  auto sizer = [&](const FilterSpec& f) {
+    const FilterInfo* info = registry.find(f.name);
+    return info && info->visible_size ? info : nullptr;
+  };
+  bool any = false;
+  for (const PolicySpec& p : cfg->policies)
+    for (const FilterSpec& f : p.filters) any = any || sizer(f);
+  if (!any || !is_image(i)) return;
+  const PolicySpec* policy = cfg->find_policy(policy_of(i));
+  if (!policy) return;
+  const FilterInfo* bottom = nullptr;
+  for (const FilterSpec& f : policy->filters)
+    if (const FilterInfo* info = sizer(f); info && (!bottom || info->cls > bottom->cls)) bottom = info;
+  if (!bottom) return;
+  char head[4096];
+  ssize_t n = -1;
+  int fd = ::open(("/proc/self/fd/" + std::to_string(i.fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NOATIME);
+  if (fd < 0) fd = ::open(("/proc/self/fd/" + std::to_string(i.fd)).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    n = ::pread(fd, head, sizeof head, 0);
+    ::close(fd);
+  }
+  if (n < 0) return;  // unreadable: the backing size stands
+  st->st_size = static_cast<off_t>(
+      bottom->visible_size(std::string_view(head, static_cast<size_t>(n)), static_cast<uint64_t>(st->st_size)));
 }
 
 }  // namespace iofilterfs

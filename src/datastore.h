@@ -91,7 +91,8 @@ class Datastore {
   // Closes every disk (filters drain) at unmount.
   void shutdown();
 
-  // Stat with the chain's view of an open image's size.
+  // Stat with the chain's view of an image's size: an open image's chain answers; for one that
+  // is not open, the bottom-most filter of its policy with FilterInfo::visible_size does.
   int stat(Inode& i, struct stat* st);
 
   // The backing-file xattr that stores an image's policy override. The daemon hides this name
@@ -99,6 +100,9 @@ class Datastore {
   static constexpr const char* kPolicyXattr = "trusted.iofilterfs.policy";
 
  private:
+  // stat() of an image with no open disk.
+  void closed_image_size(Inode& i, struct stat* st);
+
   MountOptions opt_;
   mutable std::mutex config_mu_;
   std::shared_ptr<const DatastoreConfig> config_;  // under config_mu_

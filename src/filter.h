@@ -164,6 +164,12 @@ struct FilterInfo {
   // validate does (left alone, the file's policies section is blamed).
   std::function<std::string(const std::vector<std::pair<std::string, YAML::Node>>& uses, YAML::Node* where)>
       validate_policies;
+  // Optional, pure: the size the layers above would see of a backing file of `backing_size`
+  // bytes that starts with `head` (its first 4 KiB, or all of it when shorter). The daemon asks
+  // it to stat an image whose disk is not open, for the bottom-most filter of the image's policy
+  // that has it; a filter that keeps its own header in the file (encrypt) answers the payload's
+  // size. Null: the size passes unchanged.
+  std::function<uint64_t(std::string_view head, uint64_t backing_size)> visible_size;
 };
 
 // The datastore's own settings that filters read (the `datastore:` section of the policy

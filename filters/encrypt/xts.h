@@ -1,0 +1,77 @@
+// The data path's cipher: aes-xts-plain64 over 512-byte sectors with per-thread OpenSSL
+// contexts, so that no request allocates or takes a shared lock in the steady state.
+//
+// An XtsKey is one disk's data key. The contexts that hold its key schedule are created lazily,
+// one encrypt/decrypt pair per worker thread that uses the disk, and each thread remembers the
+// pair it got in a small thread-local table keyed by the XtsKey's unique id:
+//
+//     worker thread ── thread-local table (16 entries: key id -> context pair) ──┐
+//                                                                              ▼
+//     XtsKey ── owns every pair it handed out (all_), keeps returned ones (free_) for reuse
+//
+// A request looks its pair up without a lock; only a thread's first request on a disk (or
+// after its entry was evicted by a 17th disk) takes the XtsKey's mutex. revoke() (the disk
+// closes) frees every pair, which wipes the key schedules, and wipes the key itself; the
+// thread-local entries that still name the key are then never matched again (ids are never
+// reused) and are dropped without touching the freed pairs. Entries hold a shared_ptr to their
+// XtsKey, so the mutex outlives every entry that may still call release().
+#pragma once
+
+#include <openssl/evp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "secure.h"
+
+namespace iofilterfs::encrypt {
+
+class XtsKey : public std::enable_shared_from_this<XtsKey> {
+ public:
+  static constexpr size_t kSector = 512;
+
+  // A key of 32 (AES-128-XTS) or 64 (AES-256-XTS) bytes; null when OpenSSL refuses it.
+  static std::shared_ptr<XtsKey> create(const SecureBytes& key);
+  ~XtsKey();
+
+  // n sectors from in to out (which may be the same buffer); the first one's IV is `sector`
+  // (plain64: the little-endian 64-bit sector number). False when OpenSSL fails or after
+  // revoke().
+  bool encrypt(const uint8_t* in, uint8_t* out, size_t n, uint64_t sector);
+  // The same, decrypting; with holes_read_zero, a ciphertext sector of all zero bytes (a hole
+  // or never-written area of the backing file; real ciphertext is all zeros with probability
+  // 2^-4096) decrypts to zeros.
+  bool decrypt(const uint8_t* in, uint8_t* out, size_t n, uint64_t sector, bool holes_read_zero);
+
+  // Frees every context and wipes the key; later calls fail.
+  void revoke();
+
+  struct Pair {
+    EVP_CIPHER_CTX* enc = nullptr;
+    EVP_CIPHER_CTX* dec = nullptr;
+  };
+  // For the thread-local table: a pair to keep, and one given back.
+  Pair* acquire();
+  void release(Pair* p);
+  uint64_t id() const { return id_; }
+  // Contexts created so far (tests check that requests reuse them).
+  size_t contexts() const;
+
+ private:
+  XtsKey() = default;
+  Pair* pair_for_this_thread();
+
+  SecureBytes key_;
+  const EVP_CIPHER* cipher_ = nullptr;
+  uint64_t id_ = 0;
+  mutable std::mutex mu_;                    // a leaf lock: guards all_, free_, revoked_
+  std::vector<std::unique_ptr<Pair>> all_;   // under mu_
+  std::vector<Pair*> free_;                  // under mu_
+  bool revoked_ = false;                     // under mu_
+  std::atomic<bool> dead_{false};            // revoked_, read without the lock by requests
+};
+
+}  // namespace iofilterfs::encrypt

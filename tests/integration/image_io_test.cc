@@ -85,8 +85,9 @@ TEST_CASE("qemu-img creates, inspects and checks images in the mount", "[image][
   REQUIRE(sh("qemu-io -r -U -f qcow2 -c 'read -P 0x5c 0 3M' -c 'read -P 0x11 1G 64k' " + q(t / "b/vm1/disk.qcow2"),
              &out) == 0);
   // Convert out of the mount and back into it.
+  int convert_rc = sh("qemu-img convert -O raw " + q(m.path("vm1/disk.qcow2")) + " " + q(m.path("vm1/flat.raw")), &out);
   INFO(out << m.log());
-  REQUIRE(sh("qemu-img convert -O raw " + q(m.path("vm1/disk.qcow2")) + " " + q(m.path("vm1/flat.raw")), &out) == 0);
+  REQUIRE(convert_rc == 0);
   REQUIRE(sh("qemu-img compare " + q(m.path("vm1/disk.qcow2")) + " " + q(t / "b/vm1/flat.raw"), &out) == 0);
 
   // While the image is open, the mount's status reports it, by content, with its virtual size.

@@ -317,6 +317,19 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
 
 // ---- open, read, write ---------------------------------------------------------------------
 
+// Ends a handle: its image's disk loses a user (the last one closes it), or its descriptor
+// closes. Shared by release and by opens whose caller was interrupted.
+void close_handle(Datastore& ds, Inode& i, FileHandle* h) {
+  forget_handle(g_open.files, h);
+  if (h->disk) {
+    h->disk.reset();
+    ds.detach_disk(i);
+  } else {
+    ::close(h->fd);
+  }
+  delete h;
+}
+
 // Sets up a handle for `fd`, opened with the caller's identity. For an image the caller's
 // descriptor only proved the access; the data path is the shared Disk.
 void finish_open(fuse_req_t req, Inode& i, int fd, fuse_file_info* fi, const fuse_entry_param* e) {
@@ -356,21 +369,14 @@ void finish_open(fuse_req_t req, Inode& i, int fd, fuse_file_info* fi, const fus
   fi->keep_cache = 0;
   remember(g_open.files, fh.get());
   fi->fh = reinterpret_cast<uintptr_t>(fh.release());
+  // An opener interrupted meanwhile never gets the handle: undo it as a release would.
   if (e) {
-    if (fuse_reply_create(req, e, fi) == -ENOENT) {  // the opener was interrupted
-      FileHandle* h = fh_of(fi);
-      forget_handle(g_open.files, h);
-      if (h->disk) ds.detach_disk(i);
-      else ::close(h->fd);
-      delete h;
+    if (fuse_reply_create(req, e, fi) == -ENOENT) {
+      close_handle(ds, i, fh_of(fi));
       ds.forget(i, 1);
     }
   } else if (fuse_reply_open(req, fi) == -ENOENT) {
-    FileHandle* h = fh_of(fi);
-    forget_handle(g_open.files, h);
-    if (h->disk) ds.detach_disk(i);
-    else ::close(h->fd);
-    delete h;
+    close_handle(ds, i, fh_of(fi));
   }
 }
 
@@ -413,14 +419,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 
 void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Datastore& ds = ds_of(req);
-  std::unique_ptr<FileHandle> fh(fh_of(fi));
-  forget_handle(g_open.files, fh.get());
-  if (fh->disk) {
-    fh->disk.reset();
-    ds.detach_disk(ds.inode(ino));
-  } else {
-    ::close(fh->fd);
-  }
+  close_handle(ds, ds.inode(ino), fh_of(fi));
   fuse_reply_err(req, 0);
 }
 

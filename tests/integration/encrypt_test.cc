@@ -339,7 +339,7 @@ std::string ctl() {
 
 }  // namespace
 
-TEST_CASE("iofilterctl encrypt converts a plaintext image offline; cryptsetup, QEMU and the mount read it back",
+TEST_CASE("iofilterctl encrypt converts a plaintext image offline, and cryptsetup, QEMU and the mount read it back",
           "[encrypt][ctl][cryptsetup][qemu]") {
   EncryptedDatastore ds;
   std::string out;
@@ -382,7 +382,7 @@ TEST_CASE("iofilterctl encrypt converts a plaintext image offline; cryptsetup, Q
   CHECK(access((ds.t / "x.luks").c_str(), F_OK) != 0);
 }
 
-TEST_CASE("iofilterctl key add, list and remove rotate passphrases without re-encrypting; the last one stays",
+TEST_CASE("iofilterctl key add, list and remove rotate passphrases without re-encrypting, and the last one stays",
           "[encrypt][ctl][cryptsetup]") {
   EncryptedDatastore ds;
   std::string out;
@@ -450,7 +450,7 @@ TEST_CASE("iofilterctl key add, list and remove rotate passphrases without re-en
   CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k2") + " " + img, &out) == 0);
 }
 
-TEST_CASE("a reload that drops encrypt from an open disk is refused for that disk; it keeps serving plaintext",
+TEST_CASE("a reload that drops encrypt from an open disk is refused for that disk, which keeps serving plaintext",
           "[encrypt][reload]") {
   EncryptedDatastore ds;
   std::string out;

@@ -336,6 +336,23 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     map_->unpin(slot);
     if (fresh && !meta_[slot].valid.any() && map_->pins(slot) == 0) map_->erase(b);
   };
+  // A reused slot's record still names the block it held: it must name this one (with nothing
+  // valid) before anything else happens, or a later open would find the old block there.
+  if (fresh && !persist(slot).ok()) {
+    degrade("write failed while reusing a slot");
+    std::lock_guard<std::mutex> g(mu_);
+    map_->unpin(slot);
+    if (map_->pins(slot) == 0) map_->erase(b);
+    slot = kNoSlot;
+  }
+  if (slot == kNoSlot) {
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    if (!write_back()) return next_->read(io, dst, n, base + o, got);
+    size_t g = 0;
+    Status s = read_below(io, dst, n, base + o, &g);
+    *got = n;
+    return s;
+  }
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const size_t span = size_t(pe - pa) * kPage;
   bool all = true;
@@ -392,7 +409,6 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     for (uint32_t p = pa; p < pe; ++p)
       if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
     if (fill.any()) {
-      if (fresh) s = persist(slot);  // the slot's old record must not outlive its data
       for (uint32_t p = pa; s.ok() && p < pe;) {
         if (!fill.test(p)) {
           ++p;
@@ -562,8 +578,13 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       map_->unpin(slot);
       return kNoBuffer;
     }
-    for (uint32_t p : {pa, pe - 1}) {
-      if (p == pa ? o % kPage == 0 : (o + n) % kPage == 0) continue;
+    const bool head = o % kPage != 0, tail = (o + n) % kPage != 0;
+    uint32_t edges[2];
+    int ne = 0;
+    if (head) edges[ne++] = pa;
+    if (tail && !(head && pe - 1 == pa)) edges[ne++] = pe - 1;
+    for (int e = 0; e < ne; ++e) {
+      const uint32_t p = edges[e];
       uint8_t* at = tmp + size_t(p - pa) * kPage;
       if (valid.test(p)) {
         s = store_->read(slot, b, p * kPage, at, kPage);

@@ -906,6 +906,7 @@ std::string CacheFilter::stats_json() const {
   }
   std::string s = std::string("{\"mode\":\"") + cache::to_string(p_.mode) + "\"";
   s += ",\"read_hits\":" + std::to_string(h) + ",\"read_misses\":" + std::to_string(m);
+  s += ",\"hits\":" + std::to_string(h) + ",\"misses\":" + std::to_string(m);  // iofilterctl top
   s += ",\"hit_ratio\":" + std::string(ratio);
   s += ",\"bytes_cached\":" + std::to_string(valid_pages_.load() * kPage);
   s += ",\"blocks_cached\":" + std::to_string(used) + ",\"blocks\":" + std::to_string(p_.slots());
@@ -937,6 +938,13 @@ void register_cache(Registry& r) {
     cache::CacheParams p;
     if (!cache::parse_cache(params, &p).empty()) return nullptr;
     return std::make_unique<CacheFilter>(p);
+  };
+  info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
+    cache::CacheParams p;
+    std::string err = cache::parse_cache(params, &p);
+    if (!err.empty()) return err;
+    if (p.device.empty()) return "the cache is in memory: nothing outlives the daemon";
+    return cache::discard_cache_file(p.device, image);
   };
   r.add(std::move(info));
 }

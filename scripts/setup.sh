@@ -11,6 +11,8 @@ PACKAGES=(
   fio qemu-utils attr util-linux xxd procps groff-base man-db systemd
   # benchmark peer (qemu-storage-daemon) and the tools later filter tests drive
   qemu-system-common nbdkit cryptsetup-bin tmux
+  # bench/cache_bench.sh compares with nbdkit's cache filter behind nbdfuse
+  libnbd-bin
 )
 
 missing=()

@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "encrypt/encrypt_filter.h"
 #include "json.h"
 #include "units.h"
 
@@ -83,16 +82,8 @@ Status CacheFilter::open(const DiskInfo& info) {
     store_ = cache::MemStore::create(slots, p_.block, &err);
     if (!store_) degrade(err);
   } else {
-    // An encrypt filter below: the cache file gets its key (nothing there is plaintext).
-    std::shared_ptr<encrypt::XtsKey> key;
-    bool encrypted = false;
-    for (Layer* l = next_; auto* f = dynamic_cast<Filter*>(l); l = f->next()) {
-      if (auto* e = dynamic_cast<EncryptFilter*>(f)) {
-        encrypted = true;
-        key = e->data_key();
-      }
-    }
-    if (encrypted && !key) return Status::Error(EIO, "cache: the encrypt filter below has no key");
+    // An encrypt filter below: the cache file holds only sealed bytes (filter.h, AtRest).
+    std::shared_ptr<const AtRest> key = info.at_rest;
     std::unique_ptr<cache::FileStore> fs;
     cache::Replay replay;
     s = cache::FileStore::open(p_.device, info.path, slots, p_.block, key, &fs, &replay, &err);

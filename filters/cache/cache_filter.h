@@ -28,10 +28,12 @@
 // evicted. drain() (flush, quiesce, snapshot, close, policy removal) destages everything the
 // same way and returns when the layer below holds it.
 //
-// Encryption: when the policy also encrypts (an encrypt filter below), the cache file's pages
-// are encrypted with the image's own data key (aes-xts, tweak = the disk sector, the very
-// ciphertext the backing file gets), so the cache device never holds plaintext; the file's
-// header keeps a check value of the key, so another key is refused rather than misread.
+// Encryption: when the policy also encrypts (DiskInfo::at_rest, from the encrypt filter
+// below), the cache file's pages are sealed with the container's own data cipher at their disk
+// offsets (the very ciphertext the backing file gets for them), so the cache device never
+// holds plaintext; RAM is not a device and holds plaintext, as the guest's own memory does.
+// The file's header keeps a check value of the key: dirty data sealed with another key (or
+// plaintext, or sealed data under a policy that no longer encrypts) is never misread.
 //
 // Errors: a cache device that fails or fills up turns the filter into pass-through for clean
 // data (health() says `degraded: cache device ...`); a write-back write the device refuses is

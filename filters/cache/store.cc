@@ -11,7 +11,6 @@
 #include <cstring>
 #include <map>
 
-#include "encrypt/xts.h"
 
 namespace iofilterfs::cache {
 namespace {
@@ -115,12 +114,12 @@ FileStore::~FileStore() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-std::array<uint8_t, 32> FileStore::key_check(encrypt::XtsKey* key) {
+std::array<uint8_t, 32> FileStore::key_check(const AtRest* key) {
   std::array<uint8_t, 32> out{};
   if (!key) return out;
   alignas(16) uint8_t zero[512] = {}, enc[512];
-  // A tweak no disk offset uses: the check value says nothing of any data block.
-  if (!key->encrypt(zero, enc, 1, UINT64_MAX)) return out;
+  // The last sector no disk reaches: the check value says nothing of any data block.
+  if (!key->seal(UINT64_MAX / 512 * 512 - 512, zero, enc, 512).ok()) return out;
   std::memcpy(out.data(), enc, 32);
   return out;
 }
@@ -157,7 +156,7 @@ Status FileStore::reformat(uint32_t slots, uint32_t block, std::string* err) {
 }
 
 Status FileStore::open(const std::string& dir, const std::string& image, uint32_t slots, uint32_t block,
-                       std::shared_ptr<encrypt::XtsKey> key, std::unique_ptr<FileStore>* out, Replay* replay,
+                       std::shared_ptr<const AtRest> key, std::unique_ptr<FileStore>* out, Replay* replay,
                        std::string* err) {
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0) {
@@ -330,11 +329,7 @@ Status FileStore::open(const std::string& dir, const std::string& image, uint32_
 Status FileStore::read(uint32_t slot, uint64_t block, uint32_t off, void* buf, size_t len) {
   Status s = pread_all(fd_, buf, len, data_pos(slot, off));
   if (!s.ok()) return s;
-  if (key_) {
-    auto* p = static_cast<uint8_t*>(buf);
-    const uint64_t sector = (block * h_.block_size + off) / encrypt::XtsKey::kSector;
-    if (!key_->decrypt(p, p, len / encrypt::XtsKey::kSector, sector, false)) return kCipher;
-  }
+  if (key_ && !key_->unseal(block * h_.block_size + off, buf, buf, len).ok()) return kCipher;
   return Status::Ok();
 }
 
@@ -343,8 +338,7 @@ Status FileStore::write(uint32_t slot, uint64_t block, uint32_t off, const void*
   if (key_) {
     uint8_t* out = crypt_buffer(len);
     if (!out) return Status::Error(ENOMEM, "cache: no buffer to encrypt a cache block");
-    const uint64_t sector = (block * h_.block_size + off) / encrypt::XtsKey::kSector;
-    if (!key_->encrypt(static_cast<const uint8_t*>(buf), out, len / encrypt::XtsKey::kSector, sector)) return kCipher;
+    if (!key_->seal(block * h_.block_size + off, buf, out, len).ok()) return kCipher;
     src = out;
   }
   return pwrite_all(fd_, src, len, data_pos(slot, off));

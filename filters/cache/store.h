@@ -1,7 +1,9 @@
 // Where the cache keeps its blocks: RAM (MemStore) or a cache file on a fast local device
-// (FileStore, layout in format.h). Slot-addressed: read/write `len` bytes at `off` inside slot
-// `slot`, which holds disk block `block` (FileStore encrypts with the tweak of the disk offset
-// block * block_size + off when the disk is encrypted, see cache_filter.h).
+// (FileStore, layout in format.h). Slot-addressed: read/write `len` bytes (whole pages) at
+// `off` inside slot `slot`, which holds disk block `block`. When the disk is encrypted
+// (DiskInfo::at_rest), FileStore seals what it writes with the container's own cipher at the
+// disk offset block * block_size + off, and unseals what it reads: the file never holds
+// plaintext, only the very ciphertext the backing file holds for those bytes.
 //
 // Threads: read/write/put_record run concurrently for different slots; the filter serialises
 // the requests of one slot (its block's stripe lock). sync is safe at any time.
@@ -13,9 +15,8 @@
 #include <vector>
 
 #include "cache/format.h"
+#include "filter.h"
 #include "status.h"
-
-namespace iofilterfs::encrypt { class XtsKey; }
 
 namespace iofilterfs::cache {
 
@@ -69,12 +70,12 @@ struct Replay {
 class FileStore final : public Store {
  public:
   // Opens or creates DIR/<cache_file_name(image)> for `slots` slots of `block` bytes. key: the
-  // disk's data key when the image is encrypted (null otherwise). Returns an errno with *err,
+  // image's at-rest cipher when it is encrypted (null otherwise). Returns an errno with *err,
   // or Ok with *out and *replay (see Replay). Refuses (EIO, *err says why) when a record that
   // may hold dirty data is damaged, dirty pages cannot be read, or dirty data is encrypted
   // with a key this open does not have.
   static Status open(const std::string& dir, const std::string& image, uint32_t slots, uint32_t block,
-                     std::shared_ptr<encrypt::XtsKey> key, std::unique_ptr<FileStore>* out, Replay* replay,
+                     std::shared_ptr<const AtRest> key, std::unique_ptr<FileStore>* out, Replay* replay,
                      std::string* err);
   ~FileStore() override;
 
@@ -93,13 +94,13 @@ class FileStore final : public Store {
  private:
   FileStore() = default;
   uint64_t data_pos(uint32_t slot, uint32_t off) const { return h_.data_offset + uint64_t(slot) * h_.block_size + off; }
-  static std::array<uint8_t, 32> key_check(encrypt::XtsKey* key);
+  static std::array<uint8_t, 32> key_check(const AtRest* key);
 
   int fd_ = -1;
   std::string path_;
   std::string image_;
   Header h_;
-  std::shared_ptr<encrypt::XtsKey> key_;
+  std::shared_ptr<const AtRest> key_;  // null: plaintext (the image is not encrypted)
 };
 
 // `iofilterctl cache discard`: renames an image's cache file in dir to NAME.discarded (kept for

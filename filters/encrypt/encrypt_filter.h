@@ -85,9 +85,6 @@ class EncryptFilter : public Filter {
 
   // The payload offset in bytes (0 before open); for tests.
   uint64_t payload_offset() const { return payload_; }
-  // The image's data key (null before open), for a filter above that must store the image's
-  // data elsewhere encrypted (the cache filter's cache file).
-  std::shared_ptr<encrypt::XtsKey> data_key() const { return key_; }
 
  private:
   static constexpr int kLockStripes = 64;

@@ -14,7 +14,9 @@
 #   bench/cache_bench.sh [--quick]
 #
 # Environment: BENCH_RUNTIME [10] seconds per fio run, BENCH_SLOW_IOPS [500], BENCH_WSET [64M]
-# working set, BENCH_DIR [/var/tmp] where backing files live, IOFILTERFS [<repo>/build/iofilterfs].
+# working set, BENCH_DIR [/dev/shm] where the backing files and the cache files live (fast, so
+# that "fast backing" means fast and the throttle alone makes the slow one slow),
+# IOFILTERFS [<repo>/build/iofilterfs].
 # Exits 0 whatever the figures; non-zero only when something failed to run. Everything it
 # mounts or starts is undone on exit.
 set -uo pipefail
@@ -34,7 +36,7 @@ done
 bin=${IOFILTERFS:-$repo/build/iofilterfs}
 [ -x "$bin" ] || { echo "cache_bench: no daemon at $bin (bash scripts/build.sh build)" >&2; exit 1; }
 
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/cache_bench.XXXXXX")
+work=$(mktemp -d "${BENCH_DIR:-/dev/shm}/cache_bench.XXXXXX")
 pids=()
 cleanup() {
   for m in "$work/m" "$work/nbd"; do mountpoint -q "$m" 2>/dev/null && fusermount3 -u "$m" 2>/dev/null; done
@@ -45,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 mkdir -p "$work/b" "$work/m" "$work/ssd" "$work/nbd"
-for f in fast cached slow wb; do truncate -s 1G "$work/b/$f.raw"; done
+for f in fast cached slow wb; do truncate -s 512M "$work/b/$f.raw"; done
 # Real data in the working set (reads of holes would flatter every cache).
 head -c "$wset" /dev/urandom > "$work/seed"
 for f in fast cached; do dd if="$work/seed" of="$work/b/$f.raw" conv=notrunc status=none; done
@@ -54,17 +56,17 @@ cat > "$work/ds.yaml" <<YAML
 datastore:
   images: ["*.raw"]
 policies:
-  none:
+  empty:
   cached:
     cache: { memory: 256MiB, block: 64KiB, sequential-cutoff: 0 }
     throttle: { iops: $slow_iops }
   slow:
     throttle: { iops: $slow_iops }
   wb:
-    cache: { mode: write-back, device: $work/ssd, size: 1GiB, block: 64KiB, sequential-cutoff: 0 }
+    cache: { mode: write-back, device: $work/ssd, size: 512MiB, block: 64KiB, sequential-cutoff: 0 }
     throttle: { iops: $slow_iops }
 rules:
-  - { match: "fast.raw", policy: none }
+  - { match: "fast.raw", policy: empty }
   - { match: "cached.raw", policy: cached }
   - { match: "slow.raw", policy: slow }
   - { match: "wb.raw", policy: wb }
@@ -96,9 +98,9 @@ echo "   ratio cached/empty $(ratio "$cached" "$fast") (target >= 0.9)"
 exec 9<&-
 
 # 2. Write-back burst against the slow backing's own IOPS.
-slow=$(fio_iops "$work/m/slow.raw" randwrite 256M 32)
+slow=$(fio_iops "$work/m/slow.raw" randwrite 192M 32)
 exec 9<"$work/m/wb.raw"
-wb=$(fio_iops "$work/m/wb.raw" randwrite 256M 32)
+wb=$(fio_iops "$work/m/wb.raw" randwrite 192M 32)
 stats=$(getfattr -n user.iofilter.stats --only-values "$work/m/wb.raw" 2>/dev/null)
 dirty=$(python3 -c 'import json,sys; c=json.loads(sys.argv[1])["filters"]["cache"]; print(c["dirty_bytes"]//1048576, "MiB dirty,", c["bypasses"], "bypasses")' "$stats" 2>/dev/null)
 exec 9<&-
@@ -110,7 +112,7 @@ echo "   ratio write-back/slow $(ratio "$wb" "$slow") (target >= 5)"
 if command -v nbdkit >/dev/null && command -v nbdfuse >/dev/null; then
   delay=$(python3 -c "print('%dms' % max(1, round(1000/$slow_iops)))")
   nbdkit -U "$work/nbd.sock" --filter=cache --filter=delay file "$work/b/fast.raw" rdelay="$delay" wdelay="$delay" \
-         cache=writethrough --exit-with-parent -f >"$work/nbdkit.log" 2>&1 &
+         cache=writethrough cache-on-read=true --exit-with-parent -f >"$work/nbdkit.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 50); do [ -S "$work/nbd.sock" ] && break; sleep 0.1; done
   nbdfuse "$work/nbd" --unix "$work/nbd.sock" >"$work/nbdfuse.log" 2>&1 &

@@ -273,8 +273,8 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     if (off >= size) return Status::Ok();
     end = std::min(end, size);
   }
-  bool bypass;
-  {
+  bool bypass = false;
+  if (p_.sequential_cutoff) {
     std::lock_guard<std::mutex> g(mu_);
     bypass = seq_.observe(off, end - off, now_ns());
   }
@@ -297,6 +297,24 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
+  if (!store_->persistent()) {
+    // RAM: a hit is one lookup and one copy under mu_, without the stripe lock (a slot cannot
+    // be reused while mu_ is held; a write racing with this read of the same bytes may show
+    // either version, as a disk would).
+    std::lock_guard<std::mutex> g(mu_);
+    const uint32_t slot = map_->find(b);
+    if (slot != kNoSlot) {
+      const PageMask& v = meta_[slot].valid;
+      bool all = true;
+      for (uint32_t p = o / kPage, pe = (o + n + kPage - 1) / kPage; p < pe && all; ++p) all = v.test(p);
+      if (all && store_->read(slot, b, o, dst, n).ok()) {
+        (void)map_->hit(b);
+        hits_.fetch_add(1, std::memory_order_relaxed);
+        *got = n;
+        return Status::Ok();
+      }
+    }
+  }
   std::lock_guard<std::mutex> sl(stripe(b));
   uint32_t slot;
   PageMask valid, dirty;
@@ -447,8 +465,8 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
 
 Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   if (!store_) return next_->write(io, buf, len, off);
-  bool bypass;
-  {
+  bool bypass = false;
+  if (p_.sequential_cutoff) {
     std::lock_guard<std::mutex> g(mu_);
     bypass = seq_.observe(off, len, now_ns());
   }

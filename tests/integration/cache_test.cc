@@ -385,3 +385,23 @@ TEST_CASE("a cache file with a damaged record refuses the open until iofilterctl
   CHECK(sh("test -f " + q(file + ".discarded")) == 0);
   CHECK(m.stop() == 0);
 }
+
+TEST_CASE("removing a write-back cache from an open disk destages it first", "[cache][reload]") {
+  TempDir t;
+  datastore(t, {"disk.raw"}, 8,
+            "{ cache: { mode: write-back, device: " + t / "ssd" + ", size: 8MiB, sequential-cutoff: 0 } }",
+            "  plain:\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const std::string img = m.path("disk.raw");
+  Holder open(img);
+  REQUIRE(sh("head -c 2M /dev/urandom > " + q(t / "data") + " && dd if=" + q(t / "data") + " of=" + q(img) +
+             " bs=64k conv=notrunc,fsync status=none") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "dirty_bytes") == 2 << 20);
+  REQUIRE(set_xattr(img, "user.iofilter.policy", "plain") == 0);
+  CHECK(get_xattr(img, "user.iofilter.chain") == "(empty)");
+  // The backing file has every byte, with the cache gone from the chain.
+  CHECK(sh("cmp -n 2097152 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
+  CHECK(sh("cmp -n 2097152 " + q(t / "data") + " " + q(img)) == 0);
+  open.close();
+  CHECK(m.stop() == 0);
+}

@@ -498,3 +498,32 @@ TEST_CASE("every mode: random unaligned writes and reads agree with a model, bef
     CHECK(read_all(*f, 0, model.size()) == model);
   }
 }
+
+TEST_CASE("punch-hole, truncate and grow drain first and drop the cached pages", "[cache][filter]") {
+  for (const char* mode : {"write-through", "write-back"}) {
+    INFO(mode);
+    TmpDir dir;
+    testing::MemLayer below;
+    below.data.assign(1 << 20, 0);
+    iofilterfs::Status st;
+    auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below,
+                  "d.raw", &st);
+    REQUIRE(st.ok());
+    const std::string a = pattern(200000, 5);
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 1000).ok());
+    CHECK(read_all(*f, 1000, a.size()) == a);  // cached
+    REQUIRE(f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 50000, 30000).ok());
+    CHECK(f->dirty_bytes() == 0);
+    std::string expect = a;
+    std::memset(expect.data() + 49000, 0, 30000);
+    CHECK(read_all(*f, 1000, a.size()) == expect);
+    REQUIRE(f->resize(Io{}, 100000).ok());
+    uint64_t size = 0;
+    REQUIRE(f->size(&size).ok());
+    CHECK(size == 100000);
+    REQUIRE(f->resize(Io{}, 300000).ok());
+    std::string grown = expect.substr(0, 99000) + std::string(300000 - 100000, '\0');
+    CHECK(read_all(*f, 1000, 299000) == grown);
+    CHECK(std::string(below.data.data() + 1000, 299000) == grown);
+  }
+}

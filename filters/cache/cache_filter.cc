@@ -499,36 +499,34 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
 Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
   const uint64_t base = b * p_.block;
   std::lock_guard<std::mutex> sl(stripe(b));
-  Status s = next_->write(io, src, n, base + o);
-  if (!s.ok()) return s;
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
+  const bool cache_it =
+      p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
   uint32_t slot;
   {
     std::lock_guard<std::mutex> g(mu_);
     slot = map_->find(b);
-    const bool cache_it = p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe &&
-                          !degraded_.load(std::memory_order_relaxed);
     if (slot == kNoSlot && cache_it) slot = alloc_locked(b);
-    if (slot == kNoSlot) {
-      if (bypass) bypasses_.fetch_add(1, std::memory_order_relaxed);
-      return Status::Ok();
+    if (slot != kNoSlot) {
+      // The pages this write touches are stale in the cache from now on.
+      uint32_t dropped = 0;
+      for (uint32_t p = pa; p < pe; ++p)
+        if (meta_[slot].valid.test(p)) ++dropped;
+      meta_[slot].valid.clear_range(pa, pe);
+      valid_pages_.fetch_sub(dropped, std::memory_order_relaxed);
+      if (dropped) invalidations_.fetch_add(1, std::memory_order_relaxed);
+      ++meta_[slot].gen;
+      map_->pin(slot);
+    } else if (bypass) {
+      bypasses_.fetch_add(1, std::memory_order_relaxed);
     }
-    // The pages this write touches are stale in the cache until rewritten below.
-    uint32_t dropped = 0;
-    for (uint32_t p = pa; p < pe; ++p)
-      if (meta_[slot].valid.test(p)) ++dropped;
-    meta_[slot].valid.clear_range(pa, pe);
-    valid_pages_.fetch_sub(dropped, std::memory_order_relaxed);
-    if (dropped) invalidations_.fetch_add(1, std::memory_order_relaxed);
-    ++meta_[slot].gen;
-    map_->pin(slot);
   }
-  // A fresh slot's old record, or this block's pages, must read invalid before the data changes.
-  Status st = persist(slot);
-  const bool refill = st.ok() && p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe &&
-                      !degraded_.load(std::memory_order_relaxed);
-  if (refill) {
+  // The record says so before the bytes below change: a crash in between must not leave a
+  // record that vouches for the old bytes.
+  Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
+  Status s = next_->write(io, src, n, base + o);
+  if (s.ok() && st.ok() && slot != kNoSlot && cache_it) {
     st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
     if (st.ok()) {
       {
@@ -539,6 +537,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
       st = persist(slot);
     }
   }
+  if (slot == kNoSlot) return s;
   std::lock_guard<std::mutex> g(mu_);
   if (!st.ok()) {
     degrade(std::string("write failed: ") + std::strerror(st.err));
@@ -547,7 +546,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   }
   map_->unpin(slot);
   if (!meta_[slot].valid.any() && !meta_[slot].dirty.any() && map_->pins(slot) == 0) map_->erase(b);
-  return Status::Ok();  // the data is below: a cache failure is not the guest's
+  return s;  // a cache failure is not the guest's: the data is below
 }
 
 Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src,

@@ -527,3 +527,23 @@ TEST_CASE("punch-hole, truncate and grow drain first and drop the cached pages",
     CHECK(std::string(below.data.data() + 1000, 299000) == grown);
   }
 }
+
+TEST_CASE("a cache file of another geometry is destaged at open, then re-made", "[cache][filter][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  const std::string a = pattern(50000, 9);
+  {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 7000).ok());
+  }  // ends without destaging
+  CHECK(std::string(below.data.data() + 7000, a.size()) != a);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 2MiB, block: 64KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  CHECK(std::string(below.data.data() + 7000, a.size()) == a);  // destaged at open
+  CHECK(f->dirty_bytes() == 0);
+  CHECK(read_all(*f, 7000, a.size()) == a);
+}

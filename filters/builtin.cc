@@ -4,6 +4,7 @@
 // Installed so far: throttle. The replicate, cache and encrypt classes arrive with their own
 // issues.
 #include "filter.h"
+#include "cache/cache_filter.h"
 #include "encrypt/encrypt_filter.h"
 #include "throttle/throttle_filter.h"
 
@@ -12,6 +13,7 @@ namespace iofilterfs {
 void register_builtin_filters(Registry& r) {
   register_throttle(r);
   register_encrypt(r);
+  register_cache(r);
 }
 
 }  // namespace iofilterfs

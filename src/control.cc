@@ -64,7 +64,7 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
   const bool root = &inode == &ds.root();
   const std::string path = root ? "/" : ds.relpath(inode);
   const bool image_verb = key == "flush" || key == "fault" || key == "policy" || key == "quiesce" ||
-                          key == "resume" || key == "snapshot";
+                          key == "resume" || key == "snapshot" || key == "discard";
   if (!image_verb && key != "reload") {
     spdlog::warn("{}: unknown control {}", path, name);
     return Status::Error(EINVAL, "unknown control name");
@@ -110,6 +110,26 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
     return s;
   }
   std::shared_ptr<Disk> d = open_disk_of(inode);
+  if (key == "discard") {
+    // The value names the filter whose out-of-image state goes (`iofilterctl cache discard`).
+    if (d) {
+      spdlog::warn("{}: discard refused: the image is open (flush it instead)", path);
+      return Status::Error(EBUSY, "image open");
+    }
+    for (const FilterSpec& f : ds.filters_of(inode)) {
+      const FilterInfo* info = Registry::instance().find(f.name);
+      if (f.name != arg || !info || !info->discard) continue;
+      std::string err = info->discard(f.params, path);
+      if (!err.empty()) {
+        spdlog::error("{}: discard of the {} filter's state failed: {}", path, arg, err);
+        return Status::Error(EIO, "discard failed");
+      }
+      spdlog::warn("{}: the {} filter's state was discarded by the operator (its dirty data is lost)", path, arg);
+      return Status::Ok();
+    }
+    spdlog::warn("{}: discard: the image's policy has no {} filter that keeps state", path, arg);
+    return Status::Error(EINVAL, "no such filter state");
+  }
   if (key == "flush") {
     if (!d) return Status::Ok();  // nothing is held for a closed image
     Status s = d->flush();

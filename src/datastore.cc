@@ -137,6 +137,12 @@ std::string Datastore::policy_of(const Inode& i) const {
   return cfg->policy_for(relpath(i));
 }
 
+std::vector<FilterSpec> Datastore::filters_of(const Inode& i) const {
+  auto cfg = config();
+  const PolicySpec* p = cfg->find_policy(policy_of(i));
+  return p ? p->filters : std::vector<FilterSpec>{};
+}
+
 Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
   std::lock_guard<std::mutex> g(i.m);
   bool created = false;

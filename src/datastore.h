@@ -74,6 +74,8 @@ class Datastore {
   Status reload(std::string* err);
   // The policy an image gets: its persistent override, else the rules.
   std::string policy_of(const Inode& i) const;
+  // The filters of that policy (empty for none or an unknown one).
+  std::vector<FilterSpec> filters_of(const Inode& i) const;
   // Assigns (or, with an empty name, clears) an image's persistent override and re-plumbs it.
   Status set_policy(Inode& i, const std::string& name, std::string* err);
 

@@ -312,6 +312,11 @@ Status Disk::apply_fault_plan(const FaultPlan& plan) {
 std::string Disk::state() const {
   std::lock_guard<std::mutex> g(control_mu_);
   if (!failed_reason_.empty()) return "failed: " + failed_reason_;
+  std::string health;
+  chain_.for_each([&](const Filter& f, const FilterInfo&) {
+    if (health.empty()) health = f.health();
+  });
+  if (!health.empty()) return health;
   return quiesced() ? "quiesced" : "active";
 }
 

@@ -185,6 +185,9 @@ class Filter : public Layer {
   virtual std::string stats_json() const { return "{}"; }
   // Key parameters, for the chain view ("iops=500 bps=20MiB/s").
   virtual std::string describe() const { return {}; }
+  // Empty while the filter works as configured; else the disk's state, e.g. "degraded: cache
+  // device /ssd/x: write failed: No space left on device" (it still serves, in a lesser way).
+  virtual std::string health() const { return {}; }
 
  protected:
   Layer* next_ = nullptr;
@@ -218,6 +221,11 @@ struct FilterInfo {
   // that has it; a filter that keeps its own header in the file (encrypt) answers the payload's
   // size. Null: the size passes unchanged.
   std::function<uint64_t(std::string_view head, uint64_t backing_size)> visible_size;
+  // Optional: drops what the filter keeps for an image outside the image itself (a cache
+  // file's dirty blocks), for the operator who accepts losing it (`iofilterctl cache discard
+  // --force`); the image is not open. `image` is its path in the datastore. Returns "" or why
+  // not.
+  std::function<std::string(const YAML::Node& params, const std::string& image)> discard;
 };
 
 // The datastore's own settings that filters read (the `datastore:` section of the policy

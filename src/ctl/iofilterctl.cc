@@ -377,6 +377,13 @@ int main(int argc, char** argv) {
   policy->add_flag("--clear", clear, "drop the assignment: the rules apply again");
   auto* filters = app.add_subcommand("filters", "the installed filters: name, class, interface version");
   filters->add_option("MOUNT", mnt, "the mountpoint")->required();
+  bool force = false;
+  auto* cache = app.add_subcommand("cache", "the cache filter's operator commands");
+  cache->require_subcommand(1);
+  auto* cache_discard = cache->add_subcommand(
+      "discard", "drop an image's cache file, dirty data included, when it refuses to open (needs --force)");
+  cache_discard->add_option("DISK", disk, "an image in the mount (not open)")->required();
+  cache_discard->add_flag("--force", force, "accept that the dirty data the cache file holds is lost");
   auto* reload = app.add_subcommand("reload", "re-read the datastore's policy file");
   reload->add_option("MOUNT", mnt, "the mountpoint")->required();
 
@@ -447,6 +454,14 @@ int main(int argc, char** argv) {
     if (*key_remove) return iofilterctl::cmd_key_remove(disk, key_file, slot, json);
     if (*policy) return cmd_policy(disk, name, clear, json);
     if (*filters) return cmd_filters(mnt, json);
+    if (*cache_discard) {
+      if (!force) {
+        std::fprintf(stderr, "iofilterctl: %s: discarding the cache loses the dirty data it holds; add --force\n",
+                     disk.c_str());
+        return kUsage;
+      }
+      return cmd_verb(disk, "discard", "cache", json ? nullptr : "cache discarded (its dirty data is lost)");
+    }
     if (*reload) {
       int e = set(mnt, "reload", "1");
       if (e == EINVAL) {

@@ -1,0 +1,960 @@
+#include "cache/cache_filter.h"
+
+#include <spdlog/spdlog.h>
+#include <time.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "json.h"
+#include "units.h"
+
+namespace iofilterfs {
+namespace {
+
+using cache::kNoBlock;
+using cache::kNoSlot;
+using cache::kPage;
+using cache::PageMask;
+
+uint64_t now_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
+}
+
+// Per-thread scratch, apart from the buffers of the filters below (encrypt uses
+// BufferSlot::Filter while we hold ours).
+uint8_t* scratch(int which, size_t len) {
+  struct Buf {
+    uint8_t* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf b[2];
+  Buf& x = b[which];
+  if (x.n < len) {
+    std::free(x.p);
+    x.p = static_cast<uint8_t*>(std::aligned_alloc(4096, (len + 4095) & ~size_t(4095)));
+    x.n = x.p ? len : 0;
+  }
+  return x.p;
+}
+
+const Status kNoBuffer = Status::Error(ENOMEM, "cache: no scratch buffer");
+const Status kLost = Status::Error(EIO, "cache: dirty data on the cache device cannot be read");
+const Status kRecordsFail = Status::Error(EIO, "cache: the cache device refuses record updates");
+
+}  // namespace
+
+CacheFilter::CacheFilter(cache::CacheParams p)
+    : p_(std::move(p)), seq_(p_.sequential_cutoff), marks_(p_.high_watermark, p_.low_watermark) {}
+
+CacheFilter::~CacheFilter() { close(); }
+
+void CacheFilter::degrade(const std::string& why) {
+  std::lock_guard<std::mutex> g(health_mu_);
+  if (!degraded_.exchange(true)) {
+    health_ = "degraded: cache device " + why;
+    spdlog::error("{}: {}", info_.path, health_);
+  }
+}
+
+std::string CacheFilter::health() const {
+  std::lock_guard<std::mutex> g(health_mu_);
+  return health_;
+}
+
+// ---- open / close -------------------------------------------------------------------------
+
+Status CacheFilter::open(const DiskInfo& info) {
+  info_ = info;
+  uint64_t bsize = 0;
+  Status s = next_->size(&bsize);
+  if (!s.ok()) return s;
+  size_.store(bsize);
+  const uint32_t slots = p_.slots();
+  std::string err;
+  std::vector<cache::Record> live;
+  if (p_.device.empty()) {
+    store_ = cache::MemStore::create(slots, p_.block, &err);
+    if (!store_) degrade(err);
+  } else {
+    // An encrypt filter below: the cache file holds only sealed bytes (filter.h, AtRest).
+    std::shared_ptr<const AtRest> key = info.at_rest;
+    std::unique_ptr<cache::FileStore> fs;
+    cache::Replay replay;
+    s = cache::FileStore::open(p_.device, info.path, slots, p_.block, key, &fs, &replay, &err);
+    if (!s.ok()) {
+      if (replay.refuse) {
+        spdlog::error("{}: cache: {}", info.path, err);
+        static std::mutex mu;
+        static std::vector<std::unique_ptr<std::string>> kept;  // Status::what outlives the disk
+        std::lock_guard<std::mutex> g(mu);
+        if (kept.size() < 1000) kept.push_back(std::make_unique<std::string>(err));
+        return Status::Error(s.err, kept.size() < 1000 ? kept.back()->c_str() : "the cache device holds dirty data that cannot be used");
+      }
+      degrade(err);  // missing directory, full or failing device: pass-through
+    } else {
+      store_path_ = fs->path();
+      if (replay.incompatible) {
+        // Dirty data in another geometry (or plaintext now that the image encrypts): written
+        // below through the file's own layout, then the file starts over.
+        const uint32_t obs = fs->header().block_size;
+        std::vector<uint8_t> page(kPage);
+        for (const cache::Record& r : replay.live) {
+          for (uint32_t pg = 0; pg < obs / kPage; ++pg) {
+            if (!r.dirty.test(pg)) continue;
+            s = fs->read(r.slot, r.block, pg * kPage, page.data(), kPage);
+            if (s.ok()) s = next_->write(Io{}, page.data(), kPage, r.block * obs + pg * kPage);
+            if (!s.ok()) return Status::Error(EIO, "cache: dirty data of an older cache file could not be destaged");
+          }
+        }
+        s = next_->sync(Io{}, false);
+        if (s.ok()) s = fs->reformat(slots, p_.block, &err);
+        if (!s.ok()) return Status::Error(EIO, "cache: an older cache file could not be destaged and re-made");
+        spdlog::info("{}: cache: {} dirty blocks of an older cache file destaged; {} re-made", info.path,
+                     replay.live.size(), fs->path());
+      } else {
+        live = std::move(replay.live);
+        record_seq_.store(replay.max_seq);
+      }
+      store_ = std::move(fs);
+    }
+  }
+  map_ = std::make_unique<cache::BlockMap>(slots);
+  meta_.assign(slots, Meta{});
+  uint64_t dirty_blocks = 0;
+  for (const cache::Record& r : live) {
+    if (!r.valid.any() && !r.dirty.any()) continue;
+    if (!map_->place(r.block, r.slot)) continue;
+    meta_[r.slot].valid = r.valid;
+    meta_[r.slot].dirty = r.dirty;
+    valid_pages_ += r.valid.count();
+    if (r.dirty.any()) {
+      map_->set_dirty(r.slot, true);
+      dirty_pages_ += r.dirty.count();
+      ++dirty_blocks;
+      if (r.size > size_.load()) size_.store(r.size);
+    }
+  }
+  replayed_ = dirty_blocks;
+  if (!live.empty())
+    spdlog::info("{}: cache: {} blocks found in {} ({} dirty, {}), destaging", info.path, live.size(), store_path_,
+                 dirty_blocks, format_size(dirty_pages_.load() * kPage));
+  if (store_ && write_back()) start_destager();
+  if (dirty_blocks > 0) kick();
+  return Status::Ok();
+}
+
+void CacheFilter::close() {
+  stop_destager();
+  store_.reset();
+}
+
+void CacheFilter::shutdown() { stop_destager(); }
+
+void CacheFilter::start_destager() {
+  std::lock_guard<std::mutex> g(thr_mu_);
+  if (thr_.joinable()) return;
+  stop_ = false;
+  thr_ = std::thread([this] { destager(); });
+}
+
+void CacheFilter::stop_destager() {
+  {
+    std::lock_guard<std::mutex> g(thr_mu_);
+    stop_ = true;
+  }
+  thr_cv_.notify_all();
+  if (thr_.joinable()) thr_.join();
+}
+
+void CacheFilter::kick() {
+  {
+    std::lock_guard<std::mutex> g(thr_mu_);
+    kicked_ = true;
+  }
+  thr_cv_.notify_one();
+}
+
+void CacheFilter::destager() {
+  std::unique_lock<std::mutex> l(thr_mu_);
+  while (!stop_) {
+    thr_cv_.wait_for(l, std::chrono::milliseconds(250), [&] { return stop_ || kicked_; });
+    if (stop_) break;
+    const bool kicked = kicked_;
+    kicked_ = false;
+    l.unlock();
+    // Runs while the dirty share is between the marks; a kick (replayed dirty data, a degraded
+    // device) destages everything.
+    for (;;) {
+      bool run;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        run = marks_.update(map_->dirty_count(), map_->slots()) ||
+              ((kicked || degraded_.load()) && map_->dirty_count() > 0);
+      }
+      if (!run) break;
+      size_t n = 0;
+      Status s = destage_pass(64, &n);
+      if (!s.ok()) {
+        spdlog::warn("{}: cache: destaging failed ({}); retrying", info_.path, s.what ? s.what : std::strerror(s.err));
+        break;
+      }
+      std::lock_guard<std::mutex> g(thr_mu_);
+      if (stop_ || n == 0) break;
+    }
+    l.lock();
+  }
+}
+
+// ---- helpers ------------------------------------------------------------------------------
+
+uint32_t CacheFilter::alloc_locked(uint64_t b) {
+  uint64_t evicted = kNoBlock;
+  const uint32_t s = map_->insert(b, &evicted);
+  if (s == kNoSlot) return s;
+  if (evicted != kNoBlock) evictions_.fetch_add(1, std::memory_order_relaxed);
+  valid_pages_.fetch_sub(meta_[s].valid.count(), std::memory_order_relaxed);
+  meta_[s].valid = PageMask{};
+  meta_[s].dirty = PageMask{};
+  ++meta_[s].gen;
+  return s;
+}
+
+cache::Record CacheFilter::record_locked(uint32_t slot) {
+  cache::Record r;
+  r.seq = record_seq_.fetch_add(1) + 1;
+  r.block = map_->block_of(slot);
+  r.size = size_.load();
+  r.slot = slot;
+  r.flags = 1;
+  r.valid = meta_[slot].valid;
+  r.dirty = meta_[slot].dirty;
+  return r;
+}
+
+Status CacheFilter::persist(uint32_t slot) {
+  if (!store_->persistent()) return Status::Ok();
+  cache::Record r;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    r = record_locked(slot);
+  }
+  return store_->put_record(r);
+}
+
+Status CacheFilter::read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got) {
+  *got = 0;
+  while (*got < len) {
+    size_t n = 0;
+    Status s = next_->read(io, buf + *got, len - *got, off + *got, &n);
+    if (!s.ok()) return s;
+    if (n == 0) break;
+    *got += n;
+  }
+  if (*got < len) std::memset(buf + *got, 0, len - *got);
+  return Status::Ok();
+}
+
+// ---- read ---------------------------------------------------------------------------------
+
+Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
+  *got = 0;
+  if (!store_) return next_->read(io, buf, len, off, got);
+  uint64_t end = off + len;
+  if (write_back()) {
+    uint64_t size = 0;
+    Status s = this->size(&size);
+    if (!s.ok()) return s;
+    if (off >= size) return Status::Ok();
+    end = std::min(end, size);
+  }
+  bool bypass = false;
+  if (p_.sequential_cutoff) {
+    std::lock_guard<std::mutex> g(mu_);
+    bypass = seq_.observe(off, end - off, now_ns());
+  }
+  auto* dst = static_cast<uint8_t*>(buf);
+  const uint64_t bs = p_.block;
+  for (uint64_t pos = off; pos < end;) {
+    const uint64_t b = pos / bs;
+    const uint32_t o = static_cast<uint32_t>(pos % bs);
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, end - pos));
+    size_t g = 0;
+    Status s = read_block(io, b, o, n, dst + (pos - off), bypass, &g);
+    if (!s.ok()) return s;
+    *got += g;
+    if (g < n) break;  // end of file below
+    pos += n;
+  }
+  return Status::Ok();
+}
+
+Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
+                               size_t* got) {
+  const uint64_t base = b * p_.block;
+  if (!store_->persistent()) {
+    // RAM: a hit is one lookup and one copy under mu_, without the stripe lock (a slot cannot
+    // be reused while mu_ is held; a write racing with this read of the same bytes may show
+    // either version, as a disk would).
+    std::lock_guard<std::mutex> g(mu_);
+    const uint32_t slot = map_->find(b);
+    if (slot != kNoSlot) {
+      const PageMask& v = meta_[slot].valid;
+      bool all = true;
+      for (uint32_t p = o / kPage, pe = (o + n + kPage - 1) / kPage; p < pe && all; ++p) all = v.test(p);
+      if (all && store_->read(slot, b, o, dst, n).ok()) {
+        (void)map_->hit(b);
+        hits_.fetch_add(1, std::memory_order_relaxed);
+        *got = n;
+        return Status::Ok();
+      }
+    }
+  }
+  std::lock_guard<std::mutex> sl(stripe(b));
+  uint32_t slot;
+  PageMask valid, dirty;
+  bool fresh = false;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    slot = map_->hit(b);
+    if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
+      slot = alloc_locked(b);
+      fresh = slot != kNoSlot;
+    }
+    if (slot != kNoSlot) {
+      map_->pin(slot);
+      valid = meta_[slot].valid;
+      dirty = meta_[slot].dirty;
+    }
+  }
+  if (slot == kNoSlot) {
+    (bypass ? bypasses_ : misses_).fetch_add(1, std::memory_order_relaxed);
+    if (!write_back()) return next_->read(io, dst, n, base + o, got);
+    size_t g = 0;
+    Status s = read_below(io, dst, n, base + o, &g);
+    *got = n;  // write-back: clipped to the disk's size already, zeros past below's end
+    return s;
+  }
+  auto unpin = [&] {
+    std::lock_guard<std::mutex> g(mu_);
+    map_->unpin(slot);
+    if (fresh && !meta_[slot].valid.any() && map_->pins(slot) == 0) map_->erase(b);
+  };
+  // A reused slot's record still names the block it held: it must name this one (with nothing
+  // valid) before anything else happens, or a later open would find the old block there.
+  if (fresh && !persist(slot).ok()) {
+    degrade("write failed while reusing a slot");
+    std::lock_guard<std::mutex> g(mu_);
+    map_->unpin(slot);
+    if (map_->pins(slot) == 0) map_->erase(b);
+    slot = kNoSlot;
+  }
+  if (slot == kNoSlot) {
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    if (!write_back()) return next_->read(io, dst, n, base + o, got);
+    size_t g = 0;
+    Status s = read_below(io, dst, n, base + o, &g);
+    *got = n;
+    return s;
+  }
+  const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+  const size_t span = size_t(pe - pa) * kPage;
+  bool all = true;
+  for (uint32_t p = pa; p < pe && all; ++p) all = valid.test(p);
+  uint8_t* tmp = nullptr;
+  const bool aligned = o % kPage == 0 && n % kPage == 0;
+  if (all) {
+    tmp = aligned ? dst : scratch(0, span);
+    if (!tmp) {
+      unpin();
+      return kNoBuffer;
+    }
+    Status s = store_->read(slot, b, pa * kPage, tmp, span);
+    if (s.ok()) {
+      if (!aligned) std::memcpy(dst, tmp + (o - pa * kPage), n);
+      hits_.fetch_add(1, std::memory_order_relaxed);
+      *got = n;
+      unpin();
+      return Status::Ok();
+    }
+    degrade(std::string("read failed: ") + std::strerror(s.err));
+    for (uint32_t p = pa; p < pe; ++p)
+      if (dirty.test(p)) {
+        unpin();
+        return kLost;
+      }
+    // Clean: the same bytes are below.
+  }
+  misses_.fetch_add(1, std::memory_order_relaxed);
+  tmp = scratch(0, span);
+  if (!tmp) {
+    unpin();
+    return kNoBuffer;
+  }
+  size_t below = 0;
+  Status s = read_below(io, tmp, span, base + pa * kPage, &below);
+  if (!s.ok()) {
+    unpin();
+    return s;
+  }
+  // Dirty pages are newer than what came up.
+  for (uint32_t p = pa; p < pe; ++p) {
+    if (!dirty.test(p)) continue;
+    s = store_->read(slot, b, p * kPage, tmp + (p - pa) * kPage, kPage);
+    if (!s.ok()) {
+      degrade(std::string("read failed: ") + std::strerror(s.err));
+      unpin();
+      return kLost;
+    }
+  }
+  // Keep the pages that came up whole and are not cached yet.
+  if (!degraded_.load(std::memory_order_relaxed)) {
+    PageMask fill;
+    for (uint32_t p = pa; p < pe; ++p)
+      if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
+    if (fill.any()) {
+      for (uint32_t p = pa; s.ok() && p < pe;) {
+        if (!fill.test(p)) {
+          ++p;
+          continue;
+        }
+        uint32_t q = p;
+        while (q < pe && fill.test(q)) ++q;
+        s = store_->write(slot, b, p * kPage, tmp + (p - pa) * kPage, size_t(q - p) * kPage);
+        p = q;
+      }
+      if (s.ok()) {
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          for (uint32_t p = pa; p < pe; ++p)
+            if (fill.test(p) && !meta_[slot].valid.test(p)) {
+              meta_[slot].valid.set(p);
+              valid_pages_.fetch_add(1, std::memory_order_relaxed);
+            }
+        }
+        s = persist(slot);
+      }
+      if (!s.ok()) {
+        degrade(std::string("write failed: ") + std::strerror(s.err));
+        std::lock_guard<std::mutex> g(mu_);
+        for (uint32_t p = pa; p < pe; ++p)
+          if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
+            meta_[slot].valid.clear_range(p, p + 1);
+            valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+          }
+      }
+    }
+  }
+  std::memcpy(dst, tmp + (o - pa * kPage), n);
+  if (write_back()) {
+    *got = n;
+  } else {
+    const uint64_t skip = o - pa * kPage;
+    *got = below > skip ? std::min<size_t>(n, below - skip) : 0;
+  }
+  unpin();
+  return Status::Ok();
+}
+
+// ---- write --------------------------------------------------------------------------------
+
+Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
+  if (!store_) return next_->write(io, buf, len, off);
+  bool bypass = false;
+  if (p_.sequential_cutoff) {
+    std::lock_guard<std::mutex> g(mu_);
+    bypass = seq_.observe(off, len, now_ns());
+  }
+  const auto* src = static_cast<const uint8_t*>(buf);
+  const uint64_t bs = p_.block;
+  for (uint64_t pos = off; pos < off + len;) {
+    const uint64_t b = pos / bs;
+    const uint32_t o = static_cast<uint32_t>(pos % bs);
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
+    Status s = write_back() ? write_back_block(io, b, o, n, src + (pos - off), bypass)
+                            : write_block(io, b, o, n, src + (pos - off), bypass);
+    if (!s.ok()) return s;
+    pos += n;
+  }
+  if (write_back()) {
+    uint64_t sz = size_.load();
+    while (sz < off + len && !size_.compare_exchange_weak(sz, off + len)) {
+    }
+    bool high;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      high = marks_.above_high(map_->dirty_count(), map_->slots());
+    }
+    if (high) kick();
+  }
+  return Status::Ok();
+}
+
+// write-through and write-around
+Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
+  const uint64_t base = b * p_.block;
+  std::lock_guard<std::mutex> sl(stripe(b));
+  const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+  const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
+  const bool cache_it =
+      p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
+  uint32_t slot;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    slot = map_->find(b);
+    if (slot == kNoSlot && cache_it) slot = alloc_locked(b);
+    if (slot != kNoSlot) {
+      // The pages this write touches are stale in the cache from now on.
+      uint32_t dropped = 0;
+      for (uint32_t p = pa; p < pe; ++p)
+        if (meta_[slot].valid.test(p)) ++dropped;
+      meta_[slot].valid.clear_range(pa, pe);
+      valid_pages_.fetch_sub(dropped, std::memory_order_relaxed);
+      if (dropped) invalidations_.fetch_add(1, std::memory_order_relaxed);
+      ++meta_[slot].gen;
+      map_->pin(slot);
+    } else if (bypass) {
+      bypasses_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  // The record says so before the bytes below change: a crash in between must not leave a
+  // record that vouches for the old bytes.
+  Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
+  Status s = next_->write(io, src, n, base + o);
+  if (s.ok() && st.ok() && slot != kNoSlot && cache_it) {
+    st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
+    if (st.ok()) {
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        meta_[slot].valid.set_range(fa, fe);
+        valid_pages_.fetch_add(fe - fa, std::memory_order_relaxed);
+      }
+      st = persist(slot);
+    }
+  }
+  if (slot == kNoSlot) return s;
+  std::lock_guard<std::mutex> g(mu_);
+  if (!st.ok()) {
+    degrade(std::string("write failed: ") + std::strerror(st.err));
+    valid_pages_.fetch_sub(meta_[slot].valid.count(), std::memory_order_relaxed);
+    meta_[slot].valid = PageMask{};
+  }
+  map_->unpin(slot);
+  if (!meta_[slot].valid.any() && !meta_[slot].dirty.any() && map_->pins(slot) == 0) map_->erase(b);
+  return s;  // a cache failure is not the guest's: the data is below
+}
+
+Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src,
+                                     bool bypass) {
+  const uint64_t base = b * p_.block;
+  std::lock_guard<std::mutex> sl(stripe(b));
+  uint32_t slot;
+  bool fresh = false;
+  PageMask valid;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    slot = map_->find(b);
+    if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
+      slot = alloc_locked(b);
+      fresh = slot != kNoSlot;
+    }
+    if (slot != kNoSlot) {
+      map_->pin(slot);
+      valid = meta_[slot].valid;
+    }
+  }
+  if (slot == kNoSlot) {
+    // Not cached and no room (or a sequential stream, or a failed device): straight below.
+    bypasses_.fetch_add(1, std::memory_order_relaxed);
+    below_unsynced_.store(true, std::memory_order_relaxed);
+    return next_->write(io, src, n, base + o);
+  }
+  const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+  const size_t span = size_t(pe - pa) * kPage;
+  const uint8_t* data = src;
+  Status s = Status::Ok();
+  if (o % kPage || n % kPage) {
+    // Edge pages: the rest of their bytes from the cache if valid there, else from below.
+    uint8_t* tmp = scratch(1, span);
+    if (!tmp) {
+      std::lock_guard<std::mutex> g(mu_);
+      map_->unpin(slot);
+      return kNoBuffer;
+    }
+    const bool head = o % kPage != 0, tail = (o + n) % kPage != 0;
+    uint32_t edges[2];
+    int ne = 0;
+    if (head) edges[ne++] = pa;
+    if (tail && !(head && pe - 1 == pa)) edges[ne++] = pe - 1;
+    for (int e = 0; e < ne; ++e) {
+      const uint32_t p = edges[e];
+      uint8_t* at = tmp + size_t(p - pa) * kPage;
+      if (valid.test(p)) {
+        s = store_->read(slot, b, p * kPage, at, kPage);
+      } else {
+        size_t g = 0;
+        s = read_below(io, at, kPage, base + p * kPage, &g);
+      }
+      if (!s.ok()) break;
+    }
+    if (!s.ok() && valid.any()) {
+      // The cached copy of an edge page cannot be read.
+      degrade(std::string("read failed: ") + std::strerror(s.err));
+    }
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> g(mu_);
+      map_->unpin(slot);
+      return s.err ? s : kLost;
+    }
+    std::memcpy(tmp + (o - pa * kPage), src, n);
+    data = tmp;
+  }
+  if (fresh) s = persist(slot);  // the slot's old record must not outlive its old data
+  if (s.ok()) s = store_->write(slot, b, pa * kPage, data, span);
+  if (s.ok()) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      Meta& m = meta_[slot];
+      for (uint32_t p = pa; p < pe; ++p) {
+        if (!m.valid.test(p)) valid_pages_.fetch_add(1, std::memory_order_relaxed);
+        if (!m.dirty.test(p)) dirty_pages_.fetch_add(1, std::memory_order_relaxed);
+      }
+      m.valid.set_range(pa, pe);
+      m.dirty.set_range(pa, pe);
+      ++m.gen;
+      map_->set_dirty(slot, true);
+      uint64_t sz = size_.load();
+      while (sz < base + o + n && !size_.compare_exchange_weak(sz, base + o + n)) {
+      }
+    }
+    s = persist(slot);  // acknowledged only once the record says so
+    if (s.ok()) {
+      std::lock_guard<std::mutex> g(mu_);
+      map_->unpin(slot);
+      return Status::Ok();
+    }
+  }
+  degrade(std::string("write failed: ") + std::strerror(s.err));
+  return evacuate(io, b, slot, pa, pe, data);
+}
+
+Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe,
+                             const uint8_t* pages_data) {
+  const uint64_t base = b * p_.block;
+  PageMask dirty;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    dirty = meta_[slot].dirty;
+  }
+  Status s = next_->write(io, pages_data, size_t(pe - pa) * kPage, base + pa * kPage);
+  std::vector<uint8_t> page;  // the error path only
+  for (uint32_t p = 0; s.ok() && p < pages(); ++p) {
+    if (!dirty.test(p) || (p >= pa && p < pe)) continue;
+    page.resize(kPage);
+    s = store_->read(slot, b, p * kPage, page.data(), kPage);
+    if (!s.ok()) s = kLost;
+    else s = next_->write(io, page.data(), kPage, base + p * kPage);
+  }
+  if (s.ok()) s = next_->sync(io, false);
+  std::lock_guard<std::mutex> g(mu_);
+  map_->unpin(slot);
+  if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
+  Meta& m = meta_[slot];
+  valid_pages_.fetch_sub(m.valid.count(), std::memory_order_relaxed);
+  dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
+  m.valid = PageMask{};
+  m.dirty = PageMask{};
+  ++m.gen;
+  map_->set_dirty(slot, false);
+  cache::Record r = record_locked(slot);  // an empty record: the block is gone from the cache
+  if (map_->pins(slot) == 0) map_->erase(b);
+  if (store_->persistent() && !store_->put_record(r).ok()) {
+    // The data is below, but the file still names it dirty: a later open would destage
+    // older bytes over it. Said loudly; the guest sees the error.
+    spdlog::error("{}: cache: {} refuses record updates; discard it (iofilterctl cache discard --force) before "
+                  "this image opens again",
+                  info_.path, store_path_);
+    return kRecordsFail;
+  }
+  return Status::Ok();
+}
+
+// ---- destage ------------------------------------------------------------------------------
+
+Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
+  *cleaned = 0;
+  if (!store_ || !write_back()) return Status::Ok();
+  std::lock_guard<std::mutex> dg(destage_mu_);
+  struct Item {
+    uint64_t block;
+    uint32_t slot;
+    uint64_t gen;
+    PageMask dirty;
+  };
+  std::vector<Item> items;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    const size_t n = map_->slots();
+    for (size_t i = 0; i < n && items.size() < max_blocks; ++i) {
+      const uint32_t s = static_cast<uint32_t>((cursor_ + i) % n);
+      if (map_->dirty(s)) items.push_back(Item{map_->block_of(s), s, 0, {}});
+    }
+    cursor_ = items.empty() ? cursor_ : (items.back().slot + 1) % n;
+  }
+  if (items.empty()) return Status::Ok();
+  uint8_t* buf = nullptr;
+  uint64_t bytes = 0;
+  for (Item& it : items) {
+    std::lock_guard<std::mutex> sl(stripe(it.block));
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (map_->find(it.block) != it.slot) {
+        it.slot = kNoSlot;
+        continue;
+      }
+      it.gen = meta_[it.slot].gen;
+      it.dirty = meta_[it.slot].dirty;
+      map_->pin(it.slot);
+    }
+    Status s = Status::Ok();
+    for (uint32_t p = 0; s.ok() && p < pages();) {
+      if (!it.dirty.test(p)) {
+        ++p;
+        continue;
+      }
+      uint32_t q = p;
+      while (q < pages() && it.dirty.test(q)) ++q;
+      const size_t len = size_t(q - p) * kPage;
+      if (!buf) buf = scratch(1, p_.block);
+      if (!buf) s = kNoBuffer;
+      if (s.ok()) s = store_->read(it.slot, it.block, p * kPage, buf, len);
+      if (!s.ok() && s.err != ENOMEM) {
+        degrade(std::string("read failed: ") + std::strerror(s.err));
+        s = kLost;
+      }
+      if (s.ok()) s = next_->write(Io{}, buf, len, it.block * p_.block + p * kPage);
+      bytes += len;
+      p = q;
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      map_->unpin(it.slot);
+    }
+    if (!s.ok()) return s;
+  }
+  // Below holds it for good before the cache forgets it is dirty.
+  Status s = next_->sync(Io{}, false);
+  if (!s.ok()) return s;
+  for (Item& it : items) {
+    if (it.slot == kNoSlot) continue;
+    std::lock_guard<std::mutex> sl(stripe(it.block));
+    cache::Record r;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (map_->find(it.block) != it.slot || meta_[it.slot].gen != it.gen) continue;  // written meanwhile
+      Meta& m = meta_[it.slot];
+      dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
+      m.dirty = PageMask{};
+      r = record_locked(it.slot);
+    }
+    if (store_->persistent()) {
+      s = store_->put_record(r);
+      if (!s.ok()) {
+        degrade(std::string("write failed: ") + std::strerror(s.err));
+        return s;  // the slots stay pinned as dirty in the map: never evicted on a stale record
+      }
+    }
+  }
+  // The clean records are durable before their slots may be reused.
+  s = store_->sync();
+  if (!s.ok()) {
+    degrade(std::string("sync failed: ") + std::strerror(s.err));
+    return s;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  for (Item& it : items) {
+    if (it.slot == kNoSlot || map_->find(it.block) != it.slot) continue;
+    if (!meta_[it.slot].dirty.any()) {
+      map_->set_dirty(it.slot, false);
+      ++*cleaned;
+    }
+  }
+  destaged_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  rate_.add(bytes, now_ns());
+  return Status::Ok();
+}
+
+Status CacheFilter::drain() {
+  if (!store_ || !write_back()) return Status::Ok();
+  for (int round = 0;; ++round) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (map_->dirty_count() == 0) break;
+    }
+    size_t n = 0;
+    Status s = destage_pass(256, &n);
+    if (!s.ok()) return s;
+    if (round > 1000000) return Status::Error(EBUSY, "cache: dirty data keeps coming while draining");
+  }
+  below_unsynced_.store(false);
+  return Status::Ok();
+}
+
+// ---- the rest of the data path ------------------------------------------------------------
+
+Status CacheFilter::sync(const Io& io, bool datasync) {
+  if (!store_ || !write_back()) return next_->sync(io, datasync);
+  Status s = store_->sync();
+  if (!s.ok()) {
+    // What was acknowledged may not be durable on the device: write it all below instead.
+    degrade(std::string("sync failed: ") + std::strerror(s.err));
+    s = drain();
+    if (!s.ok()) return s;
+    return next_->sync(io, datasync);
+  }
+  if (below_unsynced_.exchange(false)) {
+    s = next_->sync(io, datasync);
+    if (!s.ok()) below_unsynced_.store(true);
+  }
+  return s;
+}
+
+void CacheFilter::invalidate(uint64_t off, uint64_t end) {
+  if (end <= off) return;
+  const uint64_t fb = off / p_.block, lb = (end - 1) / p_.block;
+  std::vector<std::pair<uint64_t, uint32_t>> hit;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (uint32_t s = 0; s < map_->slots(); ++s) {
+      const uint64_t b = map_->block_of(s);
+      if (map_->queue_of(s) != cache::BlockMap::Queue::Free && b >= fb && b <= lb) hit.emplace_back(b, s);
+    }
+  }
+  for (auto [b, slot] : hit) {
+    std::lock_guard<std::mutex> sl(stripe(b));
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (map_->find(b) != slot) continue;
+      const uint64_t base = b * p_.block;
+      const uint32_t pa = static_cast<uint32_t>(off > base ? (off - base) / kPage : 0);
+      const uint32_t pe = static_cast<uint32_t>(std::min<uint64_t>(pages(), (end - base + kPage - 1) / kPage));
+      Meta& m = meta_[slot];
+      for (uint32_t p = pa; p < pe; ++p) {
+        if (m.valid.test(p)) valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+        if (m.dirty.test(p)) dirty_pages_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      m.valid.clear_range(pa, pe);
+      m.dirty.clear_range(pa, pe);
+      ++m.gen;
+      if (!m.dirty.any()) map_->set_dirty(slot, false);
+      invalidations_.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (!persist(slot).ok()) degrade("write failed while dropping blocks");
+  }
+}
+
+Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
+  if (!store_) return next_->fallocate(io, mode, off, len);
+  Status s = drain();
+  if (!s.ok()) return s;
+  s = next_->fallocate(io, mode, off, len);
+  if (!s.ok()) return s;
+  invalidate(off, off + len);
+  uint64_t below = 0;
+  if (next_->size(&below).ok()) size_.store(below);
+  return s;
+}
+
+Status CacheFilter::resize(const Io& io, uint64_t size) {
+  if (!store_) return next_->resize(io, size);
+  Status s = drain();
+  if (!s.ok()) return s;
+  s = next_->resize(io, size);
+  if (!s.ok()) return s;
+  invalidate(size / kPage * kPage, UINT64_MAX - p_.block);
+  size_.store(size);
+  return s;
+}
+
+Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
+  if (store_ && write_back() && dirty_bytes() > 0) {
+    Status s = drain();  // below's holes are the truth only once nothing is dirty
+    if (!s.ok()) return s;
+  }
+  return next_->seek(io, off, whence, result);
+}
+
+Status CacheFilter::size(uint64_t* out) {
+  Status s = next_->size(out);
+  if (s.ok() && store_ && write_back()) *out = std::max(*out, size_.load());
+  return s;
+}
+
+// ---- reporting ----------------------------------------------------------------------------
+
+uint64_t CacheFilter::dirty_bytes() const { return dirty_pages_.load(std::memory_order_relaxed) * kPage; }
+
+std::string CacheFilter::stats_json() const {
+  const uint64_t h = hits_.load(), m = misses_.load();
+  char ratio[32];
+  std::snprintf(ratio, sizeof ratio, "%.4f", h + m ? double(h) / double(h + m) : 0.0);
+  uint64_t rate = 0, used = 0, dirty_blocks = 0;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (map_) {
+      rate = rate_.per_second(now_ns());
+      used = map_->used();
+      dirty_blocks = map_->dirty_count();
+    }
+  }
+  std::string s = std::string("{\"mode\":\"") + cache::to_string(p_.mode) + "\"";
+  s += ",\"read_hits\":" + std::to_string(h) + ",\"read_misses\":" + std::to_string(m);
+  s += ",\"hits\":" + std::to_string(h) + ",\"misses\":" + std::to_string(m);  // iofilterctl top
+  s += ",\"hit_ratio\":" + std::string(ratio);
+  s += ",\"bytes_cached\":" + std::to_string(valid_pages_.load() * kPage);
+  s += ",\"blocks_cached\":" + std::to_string(used) + ",\"blocks\":" + std::to_string(p_.slots());
+  s += ",\"dirty_bytes\":" + std::to_string(dirty_bytes()) + ",\"dirty_blocks\":" + std::to_string(dirty_blocks);
+  s += ",\"destaged_bytes\":" + std::to_string(destaged_bytes_.load());
+  s += ",\"destage_rate\":" + std::to_string(rate);
+  s += ",\"evictions\":" + std::to_string(evictions_.load()) + ",\"bypasses\":" + std::to_string(bypasses_.load());
+  s += ",\"invalidations\":" + std::to_string(invalidations_.load());
+  s += ",\"replayed_dirty_blocks\":" + std::to_string(replayed_.load());
+  s += ",\"device\":" + json_str(store_path_);
+  std::string hl = health();
+  s += ",\"state\":" + json_str(hl.empty() ? "ok" : hl) + "}";
+  return s;
+}
+
+std::string CacheFilter::describe() const { return cache::describe_cache(p_); }
+
+void register_cache(Registry& r) {
+  FilterInfo info;
+  info.name = "cache";
+  info.cls = FilterClass::Cache;
+  info.api_version = kFilterApiVersion;
+  info.description =
+      "caches blocks in RAM or in a cache file on a fast device: write-through, write-around, or write-back with "
+      "crash-safe dirty data and background destaging between watermarks; S3-FIFO eviction, sequential bypass";
+  info.params = cache::cache_keys();
+  info.validate = [](const YAML::Node& params, YAML::Node* where) { return cache::validate_cache(params, where); };
+  info.create = [](const YAML::Node& params) -> std::unique_ptr<Filter> {
+    cache::CacheParams p;
+    if (!cache::parse_cache(params, &p).empty()) return nullptr;
+    return std::make_unique<CacheFilter>(p);
+  };
+  info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
+    cache::CacheParams p;
+    std::string err = cache::parse_cache(params, &p);
+    if (!err.empty()) return err;
+    if (p.device.empty()) return "the cache is in memory: nothing outlives the daemon";
+    return cache::discard_cache_file(p.device, image);
+  };
+  r.add(std::move(info));
+}
+
+}  // namespace iofilterfs

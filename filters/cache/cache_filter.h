@@ -1,0 +1,159 @@
+// The cache filter (class cache: below replicate, above throttle and encrypt). A thin adapter
+// over block_map.h (which block is in which slot, S3-FIFO eviction), policy.h (sequential
+// cutoff, watermarks, destage rate), store.h (RAM or a cache file) and params.h.
+//
+// The cache's unit is a block (`block:`, 64 KiB by default) and inside it a 4 KiB page: a slot
+// holds one disk block, and each page of it is valid (holds the disk's bytes) and possibly
+// dirty (holds bytes the layer below lacks). A 4 KiB request never moves more than 4 KiB.
+//
+// Requests, per block they touch, under the block's stripe lock (so two requests of one block
+// take turns; requests of other blocks run in parallel):
+//   read      all pages valid: served from the store (a hit). Otherwise read below; dirty
+//             pages are laid over what came up, and the pages read whole are kept (a miss).
+//             A stream past `sequential-cutoff` neither fills nor counts as a miss (a bypass).
+//   write     write-through: below first, then the store (edge pages a write covers only in
+//             part are dropped from the cache); write-around: below, then the pages are
+//             dropped; write-back: the pages go to the store (an edge page not cached is read
+//             from below first), then the slot's record; then the write completes. A block
+//             that finds no slot (every slot dirty) goes below, as does a sequential stream.
+//   sync      write-back on a device: fdatasync of the cache file (what was acknowledged is
+//             then durable), and a sync below if anything went there since the last one.
+//   fallocate/resize/seek
+//             drain first (nothing dirty left), then the pages of the range are dropped and
+//             the request passes down.
+//
+// Destaging (write-back): a thread writes dirty pages below in batches once the dirty share
+// reaches high-watermark and until it is down to low-watermark; then it syncs below, then
+// writes the slots' clean records and syncs the cache file, and only then may those slots be
+// evicted. drain() (flush, quiesce, snapshot, close, policy removal) destages everything the
+// same way and returns when the layer below holds it.
+//
+// Encryption: when the policy also encrypts (DiskInfo::at_rest, from the encrypt filter
+// below), the cache file's pages are sealed with the container's own data cipher at their disk
+// offsets (the very ciphertext the backing file gets for them), so the cache device never
+// holds plaintext; RAM is not a device and holds plaintext, as the guest's own memory does.
+// The file's header keeps a check value of the key: dirty data sealed with another key (or
+// plaintext, or sealed data under a policy that no longer encrypts) is never misread.
+//
+// Errors: a cache device that fails or fills up turns the filter into pass-through for clean
+// data (health() says `degraded: cache device ...`); a write-back write the device refuses is
+// written below instead, together with the block's dirty pages, and the block leaves the
+// cache. Only dirty data that can no longer be read is an error the guest sees.
+//
+// Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
+// Lock order: a stripe lock (one at a time), then mu_ (slot map, masks, counters that are not
+// atomic). No store or layer-below I/O happens under mu_. destage_mu_ (one destage pass at a
+// time) comes before the stripe locks.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cache/block_map.h"
+#include "cache/params.h"
+#include "cache/policy.h"
+#include "cache/store.h"
+#include "filter.h"
+
+namespace iofilterfs {
+
+class CacheFilter : public Filter {
+ public:
+  explicit CacheFilter(cache::CacheParams p);
+  ~CacheFilter() override;
+
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override;
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override;
+  Status sync(const Io& io, bool datasync) override;
+  Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len) override;
+  Status resize(const Io& io, uint64_t size) override;
+  Status seek(const Io& io, uint64_t off, int whence, uint64_t* result) override;
+  Status size(uint64_t* out) override;
+
+  Status open(const DiskInfo& info) override;
+  void close() override;
+  Status drain() override;
+  void shutdown() override;
+
+  uint64_t dirty_bytes() const override;
+  std::string stats_json() const override;
+  std::string describe() const override;
+  std::string health() const override;
+
+  // Runs one destage pass now (tests); returns the blocks it cleaned.
+  size_t destage_once() { size_t n = 0; (void)destage_pass(SIZE_MAX, &n); return n; }
+  const cache::CacheParams& params() const { return p_; }
+
+ private:
+  struct Meta {
+    cache::PageMask valid, dirty;
+    uint64_t gen = 0;  // bumped by every write into the slot
+  };
+  static constexpr int kStripes = 64;
+  std::mutex& stripe(uint64_t block) { return stripes_[(block * 0x9E3779B97F4A7C15ull) >> 58]; }
+  uint32_t pages() const { return p_.block / cache::kPage; }
+  bool write_back() const { return p_.mode == cache::Mode::WriteBack; }
+
+  Status read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass, size_t* got);
+  Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  Status write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  // A slot for block b (mu_ held); kNoSlot when none is free or evictable.
+  uint32_t alloc_locked(uint64_t b);
+  cache::Record record_locked(uint32_t slot);
+  // Writes slot's record (stripe of its block held, mu_ not).
+  Status persist(uint32_t slot);
+  // Reads [off, off+len) from below into buf, zero-filling past the end; *got what came up.
+  Status read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got);
+  // Write-back block whose store write failed: its bytes and its other dirty pages go below,
+  // then it leaves the cache (stripe held, slot pinned and unpinned here).
+  Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe, const uint8_t* pages_data);
+  // Drops pages of [off, end) from the cache (nothing dirty there: drained first).
+  void invalidate(uint64_t off, uint64_t end);
+  Status destage_pass(size_t max_blocks, size_t* cleaned);
+  void destager();
+  void kick();
+  void degrade(const std::string& why);
+  void start_destager();
+  void stop_destager();
+
+  cache::CacheParams p_;
+  DiskInfo info_;
+  std::unique_ptr<cache::Store> store_;  // null: pass-through (degraded at open)
+  std::string store_path_;
+
+  mutable std::mutex mu_;
+  std::unique_ptr<cache::BlockMap> map_;  // under mu_
+  std::vector<Meta> meta_;                // under mu_
+  cache::SequentialCutoff seq_;           // under mu_
+  cache::Watermarks marks_;               // under mu_
+  cache::RateMeter rate_;                 // under mu_
+  size_t cursor_ = 0;                     // destage scan position, under mu_
+  std::array<std::mutex, kStripes> stripes_;
+
+  std::atomic<uint64_t> record_seq_{0};
+  std::atomic<uint64_t> size_{0};  // write-back: the disk's size including dirty data past below's end
+  std::atomic<bool> below_unsynced_{false};
+  std::atomic<bool> degraded_{false};
+  mutable std::mutex health_mu_;
+  std::string health_;  // under health_mu_
+
+  std::atomic<uint64_t> hits_{0}, misses_{0}, bypasses_{0}, evictions_{0}, invalidations_{0};
+  std::atomic<uint64_t> valid_pages_{0}, dirty_pages_{0}, destaged_bytes_{0}, replayed_{0};
+
+  std::mutex destage_mu_;
+  std::mutex thr_mu_;
+  std::condition_variable thr_cv_;
+  bool stop_ = false;    // under thr_mu_
+  bool kicked_ = false;  // under thr_mu_
+  std::thread thr_;
+};
+
+void register_cache(Registry& r);
+
+}  // namespace iofilterfs

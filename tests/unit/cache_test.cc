@@ -1,0 +1,549 @@
+// The cache filter's pure parts, exactly: the block table and S3-FIFO map (scan resistance,
+// dirty and pinned slots never evicted), the sequential cutoff, the watermarks and the destage
+// rate with the time passed in, the cache file's header and records, the parameters
+// (table-driven); then the filter itself over a memory layer: hits, write-around
+// invalidation, and a write-back cache file that survives the filter's sudden end.
+#include <catch2/catch.hpp>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cache/block_map.h"
+#include "cache/cache_filter.h"
+#include "cache/format.h"
+#include "cache/params.h"
+#include "cache/policy.h"
+#include "mem_layer.h"
+
+using namespace iofilterfs::cache;
+using iofilterfs::CacheFilter;
+using iofilterfs::DiskInfo;
+using iofilterfs::Io;
+
+TEST_CASE("block table: puts, finds and erases like a map, through collisions", "[cache][map]") {
+  BlockTable t(1000);
+  std::map<uint64_t, uint32_t> ref;
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 20000; ++i) {
+    const uint64_t k = rng() % 1500;
+    if (rng() % 3 == 0) {
+      CHECK(t.erase(k) == (ref.erase(k) == 1));
+    } else if (ref.size() < 1000 || ref.count(k)) {
+      const uint32_t v = static_cast<uint32_t>(rng() % 100000);
+      t.put(k, v);
+      ref[k] = v;
+    }
+    if (i % 1000 == 0) {
+      for (uint64_t q = 0; q < 1500; ++q) {
+        auto it = ref.find(q);
+        REQUIRE(t.find(q) == (it == ref.end() ? kNoSlot : it->second));
+      }
+    }
+  }
+  CHECK(t.size() == ref.size());
+}
+
+TEST_CASE("block map: free slots first, then the small queue's unreused blocks are evicted", "[cache][map]") {
+  BlockMap m(10);  // small queue target: 1 slot
+  uint64_t ev = 0;
+  for (uint64_t b = 0; b < 10; ++b) {
+    REQUIRE(m.insert(b, &ev) != kNoSlot);
+    CHECK(ev == kNoBlock);
+  }
+  CHECK(m.used() == 10);
+  // Every block is in the small queue; the oldest unreused one goes first, into the ghost.
+  REQUIRE(m.insert(100, &ev) != kNoSlot);
+  CHECK(ev == 0);
+  CHECK(m.find(0) == kNoSlot);
+  CHECK(m.in_ghost(0));
+  // A block that comes back from the ghost goes to the main queue.
+  const uint32_t s = m.insert(0, &ev);
+  REQUIRE(s != kNoSlot);
+  CHECK(m.queue_of(s) == BlockMap::Queue::Main);
+  CHECK_FALSE(m.in_ghost(0));
+}
+
+TEST_CASE("block map: a working set survives a scan ten times the cache's size (LRU would lose it)",
+          "[cache][map]") {
+  BlockMap m(100);
+  uint64_t ev = 0;
+  // A working set of 50 blocks, each used twice.
+  for (int round = 0; round < 2; ++round)
+    for (uint64_t b = 0; b < 50; ++b)
+      if (m.hit(b) == kNoSlot) REQUIRE(m.insert(b, &ev) != kNoSlot);
+  // A scan of 1000 blocks seen once, with the working set used now and then.
+  for (uint64_t i = 0; i < 1000; ++i) {
+    if (m.hit(1000 + i) == kNoSlot) REQUIRE(m.insert(1000 + i, &ev) != kNoSlot);
+    if (i % 20 == 0)
+      for (uint64_t b = 0; b < 50; ++b) (void)m.hit(b);
+  }
+  int kept = 0;
+  for (uint64_t b = 0; b < 50; ++b) kept += m.find(b) != kNoSlot;
+  CHECK(kept == 50);
+}
+
+TEST_CASE("block map: dirty and pinned slots are never evicted; full of them, insert fails", "[cache][map]") {
+  BlockMap m(16);
+  uint64_t ev = 0;
+  std::vector<uint32_t> slots;
+  for (uint64_t b = 0; b < 16; ++b) slots.push_back(m.insert(b, &ev));
+  for (int i = 0; i < 15; ++i) m.set_dirty(slots[i], true);
+  m.pin(slots[15]);
+  CHECK(m.dirty_count() == 15);
+  CHECK(m.insert(99, &ev) == kNoSlot);
+  m.unpin(slots[15]);
+  const uint32_t s = m.insert(99, &ev);
+  CHECK(s == slots[15]);
+  CHECK(ev == 15);
+  for (uint64_t b = 0; b < 15; ++b) CHECK(m.find(b) == slots[b]);
+  // Cleaned, a slot is evictable again.
+  m.set_dirty(slots[3], false);
+  CHECK(m.insert(100, &ev) != kNoSlot);
+  CHECK(m.dirty_count() == 14);
+}
+
+TEST_CASE("block map: place() rebuilds a replayed map, erase() frees the slot", "[cache][map]") {
+  BlockMap m(16);
+  CHECK(m.place(42, 7));
+  CHECK_FALSE(m.place(43, 7));  // taken
+  CHECK_FALSE(m.place(42, 8));  // mapped already
+  CHECK(m.find(42) == 7);
+  m.set_dirty(7, true);
+  m.erase(42);
+  CHECK(m.find(42) == kNoSlot);
+  CHECK(m.dirty_count() == 0);
+  CHECK(m.used() == 0);
+  CHECK(m.place(43, 7));
+}
+
+TEST_CASE("sequential cutoff: a stream bypasses once it has moved the cutoff, others do not", "[cache][policy]") {
+  SequentialCutoff c(1 << 20);
+  uint64_t t = 1000;
+  // 256 KiB requests: the 4th makes 1 MiB.
+  CHECK_FALSE(c.observe(0, 256 << 10, t));
+  CHECK_FALSE(c.observe(256 << 10, 256 << 10, t));
+  CHECK_FALSE(c.observe(512 << 10, 256 << 10, t));
+  CHECK(c.observe(768 << 10, 256 << 10, t));
+  CHECK(c.observe(1 << 20, 4096, t));
+  // A random request elsewhere, and a second stream interleaved with the first, do not.
+  CHECK_FALSE(c.observe(100ull << 20, 4096, t));
+  CHECK_FALSE(c.observe(200ull << 20, 256 << 10, t));
+  CHECK(c.observe((1 << 20) + 4096, 4096, t));
+  // After five idle seconds the stream is forgotten.
+  CHECK_FALSE(c.observe((1 << 20) + 8192, 4096, t + SequentialCutoff::kIdleNs + 1));
+  // One request as big as the cutoff bypasses on its own; cutoff 0 never bypasses.
+  CHECK(c.observe(500ull << 20, 1 << 20, t));
+  SequentialCutoff off(0);
+  CHECK_FALSE(off.observe(0, 1ull << 30, t));
+}
+
+TEST_CASE("watermarks: start at the high mark, run down to the low mark", "[cache][policy]") {
+  Watermarks w(50, 25);
+  CHECK_FALSE(w.update(49, 100));
+  CHECK(w.update(50, 100));
+  CHECK(w.update(30, 100));
+  CHECK(w.update(26, 100));
+  CHECK_FALSE(w.update(25, 100));
+  CHECK_FALSE(w.update(49, 100));
+  CHECK(w.above_high(50, 100));
+  CHECK_FALSE(w.above_high(49, 100));
+}
+
+TEST_CASE("rate meter: bytes in the last whole second", "[cache][policy]") {
+  RateMeter r;
+  const uint64_t s = 1'000'000'000ull;
+  r.add(100, 10 * s);
+  r.add(50, 10 * s + s / 2);
+  CHECK(r.per_second(10 * s + s / 2) == 0);  // second 10 is not over
+  CHECK(r.per_second(11 * s) == 150);
+  r.add(7, 11 * s + 1);
+  CHECK(r.per_second(11 * s + 2) == 150);
+  CHECK(r.per_second(12 * s) == 7);
+  CHECK(r.per_second(13 * s) == 0);
+}
+
+TEST_CASE("cache file header and records: round trip, checksums, empty records", "[cache][format]") {
+  Header h;
+  h.block_size = 65536;
+  h.slots = 1000;
+  h.data_offset = Header::data_offset_for(1000);
+  h.encrypted = true;
+  h.key_check[0] = 9;
+  h.image = "vm1/disk.raw";
+  h.boot_id = "1234-abcd";
+  std::vector<uint8_t> buf(kHeaderSize);
+  encode_header(h, buf.data());
+  Header g;
+  REQUIRE(decode_header(buf.data(), &g) == "");
+  CHECK(g.block_size == 65536);
+  CHECK(g.slots == 1000);
+  CHECK(g.data_offset == 4096 + 128000 + 3072);  // rounded up to 4 KiB
+  CHECK(g.encrypted);
+  CHECK(g.key_check == h.key_check);
+  CHECK(g.image == "vm1/disk.raw");
+  CHECK(g.boot_id == "1234-abcd");
+  buf[100] ^= 1;
+  CHECK(decode_header(buf.data(), &g) == "the cache file's header checksum is wrong");
+  buf[0] = 'X';
+  CHECK(decode_header(buf.data(), &g).find("no IOFCACH1 magic") != std::string::npos);
+
+  Record r;
+  r.seq = 77;
+  r.block = 123456789;
+  r.size = 1 << 30;
+  r.slot = 999;
+  r.flags = 1;
+  r.valid.set_range(0, 256);
+  r.dirty.set(3);
+  r.dirty.set(255);
+  uint8_t rec[kRecordSize];
+  encode_record(r, rec);
+  Record q;
+  REQUIRE(decode_record(rec, &q) == RecordState::Ok);
+  CHECK(q.seq == 77);
+  CHECK(q.block == 123456789);
+  CHECK(q.size == (1u << 30));
+  CHECK(q.slot == 999);
+  CHECK(q.valid.count() == 256);
+  CHECK(q.dirty.count() == 2);
+  CHECK(q.dirty.test(255));
+  rec[40] ^= 0x10;
+  CHECK(decode_record(rec, &q) == RecordState::Corrupt);
+  std::memset(rec, 0, sizeof rec);
+  CHECK(decode_record(rec, &q) == RecordState::Empty);
+  CHECK(crc32c("123456789", 9) == 0xE3069283u);  // the CRC-32C check value
+  CHECK(cache_file_name("vm1/a%b.raw") == "vm1%2Fa%25b.raw.iofcache");
+}
+
+namespace {
+
+struct Case {
+  const char* yaml;
+  const char* error;  // "" when valid; else a piece of the message
+};
+
+}  // namespace
+
+TEST_CASE("cache parameters: good and bad, with precise messages", "[cache][params]") {
+  const Case cases[] = {
+      {"{memory: 64MiB}", ""},
+      {"{mode: write-around, memory: 1GiB, block: 4KiB}", ""},
+      {"{mode: write-back, device: /ssd, size: 8GiB, high-watermark: 80, low-watermark: 40%}", ""},
+      {"{mode: write-back, memory: 64MiB, unsafe: true}", ""},
+      {"{memory: 64MiB, sequential-cutoff: 0}", ""},
+      {"", "no cache storage given"},
+      {"{mode: write-through}", "no cache storage given"},
+      {"[1, 2]", "parameters must be a mapping, not a list"},
+      {"{memory: 64MiB, mode: writeback}", "mode must be write-through, write-back or write-around, not 'writeback'"},
+      {"{memroy: 64MiB}", "unknown key 'memroy'"},
+      {"{memory: 64MiB, device: /ssd}", "memory and device exclude each other"},
+      {"{device: /ssd}", "device needs size: SIZE"},
+      {"{device: ssd, size: 1GiB}", "device must be the absolute path of a directory"},
+      {"{size: 1GiB}", "size goes with device"},
+      {"{memory: 64MiB, size: 1GiB}", "size goes with device"},
+      {"{memory: 64MiB, block: 3KiB}", "block must be a power of two from 4KiB to 1MiB, not '3KiB'"},
+      {"{memory: 64MiB, block: 2MiB}", "block must be a power of two from 4KiB to 1MiB"},
+      {"{memory: 64MiB, block: 96KiB}", "block must be a power of two"},
+      {"{memory: 512KiB}", "memory must hold at least 16 blocks of 64KiB (1MiB), not 512KiB"},
+      {"{memory: 0}", "memory must be more than 0"},
+      {"{memory: lots}", "memory: "},
+      {"{mode: write-back, memory: 64MiB}", "write-back on memory loses every write"},
+      {"{memory: 64MiB, unsafe: true}", "unsafe applies only to write-back on memory"},
+      {"{mode: write-back, device: /ssd, size: 1GiB, unsafe: true}", "unsafe applies only"},
+      {"{mode: write-back, memory: 64MiB, unsafe: maybe}", "unsafe must be true or false, not 'maybe'"},
+      {"{memory: 64MiB, high-watermark: 120}", "high-watermark must be a percentage from 0 to 100, not '120'"},
+      {"{memory: 64MiB, high-watermark: 30, low-watermark: 30}", "low-watermark (30%) must be below high-watermark (30%)"},
+      {"{memory: 64MiB, memory: 32MiB}", "duplicate key 'memory'"},
+      {"{memory: [1]}", "'memory' must be a single value, not a list"},
+      {"{memory: }", "'memory' has no value"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.yaml);
+    YAML::Node n = YAML::Load(c.yaml);
+    YAML::Node where = n;
+    const std::string err = validate_cache(n, &where);
+    if (*c.error == 0) {
+      CHECK(err == "");
+    } else {
+      CHECK(err.find(c.error) != std::string::npos);
+      CHECK_FALSE(err.empty());
+    }
+  }
+  CacheParams p;
+  REQUIRE(parse_cache(YAML::Load("{mode: write-back, device: /ssd, size: 1GiB, block: 16KiB}"), &p) == "");
+  CHECK(p.mode == Mode::WriteBack);
+  CHECK(p.slots() == 65536);
+  CHECK(describe_cache(p) == "mode=write-back device=/ssd size=1GiB block=16KiB sequential-cutoff=4MiB watermarks=50/25");
+}
+
+// ---- the filter over a memory layer ----
+
+namespace {
+
+std::string pattern(size_t n, int seed) {
+  std::string s(n, '\0');
+  std::mt19937 rng(seed);
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+struct TmpDir {
+  std::string path;
+  TmpDir() {
+    char t[] = "/tmp/cache-unit-XXXXXX";
+    path = mkdtemp(t);
+  }
+  ~TmpDir() { (void)system(("rm -rf '" + path + "'").c_str()); }
+};
+
+std::unique_ptr<CacheFilter> make(const std::string& yaml, testing::MemLayer* below, const std::string& image,
+                                  iofilterfs::Status* st) {
+  CacheParams p;
+  REQUIRE(parse_cache(YAML::Load(yaml), &p) == "");
+  auto f = std::make_unique<CacheFilter>(p);
+  f->set_next(below);
+  *st = f->open(DiskInfo{image, "raw", false});
+  return f;
+}
+
+std::string read_all(iofilterfs::Layer& l, uint64_t off, size_t len) {
+  std::string s(len, '\0');
+  size_t got = 0;
+  REQUIRE(l.read(Io{}, s.data(), len, off, &got).ok());
+  s.resize(got);
+  return s;
+}
+
+double counter(const std::string& json, const std::string& key) {
+  const size_t p = json.find("\"" + key + "\":");
+  REQUIRE(p != std::string::npos);
+  return std::atof(json.c_str() + p + key.size() + 3);
+}
+
+}  // namespace
+
+TEST_CASE("write-through on memory: reads after writes hit and are correct; unaligned requests", "[cache][filter]") {
+  testing::MemLayer below;
+  below.data.assign(4 << 20, 0);
+  iofilterfs::Status st;
+  auto f = make("{memory: 1MiB, block: 4KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  const std::string a = pattern(64 << 10, 1);
+  REQUIRE(f->write(Io{}, a.data(), a.size(), 8192).ok());
+  CHECK(std::string(below.data.data() + 8192, a.size()) == a);  // written through
+  CHECK(read_all(*f, 8192, a.size()) == a);
+  CHECK(counter(f->stats_json(), "read_hits") == 16);
+  CHECK(counter(f->stats_json(), "read_misses") == 0);
+  // An unaligned write drops the edge pages; the read comes back right (a partial miss).
+  REQUIRE(f->write(Io{}, "hello", 5, 8192 + 4090).ok());
+  std::string expect = a;
+  std::memcpy(expect.data() + 4090, "hello", 5);
+  CHECK(read_all(*f, 8192, a.size()) == expect);
+  CHECK(read_all(*f, 8192 + 4000, 200) == expect.substr(4000, 200));
+  CHECK(f->dirty_bytes() == 0);
+}
+
+TEST_CASE("write-around: writes go below and drop what the cache held", "[cache][filter]") {
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 'x');
+  iofilterfs::Status st;
+  auto f = make("{mode: write-around, memory: 1MiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  CHECK(read_all(*f, 0, 65536) == std::string(65536, 'x'));  // a miss that fills
+  CHECK(read_all(*f, 0, 65536) == std::string(65536, 'x'));  // a hit
+  CHECK(counter(f->stats_json(), "read_hits") == 1);
+  REQUIRE(f->write(Io{}, std::string(4096, 'y').data(), 4096, 4096).ok());
+  CHECK(counter(f->stats_json(), "invalidations") == 1);
+  std::string expect(65536, 'x');
+  std::memset(expect.data() + 4096, 'y', 4096);
+  CHECK(read_all(*f, 0, 65536) == expect);
+  CHECK(counter(f->stats_json(), "read_misses") == 2);
+}
+
+TEST_CASE("write-back on a cache file: the data survives the filter's sudden end, then destages",
+          "[cache][filter][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  const std::string yaml = "{mode: write-back, device: " + dir.path + ", size: 2MiB, block: 16KiB}";
+  const std::string a = pattern(100000, 2), b = pattern(3000, 3);
+  {
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "vm/d.raw", &st);
+    REQUIRE(st.ok());
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 5000).ok());
+    REQUIRE(f->write(Io{}, b.data(), b.size(), (1 << 20) + 100).ok());  // past the end below
+    REQUIRE(f->sync(Io{}, true).ok());
+    CHECK(f->dirty_bytes() > 0);
+    uint64_t size = 0;
+    REQUIRE(f->size(&size).ok());
+    CHECK(size == (1 << 20) + 3100);
+    // No drain: the filter ends as a killed daemon would (no destaging at close).
+  }
+  CHECK(std::string(below.data.data() + 5000, 16) == std::string(16, '\0'));
+  iofilterfs::Status st;
+  auto f = make(yaml, &below, "vm/d.raw", &st);
+  REQUIRE(st.ok());
+  CHECK(counter(f->stats_json(), "replayed_dirty_blocks") >= 7);
+  CHECK(read_all(*f, 5000, a.size()) == a);  // served from the cache before destaging
+  CHECK(read_all(*f, (1 << 20) + 100, b.size()) == b);
+  REQUIRE(f->drain().ok());
+  CHECK(f->dirty_bytes() == 0);
+  CHECK(std::string(below.data.data() + 5000, a.size()) == a);
+  REQUIRE(below.data.size() >= (1 << 20) + 3100);
+  CHECK(std::string(below.data.data() + (1 << 20) + 100, b.size()) == b);
+}
+
+TEST_CASE("write-back: a damaged record refuses the open; another image's file is refused", "[cache][filter][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  const std::string yaml = "{mode: write-back, device: " + dir.path + ", size: 2MiB, block: 16KiB}";
+  {
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    REQUIRE(f->write(Io{}, pattern(4096, 4).data(), 4096, 0).ok());
+  }
+  const std::string file = dir.path + "/d.raw.iofcache";
+  int fd = ::open(file.c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  // Find the non-empty record and flip a byte of it.
+  std::vector<uint8_t> table(128 * 128);
+  REQUIRE(pread(fd, table.data(), table.size(), 4096) == ssize_t(table.size()));
+  size_t at = 0;
+  while (at < table.size() && table[at] == 0) ++at;
+  REQUIRE(at < table.size());
+  uint8_t x = table[at] ^ 0xff;
+  REQUIRE(pwrite(fd, &x, 1, 4096 + at) == 1);
+  ::close(fd);
+  iofilterfs::Status st;
+  auto f = make(yaml, &below, "d.raw", &st);
+  CHECK(st.err == EIO);
+  REQUIRE(st.what);
+  CHECK(std::string(st.what).find("is damaged and may describe dirty data") != std::string::npos);
+  REQUIRE(rename(file.c_str(), (dir.path + "/other.raw.iofcache").c_str()) == 0);
+  auto g = make(yaml, &below, "other.raw", &st);
+  CHECK(st.err == EEXIST);
+  // discard: the next open starts empty.
+  CHECK(discard_cache_file(dir.path, "other.raw") == "");
+  auto h = make(yaml, &below, "other.raw", &st);
+  CHECK(st.ok());
+  CHECK(h->dirty_bytes() == 0);
+}
+
+TEST_CASE("write-back: destaging between the watermarks, evictions, and a full cache bypassing", "[cache][filter]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(4 << 20, 0);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 256KiB, block: 16KiB, sequential-cutoff: 0}",
+                &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  f->shutdown();  // no background thread: passes are run by hand
+  // 16 slots: fill them all dirty, then one more block has no slot and goes below.
+  std::string model(4 << 20, '\0');
+  for (int i = 0; i < 17; ++i) {
+    const std::string d = pattern(16384, 10 + i);
+    REQUIRE(f->write(Io{}, d.data(), d.size(), uint64_t(i) * 16384).ok());
+    model.replace(size_t(i) * 16384, d.size(), d);
+  }
+  CHECK(f->dirty_bytes() == 16 * 16384);
+  CHECK(counter(f->stats_json(), "bypasses") == 1);
+  CHECK(std::string(below.data.data() + 16 * 16384, 16384) == model.substr(16 * 16384, 16384));
+  CHECK(f->destage_once() == 16);
+  CHECK(f->dirty_bytes() == 0);
+  CHECK(std::string(below.data.data(), 17 * 16384) == model.substr(0, 17 * 16384));
+  // Clean now: new blocks evict old ones.
+  for (int i = 20; i < 30; ++i) REQUIRE(f->write(Io{}, model.data(), 16384, uint64_t(i) * 16384).ok());
+  CHECK(counter(f->stats_json(), "evictions") == 10);
+  CHECK(read_all(*f, 0, 17 * 16384) == model.substr(0, 17 * 16384));
+}
+
+TEST_CASE("every mode: random unaligned writes and reads agree with a model, before and after a drain",
+          "[cache][filter]") {
+  for (const char* mode : {"write-through", "write-around", "write-back"}) {
+    TmpDir dir;
+    testing::MemLayer below;
+    below.data.assign(2 << 20, 0);
+    iofilterfs::Status st;
+    auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path +
+                      ", size: 256KiB, block: 16KiB, sequential-cutoff: 0}",
+                  &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    std::string model(2 << 20, '\0');
+    std::mt19937_64 rng(11);
+    for (int i = 0; i < 3000; ++i) {
+      INFO(mode << " op " << i);
+      const size_t len = 1 + rng() % 40000;
+      const uint64_t off = rng() % (model.size() - len);
+      if (rng() % 2) {
+        const std::string d = pattern(len, i);
+        REQUIRE(f->write(Io{}, d.data(), len, off).ok());
+        model.replace(off, len, d);
+      } else {
+        REQUIRE(read_all(*f, off, len) == model.substr(off, len));
+      }
+    }
+    REQUIRE(f->drain().ok());
+    CHECK(std::string(below.data.data(), model.size()) == model);
+    CHECK(read_all(*f, 0, model.size()) == model);
+  }
+}
+
+TEST_CASE("punch-hole, truncate and grow drain first and drop the cached pages", "[cache][filter]") {
+  for (const char* mode : {"write-through", "write-back"}) {
+    INFO(mode);
+    TmpDir dir;
+    testing::MemLayer below;
+    below.data.assign(1 << 20, 0);
+    iofilterfs::Status st;
+    auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below,
+                  "d.raw", &st);
+    REQUIRE(st.ok());
+    const std::string a = pattern(200000, 5);
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 1000).ok());
+    CHECK(read_all(*f, 1000, a.size()) == a);  // cached
+    REQUIRE(f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 50000, 30000).ok());
+    CHECK(f->dirty_bytes() == 0);
+    std::string expect = a;
+    std::memset(expect.data() + 49000, 0, 30000);
+    CHECK(read_all(*f, 1000, a.size()) == expect);
+    REQUIRE(f->resize(Io{}, 100000).ok());
+    uint64_t size = 0;
+    REQUIRE(f->size(&size).ok());
+    CHECK(size == 100000);
+    REQUIRE(f->resize(Io{}, 300000).ok());
+    std::string grown = expect.substr(0, 99000) + std::string(300000 - 100000, '\0');
+    CHECK(read_all(*f, 1000, 299000) == grown);
+    CHECK(std::string(below.data.data() + 1000, 299000) == grown);
+  }
+}
+
+TEST_CASE("a cache file of another geometry is destaged at open, then re-made", "[cache][filter][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  const std::string a = pattern(50000, 9);
+  {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 7000).ok());
+  }  // ends without destaging
+  CHECK(std::string(below.data.data() + 7000, a.size()) != a);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 2MiB, block: 64KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  CHECK(std::string(below.data.data() + 7000, a.size()) == a);  // destaged at open
+  CHECK(f->dirty_bytes() == 0);
+  CHECK(read_all(*f, 7000, a.size()) == a);
+}

@@ -67,6 +67,16 @@ class Datastore {
   // A regular file that the image patterns select.
   bool is_image(const Inode& i) const;
 
+  // The raw view (DESIGN.md "Views"): an image whose policy (or the datastore) says
+  // `view: raw` and whose content is qcow2 appears as NAME.raw — its guest disk — and NAME
+  // itself is hidden, so exactly one view of the image exists at a time. kRawSuffix names it.
+  static constexpr const char* kRawSuffix = ".raw";
+  // Whether the backing file open as `fd` (any kind of descriptor) is shown in the raw view.
+  bool raw_view_fd(int fd) const;
+  bool raw_view(const Inode& i) const { return i.type == S_IFREG && raw_view_fd(i.fd); }
+  // The name a directory entry of `dir` is listed under: `name`, or `name` + kRawSuffix.
+  std::string display_name(Inode& dir, const char* name) const;
+
   // The policies in force.
   std::shared_ptr<const DatastoreConfig> config() const;
   // Re-reads the policy file. Invalid: the old policies stay in force, the message is kept for
@@ -100,6 +110,7 @@ class Datastore {
   static constexpr const char* kPolicyXattr = "trusted.iofilterfs.policy";
 
  private:
+  std::string policy_for_fd(int fd, const std::string& rel) const;
   // stat() of an image with no open disk.
   void closed_image_size(Inode& i, struct stat* st);
 

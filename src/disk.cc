@@ -42,12 +42,29 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
     d->fault_->set_next(bottom);
     bottom = d->fault_.get();
   }
+  if (opt.raw_view) {
+    if (d->image_.format != "qcow2") {
+      *err = "the raw view needs a qcow2 image, this is " + d->image_.format;
+      return Status::Error(EMEDIUMTYPE, "raw view: unsupported format");
+    }
+    format::Qcow2Options qo;
+    qo.read_only = opt.read_only;
+    qo.path = opt.image_path;
+    qo.backing_root = opt.backing_root;
+    s = format::Qcow2::open(bottom, qo, &d->format_, err);
+    if (!s.ok()) return s;
+    if (d->format_->read_only() && !opt.read_only)
+      spdlog::warn("{}: raw view is read-only: {}", relpath, d->format_->info().read_only_reason);
+    d->image_.virtual_size = d->format_->info().virtual_size;
+    bottom = d->format_.get();
+  }
   d->bottom_ = bottom;
   s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
   if (!s.ok()) return s;
   d->top_ = d->chain_.top();
 
-  d->info_ = DiskInfo{relpath, d->image_.format, opt.read_only};
+  d->info_ = DiskInfo{relpath, d->format_ ? std::string("raw") : d->image_.format,
+                      opt.read_only || (d->format_ && d->format_->read_only())};
   const DiskInfo& info = d->info_;
   // Open bottom-up so each filter's child is ready when it opens; undo on failure.
   std::vector<Filter*> opened;
@@ -70,6 +87,8 @@ Disk::~Disk() {
 }
 
 Status Disk::attach(bool writable, bool direct) {
+  if (writable && format_ && format_->read_only())
+    return Status::Error(EROFS, "raw view: the image opened read-only (see the log)");
   Status s = backing_->lock(writable ? Backing::LockMode::Exclusive : Backing::LockMode::Shared);
   if (!s.ok()) return s;
   if (direct) {
@@ -226,7 +245,7 @@ Status Disk::quiesce_locked(std::chrono::seconds timeout) {
   chain_.for_each([&](Filter& f, const FilterInfo&) {
     if (s.ok()) s = f.quiesce();
   });
-  if (s.ok()) s = backing_->sync(Io{}, false);
+  if (s.ok()) s = format_ ? format_->sync(Io{}, false) : backing_->sync(Io{}, false);
   if (!s.ok()) (void)resume_locked();
   return s;
 }
@@ -286,7 +305,7 @@ Status Disk::flush() {
     if (s.ok()) s = f.drain();
   });
   if (!s.ok()) return s;
-  return backing_->sync(Io{}, false);
+  return format_ ? format_->sync(Io{}, false) : backing_->sync(Io{}, false);
 }
 
 Status Disk::close() {
@@ -303,6 +322,13 @@ Status Disk::close() {
     f.shutdown();
     f.close();
   });
+  if (format_) {  // the decoded image's metadata reaches the file in its safe order
+    Status s = format_->flush();
+    if (!s.ok()) {
+      spdlog::error("{}: raw view could not write its metadata on close: {}", relpath_, s.what ? s.what : "");
+      if (first.ok()) first = s;
+    }
+  }
   closed_ = true;
   return first;
 }

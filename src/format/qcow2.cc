@@ -225,16 +225,9 @@ Status Qcow2::parse(std::string* err) {
     read_only_ = true;
     info_.read_only_reason = "the image is dirty (lazy refcounts after a crash); run qemu-img check -r all";
   }
-  if (autoclear && !read_only_) {
-    // Bits we do not understand must be cleared by a writer (bitmaps become invalid, as QEMU
-    // intends for a writer that does not maintain them).
-    uint8_t z[8] = {};
-    s = file_->write(Io{}, z, 8, 88);
-    if (!s.ok()) {
-      *err = "cannot clear the autoclear feature bits";
-      return s;
-    }
-  }
+  // Bits we do not understand must be cleared by a writer before it changes anything (bitmaps
+  // become invalid, as QEMU intends for a writer that does not maintain them): first_write().
+  autoclear_pending_.store(autoclear != 0);
 
   // Geometry.
   entry_bytes_ = ext_l2_ ? 16 : 8;
@@ -973,8 +966,22 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
   return Status::Ok();
 }
 
+Status Qcow2::first_write() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!autoclear_pending_.load()) return Status::Ok();
+  uint8_t z[8] = {};
+  Status s = file_->write(Io{}, z, 8, 88);
+  if (s.ok()) s = file_->sync(Io{}, true);
+  if (s.ok()) autoclear_pending_.store(false);
+  return s;
+}
+
 Status Qcow2::write(const Io&, const void* buf, size_t len, uint64_t off) {
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
+  if (autoclear_pending_.load()) {
+    Status s = first_write();
+    if (!s.ok()) return s;
+  }
   uint64_t size;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -1040,6 +1047,10 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
     return Status::Ok();  // reading unallocated space already works; nothing to reserve
   }
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
+  if (autoclear_pending_.load()) {
+    Status s = first_write();
+    if (!s.ok()) return s;
+  }
   if (off >= size) return Status::Ok();
   len = std::min<uint64_t>(len, size - off);
   std::vector<char> zeros;
@@ -1062,6 +1073,10 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
 
 Status Qcow2::resize(const Io&, uint64_t new_size) {
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
+  if (autoclear_pending_.load()) {
+    Status s = first_write();
+    if (!s.ok()) return s;
+  }
   std::lock_guard<std::mutex> g(mu_);
   if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
   if (new_size == size_) return Status::Ok();

@@ -145,6 +145,7 @@ class Qcow2 final : public Layer {
   Status write_tables(std::unordered_map<uint64_t, Table>& cache);
   void trim_caches();
   Status mark_corrupt(const char* what);
+  Status first_write();
 
   // Data (no lock needed: entries are values).
   Status read_cluster(uint64_t cluster, const Entry& e, char* buf, uint32_t in_off, uint32_t len);
@@ -161,6 +162,7 @@ class Qcow2 final : public Layer {
   Qcow2Info info_;
   bool read_only_ = false;
   std::atomic<bool> corrupt_{false};
+  std::atomic<bool> autoclear_pending_{false};  // autoclear bits to clear before the first change
 
   // Geometry (immutable after open).
   uint32_t version_ = 0;

@@ -199,7 +199,8 @@ std::string Datastore::display_name(Inode& dir, const char* name) const {
 }
 
 Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
-  std::lock_guard<std::mutex> g(i.m);
+  std::unique_lock<std::mutex> g(i.m);
+  i.closed_cv.wait(g, [&] { return !i.closing; });
   bool created = false;
   if (!i.disk) {
     DiskOptions dopt;
@@ -240,10 +241,17 @@ void Datastore::detach_disk(Inode& i) {
     std::lock_guard<std::mutex> g(i.m);
     if (!i.disk || !i.disk->detach()) return;
     last = std::move(i.disk);
+    i.closing = true;
   }
   Status s = last->close();
   if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
   else spdlog::info("{}: closed", last->relpath());
+  last.reset();  // the backing file (and its lock) is released here
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    i.closing = false;
+  }
+  i.closed_cv.notify_all();
 }
 
 std::shared_ptr<Disk> Datastore::find_open_disk(const std::string& relpath) {

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,10 @@ struct Inode {
 
   std::mutex m;
   std::shared_ptr<Disk> disk;  // under m: set while the image has open handles
+  // Under m: true while the last handle's Disk closes (drains, flushes metadata) outside m; a
+  // new open waits on closed_cv, so two Disks never hold the image (and its lock) at once.
+  bool closing = false;
+  std::condition_variable closed_cv;
 };
 
 class Datastore {

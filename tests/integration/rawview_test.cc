@@ -126,9 +126,9 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
   must("mkdir -p " + q(t / "b") + " " + q(t / "m"));
   write_policy(t);
   const std::string img = t / "b/disk.qcow2";
-  must("qemu-img create -q -f qcow2 -o cluster_size=16k " + q(img) + " 256M");
+  must("qemu-img create -q -f qcow2 -o cluster_size=16k " + q(img) + " 64M");
   constexpr size_t kSlot = 24 * 1024;  // straddles 16k clusters: partial-cluster allocations too
-  constexpr int kSlots = (256 << 20) / kSlot;
+  constexpr int kSlots = (64 << 20) / kSlot;
   std::map<int, unsigned char> acked;  // slot -> pattern byte, every write an fsync completed
   for (int round = 0; round < 5; ++round) {
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
@@ -176,7 +176,7 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
   REQUIRE(acked.size() > 20);
   must("qemu-img convert -O raw " + q(img) + " " + q(t / "after.raw"));
   const std::string after = read_file(t / "after.raw");
-  REQUIRE(after.size() == 256u << 20);
+  REQUIRE(after.size() == 64u << 20);
   int missing = 0;
   for (auto& [slot, pat] : acked) {
     const std::string want(kSlot, static_cast<char>(pat));

@@ -178,14 +178,15 @@ bool Datastore::raw_view_fd(int fd) const {
   const std::string rel = relpath_of_fd(fd, opt_.backing);
   if (rel.empty() || !cfg->is_image(rel)) return false;
   if (cfg->view_for(policy_for_fd(fd, rel)) != "raw") return false;
-  // By content, as image.h detects formats: only qcow2 has a raw view.
+  // By content, as image.h detects formats: qcow2 and VMDK (a sparse extent or a descriptor).
   int rfd = ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NOATIME);
   if (rfd < 0) rfd = ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_RDONLY | O_CLOEXEC);
   if (rfd < 0) return false;
-  char m[4] = {};
-  ssize_t n = ::pread(rfd, m, 4, 0);
+  char m[21] = {};
+  ssize_t n = ::pread(rfd, m, sizeof m, 0);
   ::close(rfd);
-  return n == 4 && std::memcmp(m, "QFI\xfb", 4) == 0;
+  return n >= 4 && (std::memcmp(m, "QFI\xfb", 4) == 0 || std::memcmp(m, "KDMV", 4) == 0 ||
+                    (n == sizeof m && std::memcmp(m, "# Disk DescriptorFile", sizeof m) == 0));
 }
 
 std::string Datastore::display_name(Inode& dir, const char* name) const {

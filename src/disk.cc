@@ -43,20 +43,35 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
     bottom = d->fault_.get();
   }
   if (opt.raw_view) {
-    if (d->image_.format != "qcow2") {
-      *err = "the raw view needs a qcow2 image, this is " + d->image_.format;
+    std::string reason;
+    if (d->image_.format == "qcow2") {
+      format::Qcow2Options qo;
+      qo.read_only = opt.read_only;
+      qo.path = opt.image_path;
+      qo.backing_root = opt.backing_root;
+      s = format::Qcow2::open(bottom, qo, &d->qcow2_, err);
+      if (!s.ok()) return s;
+      d->format_ = d->qcow2_.get();
+      d->format_read_only_ = d->qcow2_->read_only();
+      reason = d->qcow2_->info().read_only_reason;
+      d->image_.virtual_size = d->qcow2_->info().virtual_size;
+    } else if (d->image_.format == "vmdk") {
+      format::VmdkOptions vo;
+      vo.read_only = opt.read_only;
+      vo.path = opt.image_path;
+      vo.backing_root = opt.backing_root;
+      s = format::Vmdk::open(bottom, vo, &d->vmdk_, err);
+      if (!s.ok()) return s;
+      d->format_ = d->vmdk_.get();
+      d->format_read_only_ = d->vmdk_->read_only();
+      reason = d->vmdk_->read_only_reason();
+      d->image_.virtual_size = d->vmdk_->virtual_size();
+    } else {
+      *err = "the raw view needs a qcow2 or VMDK image, this is " + d->image_.format;
       return Status::Error(EMEDIUMTYPE, "raw view: unsupported format");
     }
-    format::Qcow2Options qo;
-    qo.read_only = opt.read_only;
-    qo.path = opt.image_path;
-    qo.backing_root = opt.backing_root;
-    s = format::Qcow2::open(bottom, qo, &d->format_, err);
-    if (!s.ok()) return s;
-    if (d->format_->read_only() && !opt.read_only)
-      spdlog::warn("{}: raw view is read-only: {}", relpath, d->format_->info().read_only_reason);
-    d->image_.virtual_size = d->format_->info().virtual_size;
-    bottom = d->format_.get();
+    if (d->format_read_only_ && !opt.read_only) spdlog::warn("{}: raw view is read-only: {}", relpath, reason);
+    bottom = d->format_;
   }
   d->bottom_ = bottom;
   s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
@@ -64,7 +79,7 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
   d->top_ = d->chain_.top();
 
   d->info_ = DiskInfo{relpath, d->format_ ? std::string("raw") : d->image_.format,
-                      opt.read_only || (d->format_ && d->format_->read_only())};
+                      opt.read_only || d->format_read_only_};
   const DiskInfo& info = d->info_;
   // Open bottom-up so each filter's child is ready when it opens; undo on failure.
   std::vector<Filter*> opened;
@@ -87,7 +102,7 @@ Disk::~Disk() {
 }
 
 Status Disk::attach(bool writable, bool direct) {
-  if (writable && format_ && format_->read_only())
+  if (writable && format_read_only_)
     return Status::Error(EROFS, "raw view: the image opened read-only (see the log)");
   Status s = backing_->lock(writable ? Backing::LockMode::Exclusive : Backing::LockMode::Shared);
   if (!s.ok()) return s;
@@ -323,7 +338,7 @@ Status Disk::close() {
     f.close();
   });
   if (format_) {  // the decoded image's metadata reaches the file in its safe order
-    Status s = format_->flush();
+    Status s = format_->sync(Io{}, false);
     if (!s.ok()) {
       spdlog::error("{}: raw view could not write its metadata on close: {}", relpath_, s.what ? s.what : "");
       if (first.ok()) first = s;

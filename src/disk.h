@@ -24,6 +24,7 @@
 
 #include "backing.h"
 #include "format/qcow2.h"
+#include "format/vmdk.h"
 #include "chain.h"
 #include "fault.h"
 #include "image.h"
@@ -134,7 +135,11 @@ class Disk {
   ImageInfo image_;
   std::unique_ptr<Backing> backing_;
   std::unique_ptr<FaultLayer> fault_;
-  std::unique_ptr<format::Qcow2> format_;  // raw view: the decoded image, above fault_/backing_
+  // Raw view: the decoded image (one of the two), above fault_/backing_; format_ is it.
+  std::unique_ptr<format::Qcow2> qcow2_;
+  std::unique_ptr<format::Vmdk> vmdk_;
+  Layer* format_ = nullptr;
+  bool format_read_only_ = false;
   Chain chain_;
   Layer* bottom_ = nullptr;  // the layer under the chain: the fault layer or the backing file
   Layer* top_ = nullptr;     // under plumbing_

@@ -734,11 +734,13 @@ Status Qcow2::flush_locked() {
 }
 
 void Qcow2::trim_caches() {
+  // A full look every 64 operations, or at once when a cache is over its size.
+  const size_t max_tables = std::max<size_t>(16, kCacheBytes / cs_);
+  if ((++trim_tick_ & 63) != 0 && l2_cache_.size() <= max_tables && rb_cache_.size() <= max_tables) return;
   for (auto* cache : {&l2_cache_, &rb_cache_}) {
     size_t dirty = 0;
     for (auto& kv : *cache) dirty += kv.second.dirty;
     if (dirty > kMaxDirtyTables) (void)flush_locked();
-    const size_t max_tables = std::max<size_t>(16, kCacheBytes / cs_);
     while (cache->size() > max_tables) {
       auto victim = cache->end();
       for (auto it = cache->begin(); it != cache->end(); ++it)

@@ -197,6 +197,7 @@ class Qcow2 final : public Layer {
   std::unordered_map<uint64_t, Table> l2_cache_;
   std::unordered_map<uint64_t, Table> rb_cache_;
   uint64_t lru_ = 0;
+  uint64_t trim_tick_ = 0;
   std::vector<uint64_t> pending_drop_;  // host cluster indices to decrement after L2/L1 are durable
 };
 

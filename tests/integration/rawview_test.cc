@@ -58,6 +58,11 @@ TEST_CASE("raw view: images are listed as NAME.raw and read as qemu-img convert 
   must("cd " + q(b) + " && qemu-img create -q -f qcow2 -b base.img -F raw top.qcow2 16M");
   must("qemu-io -f qcow2 -c 'write -P 0x41 2M 5k' " + q(b + "/top.qcow2") + " >/dev/null");
   must("cp " + q(b + "/v2.qcow2") + " " + q(b + "/native/n.qcow2"));
+  // VMDK: a sparse file with its descriptor inside, and a descriptor beside a flat extent.
+  must("qemu-img create -q -f vmdk " + q(b + "/sp.vmdk") + " 16M");
+  must("qemu-io -f vmdk -c 'write -P 0x51 64k 200k' " + q(b + "/sp.vmdk") + " >/dev/null");
+  must("qemu-img create -q -f vmdk -o subformat=monolithicFlat " + q(b + "/fl.vmdk") + " 16M");
+  must("qemu-io -f vmdk -c 'write -P 0x52 1M 3k' " + q(b + "/fl.vmdk") + " >/dev/null");
 
   Mount m(b, t / "m", {{"--config", t / "ds.yaml"}});
   std::string out;
@@ -75,7 +80,10 @@ TEST_CASE("raw view: images are listed as NAME.raw and read as qemu-img convert 
   REQUIRE(stat(m.path("comp.qcow2.raw").c_str(), &st) == 0);
   CHECK(st.st_size == 16 << 20);  // the virtual size, before anything opened it
 
-  for (const char* name : {"v2.qcow2", "ext.qcow2", "comp.qcow2", "top.qcow2"}) {
+  CHECK(ls.find("sp.vmdk.raw\n") != std::string::npos);
+  CHECK(ls.find("fl.vmdk.raw\n") != std::string::npos);
+  CHECK(ls.find("fl-flat.vmdk\n") != std::string::npos);  // a flat extent is plain bytes: native
+  for (const char* name : {"v2.qcow2", "ext.qcow2", "comp.qcow2", "top.qcow2", "sp.vmdk", "fl.vmdk"}) {
     INFO(name << "\n" << m.log());
     must("qemu-img convert -U -O raw " + q(b + "/" + name) + " " + q(t / "expect.raw"));
     CHECK(sh("cmp " + q(t / "expect.raw") + " " + q(m.path(std::string(name) + ".raw")), &out) == 0);
@@ -84,6 +92,14 @@ TEST_CASE("raw view: images are listed as NAME.raw and read as qemu-img convert 
   must("python3 -c \"import os; f=os.open('" + m.path("v2.qcow2.raw") +
        "', os.O_RDONLY); d=os.lseek(f, 1<<20, os.SEEK_DATA); h=os.lseek(f, d, os.SEEK_HOLE); "
        "assert (d, h) == (9<<20, 10<<20), (d, h)\"");
+  // A write through the VMDK view lands where QEMU reads it.
+  must("dd if=/dev/urandom of=" + q(t / "chunk") + " bs=48k count=1 status=none");
+  must("dd if=" + q(t / "chunk") + " of=" + q(m.path("sp.vmdk.raw")) +
+       " bs=48k seek=100 conv=notrunc,fsync status=none");
+  m.stop();
+  must("qemu-img check -f vmdk " + q(b + "/sp.vmdk"));
+  must("qemu-img convert -f vmdk -O raw " + q(b + "/sp.vmdk") + " " + q(t / "sp.raw"));
+  must("cmp -n 49152 -i 4915200:0 " + q(t / "sp.raw") + " " + q(t / "chunk"));
 }
 
 TEST_CASE("raw view: fio verify through the view leaves a clean image equal to the view", "[rawview][fio]") {

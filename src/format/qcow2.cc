@@ -18,7 +18,6 @@ namespace {
 constexpr uint32_t kMagic = 0x514649fb;  // "QFI\xfb"
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;  // L1 and standard L2 entries: bits 9-55
 constexpr uint64_t kCopied = 1ull << 63;
-constexpr uint64_t kCompressed = 1ull << 62;
 constexpr uint64_t kZero = 1ull;  // v3 standard L2 entries without extended L2
 constexpr uint64_t kMaxL1Bytes = 32ull << 20;        // QEMU's limit too
 constexpr uint64_t kMaxRefTableBytes = 8ull << 20;   // QEMU's limit too

@@ -86,9 +86,9 @@ Status FdFile::size(uint64_t* out) {
   return Status::Ok();
 }
 
-Status read_zero_padded(Layer& f, void* buf, size_t len, uint64_t off) {
+Status read_zero_padded(Layer& f, void* buf, size_t len, uint64_t off, const Io& io) {
   size_t got = 0;
-  Status s = f.read(Io{}, buf, len, off, &got);
+  Status s = f.read(io, buf, len, off, &got);
   if (!s.ok()) return s;
   if (got < len) std::memset(static_cast<char*>(buf) + got, 0, len - got);
   return Status::Ok();

@@ -34,6 +34,7 @@ class FdFile final : public Layer {
 };
 
 // Reads exactly len bytes at off; bytes past the end of the file read as zeros.
-Status read_zero_padded(Layer& f, void* buf, size_t len, uint64_t off);
+// `io` carries the opener's O_DIRECT wish down to a Backing (aligned requests go direct).
+Status read_zero_padded(Layer& f, void* buf, size_t len, uint64_t off, const Io& io = Io{});
 
 }  // namespace iofilterfs::format

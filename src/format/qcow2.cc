@@ -4,6 +4,9 @@
 #include <linux/falloc.h>
 #include <unistd.h>
 #include <zlib.h>
+#ifdef IOFILTERFS_HAVE_ZSTD
+#include <zstd.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -779,7 +782,25 @@ Status Qcow2::read_compressed(const Entry& e, char* out) {
   std::vector<char>& in = scratch(0, clen);
   Status s = read_zero_padded(*file_, in.data(), clen, coff);
   if (!s.ok()) return s;
-  if (compression_ == 1) return Status::Error(ENOTSUP, "qcow2: zstd-compressed clusters need a build with libzstd");
+  if (compression_ == 1) {
+#ifdef IOFILTERFS_HAVE_ZSTD
+    // One zstd frame, followed by padding to the sector: decompress until the cluster is full.
+    thread_local ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    if (!dctx) return Status::Error(ENOMEM, "qcow2: no zstd context");
+    ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only);
+    ZSTD_inBuffer zin{in.data(), clen, 0};
+    ZSTD_outBuffer zout{out, cs_, 0};
+    while (zout.pos < zout.size) {
+      size_t r = ZSTD_decompressStream(dctx, &zout, &zin);
+      if (ZSTD_isError(r)) return mark_corrupt("qcow2: zstd cluster does not decompress (image corrupt)");
+      if (r == 0 && zout.pos < zout.size) return mark_corrupt("qcow2: zstd cluster too short (image corrupt)");
+      if (zin.pos == zin.size && zout.pos < zout.size && r != 0) return mark_corrupt("qcow2: zstd cluster truncated");
+    }
+    return Status::Ok();
+#else
+    return Status::Error(ENOTSUP, "qcow2: zstd-compressed clusters need a build with libzstd");
+#endif
+  }
   z_stream z{};
   if (inflateInit2(&z, -12) != Z_OK) return Status::Error(ENOMEM, "qcow2: inflateInit failed");
   z.next_in = reinterpret_cast<Bytef*>(in.data());
@@ -839,7 +860,7 @@ Status Qcow2::read_cluster(uint64_t cluster, const Entry& e, char* buf, uint32_t
   return Status::Ok();
 }
 
-Status Qcow2::read(const Io&, void* buf, size_t len, uint64_t off, size_t* got) {
+Status Qcow2::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   *got = 0;
   uint64_t size;
   {
@@ -877,7 +898,7 @@ Status Qcow2::read(const Io&, void* buf, size_t len, uint64_t off, size_t* got) 
         total += static_cast<uint32_t>(std::min<uint64_t>(cs_, len - done - total));
       }
       if (host < cs_ || (e.raw & 0x1ff)) return mark_corrupt("qcow2: L2 entry points into the header (image corrupt)");
-      Status s = read_zero_padded(*file_, out + done, total, host + in_off);
+      Status s = read_zero_padded(*file_, out + done, total, host + in_off, io);
       if (!s.ok()) return s;
       done += total;
       continue;
@@ -891,7 +912,7 @@ Status Qcow2::read(const Io&, void* buf, size_t len, uint64_t off, size_t* got) 
 }
 
 // Writes [in_off, in_off+len) of guest cluster `cluster` (mu_ held for the allocating cases).
-Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, uint32_t len) {
+Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, uint32_t len, const Io& io) {
   std::unique_lock<std::mutex> g(mu_);
   trim_caches();
   if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
@@ -922,7 +943,7 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
   if (covered && (e.raw & kCopied)) {
     if (overlaps_metadata(host + in_off, len)) return mark_corrupt("qcow2: data cluster overlaps metadata (image corrupt)");
     g.unlock();
-    return file_->write(Io{}, buf, len, host + in_off);
+    return file_->write(io, buf, len, host + in_off);
   }
   // B and C: the whole cluster is composed and written, then the entry changes.
   Table* t = nullptr;
@@ -977,7 +998,7 @@ Status Qcow2::first_write() {
   return s;
 }
 
-Status Qcow2::write(const Io&, const void* buf, size_t len, uint64_t off) {
+Status Qcow2::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
   if (autoclear_pending_.load()) {
     Status s = first_write();
@@ -995,7 +1016,7 @@ Status Qcow2::write(const Io&, const void* buf, size_t len, uint64_t off) {
     uint64_t pos = off + done;
     uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
     uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
-    Status s = write_cluster(pos >> cluster_bits_, in + done, in_off, n);
+    Status s = write_cluster(pos >> cluster_bits_, in + done, in_off, n, io);
     if (!s.ok()) return s;
     done += n;
   }
@@ -1064,7 +1085,7 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
     if (n == cs_ || (in_off == 0 && pos + n == size)) s = zero_cluster(cluster, punch);
     if (s.err == ENOTSUP) {
       if (zeros.empty()) zeros.assign(cs_, 0);
-      s = write_cluster(cluster, zeros.data(), static_cast<uint32_t>(in_off), static_cast<uint32_t>(n));
+      s = write_cluster(cluster, zeros.data(), static_cast<uint32_t>(in_off), static_cast<uint32_t>(n), io);
     }
     if (!s.ok()) return s;
     pos += n;

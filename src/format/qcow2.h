@@ -151,7 +151,7 @@ class Qcow2 final : public Layer {
   Status read_cluster(uint64_t cluster, const Entry& e, char* buf, uint32_t in_off, uint32_t len);
   Status read_backing(char* buf, size_t len, uint64_t off);
   Status read_compressed(const Entry& e, char* out);
-  Status write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, uint32_t len);
+  Status write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, uint32_t len, const Io& io);
   Status zero_cluster(uint64_t cluster, bool punch);
 
   Layer* file_ = nullptr;

@@ -176,6 +176,27 @@ TEST_CASE("qcow2 compressed clusters (deflate) read like qemu-img", "[qcow2]") {
   CHECK((read_all(*q) == qemu_raw(t, img)));
 }
 
+TEST_CASE("qcow2 compressed clusters (zstd) read like qemu-img, and take writes", "[qcow2]") {
+  Tmp t;
+  std::string img = t / "z.qcow2";
+  must("head -c 2M /dev/urandom > " + t / "src.raw" + " && truncate -s 6M " + t / "src.raw");
+  must("qemu-io -f raw -c 'write -P 0x3c 3M 2M' " + t / "src.raw" + " >/dev/null");
+  must("qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=64k " + t / "src.raw" + " " + img);
+  must("qemu-img info " + img + " | grep -q 'compression type: zstd'");
+  std::string expect = qemu_raw(t, img);
+  {
+    auto q = open_image(img, true);
+    REQUIRE(q);
+    CHECK((read_all(*q) == expect));
+    std::string w(5000, '\x7e');
+    REQUIRE(q->write(Io{}, w.data(), w.size(), (3u << 20) + 100).ok());  // COW of a zstd cluster
+    std::memcpy(expect.data() + (3u << 20) + 100, w.data(), w.size());
+    REQUIRE(q->sync(Io{}, false).ok());
+  }
+  check_clean(img);
+  CHECK((qemu_raw(t, img) == expect));
+}
+
 TEST_CASE("qcow2 backing chains read through, relative names resolve against the image", "[qcow2]") {
   Tmp t;
   must("mkdir " + t / "sub");

@@ -1016,6 +1016,34 @@ Status Qcow2::write(const Io& io, const void* buf, size_t len, uint64_t off) {
     uint64_t pos = off + done;
     uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
     uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
+    if (!ext_l2_) {
+      // A run of private, allocated clusters that are contiguous in the file: one write.
+      std::unique_lock<std::mutex> g(mu_);
+      trim_caches();
+      auto in_place = [&](const Entry& e) {
+        return !e.compressed() && (e.raw & kCopied) && !(e.raw & kZero) && !(e.raw & 0x1ff) &&
+               (e.raw & kOffsetMask) >= cs_;
+      };
+      Entry e;
+      if (!corrupt_.load() && get_entry(pos >> cluster_bits_, &e).ok() && in_place(e)) {
+        const uint64_t host = e.raw & kOffsetMask;
+        uint64_t total = n;
+        for (uint64_t k = 1; done + total < len; ++k) {
+          Entry ne;
+          if (!get_entry((pos >> cluster_bits_) + k, &ne).ok() || !in_place(ne) ||
+              (ne.raw & kOffsetMask) != host + (k << cluster_bits_))
+            break;
+          total += std::min<uint64_t>(cs_, len - done - total);
+        }
+        if (!overlaps_metadata(host + in_off, total)) {
+          g.unlock();
+          Status s = file_->write(io, in + done, total, host + in_off);
+          if (!s.ok()) return s;
+          done += total;
+          continue;
+        }
+      }
+    }
     Status s = write_cluster(pos >> cluster_bits_, in + done, in_off, n, io);
     if (!s.ok()) return s;
     done += n;

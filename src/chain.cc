@@ -1,6 +1,7 @@
 #include "chain.h"
 
 #include <atomic>
+#include <cstring>
 
 namespace iofilterfs {
 
@@ -120,6 +121,60 @@ std::vector<Filter*> Chain::leaving(const ChainPlan& plan) const {
   for (int c = 0; c < kFilterClassCount; ++c)
     if (slots_[c].filter && !plan.keep_[c]) out.push_back(slots_[c].filter.get());
   return out;
+}
+
+std::vector<Filter*> Chain::removed_outright(const ChainPlan& plan) const {
+  std::vector<Filter*> out;
+  for (int c = 0; c < kFilterClassCount; ++c)
+    if (slots_[c].filter && !plan.keep_[c] && !plan.fresh_[c].filter) out.push_back(slots_[c].filter.get());
+  return out;
+}
+
+namespace {
+
+Status open_one(Filter& f, const FilterInfo& fi, const DiskInfo& base, std::shared_ptr<const AtRest>* at,
+                std::string* err) {
+  DiskInfo info = base;
+  info.at_rest = *at;
+  Status s = f.open(info);
+  if (!s.ok()) {
+    *err = fi.name + ": " + (s.what ? s.what : std::strerror(s.err));
+    return s;
+  }
+  if (auto a = f.at_rest()) *at = std::move(a);
+  return s;
+}
+
+}  // namespace
+
+Status Chain::open_arriving(const ChainPlan& plan, const DiskInfo& base, std::vector<Filter*>* opened,
+                            std::string* err) const {
+  std::shared_ptr<const AtRest> at = base.at_rest;
+  for (int c = kFilterClassCount - 1; c >= 0; --c) {
+    if (plan.keep_[c] && slots_[c].filter) {
+      if (auto a = slots_[c].filter->at_rest()) at = std::move(a);
+    } else if (plan.fresh_[c].filter) {
+      Status s = open_one(*plan.fresh_[c].filter, *plan.fresh_[c].info, base, &at, err);
+      if (!s.ok()) return s;
+      opened->push_back(plan.fresh_[c].filter.get());
+    }
+  }
+  return Status::Ok();
+}
+
+Status Chain::open_all(const DiskInfo& base, std::string* err) const {
+  std::shared_ptr<const AtRest> at = base.at_rest;
+  std::vector<Filter*> opened;
+  for (int c = kFilterClassCount - 1; c >= 0; --c) {
+    if (!slots_[c].filter) continue;
+    Status s = open_one(*slots_[c].filter, *slots_[c].info, base, &at, err);
+    if (!s.ok()) {
+      for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
+      return s;
+    }
+    opened.push_back(slots_[c].filter.get());
+  }
+  return Status::Ok();
 }
 
 void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<Filter>>* removed) {

@@ -80,6 +80,16 @@ class Chain {
   void untune(ChainPlan* plan);
   // Filters the plan removes or replaces, top first (the order to drain them in).
   std::vector<Filter*> leaving(const ChainPlan& plan) const;
+  // Filters the plan removes without a successor of their class, top first.
+  std::vector<Filter*> removed_outright(const ChainPlan& plan) const;
+  // Opens the plan's fresh filters bottom first, each told (DiskInfo::at_rest) of the at-rest
+  // protection the nearest filter below it offers in the chain the plan makes. The ones opened
+  // are appended to *opened (for the caller's undo); on failure *err names the filter.
+  Status open_arriving(const ChainPlan& plan, const DiskInfo& base, std::vector<Filter*>* opened,
+                       std::string* err) const;
+  // Opens every filter bottom first, with the same at-rest propagation; closes the opened ones
+  // again when one fails.
+  Status open_all(const DiskInfo& base, std::string* err) const;
   // Applies the plan above `bottom`; the filters it removes are moved to *removed.
   void commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<Filter>>* removed);
 

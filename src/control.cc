@@ -119,15 +119,13 @@ Status control_set(Datastore& ds, Inode& inode, std::string_view name, std::stri
   if (key == "quiesce") {
     // The value is the timeout in seconds (default 60): a stuck tool cannot hang a guest.
     long secs = 60;
-    if (!arg.empty() && arg != "1" && arg != "yes") {
+    if (!arg.empty() && arg != "yes") {
       char* end = nullptr;
       secs = std::strtol(arg.c_str(), &end, 10);
       if (*end || secs < 1 || secs > 86400) {
         spdlog::warn("{}: quiesce timeout '{}' is not a number of seconds from 1 to 86400", path, arg);
         return Status::Error(EINVAL, "bad quiesce timeout");
       }
-    } else if (arg == "1" || arg == "yes") {
-      secs = 60;
     }
     if (!d) {
       spdlog::warn("{}: quiesce of an image that is not open", path);

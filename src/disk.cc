@@ -80,19 +80,9 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
 
   d->info_ = DiskInfo{relpath, d->format_ ? std::string("raw") : d->image_.format,
                       opt.read_only || d->format_read_only_};
-  const DiskInfo& info = d->info_;
   // Open bottom-up so each filter's child is ready when it opens; undo on failure.
-  std::vector<Filter*> opened;
-  d->chain_.for_each_bottom_up([&](Filter& f, const FilterInfo& fi) {
-    if (!s.ok()) return;
-    s = f.open(info);
-    if (s.ok()) opened.push_back(&f);
-    else *err = fi.name + ": " + (s.what ? s.what : std::strerror(s.err));
-  });
-  if (!s.ok()) {
-    for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
-    return s;
-  }
+  s = d->chain_.open_all(d->info_, err);
+  if (!s.ok()) return s;
   *out = std::move(d);
   return Status::Ok();
 }
@@ -192,6 +182,14 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
     policy_ = policy;
     return Status::Ok();
   }
+  for (Filter* f : chain_.removed_outright(plan)) {
+    std::string why = f->removal_refused();
+    if (!why.empty()) {
+      *err = why;
+      chain_.untune(&plan);
+      return Status::Error(EBUSY);
+    }
+  }
   std::vector<std::unique_ptr<Filter>> removed;
   {
     std::lock_guard<RwLock> excl(plumbing_);  // in-flight requests drain; new ones wait
@@ -205,15 +203,13 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       }
     }
     std::vector<Filter*> opened;
-    for (Filter* f : plan.arriving()) {
-      s = f->open(info_);
-      if (!s.ok()) {
-        for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
-        *err = std::string("a new filter could not open: ") + (s.what ? s.what : std::strerror(s.err));
-        chain_.untune(&plan);
-        return s;
-      }
-      opened.push_back(f);
+    std::string oerr;
+    s = chain_.open_arriving(plan, info_, &opened, &oerr);
+    if (!s.ok()) {
+      for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
+      *err = "a new filter could not open: " + oerr;
+      chain_.untune(&plan);
+      return s;
     }
     chain_.commit(std::move(plan), bottom_, &removed);
     top_ = chain_.top();

@@ -74,11 +74,51 @@ struct Layer {
   virtual Status size(uint64_t* out) = 0;
 };
 
+// At-rest protection that a filter offers the filters above it. The encrypt filter is the only
+// provider: it sits last, above the backing file, so every filter above it (replicate, cache)
+// handles plaintext. A filter that keeps guest data anywhere outside the chain — a cache
+// device, a replication journal, a replica target — must, when its DiskInfo::at_rest is set,
+// store only sealed bytes there and never plaintext:
+//
+//   cache      seals a block before writing it to the cache device, unseals it when serving a
+//              hit or destaging it (destaged data goes down the chain as plaintext, where the
+//              encrypt filter encrypts it again for the backing file);
+//   replicate  seals what it journals and what it sends; the replica then holds exactly the
+//              bytes the backing file holds (the same sectors, the same key, the same IVs), and
+//              it first copies the container's header (header_bytes() bytes read from the
+//              backing file through read_header()), so the replica is itself a LUKS container
+//              that opens with the image's passphrases in cryptsetup, QEMU or iofilterfs.
+//
+// Sealing is the data cipher of the container itself (aes-xts-plain64, IV = payload sector), so
+// offsets are payload offsets as the filters above see them, in whole 512-byte sectors. The
+// object is immutable and outlives the filter that made it (shared ownership), so a filter
+// above that is kept across a re-plumb may keep using it; the key it holds is the container's
+// master key, which a passphrase change does not alter.
+class AtRest {
+ public:
+  static constexpr size_t kSector = 512;
+  virtual ~AtRest() = default;
+  // Encrypts len bytes of payload that start at payload offset off (both multiples of kSector)
+  // from in to out (which may be the same buffer): exactly the bytes the backing file holds for
+  // them.
+  virtual Status seal(uint64_t off, const void* in, void* out, size_t len) const = 0;
+  // The reverse of seal().
+  virtual Status unseal(uint64_t off, const void* in, void* out, size_t len) const = 0;
+  // The bytes of the backing file before the payload (the container's header).
+  virtual uint64_t header_bytes() const = 0;
+  // Reads the header as it is now in the backing file (keyslots change when passphrases are
+  // added or removed): up to len bytes at off, off + len <= header_bytes().
+  virtual Status read_header(void* buf, size_t len, uint64_t off) const = 0;
+};
+
 // What a filter learns about its disk when it is opened.
 struct DiskInfo {
   std::string path;     // relative to the datastore root
   std::string format;   // raw, qcow2, vmdk
   bool read_only = false;
+  // Set when a filter below this one encrypts (see AtRest): then nothing this filter stores
+  // outside the chain may be plaintext.
+  std::shared_ptr<const AtRest> at_rest;
 };
 
 class Filter : public Layer {
@@ -128,6 +168,14 @@ class Filter : public Layer {
   // not its plumbing lock: requests keep flowing through the filter meanwhile, so it
   // synchronises itself. Called again with the old parameters if the rest of the change fails.
   virtual bool reconfigure(const YAML::Node& /*params*/) { return false; }
+
+  // The at-rest protection this filter offers the filters above it (valid after open()), or
+  // null. See AtRest.
+  virtual std::shared_ptr<const AtRest> at_rest() const { return nullptr; }
+  // Why this filter may not be removed from an open disk (the policy no longer names a filter
+  // of its class), or "" when it may. The encrypt filter refuses: without it the disk would
+  // turn, under the guest's feet, from its plaintext into the container's ciphertext.
+  virtual std::string removal_refused() const { return {}; }
 
   // Bytes this filter holds that the layer below does not have yet.
   virtual uint64_t dirty_bytes() const { return 0; }

@@ -100,12 +100,46 @@ Status EncryptFilter::open(const DiskInfo& info) {
   key_ = encrypt::XtsKey::create(master);
   if (!key_) return fail_open(EIO, "OpenSSL refused the master key");
   payload_ = header_.payload_bytes_offset();
+  // The filters above get their own key object: it outlives this filter (a kept cache keeps
+  // sealing after a re-plumb replaced this instance), and close() revokes only ours.
+  auto sealing = encrypt::XtsKey::create(master);
+  if (!sealing) return fail_open(EIO, "OpenSSL refused the master key");
+  at_rest_ = std::make_shared<Sealer>(std::move(sealing), payload_, next_);
   return Status::Ok();
+}
+
+Status EncryptFilter::Sealer::seal(uint64_t off, const void* in, void* out, size_t len) const {
+  if (off % kSector || len % kSector) return Status::Error(EINVAL, "encrypt: sealing needs whole sectors");
+  if (!key_->encrypt(static_cast<const uint8_t*>(in), static_cast<uint8_t*>(out), len / kSector, off / kSector))
+    return kCipherFailed;
+  return Status::Ok();
+}
+
+Status EncryptFilter::Sealer::unseal(uint64_t off, const void* in, void* out, size_t len) const {
+  if (off % kSector || len % kSector) return Status::Error(EINVAL, "encrypt: unsealing needs whole sectors");
+  if (!key_->decrypt(static_cast<const uint8_t*>(in), static_cast<uint8_t*>(out), len / kSector, off / kSector,
+                     false))
+    return kCipherFailed;
+  return Status::Ok();
+}
+
+Status EncryptFilter::Sealer::read_header(void* buf, size_t len, uint64_t off) const {
+  if (off > header_ || len > header_ - off) return Status::Error(EINVAL, "encrypt: read past the LUKS header");
+  size_t got = 0;
+  Status s = below_->read(Io{}, buf, len, off, &got);
+  if (s.ok() && got < len) std::memset(static_cast<uint8_t*>(buf) + got, 0, len - got);
+  return s;
+}
+
+std::string EncryptFilter::removal_refused() const {
+  return "encrypt cannot leave an open disk: the guest would see the LUKS container's ciphertext in place of its "
+         "data; close the disk first (or give the policy a new key in place of removing encrypt)";
 }
 
 void EncryptFilter::close() {
   if (key_) key_->revoke();
   key_.reset();
+  at_rest_.reset();
 }
 
 bool EncryptFilter::passphrase_opens(const encrypt::EncryptParams& p) {

@@ -72,6 +72,12 @@ class EncryptFilter : public Filter {
   // and its open fails (EACCES), so the change is refused and this filter stays.
   bool reconfigure(const YAML::Node& params) override;
 
+  // What the filters above use to keep their own copies (cache device, replication journal and
+  // target) sealed: the container's own data cipher (filter.h, AtRest).
+  std::shared_ptr<const AtRest> at_rest() const override { return at_rest_; }
+  // Always refused: see filter.h.
+  std::string removal_refused() const override;
+
   // {"cipher":"aes-xts-plain64","key_bits":N,"hash":S,"uuid":S,"keyslot":N,"payload_offset":N,
   //  "created":B,"encrypted_bytes":N,"decrypted_bytes":N,"rmw":N}: see iofilterfs.yaml(5).
   std::string stats_json() const override;
@@ -94,10 +100,27 @@ class EncryptFilter : public Filter {
   // Whether the passphrase that p names opens this image's header.
   bool passphrase_opens(const encrypt::EncryptParams& p);
 
+  class Sealer : public AtRest {
+   public:
+    Sealer(std::shared_ptr<encrypt::XtsKey> key, uint64_t header, Layer* below)
+        : key_(std::move(key)), header_(header), below_(below) {}
+    ~Sealer() override { key_->revoke(); }
+    Status seal(uint64_t off, const void* in, void* out, size_t len) const override;
+    Status unseal(uint64_t off, const void* in, void* out, size_t len) const override;
+    uint64_t header_bytes() const override { return header_; }
+    Status read_header(void* buf, size_t len, uint64_t off) const override;
+
+   private:
+    std::shared_ptr<encrypt::XtsKey> key_;
+    uint64_t header_;
+    Layer* below_;  // the layer under the encrypt filter; the disk outlives its filters
+  };
+
   encrypt::EncryptParams params_;        // changed by reconfigure(), under the control lock
   std::shared_ptr<encrypt::XtsKey> key_;  // set by open()
   uint64_t payload_ = 0;                  // bytes, set by open()
   encrypt::luks1::Header header_;         // set by open(); no key material
+  std::shared_ptr<const AtRest> at_rest_;  // set by open()
   int keyslot_ = -1;
   bool created_ = false;
   std::array<std::mutex, kLockStripes> rmw_locks_;

@@ -147,27 +147,6 @@ std::string check(const YAML::Node& params, EncryptParams* out, YAML::Node* wher
   return {};
 }
 
-// Reads a whole file (at most kMaxPassphrase bytes) into *out.
-std::string read_all(int fd, const std::string& what, SecureBytes* out) {
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) return what + " cannot be read: " + std::strerror(errno);
-  if (!S_ISREG(st.st_mode)) return what + " is not a regular file";
-  if (st.st_size <= 0) return what + " is empty";
-  if (static_cast<uint64_t>(st.st_size) > kMaxPassphrase) return what + " is larger than 8 MiB";
-  SecureBytes buf(static_cast<size_t>(st.st_size));
-  size_t got = 0;
-  while (got < buf.size()) {
-    ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return what + " cannot be read: " + std::strerror(errno);
-    if (n == 0) break;
-    got += static_cast<size_t>(n);
-  }
-  if (got != buf.size()) return what + " changed while it was read";
-  *out = std::move(buf);
-  return {};
-}
-
 }  // namespace
 
 const std::vector<std::string>& encrypt_keys() {
@@ -207,6 +186,37 @@ std::string describe_encrypt(const EncryptParams& p) {
   return s;
 }
 
+std::string read_passphrase_fd(int fd, const std::string& what, bool streams_ok, SecureBytes* out) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return what + " cannot be read: " + std::strerror(errno);
+  const bool regular = S_ISREG(st.st_mode);
+  if (!regular && !(streams_ok && (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode) || S_ISSOCK(st.st_mode))))
+    return what + " is not a regular file";
+  if (regular && st.st_size <= 0) return what + " is empty";
+  if (regular && static_cast<uint64_t>(st.st_size) > kMaxPassphrase) return what + " is larger than 8 MiB";
+  // A stream's length is unknown: read into a locked buffer of the largest passphrase, then
+  // keep only what came.
+  SecureBytes buf(regular ? static_cast<size_t>(st.st_size) : kMaxPassphrase);
+  size_t got = 0;
+  while (got < buf.size()) {
+    ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return what + " cannot be read: " + std::strerror(errno);
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  if (regular && got != buf.size()) return what + " changed while it was read";
+  if (got == 0) return what + " is empty";
+  if (!regular) {
+    uint8_t extra;
+    if (got == buf.size() && ::read(fd, &extra, 1) == 1) return what + " is larger than 8 MiB";
+    SecureBytes exact(buf.data(), got);
+    buf = std::move(exact);
+  }
+  *out = std::move(buf);
+  return {};
+}
+
 std::string read_passphrase(const EncryptParams& p, SecureBytes* out) {
   std::string path, what;
   if (!p.key_file.empty()) {
@@ -228,7 +238,7 @@ std::string read_passphrase(const EncryptParams& p, SecureBytes* out) {
     if (::fstat(fd, &st) != 0) err = what + " cannot be read: " + std::strerror(errno);
     else err = check_key_file(path, KeyFileFacts{0, st.st_uid, st.st_mode}, ::geteuid());
   }
-  if (err.empty()) err = read_all(fd, what, out);
+  if (err.empty()) err = read_passphrase_fd(fd, what, false, out);
   ::close(fd);
   return err;
 }

@@ -71,4 +71,9 @@ std::string describe_encrypt(const EncryptParams& p);
 // any of the file's content).
 std::string read_passphrase(const EncryptParams& p, SecureBytes* out);
 
+// Reads a whole passphrase (at most 8 MiB) from fd into *out. A regular file is read whole;
+// with streams_ok a pipe or terminal is read to its end too. `what` names the source in the
+// message ("" or why not, never with any of the content).
+std::string read_passphrase_fd(int fd, const std::string& what, bool streams_ok, SecureBytes* out);
+
 }  // namespace iofilterfs::encrypt

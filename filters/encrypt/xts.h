@@ -1,6 +1,15 @@
 // The data path's cipher: aes-xts-plain64 over 512-byte sectors with per-thread OpenSSL
 // contexts, so that no request allocates or takes a shared lock in the steady state.
 //
+// XTS is computed here from AES in ECB mode rather than with OpenSSL's XTS cipher: that one
+// takes one data unit (a sector) per call and needs its IV set before each, and in OpenSSL 3
+// that re-initialisation costs more than the sector's AES (~0.8 GB/s against ~5 GB/s). Here a
+// request is cut into chunks of 64 sectors; for each, the sectors' first tweaks are one ECB call
+// under the tweak key (the key's second half), every block's tweak follows by multiplication
+// by alpha in GF(2^128), and the data is XORed with the tweaks, run through one ECB call under
+// the data key (the first half), and XORed again (IEEE 1619 XEX). The unit tests hold it to the
+// IEEE 1619 vectors and to OpenSSL's own XTS byte for byte.
+//
 // An XtsKey is one disk's data key. The contexts that hold its key schedule are created lazily,
 // one encrypt/decrypt pair per worker thread that uses the disk, and each thread remembers the
 // pair it got in a small thread-local table keyed by the XtsKey's unique id:
@@ -49,9 +58,13 @@ class XtsKey : public std::enable_shared_from_this<XtsKey> {
   // Frees every context and wipes the key; later calls fail.
   void revoke();
 
+  static constexpr size_t kChunkSectors = 64;  // sectors per ECB call (see above)
   struct Pair {
-    EVP_CIPHER_CTX* enc = nullptr;
-    EVP_CIPHER_CTX* dec = nullptr;
+    EVP_CIPHER_CTX* enc = nullptr;    // AES-ECB, data key, encrypting
+    EVP_CIPHER_CTX* dec = nullptr;    // AES-ECB, data key, decrypting
+    EVP_CIPHER_CTX* tweak = nullptr;  // AES-ECB, tweak key, encrypting
+    // Scratch: one chunk's tweaks, then its sectors' first tweaks (16 bytes each).
+    alignas(64) uint8_t tweaks[kChunkSectors * kSector + kChunkSectors * 16];
   };
   // For the thread-local table: a pair to keep, and one given back.
   Pair* acquire();
@@ -63,6 +76,7 @@ class XtsKey : public std::enable_shared_from_this<XtsKey> {
  private:
   XtsKey() = default;
   Pair* pair_for_this_thread();
+  bool run(bool enc, const uint8_t* in, uint8_t* out, size_t n, uint64_t sector, bool holes_read_zero);
 
   SecureBytes key_;
   const EVP_CIPHER* cipher_ = nullptr;

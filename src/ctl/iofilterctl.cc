@@ -2,7 +2,8 @@
 //
 // A thin layer over the control attributes (user.iofilter.*) of iofilterfs(8): every command is
 // a getxattr or setxattr on a path in the mount, so anything it does can be done with
-// getfattr/setfattr too. No socket, no second channel.
+// getfattr/setfattr too. No socket, no second channel. The exceptions work offline on image
+// files, not through a mount: `encrypt` and `key` (luks_cmds.h).
 //
 // Exit codes: 0 done; 1 the operation failed; 2 usage; 3 not an iofilterfs mount or image;
 // 4 permission denied.
@@ -25,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "luks_cmds.h"
 #include "units.h"
 #include "version.h"
 
@@ -378,6 +380,37 @@ int main(int argc, char** argv) {
   auto* reload = app.add_subcommand("reload", "re-read the datastore's policy file");
   reload->add_option("MOUNT", mnt, "the mountpoint")->required();
 
+  iofilterctl::EncryptOptions eo;
+  std::string src, dst, iter_time = "2s", key_file, new_key_file;
+  int slot = -1;
+  auto* encrypt = app.add_subcommand("encrypt", "convert a plaintext image into a new LUKS1 container (offline)");
+  encrypt->add_option("SRC", src, "the plaintext image (not open in a daemon)")->required();
+  encrypt->add_option("DST", dst, "the container to create (must not exist)")->required();
+  encrypt->add_option("--key-file", eo.key_file, "the passphrase of keyslot 0 (a file, or - for stdin)")->required();
+  encrypt->add_option("--iter-time", iter_time, "PBKDF2 time for the keyslot (default 2s)");
+  encrypt->add_option("--key-size", eo.key_bits, "XTS key bits: 256 or 512 (default)")->check(CLI::IsMember({256, 512}));
+  encrypt->add_option("--hash", eo.hash, "sha1, sha256 (default) or sha512")
+      ->check(CLI::IsMember({"sha1", "sha256", "sha512"}));
+  encrypt->add_flag("--sparse", eo.sparse, "leave all-zero MiBs as holes (they read as zeros through iofilterfs only)");
+  encrypt->add_flag("--progress", eo.progress, "print the percentage done on stderr");
+
+  auto* key = app.add_subcommand("key", "an encrypted image's passphrases (offline, on the backing file)");
+  key->require_subcommand(1);
+  auto* key_list = key->add_subcommand("list", "the LUKS header and its keyslots");
+  key_list->add_option("IMAGE", disk, "the backing file (a LUKS1 container)")->required();
+  auto* key_add = key->add_subcommand("add", "a new passphrase in a free keyslot");
+  key_add->add_option("IMAGE", disk, "the backing file (a LUKS1 container), not open in a daemon")->required();
+  key_add->add_option("--key-file", key_file, "an existing passphrase (a file, or - for stdin)")->required();
+  key_add->add_option("--new-key-file", new_key_file, "the passphrase to add (a file)")->required();
+  key_add->add_option("--slot", slot, "the keyslot to use (default: the first free)")->check(CLI::Range(0, 7));
+  key_add->add_option("--iter-time", iter_time, "PBKDF2 time for the new keyslot (default 2s)");
+  auto* key_remove = key->add_subcommand("remove", "disable a keyslot (never the last)");
+  key_remove->add_option("IMAGE", disk, "the backing file (a LUKS1 container), not open in a daemon")->required();
+  key_remove->add_option("--key-file", key_file,
+                         "without --slot: the passphrase to remove; with it: any passphrase of the image")
+      ->required();
+  key_remove->add_option("--slot", slot, "the keyslot to remove")->check(CLI::Range(0, 7));
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -399,6 +432,19 @@ int main(int argc, char** argv) {
       return kOk;
     }
     if (*snapshot) return cmd_verb(disk, "snapshot", name, json ? nullptr : "snapshot taken");
+    if (*encrypt || *key_add) {
+      std::string e = iofilterfs::parse_duration(iter_time, &eo.iter_time_us);
+      if (e.empty() && (eo.iter_time_us < 1000 || eo.iter_time_us > 600'000'000ull))
+        e = "must be between 1ms and 10m";
+      if (!e.empty()) {
+        std::fprintf(stderr, "iofilterctl: --iter-time %s: %s\n", iter_time.c_str(), e.c_str());
+        return kUsage;
+      }
+    }
+    if (*encrypt) return iofilterctl::cmd_encrypt(src, dst, eo);
+    if (*key_list) return iofilterctl::cmd_key_list(disk, json);
+    if (*key_add) return iofilterctl::cmd_key_add(disk, key_file, new_key_file, slot, eo.iter_time_us, json);
+    if (*key_remove) return iofilterctl::cmd_key_remove(disk, key_file, slot, json);
     if (*policy) return cmd_policy(disk, name, clear, json);
     if (*filters) return cmd_filters(mnt, json);
     if (*reload) {

@@ -329,3 +329,146 @@ TEST_CASE("a qcow2 image under encryption: qemu-img through the mount, and QEMU'
   CHECK(out.find("Pattern verification failed") == std::string::npos);
   CHECK(out.find("read 262144/262144 bytes") != std::string::npos);
 }
+
+namespace {
+
+std::string ctl() {
+  std::string d = testing::daemon_binary();
+  return q(d.substr(0, d.rfind('/')) + "/iofilterctl");
+}
+
+}  // namespace
+
+TEST_CASE("iofilterctl encrypt converts a plaintext image offline, and cryptsetup, QEMU and the mount read it back",
+          "[encrypt][ctl][cryptsetup][qemu]") {
+  EncryptedDatastore ds;
+  std::string out;
+  // 5 MiB + 100 bytes of plaintext with a marker and a zero MiB in the middle.
+  REQUIRE(sh("head -c 5M /dev/urandom > " + q(ds.t / "plain") + " && dd if=/dev/zero of=" + q(ds.t / "plain") +
+                 " bs=1M seek=2 count=1 conv=notrunc status=none && printf 'IOFILTERFS-CONVERT-MARKER%.0s' $(seq 100) "
+                 ">> " + q(ds.t / "plain"),
+             &out) == 0);
+  REQUIRE(sh(ctl() + " encrypt " + q(ds.t / "plain") + " " + q(ds.back("conv.raw")) + " --key-file " + q(ds.t / "k") +
+                 " --iter-time 10ms",
+             &out) == 0);
+  INFO(out);
+  CHECK(out.find("conv.raw: encrypted") != std::string::npos);
+  CHECK(out.find(kPass) == std::string::npos);
+  CHECK(sh("grep -c IOFILTERFS-CONVERT " + q(ds.back("conv.raw")), &out) == 1);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k") + " " + q(ds.back("conv.raw")), &out) == 0);
+  // Through the mount: the plaintext, padded with zeros to whole sectors.
+  REQUIRE(sh("cp " + q(ds.t / "plain") + " " + q(ds.t / "padded") + " && truncate -s %512 " + q(ds.t / "padded"),
+             &out) == 0);
+  CHECK(sh("cmp " + q(ds.t / "padded") + " " + q(ds.mnt("conv.raw")), &out) == 0);
+  REQUIRE(sh("qemu-img convert " + ds.qemu_luks("conv.raw") + " -O raw " + q(ds.t / "qout"), &out) == 0);
+  CHECK(sh("cmp " + q(ds.t / "padded") + " " + q(ds.t / "qout"), &out) == 0);
+
+  // Refusals: an existing destination; a source the daemon has open for writing; a missing key.
+  CHECK(sh(ctl() + " encrypt " + q(ds.t / "plain") + " " + q(ds.back("conv.raw")) + " --key-file " + q(ds.t / "k"),
+           &out) == 1);
+  CHECK(out.find("File exists (it must not exist yet)") != std::string::npos);
+  int fd = open(ds.mnt("busy.raw").c_str(), O_RDWR | O_CREAT, 0600);
+  REQUIRE(fd >= 0);
+  REQUIRE(pwrite(fd, "x", 1, 0) == 1);
+  CHECK(sh(ctl() + " encrypt " + q(ds.back("busy.raw")) + " " + q(ds.t / "busy.luks") + " --key-file " +
+               q(ds.t / "k"),
+           &out) == 1);
+  CHECK(out.find("the image is in use") != std::string::npos);
+  CHECK(access((ds.t / "busy.luks").c_str(), F_OK) != 0);
+  close(fd);
+  CHECK(sh(ctl() + " encrypt " + q(ds.t / "plain") + " " + q(ds.t / "x.luks") + " --key-file " + q(ds.t / "nokey"),
+           &out) == 1);
+  CHECK(out.find("cannot be read: No such file or directory") != std::string::npos);
+  CHECK(access((ds.t / "x.luks").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("iofilterctl key add, list and remove rotate passphrases without re-encrypting, and the last one stays",
+          "[encrypt][ctl][cryptsetup]") {
+  EncryptedDatastore ds;
+  std::string out;
+  REQUIRE(sh("head -c 3M /dev/urandom > " + q(ds.t / "model") + " && cp " + q(ds.t / "model") + " " +
+                 q(ds.mnt("disk.raw")),
+             &out) == 0);
+  write_file(ds.t / "k2", "the second passphrase");
+  REQUIRE(chmod((ds.t / "k2").c_str(), 0600) == 0);
+  const std::string img = q(ds.back("disk.raw"));
+  const std::string payload_md5 = "tail -c +2097153 " + img + " | md5sum";
+  std::string before;
+  REQUIRE(sh(payload_md5, &before) == 0);
+
+  // While the disk is open in the daemon, the header is not touched.
+  {
+    int fd = open(ds.mnt("disk.raw").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    CHECK(sh(ctl() + " key add " + img + " --key-file " + q(ds.t / "k") + " --new-key-file " + q(ds.t / "k2"), &out) ==
+          1);
+    CHECK(out.find("the image is in use") != std::string::npos);
+    close(fd);
+  }
+  // A wrong existing passphrase: exit 4, nothing written.
+  write_file(ds.t / "wrong", "wrong");
+  CHECK(sh(ctl() + " key add " + img + " --key-file " + q(ds.t / "wrong") + " --new-key-file " + q(ds.t / "k2"),
+           &out) == 4);
+  CHECK(out.find("opens no keyslot") != std::string::npos);
+
+  REQUIRE(sh(ctl() + " key add " + img + " --key-file " + q(ds.t / "k") + " --new-key-file " + q(ds.t / "k2") +
+                 " --iter-time 10ms",
+             &out) == 0);
+  CHECK(out.find("passphrase added in keyslot 1") != std::string::npos);
+  REQUIRE(sh(ctl() + " --json key list " + img, &out) == 0);
+  CHECK(out.find("{\"slot\":0,\"active\":true") != std::string::npos);
+  CHECK(out.find("{\"slot\":1,\"active\":true") != std::string::npos);
+  CHECK(out.find("{\"slot\":2,\"active\":false") != std::string::npos);
+  CHECK(out.find(kPass) == std::string::npos);
+  CHECK(out.find("the second passphrase") == std::string::npos);
+  // Both open it, in cryptsetup and through the mount.
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k") + " " + img, &out) == 0);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k2") + " " + img, &out) == 0);
+  CHECK(sh("cmp " + q(ds.t / "model") + " " + q(ds.mnt("disk.raw")), &out) == 0);
+
+  // Remove the first passphrase: it stops opening the image, the second still does, and the
+  // data was never re-encrypted.
+  REQUIRE(sh(ctl() + " key remove " + img + " --key-file " + q(ds.t / "k"), &out) == 0);
+  CHECK(out.find("keyslot 0 removed") != std::string::npos);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k") + " " + img, &out) == 2);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k2") + " " + img, &out) == 0);
+  std::string after;
+  REQUIRE(sh(payload_md5, &after) == 0);
+  CHECK(after == before);
+  int fd = open(ds.mnt("disk.raw").c_str(), O_RDONLY);
+  CHECK(fd < 0);
+  CHECK(errno == EACCES);
+  if (fd >= 0) close(fd);
+  // The policy moves to the second key (a reload): the image opens again, with its data.
+  write_file(ds.t / "k", "the second passphrase");
+  REQUIRE(testing::set_xattr(ds.m->mountpoint(), "user.iofilter.reload", "1") == 0);
+  CHECK(sh("cmp " + q(ds.t / "model") + " " + q(ds.mnt("disk.raw")), &out) == 0);
+
+  // The last keyslot is never removed.
+  CHECK(sh(ctl() + " key remove " + img + " --key-file " + q(ds.t / "k2") + " --slot 1", &out) == 1);
+  CHECK(out.find("is the last one") != std::string::npos);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k2") + " " + img, &out) == 0);
+}
+
+TEST_CASE("a reload that drops encrypt from an open disk is refused for that disk, which keeps serving plaintext",
+          "[encrypt][reload]") {
+  EncryptedDatastore ds;
+  std::string out;
+  REQUIRE(sh("head -c 1M /dev/urandom > " + q(ds.t / "model") + " && cp " + q(ds.t / "model") + " " +
+                 q(ds.mnt("disk.raw")),
+             &out) == 0);
+  int fd = open(ds.mnt("disk.raw").c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  write_file(ds.t / "ds.yaml", "datastore:\n  images: [\"*.raw\"]\npolicies:\n  secret:\n  clear:\n"
+                               "rules:\n  - { match: \"*\", policy: secret }\n");
+  CHECK(testing::set_xattr(ds.m->mountpoint(), "user.iofilter.reload", "1") == EIO);
+  CHECK(ds.m->log().find("disk.raw: keeps its old chain, re-plumbing to policy secret failed: encrypt cannot leave "
+                         "an open disk") != std::string::npos);
+  CHECK(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.chain").find("encrypt") != std::string::npos);
+  std::string buf(1 << 20, '\0');
+  CHECK(pread(fd, buf.data(), buf.size(), 0) == static_cast<ssize_t>(buf.size()));
+  CHECK(buf == read_file(ds.t / "model"));
+  close(fd);
+  // Closed, the disk follows the new policy: the container itself (the native view), 2 MiB more.
+  CHECK(file_size(ds.mnt("disk.raw")) == 3u << 20);
+}

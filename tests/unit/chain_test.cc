@@ -358,3 +358,86 @@ TEST_CASE("re-plumbing keeps unchanged filters, drains leaving ones first, and a
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+
+// An encrypt-class filter that offers at-rest protection and refuses to leave an open disk, and
+// a cache-class filter that records the protection it was opened with.
+class Sealing : public AtRest {
+ public:
+  explicit Sealing(int id) : id(id) {}
+  Status seal(uint64_t, const void*, void*, size_t) const override { return Status::Ok(); }
+  Status unseal(uint64_t, const void*, void*, size_t) const override { return Status::Ok(); }
+  uint64_t header_bytes() const override { return 0; }
+  Status read_header(void*, size_t, uint64_t) const override { return Status::Ok(); }
+  int id;
+};
+class Provider : public Filter {
+ public:
+  explicit Provider(int id) : id_(id) {}
+  Status open(const DiskInfo&) override {
+    at_rest_ = std::make_shared<Sealing>(id_);
+    return Status::Ok();
+  }
+  std::shared_ptr<const AtRest> at_rest() const override { return at_rest_; }
+  std::string removal_refused() const override { return "provider: stays"; }
+
+ private:
+  int id_;
+  std::shared_ptr<const AtRest> at_rest_;
+};
+class Keeper : public Filter {
+ public:
+  explicit Keeper(std::vector<int>* seen) : seen_(seen) {}
+  Status open(const DiskInfo& info) override {
+    auto* s = dynamic_cast<const Sealing*>(info.at_rest.get());
+    seen_->push_back(s ? s->id : 0);
+    return Status::Ok();
+  }
+
+ private:
+  std::vector<int>* seen_;
+};
+
+}  // namespace
+
+TEST_CASE("filters above an encrypting one are opened with its at-rest protection, and it cannot leave an open disk",
+          "[chain][disk]") {
+  std::vector<int> seen;
+  Registry reg;
+  REQUIRE(reg.add(FilterInfo{"prov", FilterClass::Encrypt, kFilterApiVersion, "", {}, nullptr,
+                             [](const YAML::Node& p) { return std::make_unique<Provider>(p["id"].as<int>()); }}));
+  REQUIRE(reg.add(FilterInfo{"keeper", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr,
+                             [&seen](const YAML::Node&) { return std::make_unique<Keeper>(&seen); }}));
+  REQUIRE(reg.add(FilterInfo{"keeper2", FilterClass::Replicate, kFilterApiVersion, "", {}, nullptr,
+                             [&seen](const YAML::Node&) { return std::make_unique<Keeper>(&seen); }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &reg;
+  opt.filters = {spec("keeper"), spec("prov", "{ id: 1 }")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "x.raw", opt, &disk, &err).ok());
+  CHECK(seen == std::vector<int>{1});
+
+  // A filter arriving above a kept provider gets the kept one's protection; a replaced provider
+  // (new parameters) opens first, so a filter arriving with it gets the new one's.
+  REQUIRE(disk->replumb("p", {spec("keeper"), spec("keeper2"), spec("prov", "{ id: 1 }")}, reg, &err).ok());
+  CHECK(seen == std::vector<int>{1, 1});
+  REQUIRE(disk->replumb("p", {spec("keeper"), spec("prov", "{ id: 2 }")}, reg, &err).ok());
+  REQUIRE(disk->replumb("p", {spec("keeper"), spec("keeper2"), spec("prov", "{ id: 2 }")}, reg, &err).ok());
+  CHECK(seen == std::vector<int>{1, 1, 2});
+
+  // Removing the provider outright is refused, and nothing changes.
+  CHECK(disk->replumb("q", {spec("keeper")}, reg, &err).err == EBUSY);
+  CHECK(err == "provider: stays");
+  CHECK(disk->chain_description() == "keeper2 -> keeper -> prov");
+  CHECK(disk->policy() == "p");
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   # build
   build-essential cmake pkg-config
-  libfuse3-dev fuse3 libssl-dev libyaml-cpp-dev libcli11-dev libspdlog-dev catch2
+  libfuse3-dev fuse3 libssl-dev zlib1g-dev libzstd-dev libyaml-cpp-dev libcli11-dev libspdlog-dev catch2
   # test clients and tools
   fio qemu-utils attr util-linux xxd procps groff-base man-db systemd
   # benchmark peer (qemu-storage-daemon) and the tools later filter tests drive

@@ -18,7 +18,8 @@ namespace {
 
 const std::vector<std::string> kTopKeys = {"datastore", "policies", "rules"};
 const std::vector<std::string> kDatastoreKeys = {"backing", "mountpoint", "images", "options", "threads",
-                                                 "log-level", "default-policy", "congestion-latency"};
+                                                 "log-level", "default-policy", "congestion-latency",
+                                                 "view"};
 const std::vector<std::string> kRuleKeys = {"match", "policy"};
 const std::vector<std::string> kLogLevels = {"trace", "debug", "info", "warn", "error", "critical", "off"};
 
@@ -100,6 +101,10 @@ void parse_datastore(const YAML::Node& n, DatastoreConfig* c) {
       fail(v, "unknown log level '" + c->log_level + "' (trace, debug, info, warn, error, critical, off)" );
   }
   if (auto v = n["default-policy"]) c->default_policy = scalar(v, "datastore.default-policy");
+  if (auto v = n["view"]) {
+    c->view = scalar(v, "datastore.view");
+    if (c->view != "native" && c->view != "raw") fail(v, "datastore.view must be 'native' or 'raw', not '" + c->view + "'");
+  }
   if (auto v = n["congestion-latency"]) {
     uint64_t us = 0;
     const std::string text = scalar(v, "datastore.congestion-latency");
@@ -132,6 +137,12 @@ void parse_policies(const YAML::Node& n, const Registry& registry, DatastoreConf
     const FilterInfo* by_class[kFilterClassCount] = {};
     for (const auto& f : body) {
       const std::string fname = f.first.Scalar();
+      if (fname == "view") {  // not a filter: how the policy's images are presented
+        p.view = scalar(f.second, "policy '" + p.name + "' view");
+        if (p.view != "native" && p.view != "raw")
+          fail(f.second, "policy '" + p.name + "': view must be 'native' or 'raw', not '" + p.view + "'");
+        continue;
+      }
       const FilterInfo* info = registry.find(fname);
       if (!info) {
         std::string known;
@@ -224,6 +235,18 @@ std::string DatastoreConfig::policy_for(const std::string& relpath) const {
   return default_policy;
 }
 
+std::string DatastoreConfig::view_for(const std::string& policy) const {
+  const PolicySpec* p = find_policy(policy);
+  return p && !p->view.empty() ? p->view : view;
+}
+
+bool DatastoreConfig::any_raw_view() const {
+  if (view == "raw") return true;
+  for (const auto& p : policies)
+    if (p.view == "raw") return true;
+  return false;
+}
+
 std::string parse_config(const std::string& text, const std::string& file, const Registry& registry,
                          DatastoreConfig* out) {
   DatastoreConfig c;
@@ -287,6 +310,7 @@ std::vector<std::string> config_keys() {
   for (const auto& k : kTopKeys) keys.push_back(k);
   for (const auto& k : kDatastoreKeys) keys.push_back("datastore." + k);
   for (const auto& k : kRuleKeys) keys.push_back("rules." + k);
+  keys.push_back("policies.view");
   return keys;
 }
 

@@ -38,6 +38,7 @@ namespace iofilterfs {
 struct PolicySpec {
   std::string name;
   std::vector<FilterSpec> filters;  // in the file's order; the chain orders them by class
+  std::string view;                 // "native", "raw", or "" (the datastore's view)
 };
 
 struct RuleSpec {
@@ -57,6 +58,7 @@ struct DatastoreConfig {
   std::vector<std::string> images = kDefaultImagePatterns;
   std::string default_policy = kNoPolicy;
   uint64_t congestion_latency_us = 30'000;
+  std::string view = "native";  // datastore.view: how images whose policy names no view appear
   std::vector<PolicySpec> policies;
   std::vector<RuleSpec> rules;
 
@@ -66,6 +68,10 @@ struct DatastoreConfig {
   bool is_image(const std::string& relpath) const;
   // The policy name the rules give `relpath`: the first matching rule's, else the default.
   std::string policy_for(const std::string& relpath) const;
+  // The view ("native" or "raw") of images under `policy`: the policy's, else the datastore's.
+  std::string view_for(const std::string& policy) const;
+  // Whether any image can have the raw view (when not, lookups skip the check).
+  bool any_raw_view() const;
   // The settings filters read (filter.h).
   DatastoreSettings settings() const;
 };

@@ -47,11 +47,28 @@ int Datastore::lookup(Inode& parent, const char* name, fuse_entry_param* e) {
   e->attr_timeout = 1.0;
   e->entry_timeout = 1.0;
   int fd = ::openat(parent.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  // NAME.raw that is not a file of its own: the raw view of NAME, when NAME has it.
+  bool raw_name = false;
+  const size_t nlen = std::strlen(name), slen = std::strlen(kRawSuffix);
+  if (fd < 0 && errno == ENOENT && nlen > slen && std::strcmp(name + nlen - slen, kRawSuffix) == 0) {
+    const std::string base(name, nlen - slen);
+    fd = ::openat(parent.fd, base.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return ENOENT;
+    raw_name = true;
+  }
   if (fd < 0) return errno;
   if (fstatat(fd, "", &e->attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
     int err = errno;
     ::close(fd);
     return err;
+  }
+  // Exactly one name per image: NAME.raw in the raw view, NAME otherwise.
+  if (raw_name || S_ISREG(e->attr.st_mode)) {
+    const bool raw = S_ISREG(e->attr.st_mode) && raw_view_fd(fd);
+    if (raw != raw_name) {
+      ::close(fd);
+      return ENOENT;
+    }
   }
   Inode* inode;
   {
@@ -128,13 +145,58 @@ std::string read_override(int path_fd) {
 
 }  // namespace
 
-std::string Datastore::policy_of(const Inode& i) const {
+std::string Datastore::policy_of(const Inode& i) const { return policy_for_fd(i.fd, relpath(i)); }
+
+std::string Datastore::policy_for_fd(int fd, const std::string& rel) const {
   auto cfg = config();
-  std::string o = read_override(i.fd);
+  std::string o = read_override(fd);
   // An override naming a policy the file no longer defines falls back to the rules.
   if (!o.empty() && cfg->find_policy(o)) return o;
-  if (!o.empty()) spdlog::warn("{}: assigned policy '{}' is not defined; using the rules", relpath(i), o);
-  return cfg->policy_for(relpath(i));
+  if (!o.empty()) spdlog::warn("{}: assigned policy '{}' is not defined; using the rules", rel, o);
+  return cfg->policy_for(rel);
+}
+
+namespace {
+
+std::string relpath_of_fd(int fd, const std::string& root) {
+  char link[64];
+  std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  char buf[PATH_MAX + 1];
+  ssize_t n = ::readlink(link, buf, PATH_MAX);
+  if (n <= 0) return "";
+  std::string p(buf, static_cast<size_t>(n));
+  if (p.size() > root.size() && p.compare(0, root.size(), root) == 0 && p[root.size()] == '/')
+    return p.substr(root.size() + 1);
+  return "";
+}
+
+}  // namespace
+
+bool Datastore::raw_view_fd(int fd) const {
+  auto cfg = config();
+  if (!cfg->any_raw_view()) return false;
+  const std::string rel = relpath_of_fd(fd, opt_.backing);
+  if (rel.empty() || !cfg->is_image(rel)) return false;
+  if (cfg->view_for(policy_for_fd(fd, rel)) != "raw") return false;
+  // By content, as image.h detects formats: qcow2 and VMDK (a sparse extent or a descriptor).
+  int rfd = ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NOATIME);
+  if (rfd < 0) rfd = ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_RDONLY | O_CLOEXEC);
+  if (rfd < 0) return false;
+  char m[21] = {};
+  ssize_t n = ::pread(rfd, m, sizeof m, 0);
+  ::close(rfd);
+  return n >= 4 && (std::memcmp(m, "QFI\xfb", 4) == 0 || std::memcmp(m, "KDMV", 4) == 0 ||
+                    (n == sizeof m && std::memcmp(m, "# Disk DescriptorFile", sizeof m) == 0));
+}
+
+std::string Datastore::display_name(Inode& dir, const char* name) const {
+  if (!config()->any_raw_view() || std::strcmp(name, ".") == 0 || std::strcmp(name, "..") == 0) return name;
+  int fd = ::openat(dir.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return name;
+  struct stat st {};
+  bool raw = fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) && raw_view_fd(fd);
+  ::close(fd);
+  return raw ? std::string(name) + kRawSuffix : std::string(name);
 }
 
 std::vector<FilterSpec> Datastore::filters_of(const Inode& i) const {
@@ -144,7 +206,8 @@ std::vector<FilterSpec> Datastore::filters_of(const Inode& i) const {
 }
 
 Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
-  std::lock_guard<std::mutex> g(i.m);
+  std::unique_lock<std::mutex> g(i.m);
+  i.closed_cv.wait(g, [&] { return !i.closing; });
   bool created = false;
   if (!i.disk) {
     DiskOptions dopt;
@@ -153,6 +216,11 @@ Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_
     auto cfg = config();
     dopt.policy = policy_of(i);
     dopt.filters = cfg->find_policy(dopt.policy)->filters;
+    if (raw_view(i)) {
+      dopt.raw_view = true;
+      dopt.image_path = opt_.backing + "/" + relpath(i);
+      dopt.backing_root = opt_.backing;
+    }
     Status s = Disk::open(i.fd, relpath(i), dopt, &i.disk, err);
     if (!s.ok()) return s;
     created = true;
@@ -167,7 +235,8 @@ Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_
     return s;
   }
   if (created)
-    spdlog::info("{}: opened ({} {}, policy {}, chain {})", i.disk->relpath(), i.disk->image().format,
+    spdlog::info("{}: opened ({}{} {}, policy {}, chain {})", i.disk->relpath(),
+                 i.disk->raw_view() ? "raw view of " : "", i.disk->image().format,
                  format_size(i.disk->image().virtual_size), i.disk->policy(), i.disk->chain_description());
   *out = i.disk;
   return Status::Ok();
@@ -179,10 +248,17 @@ void Datastore::detach_disk(Inode& i) {
     std::lock_guard<std::mutex> g(i.m);
     if (!i.disk || !i.disk->detach()) return;
     last = std::move(i.disk);
+    i.closing = true;
   }
   Status s = last->close();
   if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
   else spdlog::info("{}: closed", last->relpath());
+  last.reset();  // the backing file (and its lock) is released here
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    i.closing = false;
+  }
+  i.closed_cv.notify_all();
 }
 
 std::shared_ptr<Disk> Datastore::find_open_disk(const std::string& relpath) {
@@ -331,6 +407,12 @@ int Datastore::stat(Inode& i, struct stat* st) {
     uint64_t size;
     if (d) {
       if (d->size(&size).ok()) st->st_size = static_cast<off_t>(size);
+    } else if (raw_view(i)) {  // the guest disk's size, from the qcow2 header
+      int fd = ::open(("/proc/self/fd/" + std::to_string(i.fd)).c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd >= 0) {
+        st->st_size = static_cast<off_t>(detect_image_fd(fd, static_cast<uint64_t>(st->st_size)).virtual_size);
+        ::close(fd);
+      }
     } else {
       closed_image_size(i, st);
     }

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,10 @@ struct Inode {
 
   std::mutex m;
   std::shared_ptr<Disk> disk;  // under m: set while the image has open handles
+  // Under m: true while the last handle's Disk closes (drains, flushes metadata) outside m; a
+  // new open waits on closed_cv, so two Disks never hold the image (and its lock) at once.
+  bool closing = false;
+  std::condition_variable closed_cv;
 };
 
 class Datastore {
@@ -66,6 +71,16 @@ class Datastore {
   std::string relpath(const Inode& i) const;
   // A regular file that the image patterns select.
   bool is_image(const Inode& i) const;
+
+  // The raw view (DESIGN.md "Views"): an image whose policy (or the datastore) says
+  // `view: raw` and whose content is qcow2 appears as NAME.raw — its guest disk — and NAME
+  // itself is hidden, so exactly one view of the image exists at a time. kRawSuffix names it.
+  static constexpr const char* kRawSuffix = ".raw";
+  // Whether the backing file open as `fd` (any kind of descriptor) is shown in the raw view.
+  bool raw_view_fd(int fd) const;
+  bool raw_view(const Inode& i) const { return i.type == S_IFREG && raw_view_fd(i.fd); }
+  // The name a directory entry of `dir` is listed under: `name`, or `name` + kRawSuffix.
+  std::string display_name(Inode& dir, const char* name) const;
 
   // The policies in force.
   std::shared_ptr<const DatastoreConfig> config() const;
@@ -102,6 +117,7 @@ class Datastore {
   static constexpr const char* kPolicyXattr = "trusted.iofilterfs.policy";
 
  private:
+  std::string policy_for_fd(int fd, const std::string& rel) const;
   // stat() of an image with no open disk.
   void closed_image_size(Inode& i, struct stat* st);
 

@@ -42,12 +42,44 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
     d->fault_->set_next(bottom);
     bottom = d->fault_.get();
   }
+  if (opt.raw_view) {
+    std::string reason;
+    if (d->image_.format == "qcow2") {
+      format::Qcow2Options qo;
+      qo.read_only = opt.read_only;
+      qo.path = opt.image_path;
+      qo.backing_root = opt.backing_root;
+      s = format::Qcow2::open(bottom, qo, &d->qcow2_, err);
+      if (!s.ok()) return s;
+      d->format_ = d->qcow2_.get();
+      d->format_read_only_ = d->qcow2_->read_only();
+      reason = d->qcow2_->info().read_only_reason;
+      d->image_.virtual_size = d->qcow2_->info().virtual_size;
+    } else if (d->image_.format == "vmdk") {
+      format::VmdkOptions vo;
+      vo.read_only = opt.read_only;
+      vo.path = opt.image_path;
+      vo.backing_root = opt.backing_root;
+      s = format::Vmdk::open(bottom, vo, &d->vmdk_, err);
+      if (!s.ok()) return s;
+      d->format_ = d->vmdk_.get();
+      d->format_read_only_ = d->vmdk_->read_only();
+      reason = d->vmdk_->read_only_reason();
+      d->image_.virtual_size = d->vmdk_->virtual_size();
+    } else {
+      *err = "the raw view needs a qcow2 or VMDK image, this is " + d->image_.format;
+      return Status::Error(EMEDIUMTYPE, "raw view: unsupported format");
+    }
+    if (d->format_read_only_ && !opt.read_only) spdlog::warn("{}: raw view is read-only: {}", relpath, reason);
+    bottom = d->format_;
+  }
   d->bottom_ = bottom;
   s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
   if (!s.ok()) return s;
   d->top_ = d->chain_.top();
 
-  d->info_ = DiskInfo{relpath, d->image_.format, opt.read_only};
+  d->info_ = DiskInfo{relpath, d->format_ ? std::string("raw") : d->image_.format,
+                      opt.read_only || d->format_read_only_};
   // Open bottom-up so each filter's child is ready when it opens; undo on failure.
   s = d->chain_.open_all(d->info_, err);
   if (!s.ok()) return s;
@@ -60,6 +92,8 @@ Disk::~Disk() {
 }
 
 Status Disk::attach(bool writable, bool direct) {
+  if (writable && format_read_only_)
+    return Status::Error(EROFS, "raw view: the image opened read-only (see the log)");
   Status s = backing_->lock(writable ? Backing::LockMode::Exclusive : Backing::LockMode::Shared);
   if (!s.ok()) return s;
   if (direct) {
@@ -222,7 +256,7 @@ Status Disk::quiesce_locked(std::chrono::seconds timeout) {
   chain_.for_each([&](Filter& f, const FilterInfo&) {
     if (s.ok()) s = f.quiesce();
   });
-  if (s.ok()) s = backing_->sync(Io{}, false);
+  if (s.ok()) s = format_ ? format_->sync(Io{}, false) : backing_->sync(Io{}, false);
   if (!s.ok()) (void)resume_locked();
   return s;
 }
@@ -282,7 +316,7 @@ Status Disk::flush() {
     if (s.ok()) s = f.drain();
   });
   if (!s.ok()) return s;
-  return backing_->sync(Io{}, false);
+  return format_ ? format_->sync(Io{}, false) : backing_->sync(Io{}, false);
 }
 
 Status Disk::close() {
@@ -299,6 +333,13 @@ Status Disk::close() {
     f.shutdown();
     f.close();
   });
+  if (format_) {  // the decoded image's metadata reaches the file in its safe order
+    Status s = format_->sync(Io{}, false);
+    if (!s.ok()) {
+      spdlog::error("{}: raw view could not write its metadata on close: {}", relpath_, s.what ? s.what : "");
+      if (first.ok()) first = s;
+    }
+  }
   closed_ = true;
   return first;
 }

@@ -23,6 +23,8 @@
 #include <vector>
 
 #include "backing.h"
+#include "format/qcow2.h"
+#include "format/vmdk.h"
 #include "chain.h"
 #include "fault.h"
 #include "image.h"
@@ -37,6 +39,11 @@ struct DiskOptions {
   std::string policy = "none";   // the policy's name, for status
   std::vector<FilterSpec> filters;
   const Registry* registry = nullptr;  // where filter names are found; null: the daemon's
+  // The raw view: the image format is decoded under the chain (format/qcow2.h), so filters
+  // and clients see the guest's disk. image_path and backing_root locate its backing files.
+  bool raw_view = false;
+  std::string image_path;    // absolute path of the image file
+  std::string backing_root;  // backing files must lie under it
 };
 
 class Disk {
@@ -86,6 +93,7 @@ class Disk {
 
   const std::string& relpath() const { return relpath_; }
   const ImageInfo& image() const { return image_; }
+  bool raw_view() const { return format_ != nullptr; }
   std::string policy() const;
   std::string state() const;
   uint64_t dirty_bytes() const;
@@ -127,6 +135,11 @@ class Disk {
   ImageInfo image_;
   std::unique_ptr<Backing> backing_;
   std::unique_ptr<FaultLayer> fault_;
+  // Raw view: the decoded image (one of the two), above fault_/backing_; format_ is it.
+  std::unique_ptr<format::Qcow2> qcow2_;
+  std::unique_ptr<format::Vmdk> vmdk_;
+  Layer* format_ = nullptr;
+  bool format_read_only_ = false;
   Chain chain_;
   Layer* bottom_ = nullptr;  // the layer under the chain: the fault layer or the backing file
   Layer* top_ = nullptr;     // under plumbing_

@@ -588,7 +588,9 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_
       }
     }
     const off_t next = d->entry->d_off;
-    const char* name = d->entry->d_name;
+    // An image in the raw view is listed (and looked up) as NAME.raw.
+    const std::string shown = ds.display_name(dir, d->entry->d_name);
+    const char* name = shown.c_str();
     size_t n;
     if (plus) {
       fuse_entry_param e;

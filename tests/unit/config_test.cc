@@ -165,3 +165,29 @@ TEST_CASE("suggestions only for likely typos", "[config]") {
   CHECK(edit_distance("kitten", "sitting") == 3);
   CHECK(edit_distance("iosp", "iops") == 1);
 }
+
+TEST_CASE("view: the datastore default and a policy's own, validated", "[config]") {
+  DatastoreConfig c;
+  std::string e = parse_config(
+      "datastore:\n  view: raw\npolicies:\n  keep:\n    view: native\n    rate: { iops: 5 }\n  inherit:\n"
+      "    rate: { iops: 5 }\n",
+      "v.yaml", test_registry(), &c);
+  REQUIRE(e.empty());
+  CHECK(c.view == "raw");
+  CHECK(c.view_for("keep") == "native");
+  CHECK(c.view_for("inherit") == "raw");
+  CHECK(c.view_for(kNoPolicy) == "raw");
+  CHECK(c.any_raw_view());
+  CHECK(c.find_policy("keep")->filters.size() == 1);  // view is not a filter
+
+  DatastoreConfig d;
+  REQUIRE(parse_config("policies:\n  p:\n    view: raw\n", "v.yaml", test_registry(), &d).empty());
+  CHECK(d.view_for("p") == "raw");
+  CHECK(d.view_for(kNoPolicy) == "native");
+
+  DatastoreConfig bad;
+  CHECK(parse_config("datastore:\n  view: qcow\n", "v.yaml", test_registry(), &bad) ==
+        "v.yaml:2:9: datastore.view must be 'native' or 'raw', not 'qcow'");
+  CHECK(parse_config("policies:\n  p:\n    view: [raw]\n", "v.yaml", test_registry(), &bad) ==
+        "v.yaml:3:11: policy 'p' view must be a non-empty string, not a list");
+}

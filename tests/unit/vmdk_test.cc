@@ -1,0 +1,221 @@
+// The VMDK layer against QEMU's tools: every subformat qemu-img makes reads as `qemu-img
+// convert -O raw` does; writes to the sparse and flat kinds compare equal afterwards and pass
+// `qemu-img check`; streamOptimized refuses writes; crafted headers are refused.
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+#include "format/file.h"
+#include "format/vmdk.h"
+
+using namespace iofilterfs;
+using namespace iofilterfs::format;
+
+namespace {
+
+struct Tmp {
+  std::string path;
+  Tmp() {
+    const char* base = std::getenv("TMPDIR");
+    std::string t = std::string(base && *base ? base : "/tmp") + "/vmdk-test-XXXXXX";
+    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
+    path = t;
+  }
+  ~Tmp() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
+  std::string operator/(const std::string& n) const { return path + "/" + n; }
+};
+
+int run(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = ::popen(("(" + cmd + ") 2>&1").c_str(), "r");
+  if (!p) return -1;
+  std::string o;
+  char b[4096];
+  size_t n;
+  while ((n = fread(b, 1, sizeof b, p)) > 0) o.append(b, n);
+  int st = ::pclose(p);
+  if (out) *out = o;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+void must(const std::string& cmd) {
+  std::string out;
+  int rc = run(cmd, &out);
+  INFO(cmd << "\n" << out);
+  REQUIRE(rc == 0);
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+struct Opened {
+  std::unique_ptr<FdFile> file;
+  std::unique_ptr<Vmdk> v;
+  std::string err;
+};
+
+Opened open_vmdk(const std::string& path, bool writable) {
+  Opened o;
+  o.file = FdFile::open(path, writable, &o.err);
+  if (!o.file) return o;
+  VmdkOptions vo;
+  vo.read_only = !writable;
+  vo.path = path;
+  if (!Vmdk::open(o.file.get(), vo, &o.v, &o.err).ok()) o.v.reset();
+  return o;
+}
+
+std::string read_all(Vmdk& v) {
+  uint64_t size = 0;
+  REQUIRE(v.size(&size).ok());
+  std::string out(size, '\0');
+  for (uint64_t off = 0; off < size;) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(300 * 1024 + 512, size - off));
+    size_t got = 0;
+    Status s = v.read(Io{}, out.data() + off, n, off, &got);
+    INFO(s.what);
+    REQUIRE(s.ok());
+    REQUIRE(got == n);
+    off += n;
+  }
+  return out;
+}
+
+std::string qemu_raw(const Tmp& t, const std::string& img) {
+  must("qemu-img convert -U -f vmdk -O raw " + img + " " + t / "expect.raw");
+  std::string r = slurp(t / "expect.raw");
+  ::unlink((t / "expect.raw").c_str());
+  return r;
+}
+
+const char* kFill =
+    " -c 'write -P 0x11 0 4k' -c 'write -P 0x22 70k 100k' -c 'write -P 0x33 3M 1M' -c 'write -z 3M 64k'"
+    " -c 'write -P 0x44 12582912 8k'";
+
+}  // namespace
+
+TEST_CASE("vmdk subformats read like qemu-img convert", "[vmdk]") {
+  for (const char* sub : {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"}) {
+    DYNAMIC_SECTION(sub) {
+      Tmp t;
+      std::string img = t / "d.vmdk";
+      must("qemu-img create -q -f vmdk -o subformat=" + std::string(sub) + " " + img + " 16M");
+      must("qemu-io -f vmdk" + std::string(kFill) + " " + img + " >/dev/null");
+      Opened o = open_vmdk(img, false);
+      INFO(o.err);
+      REQUIRE(o.v);
+      CHECK(o.v->create_type() == sub);
+      CHECK((read_all(*o.v) == qemu_raw(t, img)));
+    }
+  }
+  SECTION("streamOptimized") {
+    Tmp t;
+    must("head -c 5M /dev/urandom > " + t / "a.raw" + " && truncate -s 16M " + t / "a.raw");
+    must("qemu-io -f raw -c 'write -P 0x55 9M 33k' " + t / "a.raw" + " >/dev/null");
+    std::string img = t / "s.vmdk";
+    must("qemu-img convert -f raw -O vmdk -o subformat=streamOptimized " + t / "a.raw" + " " + img);
+    Opened o = open_vmdk(img, true);
+    INFO(o.err);
+    REQUIRE(o.v);
+    CHECK(o.v->read_only());
+    CHECK(o.v->read_only_reason().find("streamOptimized") != std::string::npos);
+    CHECK((read_all(*o.v) == slurp(t / "a.raw")));
+    char b[512] = {};
+    CHECK(o.v->write(Io{}, b, sizeof b, 0).err == EROFS);
+  }
+}
+
+TEST_CASE("vmdk writes to sparse and flat kinds compare equal and check clean", "[vmdk]") {
+  for (const char* sub : {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"}) {
+    DYNAMIC_SECTION(sub) {
+      Tmp t;
+      std::string img = t / "w.vmdk";
+      must("qemu-img create -q -f vmdk -o subformat=" + std::string(sub) + " " + img + " 16M");
+      must("qemu-io -f vmdk" + std::string(kFill) + " " + img + " >/dev/null");
+      std::string expect = qemu_raw(t, img);
+      {
+        Opened o = open_vmdk(img, true);
+        INFO(o.err);
+        REQUIRE(o.v);
+        std::mt19937_64 rng(7);
+        std::string buf;
+        for (int i = 0; i < 80; ++i) {
+          uint64_t len = 1 + rng() % (150 * 1024);
+          uint64_t off = rng() % (expect.size() - len);
+          buf.assign(len, static_cast<char>(rng()));
+          for (uint64_t k = 0; k < len; k += 97) buf[k] = static_cast<char>(k);
+          REQUIRE(o.v->write(Io{}, buf.data(), len, off).ok());
+          std::memcpy(expect.data() + off, buf.data(), len);
+          if (i % 13 == 0) REQUIRE(o.v->sync(Io{}, false).ok());
+        }
+        REQUIRE(o.v->sync(Io{}, false).ok());
+        CHECK((read_all(*o.v) == expect));
+      }
+      std::string out;
+      int rc = run("qemu-img check -f vmdk " + img, &out);
+      INFO(out);
+      CHECK(rc == 0);
+      CHECK((qemu_raw(t, img) == expect));
+    }
+  }
+}
+
+TEST_CASE("crafted vmdk headers are refused with a reason", "[vmdk]") {
+  Tmp t;
+  std::string img = t / "c.vmdk";
+  must("qemu-img create -q -f vmdk " + img + " 4M");
+  const std::string good = slurp(img);
+  struct Bad {
+    const char* name;
+    size_t off;
+    uint64_t value;
+    int bytes;
+    const char* msg;
+  } bad[] = {
+      {"version 9", 4, 9, 4, "version"},
+      {"capacity absurd", 12, ~0ull, 8, "capacity"},
+      {"grain size 3", 20, 3, 8, "grain size"},
+      {"grain table size 0", 44, 0, 4, "grain table size"},
+      {"GD past EOF", 56, 1ull << 40, 8, "grain directory"},
+  };
+  for (auto& b : bad) {
+    DYNAMIC_SECTION(b.name) {
+      std::string s = good;
+      for (int i = 0; i < b.bytes; ++i) s[b.off + i] = static_cast<char>(b.value >> (8 * i));
+      for (const char* f : {"rgd", "plain"}) {
+        if (std::string(f) == "plain") s[8] &= ~2;  // without the redundant directory too
+        std::ofstream(img, std::ios::binary | std::ios::trunc).write(s.data(), static_cast<std::streamsize>(s.size()));
+        Opened o = open_vmdk(img, false);
+        INFO(f << ": " << o.err);
+        CHECK(!o.v);
+        CHECK(o.err.find(b.msg) != std::string::npos);
+      }
+    }
+  }
+  SECTION("a descriptor naming an extent outside the datastore") {
+    std::string d = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n"
+                    "RW 8 FLAT \"/etc/hostname\" 0\n";
+    std::ofstream(t / "x.vmdk", std::ios::binary).write(d.data(), static_cast<std::streamsize>(d.size()));
+    std::string err;
+    auto f = FdFile::open(t / "x.vmdk", false, &err);
+    REQUIRE(f);
+    VmdkOptions vo;
+    vo.read_only = true;
+    vo.path = t / "x.vmdk";
+    vo.backing_root = t.path;
+    std::unique_ptr<Vmdk> v;
+    CHECK_FALSE(Vmdk::open(f.get(), vo, &v, &err).ok());
+    CHECK(err.find("outside the datastore") != std::string::npos);
+  }
+}

@@ -5,6 +5,7 @@
 // issues.
 #include "filter.h"
 #include "encrypt/encrypt_filter.h"
+#include "replicate/replicate_filter.h"
 #include "throttle/throttle_filter.h"
 
 namespace iofilterfs {
@@ -12,6 +13,7 @@ namespace iofilterfs {
 void register_builtin_filters(Registry& r) {
   register_throttle(r);
   register_encrypt(r);
+  register_replicate(r);
 }
 
 }  // namespace iofilterfs

@@ -11,6 +11,8 @@ PACKAGES=(
   fio qemu-utils attr util-linux xxd procps groff-base man-db systemd
   # benchmark peer (qemu-storage-daemon) and the tools later filter tests drive
   qemu-system-common nbdkit cryptsetup-bin tmux
+  # replicate filter: NBD targets through libnbd
+  libnbd-dev
 )
 
 missing=()

@@ -137,6 +137,9 @@ class Filter : public Layer {
   virtual std::string stats_json() const { return "{}"; }
   // Key parameters, for the chain view ("iops=500 bps=20MiB/s").
   virtual std::string describe() const { return {}; }
+  // Why the disk works in a reduced way because of this filter ("replica unreachable"), or
+  // empty; the disk's state then reads "degraded: REASON".
+  virtual std::string degraded_reason() const { return {}; }
 
  protected:
   Layer* next_ = nullptr;

@@ -138,7 +138,8 @@ std::string Datastore::policy_of(const Inode& i) const {
 }
 
 Status Datastore::attach_disk(Inode& i, bool writable, bool direct, std::shared_ptr<Disk>* out, std::string* err) {
-  std::lock_guard<std::mutex> g(i.m);
+  std::unique_lock<std::mutex> g(i.m);
+  i.closed_cv.wait(g, [&] { return !i.closing; });
   bool created = false;
   if (!i.disk) {
     DiskOptions dopt;
@@ -173,8 +174,14 @@ void Datastore::detach_disk(Inode& i) {
     std::lock_guard<std::mutex> g(i.m);
     if (!i.disk || !i.disk->detach()) return;
     last = std::move(i.disk);
+    i.closing = true;
   }
   Status s = last->close();
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    i.closing = false;
+  }
+  i.closed_cv.notify_all();
   if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
   else spdlog::info("{}: closed", last->relpath());
 }

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,10 @@ struct Inode {
 
   std::mutex m;
   std::shared_ptr<Disk> disk;  // under m: set while the image has open handles
+  // under m: the last handle's Disk is closing (its filters drain, which can take a while: a
+  // replica catching up). A new open waits for it, so it never meets the old Disk's image lock.
+  bool closing = false;
+  std::condition_variable closed_cv;
 };
 
 class Datastore {

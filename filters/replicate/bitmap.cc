@@ -1,8 +1,10 @@
 #include "replicate/bitmap.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -96,6 +98,12 @@ uint64_t AtomicBits::next(uint64_t from) const {
   return npos;
 }
 
+uint64_t AtomicBits::word(uint64_t w) const {
+  if (w >= kChunks * kChunkWords) return 0;
+  std::atomic<uint64_t>* c = chunk(w / kChunkWords, false);
+  return c ? c[w % kChunkWords].load(std::memory_order_seq_cst) : 0;
+}
+
 void AtomicBits::clear_all() {
   for (uint64_t c = 0; c < kChunks; ++c) {
     std::atomic<uint64_t>* p = chunk(c, false);
@@ -128,44 +136,54 @@ void AtomicBits::assign(const std::vector<std::pair<uint64_t, uint64_t>>& words)
   }
 }
 
-std::string encode_bitmap(const BitmapImage& img) {
-  std::string s(kHeader + img.words.size() * 16, '\0');
-  std::memcpy(s.data(), kMagic, 8);
-  put<uint32_t>(&s, 8, 1);
-  put<uint32_t>(&s, 12, img.region_shift);
-  put<uint64_t>(&s, 16, img.target_id);
-  put<uint64_t>(&s, 24, img.words.size());
-  size_t at = kHeader;
-  for (const auto& [idx, v] : img.words) {
-    put<uint64_t>(&s, at, idx);
-    put<uint64_t>(&s, at + 8, v);
-    at += 16;
-  }
-  put<uint32_t>(&s, 32, crc32c(0, s.data(), s.size()));
-  return s;
+void encode_bitmap_header(const BitmapHeader& h, uint8_t out[kBitmapPage]) {
+  std::memset(out, 0, kBitmapPage);
+  std::memcpy(out, kMagic, 8);
+  const uint32_t version = 2;
+  std::memcpy(out + 8, &version, 4);
+  std::memcpy(out + 12, &h.region_shift, 4);
+  std::memcpy(out + 16, &h.target_id, 8);
+  const uint32_t crc = crc32c(0, out, 24);
+  std::memcpy(out + 24, &crc, 4);
 }
 
-std::string decode_bitmap(std::string_view b, BitmapImage* out) {
-  if (b.size() < kHeader) return "the file is shorter than its header (" + std::to_string(b.size()) + " bytes)";
-  if (std::memcmp(b.data(), kMagic, 8) != 0) return "not a bitmap file (bad magic)";
-  if (get<uint32_t>(b, 8) != 1) return "unknown bitmap version " + std::to_string(get<uint32_t>(b, 8));
-  const uint64_t n = get<uint64_t>(b, 24);
-  if (n > (b.size() - kHeader) / 16 || kHeader + n * 16 != b.size())
-    return "the file's length does not match its " + std::to_string(n) + " entries";
-  std::string copy(b);
-  put<uint32_t>(&copy, 32, 0);
-  if (crc32c(0, copy.data(), copy.size()) != get<uint32_t>(b, 32)) return "checksum mismatch";
-  BitmapImage img;
-  img.region_shift = get<uint32_t>(b, 12);
-  img.target_id = get<uint64_t>(b, 16);
-  img.words.reserve(n);
-  for (uint64_t i = 0; i < n; ++i) {
-    const uint64_t idx = get<uint64_t>(b, kHeader + i * 16), v = get<uint64_t>(b, kHeader + i * 16 + 8);
-    if (!img.words.empty() && idx <= img.words.back().first) return "entries out of order";
-    if (v) img.words.emplace_back(idx, v);
-  }
-  *out = std::move(img);
+std::string decode_bitmap_header(const uint8_t in[kBitmapPage], BitmapHeader* out) {
+  if (std::memcmp(in, kMagic, 8) != 0) return "not a bitmap file (bad magic)";
+  uint32_t version, crc;
+  std::memcpy(&version, in + 8, 4);
+  std::memcpy(&crc, in + 24, 4);
+  if (version != 2) return "unknown bitmap version " + std::to_string(version);
+  if (crc32c(0, in, 24) != crc) return "header checksum mismatch";
+  BitmapHeader h;
+  std::memcpy(&h.region_shift, in + 12, 4);
+  std::memcpy(&h.target_id, in + 16, 8);
+  *out = h;
   return "";
+}
+
+void encode_bitmap_page(uint64_t index, const uint64_t* words, uint8_t out[kBitmapPage]) {
+  std::memcpy(out, words, kPageWords * 8);
+  const uint32_t idx = static_cast<uint32_t>(index);
+  std::memcpy(out + 4088, &idx, 4);
+  const uint32_t crc = crc32c(0, out, 4092);
+  std::memcpy(out + 4092, &crc, 4);
+}
+
+PageState decode_bitmap_page(const uint8_t in[kBitmapPage], uint64_t index, uint64_t* words) {
+  static const uint8_t zero[kBitmapPage] = {};
+  if (std::memcmp(in, zero, kBitmapPage) == 0) {
+    std::memset(words, 0, kPageWords * 8);
+    return PageState::Empty;
+  }
+  uint32_t idx, crc;
+  std::memcpy(&idx, in + 4088, 4);
+  std::memcpy(&crc, in + 4092, 4);
+  if (idx != static_cast<uint32_t>(index) || crc32c(0, in, 4092) != crc) {
+    std::memset(words, 0xff, kPageWords * 8);
+    return PageState::Bad;
+  }
+  std::memcpy(words, in, kPageWords * 8);
+  return PageState::Ok;
 }
 
 uint64_t target_id_of(std::string_view spec) {
@@ -180,86 +198,110 @@ uint64_t target_id_of(std::string_view spec) {
 PersistentBitmap::PersistentBitmap(std::string path, uint32_t region_shift, uint64_t target_id)
     : path_(std::move(path)), shift_(region_shift), target_id_(target_id) {}
 
-std::string PersistentBitmap::load(bool* found, std::string* note) {
+PersistentBitmap::~PersistentBitmap() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+std::string PersistentBitmap::load(bool* found, std::string* note, uint64_t* bad_pages) {
   *found = false;
-  int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return "";
-    return errtext("cannot open", path_);
+  *bad_pages = 0;
+  fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd_ < 0) return errtext("cannot open", path_);
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return errtext("cannot stat", path_);
+  alignas(8) uint8_t page[kBitmapPage];
+  bool usable = false;
+  if (st.st_size >= static_cast<off_t>(kBitmapPage) && ::pread(fd_, page, kBitmapPage, 0) == kBitmapPage) {
+    BitmapHeader h;
+    std::string e = decode_bitmap_header(page, &h);
+    if (!e.empty()) *note = path_ + ": " + e;
+    else if (h.region_shift != shift_)
+      *note = path_ + ": written for " + std::to_string(uint64_t(1) << h.region_shift) + "-byte regions, not " +
+              std::to_string(uint64_t(1) << shift_);
+    else if (h.target_id != target_id_) *note = path_ + ": written for another target";
+    else usable = true;
+  } else if (st.st_size > 0) {
+    *note = path_ + ": the file is shorter than its header";
   }
-  std::string data;
-  char buf[65536];
-  for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      std::string e = errtext("cannot read", path_);
-      ::close(fd);
-      return e;
-    }
-    if (n == 0) break;
-    data.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  BitmapImage img;
-  std::string err = decode_bitmap(data, &img);
-  if (!err.empty()) {
-    *note = path_ + ": " + err;
+  if (!usable) {
+    BitmapHeader h{shift_, target_id_};
+    encode_bitmap_header(h, page);
+    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, page, kBitmapPage, 0) != kBitmapPage || ::fdatasync(fd_) != 0)
+      return errtext("cannot write", path_);
     return "";
   }
-  if (img.region_shift != shift_) {
-    *note = path_ + ": written for " + std::to_string(uint64_t(1) << img.region_shift) + "-byte regions, not " +
-            std::to_string(uint64_t(1) << shift_);
-    return "";
+  std::vector<std::pair<uint64_t, uint64_t>> words;
+  uint64_t w[kPageWords];
+  const uint64_t pages = static_cast<uint64_t>(st.st_size) / kBitmapPage - 1;
+  for (uint64_t i = 0; i < pages; ++i) {
+    ssize_t n = ::pread(fd_, page, kBitmapPage, static_cast<off_t>((i + 1) * kBitmapPage));
+    if (n != static_cast<ssize_t>(kBitmapPage)) return errtext("cannot read", path_);
+    const PageState ps = decode_bitmap_page(page, i, w);
+    if (ps == PageState::Empty) continue;
+    if (ps == PageState::Bad) ++*bad_pages;
+    for (uint64_t k = 0; k < kPageWords; ++k)
+      if (w[k]) words.emplace_back(i * kPageWords + k, w[k]);
   }
-  if (img.target_id != target_id_) {
-    *note = path_ + ": written for another target";
-    return "";
-  }
-  bits_.assign(img.words);
+  bits_.assign(words);
+  if (*bad_pages) *note = path_ + ": " + std::to_string(*bad_pages) + " torn pages; their regions are resent";
   *found = true;
   return "";
 }
 
+void PersistentBitmap::touch(uint64_t r) {
+  std::lock_guard<std::mutex> g(dirty_mu_);
+  dirty_pages_.push_back(r / kPageBits);
+}
+
+bool PersistentBitmap::set(uint64_t r) {
+  if (!bits_.set(r)) return false;
+  touch(r);
+  want_.fetch_add(1, std::memory_order_seq_cst);
+  return true;
+}
+
+bool PersistentBitmap::clear(uint64_t r) {
+  if (!bits_.clear(r)) return false;
+  touch(r);
+  want_.fetch_add(1, std::memory_order_seq_cst);
+  return true;
+}
+
 std::string PersistentBitmap::save() {
-  const uint64_t ticket = want_.fetch_add(1, std::memory_order_seq_cst) + 1;
+  const uint64_t ticket = want_.load(std::memory_order_seq_cst);
   std::lock_guard<std::mutex> g(save_mu_);
-  if (done_ >= ticket) return "";  // a save that started after our change has finished
+  if (done_ >= ticket) return "";  // a save that began after our change has finished
+  if (fd_ < 0) return "the bitmap file is not open";
   const uint64_t upto = want_.load(std::memory_order_seq_cst);
-  BitmapImage img;
-  img.region_shift = shift_;
-  img.target_id = target_id_;
-  bits_.words(&scratch_);
-  img.words.swap(scratch_);
-  buf_ = encode_bitmap(img);
-  img.words.swap(scratch_);
-  const std::string tmp = path_ + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return errtext("cannot create", tmp);
-  size_t off = 0;
-  while (off < buf_.size()) {
-    ssize_t n = ::write(fd, buf_.data() + off, buf_.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      std::string e = errtext("cannot write", tmp);
-      ::close(fd);
+  {
+    std::lock_guard<std::mutex> d(dirty_mu_);
+    saving_.swap(dirty_pages_);
+    dirty_pages_.clear();
+  }
+  std::sort(saving_.begin(), saving_.end());
+  saving_.erase(std::unique(saving_.begin(), saving_.end()), saving_.end());
+  alignas(8) uint8_t page[kBitmapPage];
+  uint64_t w[kPageWords];
+  for (uint64_t p : saving_) {
+    for (uint64_t k = 0; k < kPageWords; ++k) {
+      const uint64_t word = p * kPageWords + k;
+      const uint64_t v = bits_.word(word);
+      w[k] = v;
+    }
+    encode_bitmap_page(p, w, page);
+    if (::pwrite(fd_, page, kBitmapPage, static_cast<off_t>((p + 1) * kBitmapPage)) != static_cast<ssize_t>(kBitmapPage)) {
+      std::string e = errtext("cannot write", path_);
+      std::lock_guard<std::mutex> d(dirty_mu_);
+      dirty_pages_.insert(dirty_pages_.end(), saving_.begin(), saving_.end());
       return e;
     }
-    off += static_cast<size_t>(n);
+    pages_written_.fetch_add(1, std::memory_order_relaxed);
   }
-  if (::fdatasync(fd) != 0) {
-    std::string e = errtext("cannot sync", tmp);
-    ::close(fd);
+  if (::fdatasync(fd_) != 0) {
+    std::string e = errtext("cannot sync", path_);
+    std::lock_guard<std::mutex> d(dirty_mu_);
+    dirty_pages_.insert(dirty_pages_.end(), saving_.begin(), saving_.end());
     return e;
-  }
-  ::close(fd);
-  if (::rename(tmp.c_str(), path_.c_str()) != 0) return errtext("cannot rename onto", path_);
-  const size_t slash = path_.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path_.substr(0, slash));
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
   }
   done_ = upto;
   saves_.fetch_add(1, std::memory_order_relaxed);

@@ -8,15 +8,18 @@
 // replicate_filter.h). So after any crash, the bits on disk cover every region the replica may
 // lack: a restart resends those regions and nothing else — never a silent full copy, never a gap.
 //
-// The file holds only the non-zero words, so saving costs what is dirty, not the disk's size:
+// The file is a dense array of 4 KiB pages, so saving a newly set bit is one pwrite of its page
+// and one fdatasync (no rename, no rewrite of the whole map):
 //
-//   0  "IOFRBMAP"   8  u32 version (1)   12 u32 region shift   16 u64 target id
-//   24 u64 n        32 u32 crc32c of the header (crc field zero) and the entries   36 u32 0
-//   40 n entries of { u64 word index, u64 word }                  (little-endian, as the host)
+//   page 0 (header)  0 "IOFRBMAP"  8 u32 version (2)  12 u32 region shift  16 u64 target id
+//                    24 u32 crc32c of bytes 0..23                           rest zero
+//   page 1+i         511 u64 words: the bits of regions i*32704 .. i*32704+32703
+//                    4088 u32 page index i   4092 u32 crc32c of bytes 0..4091
 //
-// A file is written whole to NAME.tmp, fdatasync'ed, renamed over NAME, and the directory
-// synced: a torn save leaves the previous file. The target id names the replica the bits are
-// relative to; a different target means nothing is known about it (a full initial sync).
+// (little-endian, as the host). A page of all zeros was never written (the file is sparse).
+// A page whose checksum fails (a write torn by power loss) is read as all ones: its regions are
+// resent, which costs time but never leaves a gap. The target id names the replica the bits
+// are relative to; a different target means nothing is known about it (a full initial sync).
 #pragma once
 
 #include <atomic>
@@ -50,6 +53,8 @@ class AtomicBits {
   // The first set bit at or after `from`, or npos.
   uint64_t next(uint64_t from) const;
   uint64_t count() const { return count_.load(std::memory_order_relaxed); }
+  // The 64 bits of word w (bits w*64 .. w*64+63).
+  uint64_t word(uint64_t w) const;
   void clear_all();
   // The non-zero words, in index order (a moment's picture: concurrent changes may or may not
   // be in it).
@@ -63,50 +68,70 @@ class AtomicBits {
   std::atomic<uint64_t> count_{0};
 };
 
-struct BitmapImage {
+inline constexpr size_t kBitmapPage = 4096;
+inline constexpr uint64_t kPageWords = 511;
+inline constexpr uint64_t kPageBits = kPageWords * 64;  // 32704
+
+struct BitmapHeader {
   uint32_t region_shift = 16;
   uint64_t target_id = 0;
-  std::vector<std::pair<uint64_t, uint64_t>> words;  // (word index, non-zero bits), ascending
 };
-// The file's bytes for `img`.
-std::string encode_bitmap(const BitmapImage& img);
-// Parses a file; "" or why it cannot be used (short, bad magic, version, checksum, order).
-std::string decode_bitmap(std::string_view bytes, BitmapImage* out);
+void encode_bitmap_header(const BitmapHeader& h, uint8_t out[kBitmapPage]);
+// "" or why the page is not a usable header.
+std::string decode_bitmap_header(const uint8_t in[kBitmapPage], BitmapHeader* out);
 
-// A stable 64-bit id of a target spec (FNV-1a), for BitmapImage::target_id.
+enum class PageState { Ok, Empty, Bad };
+// Page `index` holding `words` (kPageWords of them).
+void encode_bitmap_page(uint64_t index, const uint64_t* words, uint8_t out[kBitmapPage]);
+// Reads page `index`: Ok (words filled), Empty (never written: words zero) or Bad (torn or
+// foreign: words all ones, the caller resends its regions).
+PageState decode_bitmap_page(const uint8_t in[kBitmapPage], uint64_t index, uint64_t* words);
+
+// A stable 64-bit id of a target spec (FNV-1a), for BitmapHeader::target_id.
 uint64_t target_id_of(std::string_view spec);
 
 // The bits and their file. Threads: set/clear/test from any thread; save() serialises itself
-// and coalesces: a caller whose change is already in a save that finished returns at once.
+// and coalesces: one pwrite per changed page and one fdatasync serve every caller whose change
+// was made before the save began.
 class PersistentBitmap {
  public:
   PersistentBitmap(std::string path, uint32_t region_shift, uint64_t target_id);
+  ~PersistentBitmap();
 
-  // Reads the file. *found: it existed and was usable for this target and region size.
-  // A missing file is not an error; a corrupt one or one for another target/size is reported
-  // in *note and treated as absent (the caller then assumes every region differs).
-  std::string load(bool* found, std::string* note);
+  // Opens (or creates) the file and reads it. *found: it existed and was written for this target
+  // and region size. Otherwise (*note says why, when there was a file) it is started afresh.
+  // *bad_pages: pages whose checksum failed (their regions are set).
+  std::string load(bool* found, std::string* note, uint64_t* bad_pages);
   // Makes every change made before the call durable.
   std::string save();
-  // Removes the file (the filter is being retired from the image for good).
-  const std::string& path() const { return path_; }
 
-  AtomicBits& bits() { return bits_; }
-  const AtomicBits& bits() const { return bits_; }
+  // True when the bit was clear before.
+  bool set(uint64_t r);
+  // True when the bit was set before.
+  bool clear(uint64_t r);
+  bool test(uint64_t r) const { return bits_.test(r); }
+  uint64_t next(uint64_t from) const { return bits_.next(from); }
+  uint64_t count() const { return bits_.count(); }
+
+  const std::string& path() const { return path_; }
   uint32_t region_shift() const { return shift_; }
   uint64_t saves() const { return saves_.load(std::memory_order_relaxed); }
+  uint64_t pages_written() const { return pages_written_.load(std::memory_order_relaxed); }
 
  private:
+  void touch(uint64_t r);
   std::string path_;
   uint32_t shift_;
   uint64_t target_id_;
+  int fd_ = -1;
   AtomicBits bits_;
-  std::atomic<uint64_t> want_{0};  // bumped by each save() caller before it waits
+  std::mutex dirty_mu_;                 // a leaf: guards dirty_pages_
+  std::vector<uint64_t> dirty_pages_;   // pages changed since the last save (may repeat)
+  std::atomic<uint64_t> want_{0};       // bumped by each change before its caller saves
   std::mutex save_mu_;
-  uint64_t done_ = 0;                                   // under save_mu_: the last ticket saved
-  std::vector<std::pair<uint64_t, uint64_t>> scratch_;  // under save_mu_
-  std::string buf_;                                     // under save_mu_
-  std::atomic<uint64_t> saves_{0};
+  uint64_t done_ = 0;                   // under save_mu_: changes up to this ticket are durable
+  std::vector<uint64_t> saving_;        // under save_mu_
+  std::atomic<uint64_t> saves_{0}, pages_written_{0};
 };
 
 }  // namespace iofilterfs::replicate

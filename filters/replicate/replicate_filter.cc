@@ -133,7 +133,7 @@ bool ReplicateFilter::enter(uint64_t r0, uint64_t r1, bool mark_dirty) {
   for (uint64_t r = r0; r <= r1; ++r) {
     inflight_[stripe(r)].fetch_add(1, std::memory_order_seq_cst);
     gen_[stripe(r)].fetch_add(1, std::memory_order_seq_cst);
-    if (mark_dirty && bitmap_->bits().set(r)) fresh = true;
+    if (mark_dirty && bitmap_->set(r)) fresh = true;
   }
   if (fresh && !save_bitmap()) {
     leave(r0, r1);
@@ -149,7 +149,7 @@ void ReplicateFilter::leave(uint64_t r0, uint64_t r1) {
 bool ReplicateFilter::mark_pending(uint64_t r0, uint64_t r1) {
   bool fresh = false;
   for (uint64_t r = r0; r <= r1; ++r) {
-    if (bitmap_->bits().set(r)) fresh = true;
+    if (bitmap_->set(r)) fresh = true;
     pending_.set(r);
   }
   writes_tracked_.fetch_add(1, std::memory_order_relaxed);
@@ -176,7 +176,8 @@ Status ReplicateFilter::open(const DiskInfo& info) {
   bitmap_ = std::make_unique<rp::PersistentBitmap>(base_ + ".bitmap", shift_, rp::target_id_of(params_.target));
   bool found = false;
   std::string note;
-  std::string e = bitmap_->load(&found, &note);
+  uint64_t bad_pages = 0;
+  std::string e = bitmap_->load(&found, &note, &bad_pages);
   if (!e.empty()) {
     spdlog::error("{}: replicate: {}", relpath_, e);
     return Status::Error(EIO, "replicate: the dirty bitmap cannot be read");
@@ -205,7 +206,7 @@ Status ReplicateFilter::open(const DiskInfo& info) {
   if (!found) {
     // Nothing is known about this target: the initial sync sends every region (holes as zeros).
     for (uint64_t r = 0; r < nreg; ++r) {
-      bitmap_->bits().set(r);
+      bitmap_->set(r);
       pending_.set(r);
     }
     if (journal_) {
@@ -215,7 +216,7 @@ Status ReplicateFilter::open(const DiskInfo& info) {
     spdlog::info("{}: replicate: initial sync of {} ({} regions) to {}", relpath_, format_size(size), nreg,
                  params_.target);
   } else {
-    for (uint64_t r = bitmap_->bits().next(0); r != rp::AtomicBits::npos; r = bitmap_->bits().next(r + 1))
+    for (uint64_t r = bitmap_->next(0); r != rp::AtomicBits::npos; r = bitmap_->next(r + 1))
       pending_.set(r);
     if (pending_.count())
       spdlog::info("{}: replicate: {} regions changed since the replica was last confirmed; resending them",
@@ -226,7 +227,7 @@ Status ReplicateFilter::open(const DiskInfo& info) {
     e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
       if (h.type == static_cast<uint16_t>(rp::RecType::Resize) || h.len == 0) return;
       for (uint64_t r = region_of(h.off); r <= region_of(h.off + h.len - 1); ++r) {
-        bitmap_->bits().set(r);
+        bitmap_->set(r);
         pending_.set(r);
       }
       ++folded;
@@ -331,7 +332,7 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
   }
   bool fresh = false;
   for (uint64_t r = r0; r <= r1; ++r) {
-    if (bitmap_->bits().set(r)) fresh = true;
+    if (bitmap_->set(r)) fresh = true;
     pending_.set(r);
   }
   writes_tracked_.fetch_add(1, std::memory_order_relaxed);
@@ -350,7 +351,7 @@ void ReplicateFilter::collapse_locked(const char* why) {
     }
     if (b <= a) return;
     for (uint64_t r = region_of(a); r <= region_of(b - 1); ++r) {
-      bitmap_->bits().set(r);
+      bitmap_->set(r);
       pending_.set(r);
     }
   });
@@ -360,7 +361,7 @@ void ReplicateFilter::collapse_locked(const char* why) {
     uint64_t size = 0;
     if (next_->size(&size).ok())
       for (uint64_t r = 0; r <= region_of(size + 1); ++r) {
-        bitmap_->bits().set(r);
+        bitmap_->set(r);
         pending_.set(r);
       }
   }
@@ -652,7 +653,7 @@ std::string ReplicateFilter::stats_json() const {
     s += ",\"journal_mode\":";
     s += !journal_ ? "null" : (collapsed_.load() ? "\"bitmap\"" : "\"journal\"");
   }
-  s += ",\"dirty_regions\":" + std::to_string(bitmap_ ? bitmap_->bits().count() : 0);
+  s += ",\"dirty_regions\":" + std::to_string(bitmap_ ? bitmap_->count() : 0);
   s += ",\"pending_regions\":" + std::to_string(pend);
   s += ",\"region_size\":" + std::to_string(uint64_t(1) << shift_);
   s += ",\"resync_total_regions\":" + n(resync_total_) + ",\"resync_done_regions\":" + n(resync_done_);
@@ -664,6 +665,7 @@ std::string ReplicateFilter::stats_json() const {
        ",\"backpressure_waits\":" + n(backpressure_waits_);
   s += ",\"target_errors\":" + n(target_errors_) + ",\"reconnects\":" + n(reconnects_);
   s += ",\"bitmap_saves\":" + std::to_string(bitmap_ ? bitmap_->saves() : 0);
+  s += ",\"bitmap_pages_written\":" + std::to_string(bitmap_ ? bitmap_->pages_written() : 0);
   const uint64_t lc = last_consistent_ns_.load();
   s += ",\"last_consistent_ns\":" + (lc ? std::to_string(lc) : std::string("null"));
   std::lock_guard<std::mutex> g(err_mu_);
@@ -699,7 +701,7 @@ bool ReplicateFilter::connect_target() {
     return false;
   }
   // Whatever the target had not confirmed (flushed) may be lost with the old connection.
-  for (uint64_t r = bitmap_->bits().next(0); r != rp::AtomicBits::npos; r = bitmap_->bits().next(r + 1))
+  for (uint64_t r = bitmap_->next(0); r != rp::AtomicBits::npos; r = bitmap_->next(r + 1))
     pending_.set(r);
   if (journal_) {
     std::lock_guard<std::mutex> l(jmu_);
@@ -897,7 +899,7 @@ bool ReplicateFilter::clean(bool force, std::string* err) {
   // log keeps hot extents) are cleared after a target flush.
   std::vector<uint64_t>& cleared = cleared_;
   cleared.clear();
-  rp::AtomicBits& bits = bitmap_->bits();
+  rp::PersistentBitmap& bits = *bitmap_;
   for (uint64_t r = bits.next(0); r != rp::AtomicBits::npos; r = bits.next(r + 1)) {
     const uint64_t st = stripe(r);
     const uint32_t g = gen_[st].load();

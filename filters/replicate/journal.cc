@@ -1,6 +1,7 @@
 #include "replicate/journal.h"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -44,9 +45,10 @@ void make_record(RecordHeader* h, RecType type, uint64_t seq, uint64_t time_ns, 
 std::string check_record(const RecordHeader& h, const void* data, uint64_t seq) {
   if (h.magic != kRecordMagic) return "bad record magic";
   if (h.seq != seq) return "sequence " + std::to_string(h.seq) + " where " + std::to_string(seq) + " was expected";
-  if (h.type < 1 || h.type > 3) return "unknown record type " + std::to_string(h.type);
-  if (h.type == static_cast<uint16_t>(RecType::Write) && h.data_len != h.len) return "write record length mismatch";
-  if (h.type != static_cast<uint16_t>(RecType::Write) && h.data_len != 0) return "unexpected record data";
+  if (h.type < 1 || h.type > 4) return "unknown record type " + std::to_string(h.type);
+  const bool carries = h.type == static_cast<uint16_t>(RecType::Write) || h.type == static_cast<uint16_t>(RecType::Point);
+  if (carries && h.data_len != h.len) return "write record length mismatch";
+  if (!carries && h.data_len != 0) return "unexpected record data";
   if (record_crc(h, data) != h.crc) return "record checksum mismatch";
   return "";
 }
@@ -58,6 +60,8 @@ void encode_journal_header(const JournalHeader& h, uint8_t out[64]) {
   std::memcpy(out + 8, &version, 4);
   std::memcpy(out + 16, &h.ship_off, 8);
   std::memcpy(out + 24, &h.ship_seq, 8);
+  std::memcpy(out + 32, &h.history_off, 8);
+  std::memcpy(out + 40, &h.history_seq, 8);
   const uint32_t crc = crc32c(0, out, 64);
   std::memcpy(out + 12, &crc, 4);
 }
@@ -75,7 +79,11 @@ std::string decode_journal_header(const uint8_t in[64], JournalHeader* out) {
   JournalHeader h;
   std::memcpy(&h.ship_off, in + 16, 8);
   std::memcpy(&h.ship_seq, in + 24, 8);
-  if (h.ship_off < kJournalHeader || h.ship_seq == 0) return "journal header out of range";
+  std::memcpy(&h.history_off, in + 32, 8);
+  std::memcpy(&h.history_seq, in + 40, 8);
+  if (h.ship_off < kJournalHeader || h.ship_seq == 0 || h.history_off < kJournalHeader || h.history_seq == 0 ||
+      h.history_off > h.ship_off)
+    return "journal header out of range";
   *out = h;
   return "";
 }
@@ -146,7 +154,7 @@ std::string Journal::open(const std::string& path, std::unique_ptr<Journal>* out
         RecordHeader first;
         if (::pread(j->fd_, &first, sizeof first, kJournalHeader) == static_cast<ssize_t>(sizeof first) &&
             first.magic == kRecordMagic)
-          j->hdr_.ship_seq = first.seq;
+          j->hdr_.ship_seq = j->hdr_.history_seq = first.seq;
       }
     }
   }
@@ -254,7 +262,9 @@ std::string Journal::headers(uint64_t from, const std::function<void(const Recor
 }
 
 std::string Journal::set_shipped(uint64_t off, uint64_t seq) {
-  JournalHeader h{off, seq};
+  JournalHeader h = hdr_;
+  h.ship_off = off;
+  h.ship_seq = seq;
   uint8_t head[64];
   encode_journal_header(h, head);
   if (::pwrite(fd_, head, 64, 0) != 64 || ::fdatasync(fd_) != 0) return errtext("cannot write the header of", path_);
@@ -262,8 +272,24 @@ std::string Journal::set_shipped(uint64_t off, uint64_t seq) {
   return "";
 }
 
+std::string Journal::drop_history(uint64_t off, uint64_t seq) {
+  if (off <= hdr_.history_off) return "";
+  JournalHeader h = hdr_;
+  h.history_off = off;
+  h.history_seq = seq;
+  uint8_t head[64];
+  encode_journal_header(h, head);
+  if (::pwrite(fd_, head, 64, 0) != 64 || ::fdatasync(fd_) != 0) return errtext("cannot write the header of", path_);
+  const uint64_t from = hdr_.history_off;
+  hdr_ = h;
+  if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from),
+                  static_cast<off_t>(off - from)) != 0 && errno != EOPNOTSUPP)
+    return errtext("cannot punch", path_);
+  return "";
+}
+
 std::string Journal::reset() {
-  JournalHeader h{kJournalHeader, next_seq_};
+  JournalHeader h{kJournalHeader, next_seq_, kJournalHeader, next_seq_};
   uint8_t head[64];
   encode_journal_header(h, head);
   if (::pwrite(fd_, head, 64, 0) != 64 || ::fdatasync(fd_) != 0) return errtext("cannot write the header of", path_);

@@ -5,7 +5,10 @@
 //
 //   header  0 "IOFRJNL1"  8 u32 version (1)  12 u32 crc32c of bytes 0..63 (this field zero)
 //           16 u64 ship_off: the file offset of the first record the target may lack
-//           24 u64 ship_seq: that record's sequence number       32..63 zero
+//           24 u64 ship_seq: that record's sequence number
+//           32 u64 history_off, 40 u64 history_seq: the first record kept for point-in-time
+//              restore (continuous data protection; records before it are punched out)
+//           48..63 zero
 //   record  0 u32 magic "RJR1"   4 u32 crc32c of the 48-byte header (this field zero) + data
 //           8 u64 seq (consecutive)   16 u64 time (ns since the epoch)   24 u64 offset
 //           32 u64 length   40 u32 data bytes   44 u16 type   46 u16 0     48 data
@@ -30,7 +33,7 @@
 
 namespace iofilterfs::replicate {
 
-enum class RecType : uint16_t { Write = 1, Zero = 2, Resize = 3 };
+enum class RecType : uint16_t { Write = 1, Zero = 2, Resize = 3, Point = 4 };
 
 struct RecordHeader {
   uint32_t magic = 0;
@@ -38,7 +41,8 @@ struct RecordHeader {
   uint64_t seq = 0;
   uint64_t time_ns = 0;
   uint64_t off = 0;
-  uint64_t len = 0;  // Write: bytes; Zero: bytes that read as zeros; Resize: the new size (off 0)
+  uint64_t len = 0;  // Write: bytes; Zero: bytes that read as zeros; Resize: the new size (off 0);
+                     // Point: the restore point's name's bytes (its data)
   uint32_t data_len = 0;
   uint16_t type = 0;
   uint16_t pad = 0;
@@ -58,6 +62,8 @@ std::string check_record(const RecordHeader& h, const void* data, uint64_t seq);
 struct JournalHeader {
   uint64_t ship_off = kJournalHeader;
   uint64_t ship_seq = 1;
+  uint64_t history_off = kJournalHeader;
+  uint64_t history_seq = 1;
 };
 void encode_journal_header(const JournalHeader& h, uint8_t out[64]);
 // "" or why the 64 bytes are not a usable header.
@@ -97,12 +103,18 @@ class Journal {
   std::string set_shipped(uint64_t off, uint64_t seq);
   // Everything is shipped: cut the file back to its header.
   std::string reset();
+  // History before `off` (whose record has sequence `seq`) is no longer kept: the header says
+  // so, then the bytes are punched out (the file keeps its offsets).
+  std::string drop_history(uint64_t off, uint64_t seq);
+  uint64_t history_off() const { return hdr_.history_off; }
+  uint64_t history_seq() const { return hdr_.history_seq; }
 
   uint64_t end() const { return end_.load(std::memory_order_acquire); }
   uint64_t next_seq() const { return next_seq_; }
   uint64_t ship_off() const { return hdr_.ship_off; }
   uint64_t ship_seq() const { return hdr_.ship_seq; }
   const std::string& path() const { return path_; }
+  int fd() const { return fd_; }  // for readers of records below end()
 
  private:
   Journal() = default;

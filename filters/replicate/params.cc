@@ -47,7 +47,7 @@ std::string check_target(const std::string& t, bool* nbd) {
 
 const std::vector<std::string>& replicate_keys() {
   static const std::vector<std::string> k = {"target",          "mode",        "journal",      "max-lag", "on-overflow",
-                                             "on-target-error", "region-size", "reconnect-max"};
+                                             "on-target-error", "region-size", "reconnect-max", "retention"};
   return k;
 }
 
@@ -62,7 +62,6 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
   }
   ReplicateParams p;
   std::set<std::string> seen;
-  std::string retention_note;
   for (auto it = params.begin(); it != params.end(); ++it) {
     const YAML::Node key = it->first, val = it->second;
     if (!key.IsScalar()) {
@@ -70,10 +69,6 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
       return "keys must be names";
     }
     const std::string k = key.Scalar();
-    if (k == "retention") {
-      blame(key);
-      return "'retention' (continuous data protection) is not available yet in this version of the replicate filter";
-    }
     bool known = false;
     for (const std::string& n : replicate_keys()) known = known || n == k;
     if (!known) {
@@ -132,6 +127,12 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
       if (!e.empty()) return "'reconnect-max' must be a duration (e.g. 5s), not " + q(v);
       if (us < 100'000 || us > 600'000'000) return "'reconnect-max' must be from 100ms to 10m, not " + q(v);
       p.reconnect_max_us = us;
+    } else if (k == "retention") {
+      uint64_t us = 0;
+      std::string e = parse_duration(v, &us);
+      if (!e.empty()) return "'retention' must be a duration (e.g. 1h), not " + q(v);
+      if (us < 1'000'000 || us > 365ull * 86400 * 1'000'000) return "'retention' must be from 1s to 365d, not " + q(v);
+      p.retention_us = us;
     }
   }
   if (where) where->reset(params);
@@ -144,6 +145,10 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
   if (p.mode == Mode::Sync && seen.count("max-lag")) {
     if (where) where->reset(params["max-lag"]);
     return "'max-lag' applies to mode: async only";
+  }
+  if (p.mode == Mode::Sync && seen.count("retention")) {
+    if (where) where->reset(params["retention"]);
+    return "'retention' needs mode: async (the history is the journal)";
   }
   if (p.mode == Mode::Async && seen.count("on-target-error")) {
     if (where) where->reset(params["on-target-error"]);
@@ -171,6 +176,7 @@ std::string describe_replicate(const ReplicateParams& p) {
     s += std::string(" on-target-error=") + (p.on_error == OnError::Degrade ? "degrade" : "fail");
   }
   s += " region-size=" + format_size(uint64_t(1) << p.region_shift);
+  if (p.retention_us) s += " retention=" + std::to_string(p.retention_us / 1'000'000) + "s";
   return s;
 }
 

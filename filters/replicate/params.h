@@ -20,6 +20,8 @@
 //                                  or fail the guest's write with EIO.
 //   region-size: SIZE              the bitmap's granularity: a power of two from 4KiB to 64MiB
 //                                  (default 64KiB).
+//   retention: DURATION            async: keep the history of writes this long (continuous data
+//                                  protection; 1s .. 365d), for `iofilterctl restore` (history.h)
 //   reconnect-max: DURATION        the longest wait between reconnection attempts (the wait
 //                                  starts at 100ms and doubles; default 5s, 100ms .. 10m).
 #pragma once
@@ -46,6 +48,7 @@ struct ReplicateParams {
   OnError on_error = OnError::Degrade;
   uint32_t region_shift = 16;
   uint64_t reconnect_max_us = 5'000'000;
+  uint64_t retention_us = 0;  // 0: no history kept
   bool operator==(const ReplicateParams&) const = default;
 };
 

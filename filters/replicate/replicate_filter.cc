@@ -1,6 +1,7 @@
 #include "replicate/replicate_filter.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <linux/falloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
@@ -209,7 +210,7 @@ Status ReplicateFilter::open(const DiskInfo& info) {
       bitmap_->set(r);
       pending_.set(r);
     }
-    if (journal_) {
+    if (journal_ && !params_.retention_us) {
       e = journal_->reset();  // everything it held is covered by the full sync
       if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
     }
@@ -225,7 +226,9 @@ Status ReplicateFilter::open(const DiskInfo& info) {
   if (journal_ && params_.mode == rp::Mode::Sync) {
     uint64_t folded = 0;
     e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
-      if (h.type == static_cast<uint16_t>(rp::RecType::Resize) || h.len == 0) return;
+      if (h.type == static_cast<uint16_t>(rp::RecType::Resize) || h.type == static_cast<uint16_t>(rp::RecType::Point) ||
+          h.len == 0)
+        return;
       for (uint64_t r = region_of(h.off); r <= region_of(h.off + h.len - 1); ++r) {
         bitmap_->set(r);
         pending_.set(r);
@@ -238,6 +241,13 @@ Status ReplicateFilter::open(const DiskInfo& info) {
     if (folded) spdlog::info("{}: replicate: {} unshipped journal records folded into the bitmap", relpath_, folded);
   }
   if (!save_bitmap()) return kBitmapFailed;
+  if (params_.retention_us) {
+    e = start_history();
+    if (!e.empty()) {
+      spdlog::error("{}: replicate: {}", relpath_, e);
+      return Status::Error(EIO, "replicate: the history (retention) cannot be set up");
+    }
+  }
   if (journal_) {
     shipped_pos_.store(journal_->ship_off());
     shipped_seq_ = journal_->ship_seq();
@@ -344,6 +354,7 @@ void ReplicateFilter::collapse_locked(const char* why) {
   uint64_t records = 0;
   std::string e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
     ++records;
+    if (h.type == static_cast<uint16_t>(rp::RecType::Point)) return;
     uint64_t a = h.off, b = h.off + h.len;
     if (h.type == static_cast<uint16_t>(rp::RecType::Resize)) {
       a = h.len;
@@ -367,7 +378,8 @@ void ReplicateFilter::collapse_locked(const char* why) {
   }
   (void)save_bitmap();
   if (owner()) {
-    e = journal_->reset();
+    // With retention the records stay (they are the history): only the ship point moves on.
+    e = params_.retention_us ? journal_->set_shipped(journal_->end(), journal_->next_seq()) : journal_->reset();
     if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
   }
   shipped_pos_.store(journal_->end());
@@ -376,8 +388,10 @@ void ReplicateFilter::collapse_locked(const char* why) {
   flushed_bytes_.store(appended_bytes_.load());
   head_time_ns_.store(0);
   jepoch_.fetch_add(1);
-  jmode_ = JMode::Bitmap;
-  collapsed_.store(true);
+  if (!params_.retention_us) {
+    jmode_ = JMode::Bitmap;
+    collapsed_.store(true);
+  }
   collapses_.fetch_add(1, std::memory_order_relaxed);
   resync_total_.store(pending_.count());
   resync_done_.store(0);
@@ -666,6 +680,14 @@ std::string ReplicateFilter::stats_json() const {
   s += ",\"target_errors\":" + n(target_errors_) + ",\"reconnects\":" + n(reconnects_);
   s += ",\"bitmap_saves\":" + std::to_string(bitmap_ ? bitmap_->saves() : 0);
   s += ",\"bitmap_pages_written\":" + std::to_string(bitmap_ ? bitmap_->pages_written() : 0);
+  if (params_.retention_us) {
+    s += ",\"history\":{\"journal\":" + json_str(history_.journal) + ",\"base\":" + json_str(history_.base) +
+         ",\"meta\":" + json_str(history_.meta) + ",\"retention_s\":" + std::to_string(params_.retention_us / 1'000'000) +
+         ",\"window_start_ns\":" + n(window_start_ns_) + ",\"compacted_records\":" + n(compacted_records_) +
+         ",\"points\":" + n(points_) + "}";
+  } else {
+    s += ",\"history\":null";
+  }
   const uint64_t lc = last_consistent_ns_.load();
   s += ",\"last_consistent_ns\":" + (lc ? std::to_string(lc) : std::string("null"));
   std::lock_guard<std::mutex> g(err_mu_);
@@ -762,6 +784,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
         e = target_->resize(target_size_.load(), h.len);
         if (e.empty()) target_size_.store(h.len);
         break;
+      case rp::RecType::Point: break;
     }
     if (!e.empty()) {
       *err = e;
@@ -801,7 +824,7 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
   unflushed_ = 0;
   if (!owner()) return "";
   const uint64_t pos = shipped_pos_.load();
-  if (pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
+  if (!params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
     e = journal_->reset();
     if (e.empty()) {
       shipped_pos_.store(journal_->end());
@@ -966,6 +989,7 @@ void ReplicateFilter::run() {
       target_failed(err);
       continue;
     }
+    if (params_.retention_us) compact();
     if (!did) {
       std::unique_lock<std::mutex> l(bg_mu_);
       bg_idle_.store(true);
@@ -983,6 +1007,160 @@ void ReplicateFilter::run() {
     if (err.empty() && journal_) (void)persist_ship_point(false);
     target_rw_.unlock_shared();
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Continuous data protection.
+
+std::string ReplicateFilter::start_history() {
+  history_ = rp::HistoryFiles{base_ + ".journal", base_ + ".cdp-base", base_ + ".cdp-meta"};
+  rp::HistoryMeta m;
+  if (rp::read_history_meta(history_.meta, &m).empty()) {
+    window_start_ns_.store(m.window_start_ns);
+    return "";
+  }
+  // No history yet: the base is the image as it is now, before any write of this open; the
+  // records appended from here on are its history.
+  const int fd = ::open(history_.base.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return "cannot create " + history_.base + ": " + std::strerror(errno);
+  uint64_t size = 0;
+  Status s = next_->size(&size);
+  std::string err;
+  if (s.ok() && ::ftruncate(fd, static_cast<off_t>(size)) != 0) err = "cannot size " + history_.base;
+  std::vector<uint8_t> buf(1u << 20);
+  for (uint64_t off = 0; s.ok() && err.empty() && off < size;) {
+    uint64_t d = 0;
+    Status k = next_->seek(Io{}, off, SEEK_DATA, &d);
+    if (!k.ok()) break;  // ENXIO: the rest is a hole
+    uint64_t h = size;
+    if (!next_->seek(Io{}, d, SEEK_HOLE, &h).ok()) h = size;
+    if (h <= d) h = std::min(size, d + buf.size());
+    for (uint64_t p = d; p < h && err.empty();) {
+      size_t got = 0;
+      s = next_->read(Io{}, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), h - p)), p, &got);
+      if (!s.ok() || got == 0) break;
+      if (::pwrite(fd, buf.data(), got, static_cast<off_t>(p)) != static_cast<ssize_t>(got))
+        err = "cannot write " + history_.base + ": " + std::strerror(errno);
+      p += got;
+    }
+    off = h;
+  }
+  if (!s.ok() && err.empty()) err = std::string("cannot read the image: ") + (s.what ? s.what : std::strerror(s.err));
+  if (err.empty() && ::fdatasync(fd) != 0) err = "cannot sync " + history_.base;
+  ::close(fd);
+  if (!err.empty()) return err;
+  m.window_start_ns = real_ns();
+  m.history_off = journal_->end();
+  m.history_seq = journal_->next_seq();
+  err = rp::write_history_meta(history_.meta, m);
+  if (!err.empty()) return err;
+  err = journal_->drop_history(m.history_off, m.history_seq);
+  window_start_ns_.store(m.window_start_ns);
+  spdlog::info("{}: replicate: history kept for {}s from now (base {} of {})", relpath_,
+               params_.retention_us / 1'000'000, history_.base, format_size(size));
+  return err;
+}
+
+void ReplicateFilter::compact() {
+  const uint64_t now = real_ns();
+  if (now < next_compact_ns_ || !owner()) return;
+  next_compact_ns_ = now + 1'000'000'000ull;
+  const uint64_t cutoff = now - std::min(now, params_.retention_us * 1000);
+  const int lock = ::open(history_.meta.c_str(), O_RDONLY | O_CLOEXEC);
+  if (lock < 0) return;
+  if (::flock(lock, LOCK_EX | LOCK_NB) != 0) {  // a restore is reading: later
+    ::close(lock);
+    return;
+  }
+  rp::HistoryMeta m;
+  std::string e = rp::read_history_meta(history_.meta, &m);
+  uint64_t ship_off = 0;
+  {
+    std::lock_guard<std::mutex> l(jmu_);
+    ship_off = journal_->ship_off();  // only what the target has confirmed is folded
+  }
+  // The records to fold: older than the retention, shipped, at most 64 MiB per pass.
+  uint64_t new_off = m.history_off, new_seq = m.history_seq, newest = 0, n = 0;
+  const int jfd = journal_->fd();
+  auto reader = [jfd](uint64_t off, void* buf, size_t len) -> long {
+    ssize_t r = ::pread(jfd, buf, len, static_cast<off_t>(off));
+    return r < 0 ? -1 : static_cast<long>(r);
+  };
+  if (e.empty())
+    rp::scan_journal(reader, m.history_off, m.history_seq, [&](const rp::RecordHeader& h, const uint8_t*, uint64_t at) {
+      if (at >= ship_off || h.time_ns >= cutoff || new_off - m.history_off > (64u << 20)) return false;
+      new_off = at + sizeof h + h.data_len;
+      new_seq = h.seq + 1;
+      newest = std::max(newest, h.time_ns);
+      ++n;
+      return true;
+    });
+  if (e.empty() && n) {
+    // 1. No restore may ask for a moment the base is about to pass.
+    rp::HistoryMeta m1 = m;
+    m1.window_start_ns = std::max(m.window_start_ns, newest);
+    e = rp::write_history_meta(history_.meta, m1);
+    // 2. Fold the records into the base.
+    const int bfd = e.empty() ? ::open(history_.base.c_str(), O_RDWR | O_CLOEXEC) : -1;
+    if (e.empty() && bfd < 0) e = "cannot open " + history_.base;
+    if (bfd >= 0) {
+      rp::scan_journal(reader, m.history_off, m.history_seq, [&](const rp::RecordHeader& h, const uint8_t* data, uint64_t at) {
+        if (at >= new_off) return false;
+        bool ok = true;
+        switch (static_cast<rp::RecType>(h.type)) {
+          case rp::RecType::Write: ok = ::pwrite(bfd, data, h.data_len, static_cast<off_t>(h.off)) == h.data_len; break;
+          case rp::RecType::Zero:
+            ok = ::fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h.off),
+                             static_cast<off_t>(h.len)) == 0;
+            break;
+          case rp::RecType::Resize: ok = ::ftruncate(bfd, static_cast<off_t>(h.len)) == 0; break;
+          case rp::RecType::Point: break;
+        }
+        if (!ok) e = "cannot write " + history_.base + ": " + std::strerror(errno);
+        return ok;
+      });
+      if (e.empty() && ::fdatasync(bfd) != 0) e = "cannot sync " + history_.base;
+      ::close(bfd);
+    }
+    // 3. The new history point, then the folded records go.
+    if (e.empty()) {
+      rp::HistoryMeta m2 = m1;
+      m2.history_off = new_off;
+      m2.history_seq = new_seq;
+      e = rp::write_history_meta(history_.meta, m2);
+      if (e.empty()) {
+        std::lock_guard<std::mutex> l(jmu_);
+        e = journal_->drop_history(new_off, new_seq);
+      }
+      window_start_ns_.store(m2.window_start_ns);
+      compacted_records_.fetch_add(n, std::memory_order_relaxed);
+    }
+  }
+  ::flock(lock, LOCK_UN);
+  ::close(lock);
+  if (!e.empty()) {
+    note_error(e);
+    spdlog::error("{}: replicate: history compaction: {}", relpath_, e);
+  }
+}
+
+Status ReplicateFilter::snapshot(std::string_view name) {
+  if (!opened_ || !params_.retention_us) return Status::Ok();
+  std::lock_guard<std::mutex> l(jmu_);
+  std::string e = journal_->append(rp::RecType::Point, real_ns(), 0, name.size(), name.data(),
+                                   static_cast<uint32_t>(name.size()));
+  if (e.empty()) {
+    appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + name.size());
+    e = journal_->sync();
+  }
+  if (!e.empty()) {
+    note_error(e);
+    spdlog::error("{}: replicate: restore point '{}': {}", relpath_, std::string(name), e);
+    return Status::Error(EIO, "replicate: the restore point could not be recorded");
+  }
+  points_.fetch_add(1, std::memory_order_relaxed);
+  spdlog::info("{}: replicate: restore point '{}'", relpath_, std::string(name));
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@
 
 #include "filter.h"
 #include "replicate/bitmap.h"
+#include "replicate/history.h"
 #include "replicate/journal.h"
 #include "replicate/params.h"
 #include "replicate/target.h"
@@ -79,6 +80,8 @@ class ReplicateFilter : public Filter {
   // have caught up (it gets there in order).
   Status quiesce() override;
   void shutdown() override;
+  // With retention: a named restore point in the journal (a Point record, made durable).
+  Status snapshot(std::string_view name) override;
   bool reconfigure(const YAML::Node& params) override;
 
   uint64_t replica_lag_bytes() const override;
@@ -122,6 +125,10 @@ class ReplicateFilter : public Filter {
   // Flushes the target and records the ship point durably; cut: reset a fully shipped journal.
   std::string persist_ship_point(bool cut);
   std::string sync_target_size();
+  // Continuous data protection (retention): the base image at open, compaction in the
+  // background (see history.h).
+  std::string start_history();
+  void compact();
 
   replicate::ReplicateParams params_;
   const uint32_t shift_;
@@ -182,6 +189,11 @@ class ReplicateFilter : public Filter {
   std::atomic<uint64_t> drain_req_{0}, drain_done_{0}, drain_goal_{0};
   std::atomic<uint64_t> connect_attempts_{0};  // failed attempts, for drain()
   std::atomic<bool> kick_{false};              // drain() asks for an attempt now
+
+  // History (retention only): the files, and the next compaction (bg thread).
+  replicate::HistoryFiles history_;
+  uint64_t next_compact_ns_ = 0;
+  std::atomic<uint64_t> window_start_ns_{0}, compacted_records_{0}, points_{0};
 
   // Counters.
   std::atomic<uint64_t> bytes_sent_{0}, bytes_resent_{0}, bytes_zeroed_{0}, records_shipped_{0};

@@ -11,7 +11,9 @@
 
 #include <cstring>
 #include <fstream>
+#include <chrono>
 #include <random>
+#include <thread>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -19,6 +21,7 @@
 #include "mem_layer.h"
 #include "replicate/bitmap.h"
 #include "replicate/crc32c.h"
+#include "replicate/history.h"
 #include "replicate/journal.h"
 #include "replicate/params.h"
 #include "replicate/replicate_filter.h"
@@ -395,8 +398,9 @@ TEST_CASE("replicate parameters: good and bad, with the exact message and the no
       {"target: /t\njournal: /j\ntarget: /u", "duplicate key 'target'", 2, 0},
       {"target: /t\njournal: /j\nmode:", "'mode' has no value", 2, 0},
       {"target: [a, b]\njournal: /j", "'target' must be a single value", 0, 8},
-      {"target: /t\njournal: /j\nretention: 1h",
-       "'retention' (continuous data protection) is not available yet in this version of the replicate filter", 2, 0},
+      {"target: /t\njournal: /j\nmode: async\nretention: 1h", "", -1, -1},
+      {"target: /t\njournal: /j\nretention: 1h", "'retention' needs mode: async (the history is the journal)", 2, 11},
+      {"target: /t\njournal: /j\nmode: async\nretention: 500ms", "'retention' must be from 1s to 365d, not '500ms'", 3, 11},
   };
   for (const Row& row : rows) {
     INFO(row.yaml);
@@ -573,5 +577,87 @@ TEST_CASE("replicate restart: only the regions changed while the target was away
   CHECK(rig.stat("bytes_resent") == 0);            // nothing was resent from the bitmap
   CHECK(rig.stat("records_shipped") == 5);         // just the journal's five records
   CHECK(rig.stat("bytes_sent") == 5 * 5000);
+  rig.close();
+}
+
+TEST_CASE("replicate retention: restore at a moment and at a named point rebuilds those bytes", "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(2 << 20, 0);
+  std::memcpy(rig.mem.data.data() + 70000, "before the history", 18);
+  rig.open("mode: async\nretention: 1h");
+  const std::string at_open = rig.local();
+  for (int i = 0; i < 20; ++i) rig.write(uint64_t(i) * 50000, pattern(3000, i));
+  const std::string phase_a = rig.local();
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  const uint64_t t_a = uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
+  REQUIRE(rig.f->snapshot("after-a").ok());
+  rig.write(100, pattern(200000, 77));
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 << 20, 300000).ok());
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->snapshot("after-b").ok());
+  REQUIRE(rig.f->resize(Io{}, 3 << 20).ok());
+  rig.write((3 << 20) - 10, "tail");  // grows past the resize
+  const std::string phase_c = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  REQUIRE(info.points.size() == 2);
+  CHECK(info.points[0].name == "after-a");
+  CHECK(info.points[1].name == "after-b");
+  CHECK(info.records == 26);  // 20 + 1 + 1 + 2 points + the resize + the tail
+  uint64_t applied = 0;
+  const std::string out = rig.tmp / "restored";
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(applied == 0);
+  CHECK(slurp(out) == at_open);
+  REQUIRE(restore_history(files, t_a, "", out, &applied) == "");
+  CHECK(applied == 20);
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "after-a", out, &applied) == "");
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "after-b", out, &applied) == "");
+  CHECK(slurp(out) == phase_b);
+  REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
+  CHECK(slurp(out) == phase_c);
+  CHECK(restore_history(files, 0, "nope", out, &applied) == "no restore point named 'nope' in the retention window");
+  CHECK(restore_history(files, info.window_start_ns - 1, "", out, &applied).rfind("the moment asked for is before", 0) == 0);
+  rig.close();
+}
+
+TEST_CASE("replicate retention: history older than the retention is folded into the base", "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  rig.open("mode: async\nretention: 1s");
+  for (int i = 0; i < 10; ++i) rig.write(uint64_t(i) * 65536, pattern(5000, 300 + i));
+  const std::string phase_a = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  // Wait (without asserting on time) until the background compaction folded phase A.
+  for (int i = 0; i < 200; ++i) {
+    YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+    if (h["compacted_records"].as<uint64_t>() >= 10) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h["compacted_records"].as<uint64_t>() == 10);
+  rig.write(7, pattern(100, 1));
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  CHECK(info.records == 1);
+  uint64_t applied = 0;
+  const std::string out = rig.tmp / "restored";
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(applied == 0);
+  CHECK(slurp(out) == phase_a);  // the base now holds phase A
+  REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
+  CHECK(applied == 1);
+  CHECK(slurp(out) == phase_b);
   rig.close();
 }

@@ -232,3 +232,67 @@ TEST_CASE("replicate to nbdkit, async: the server killed mid-run; the journal ca
   CHECK(st2["bytes_resent"].as<uint64_t>() == 0);  // no region resent: the journal had it all
   CHECK(st2["bytes_sent"].as<uint64_t>() >= 3u << 20);
 }
+
+TEST_CASE("replicate retention: checksums at several moments and at named points restore byte-identical",
+          "[replicate][cdp]") {
+  Datastore ds("target: REPLICA, mode: async, retention: 1h", false);
+  sh("sed -i 's|REPLICA|" + ds.t / "replica" + "|' " + q(ds.t / "ds.yaml"));
+  REQUIRE(sh("mkdir -p " + q(ds.back("")) + " && head -c 8M /dev/urandom > " + q(ds.back("disk.raw"))) == 0);
+  ds.mount();
+  Holder hold(ds.mnt("disk.raw"));
+  std::string ctlbin = std::string(IOFILTERFS_BIN);
+  ctlbin = ctlbin.substr(0, ctlbin.rfind('/')) + "/iofilterctl";
+  struct Moment {
+    std::string at, sum;
+  };
+  std::vector<Moment> moments;
+  std::vector<std::pair<std::string, std::string>> points;
+  auto now = [] {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char b[64];
+    std::snprintf(b, sizeof b, "@%lld.%09ld", static_cast<long long>(ts.tv_sec), ts.tv_nsec);
+    return std::string(b);
+  };
+  moments.push_back({now(), sum(ds.back("disk.raw"))});
+  for (int round = 0; round < 3; ++round) {
+    std::string out;
+    REQUIRE(sh("fio --name=w --filename=" + q(ds.mnt("disk.raw")) +
+                   " --size=8M --io_size=2M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1"
+                   " --randrepeat=0",
+               &out) == 0);
+    moments.push_back({now(), sum(ds.back("disk.raw"))});
+    REQUIRE(sh("dd if=/dev/urandom of=" + q(ds.mnt("disk.raw")) + " bs=64k count=3 seek=" + std::to_string(round * 11) +
+               " conv=notrunc oflag=direct status=none") == 0);
+    const std::string name = "point-" + std::to_string(round);
+    REQUIRE(sh(q(ctlbin) + " snapshot " + q(ds.mnt("disk.raw")) + " " + name, &out) == 0);
+    points.push_back({name, sum(ds.back("disk.raw"))});
+  }
+  REQUIRE(ds.flush("disk.raw") == 0);
+  CHECK(sum(ds.t / "replica/disk.raw") == sum(ds.back("disk.raw")));
+  std::string out;
+  REQUIRE(sh(q(ctlbin) + " points " + q(ds.mnt("disk.raw")), &out) == 0);
+  INFO(out << ds.m->log());
+  CHECK(out.find("point-0") != std::string::npos);
+  CHECK(out.find("point-2") != std::string::npos);
+  for (size_t i = 0; i < moments.size(); ++i) {
+    const std::string o = ds.t / ("at-" + std::to_string(i));
+    REQUIRE(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --at=" + moments[i].at + " -o " + q(o), &out) == 0);
+    CHECK(sum(o) == moments[i].sum);
+  }
+  for (const auto& [name, s] : points) {
+    const std::string o = ds.t / ("pt-" + name);
+    REQUIRE(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --point " + name + " -o " + q(o), &out) == 0);
+    CHECK(sum(o) == s);
+  }
+  // The image closed: restore from the files, named with --journal.
+  hold.release();
+  const std::string o = ds.t / "closed";
+  REQUIRE(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --journal " + q(ds.t / "state") + " --point point-1 -o " +
+                 q(o),
+             &out) == 0);
+  CHECK(sum(o) == points[1].second);
+  CHECK(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --journal " + q(ds.t / "state") + " --point nope -o " + q(o),
+           &out) == 1);
+  CHECK(out.find("no restore point named 'nope'") != std::string::npos);
+}

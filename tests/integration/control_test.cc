@@ -277,5 +277,5 @@ TEST_CASE("the versions agree, and every subcommand of iofilterctl is in iofilte
     CHECK(page.find(".SS " + cmd) != std::string::npos);
     ++n;
   }
-  CHECK(n == 10);
+  CHECK(n == 12);
 }

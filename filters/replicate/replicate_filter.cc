@@ -32,6 +32,7 @@ const Status kStopped = Status::Error(ECANCELED, "replicate: stopping");
 
 constexpr uint64_t kShipBatch = 8u << 20;          // bytes shipped between ship-point updates
 constexpr uint64_t kPersistEvery = 32u << 20;      // bytes shipped between durable ship points
+constexpr uint64_t kPersistIntervalNs = 200'000'000;  // ... or this long after the last one
 constexpr uint64_t kResetAbove = 64u << 20;        // a fully shipped journal is cut above this
 constexpr uint64_t kCleanIntervalNs = 1'000'000'000;
 constexpr uint64_t kResyncBatch = 64;              // regions per pass before other work
@@ -300,15 +301,20 @@ bool ReplicateFilter::reconfigure(const YAML::Node& params) {
   rp::ReplicateParams p;
   if (!rp::parse_replicate(params, &p).empty()) return false;
   if (p.target != params_.target || p.journal != params_.journal || p.mode != params_.mode ||
-      p.region_shift != params_.region_shift)
+      p.region_shift != params_.region_shift || (p.retention_us == 0) != (params_.retention_us == 0))
     return false;  // a new instance, with its own state
   max_lag_.store(p.max_lag);
   backpressure_.store(p.on_overflow == rp::Overflow::Backpressure);
   fail_on_error_.store(p.on_error == rp::OnError::Fail);
   reconnect_max_us_.store(p.reconnect_max_us);
   {
+    // Only the tunables change (the data path reads mode and target without a lock).
     std::lock_guard<std::mutex> g(err_mu_);
-    params_ = p;
+    params_.max_lag = p.max_lag;
+    params_.on_overflow = p.on_overflow;
+    params_.on_error = p.on_error;
+    params_.reconnect_max_us = p.reconnect_max_us;
+    params_.retention_us = p.retention_us;
   }
   jcv_.notify_all();
   return true;
@@ -810,7 +816,11 @@ bool ReplicateFilter::ship_some(std::string* err) {
   if (last_time) last_shipped_time_ = last_time;
   if (pos >= end) head_time_ns_.store(0);
   jcv_.notify_all();
-  if (err->empty() && (unflushed_ >= kPersistEvery || pos >= journal_->end())) *err = persist_ship_point(false);
+  // The ship point is made durable every kPersistEvery bytes, and when caught up at most five
+  // times a second (a target flush and a journal fdatasync each): run() does the last one.
+  if (err->empty() && (unflushed_ >= kPersistEvery ||
+                       (pos >= journal_->end() && mono_ns() - last_persist_ns_ >= kPersistIntervalNs)))
+    *err = persist_ship_point(false);
   return true;
 }
 
@@ -822,6 +832,7 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
   flushed_bytes_.store(shipped_bytes_.load());
   if (last_shipped_time_) last_consistent_ns_.store(last_shipped_time_);
   unflushed_ = 0;
+  last_persist_ns_ = mono_ns();
   if (!owner()) return "";
   const uint64_t pos = shipped_pos_.load();
   if (!params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
@@ -990,6 +1001,15 @@ void ReplicateFilter::run() {
       continue;
     }
     if (params_.retention_us) compact();
+    if (!did && journal_ && unflushed_ && mono_ns() - last_persist_ns_ >= kPersistIntervalNs) {
+      target_rw_.lock_shared();
+      err = persist_ship_point(false);
+      target_rw_.unlock_shared();
+      if (!err.empty()) {
+        target_failed(err);
+        continue;
+      }
+    }
     if (!did) {
       std::unique_lock<std::mutex> l(bg_mu_);
       bg_idle_.store(true);

@@ -178,6 +178,7 @@ class ReplicateFilter : public Filter {
   std::vector<uint8_t> rec_;                 // bg thread's record data
   uint64_t clean_after_ns_ = 0;              // bg thread
   uint64_t unflushed_ = 0;                   // bg thread: record bytes shipped since the last flush
+  uint64_t last_persist_ns_ = 0;             // bg thread
   uint64_t last_shipped_time_ = 0;           // bg thread
   uint64_t resync_cursor_ = 0;               // bg thread
   bool unflushed_regions_ = false;           // bg thread: resynced regions not yet flushed

@@ -661,3 +661,19 @@ TEST_CASE("replicate retention: history older than the retention is folded into 
   CHECK(slurp(out) == phase_b);
   rig.close();
 }
+
+TEST_CASE("replicate reconfigure: tunables in place, a new target or mode means a new instance", "[replicate][filter]") {
+  Rig rig;
+  rig.open("mode: async\nmax-lag: 1GiB");
+  auto params = [&](const std::string& extra) {
+    return YAML::Load("target: " + rig.target() + "\njournal: " + (rig.tmp / "state") + "\nreconnect-max: 100ms\n" + extra);
+  };
+  CHECK(rig.f->reconfigure(params("mode: async\nmax-lag: 2MiB\non-overflow: backpressure")));
+  CHECK(rig.f->describe().find("max-lag=2.0MiB on-overflow=backpressure") != std::string::npos);
+  CHECK_FALSE(rig.f->reconfigure(params("mode: sync")));
+  CHECK_FALSE(rig.f->reconfigure(params("mode: async\nregion-size: 1MiB")));
+  CHECK_FALSE(rig.f->reconfigure(params("mode: async\nretention: 1h")));
+  CHECK_FALSE(rig.f->reconfigure(YAML::Load("target: /elsewhere\njournal: /j\nmode: async")));
+  CHECK_FALSE(rig.f->reconfigure(YAML::Load("mode: bogus")));
+  rig.close();
+}

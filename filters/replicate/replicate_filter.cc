@@ -36,6 +36,7 @@ constexpr uint64_t kPersistIntervalNs = 200'000'000;  // ... or this long after 
 constexpr uint64_t kResetAbove = 64u << 20;        // a fully shipped journal is cut above this
 constexpr uint64_t kCleanIntervalNs = 1'000'000'000;
 constexpr uint64_t kResyncBatch = 64;              // regions per pass before other work
+constexpr uint64_t kActivityRegions = 8192;        // sync: marked regions kept before cleaning
 
 uint64_t mono_ns() {
   struct timespec ts;
@@ -934,7 +935,11 @@ bool ReplicateFilter::clean(bool force, std::string* err) {
   std::vector<uint64_t>& cleared = cleared_;
   cleared.clear();
   rp::PersistentBitmap& bits = *bitmap_;
-  for (uint64_t r = bits.next(0); r != rp::AtomicBits::npos; r = bits.next(r + 1)) {
+  // Sync mode marks every write's regions: they stay marked while there are few (an activity
+  // window of kActivityRegions, as DRBD's activity log), so a guest that keeps writing the same
+  // areas pays no bitmap write; a flush or a crowded window clears the cold ones.
+  const bool crowded = params_.mode == rp::Mode::Async || bits.count() > kActivityRegions;
+  for (uint64_t r = crowded || force ? bits.next(0) : rp::AtomicBits::npos; r != rp::AtomicBits::npos; r = bits.next(r + 1)) {
     const uint64_t st = stripe(r);
     const uint32_t g = gen_[st].load();
     const bool cold = force || clean_gen_[st] == g;

@@ -663,7 +663,13 @@ std::string ReplicateFilter::stats_json() const {
   if (conn && !pend && journal_ && replica_lag_bytes() > 0) state = "shipping";
   s += ",\"target_state\":" + json_str(state);
   s += ",\"lag_bytes\":" + std::to_string(replica_lag_bytes());
-  const uint64_t head = head_time_ns_.load();
+  // The age of the oldest record the target lacks (read from the journal: the shipper may be
+  // waiting for the target).
+  uint64_t head = 0;
+  if (journal_ && appended_bytes_.load() > shipped_bytes_.load()) {
+    rp::RecordHeader h;
+    if (journal_->read_header(shipped_pos_.load(), &h).empty()) head = h.time_ns;
+  }
   const uint64_t rn = real_ns();
   char sec[32];
   std::snprintf(sec, sizeof sec, "%.3f", head && rn > head ? (rn - head) / 1e9 : 0.0);

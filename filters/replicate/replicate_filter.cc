@@ -781,20 +781,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
   uint64_t sent = 0, seq = shipped_seq_, bytes = 0, last_time = 0;
   while (pos < end && sent < kShipBatch && !stop_.load()) {
     rp::RecordHeader h;
-    // A write's data goes from the journal file to the target in the kernel when the target
-    // can (a directory: copy_file_range), else through rec_.
-    std::string e = journal_->read_header(pos, &h);
-    bool copied = false;
-    if (e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && jepoch_.load() == epoch) {
-      std::string ce;
-      copied = target_->copy_from(journal_->fd(), pos + sizeof h, h.data_len, h.off, &ce);
-      if (copied && !ce.empty()) {
-        if (jepoch_.load() != epoch) return true;
-        *err = ce;
-        break;
-      }
-    }
-    if (e.empty() && !copied) e = journal_->read(pos, &h, &rec_);
+    std::string e = journal_->read(pos, &h, &rec_);
     if (jepoch_.load() != epoch) return true;  // collapsed meanwhile: start over
     if (!e.empty()) {
       spdlog::error("{}: replicate: {}; collapsing the journal into the bitmap", relpath_, e);
@@ -804,9 +791,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
     }
     head_time_ns_.store(h.time_ns);
     switch (static_cast<rp::RecType>(h.type)) {
-      case rp::RecType::Write:
-        if (!copied) e = target_->pwrite(rec_.data(), h.data_len, h.off);
-        break;
+      case rp::RecType::Write: e = target_->pwrite(rec_.data(), h.data_len, h.off); break;
       case rp::RecType::Zero: e = target_->zero(h.off, h.len); break;
       case rp::RecType::Resize:
         e = target_->resize(target_size_.load(), h.len);

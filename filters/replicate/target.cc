@@ -89,31 +89,11 @@ class DirTarget : public Target {
     if (static_cast<size_t>(n) < len) std::memset(static_cast<uint8_t*>(buf) + n, 0, len - static_cast<size_t>(n));
     return "";
   }
-  bool copy_from(int fd, uint64_t src_off, size_t len, uint64_t dst_off, std::string* err) override {
-    if (no_copy_range_) return false;
-    loff_t in = static_cast<loff_t>(src_off), out = static_cast<loff_t>(dst_off);
-    size_t done = 0;
-    while (done < len) {
-      ssize_t n = ::copy_file_range(fd, &in, fd_, &out, len - done, 0);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        if (done == 0 && n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOSYS)) {
-          no_copy_range_ = true;  // a filesystem pair that cannot: pread/pwrite from now on
-          return false;
-        }
-        *err = n == 0 ? "cannot copy to " + path_ + ": the journal ended early" : sys_err("cannot copy to", path_);
-        return true;
-      }
-      done += static_cast<size_t>(n);
-    }
-    return true;
-  }
   std::string where() const override { return "dir:" + (path_.empty() ? dir_ : path_); }
 
  private:
   std::string dir_, path_;
   int fd_ = -1;
-  bool no_copy_range_ = false;  // only the shipping thread copies
 };
 
 class NbdTarget : public Target {

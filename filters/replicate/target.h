@@ -28,12 +28,6 @@ class Target {
   virtual std::string resize(uint64_t old_size, uint64_t new_size) = 0;
   // Everything written so far is durable on the target.
   virtual std::string flush() = 0;
-  // Writes len bytes of file `fd` at src_off to the replica at dst_off without a copy through
-  // user space (copy_file_range). False when this target cannot (then nothing was written and
-  // *err is empty), or on an error (*err set).
-  virtual bool copy_from(int /*fd*/, uint64_t /*src_off*/, size_t /*len*/, uint64_t /*dst_off*/, std::string* /*err*/) {
-    return false;
-  }
   // For tests and checks: reads len bytes at off.
   virtual std::string pread(void* buf, size_t len, uint64_t off) = 0;
   // "dir:/srv/replica/vm1/disk.img" or the URI.

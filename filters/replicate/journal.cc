@@ -233,6 +233,13 @@ std::string Journal::sync() {
   return "";
 }
 
+std::string Journal::read_header(uint64_t at, RecordHeader* h) {
+  if (::pread(fd_, h, sizeof *h, static_cast<off_t>(at)) != static_cast<ssize_t>(sizeof *h))
+    return errtext("cannot read", path_);
+  if (h->magic != kRecordMagic || h->data_len > kMaxRecordData) return path_ + ": bad record at " + std::to_string(at);
+  return "";
+}
+
 std::string Journal::read(uint64_t at, RecordHeader* h, std::vector<uint8_t>* data) {
   if (::pread(fd_, h, sizeof *h, static_cast<off_t>(at)) != static_cast<ssize_t>(sizeof *h))
     return errtext("cannot read", path_);

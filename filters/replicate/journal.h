@@ -95,6 +95,8 @@ class Journal {
   // Appends one record (header and data in one pwritev); "" or the error.
   std::string append(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, const void* data, uint32_t data_len);
   std::string sync();
+  // Reads the header of the record at `at` (below end()); its data follows at at + 48.
+  std::string read_header(uint64_t at, RecordHeader* h);
   // Reads the record at `at` (which must be below end()).
   std::string read(uint64_t at, RecordHeader* h, std::vector<uint8_t>* data);
   // Calls fn for the header of every record from `from` to end() (no data is read).

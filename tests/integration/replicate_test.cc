@@ -139,6 +139,7 @@ TEST_CASE("replicate sync to a directory: fio verify, then the replica equals th
   // Closing the image waits for nothing more; the replica stays equal.
   hold.release();
   CHECK(sum(ds.t / "replica/vm/fio.raw") == sum(ds.back("vm/fio.raw")));
+  CHECK(ds.m->stop() == 0);  // a clean exit (a sanitizer report would fail it)
 }
 
 TEST_CASE("replicate to nbdkit, sync with degrade: the server killed and restarted; only changed regions resent",
@@ -177,6 +178,8 @@ TEST_CASE("replicate to nbdkit, sync with degrade: the server killed and restart
   INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats") << ds.m->log());
   CHECK(st["bytes_resent"].as<uint64_t>() - resent_before == 5 * 65536);  // the changed regions only
   CHECK(st["reconnects"].as<uint64_t>() >= 1);
+  hold.release();
+  CHECK(ds.m->stop() == 0);
 }
 
 TEST_CASE("replicate to nbdkit, async: the server killed mid-run; the journal catches up; then kill -9 the daemon",
@@ -231,6 +234,8 @@ TEST_CASE("replicate to nbdkit, async: the server killed mid-run; the journal ca
   INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats") << ds.m->log());
   CHECK(st2["bytes_resent"].as<uint64_t>() == 0);  // no region resent: the journal had it all
   CHECK(st2["bytes_sent"].as<uint64_t>() >= 3u << 20);
+  hold->release();
+  CHECK(ds.m->stop() == 0);
 }
 
 TEST_CASE("replicate retention: checksums at several moments and at named points restore byte-identical",
@@ -295,4 +300,5 @@ TEST_CASE("replicate retention: checksums at several moments and at named points
   CHECK(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --journal " + q(ds.t / "state") + " --point nope -o " + q(o),
            &out) == 1);
   CHECK(out.find("no restore point named 'nope'") != std::string::npos);
+  CHECK(ds.m->stop() == 0);
 }

@@ -13,6 +13,8 @@ PACKAGES=(
   qemu-system-common nbdkit cryptsetup-bin tmux
   # nbdfuse (in libnbd-bin): the benchmarks put nbdkit's luks and cache filters behind it
   libnbd-bin
+  # replicate filter: NBD targets through libnbd
+  libnbd-dev
 )
 
 missing=()

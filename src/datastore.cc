@@ -251,6 +251,11 @@ void Datastore::detach_disk(Inode& i) {
     i.closing = true;
   }
   Status s = last->close();
+  {
+    std::lock_guard<std::mutex> g(i.m);
+    i.closing = false;
+  }
+  i.closed_cv.notify_all();
   if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
   else spdlog::info("{}: closed", last->relpath());
   last.reset();  // the backing file (and its lock) is released here

@@ -353,11 +353,12 @@ Status Disk::apply_fault_plan(const FaultPlan& plan) {
 std::string Disk::state() const {
   std::lock_guard<std::mutex> g(control_mu_);
   if (!failed_reason_.empty()) return "failed: " + failed_reason_;
-  std::string health;
+  std::string degraded;
   chain_.for_each([&](const Filter& f, const FilterInfo&) {
-    if (health.empty()) health = f.health();
+    std::string r = f.degraded_reason();
+    if (!r.empty()) degraded += (degraded.empty() ? "" : ", ") + r;
   });
-  if (!health.empty()) return health;
+  if (!degraded.empty()) return "degraded: " + degraded;
   return quiesced() ? "quiesced" : "active";
 }
 

@@ -185,9 +185,9 @@ class Filter : public Layer {
   virtual std::string stats_json() const { return "{}"; }
   // Key parameters, for the chain view ("iops=500 bps=20MiB/s").
   virtual std::string describe() const { return {}; }
-  // Empty while the filter works as configured; else the disk's state, e.g. "degraded: cache
-  // device /ssd/x: write failed: No space left on device" (it still serves, in a lesser way).
-  virtual std::string health() const { return {}; }
+  // Why the disk works in a reduced way because of this filter ("replica unreachable"), or
+  // empty; the disk's state then reads "degraded: REASON".
+  virtual std::string degraded_reason() const { return {}; }
 
  protected:
   Layer* next_ = nullptr;

@@ -57,12 +57,12 @@ CacheFilter::~CacheFilter() { close(); }
 void CacheFilter::degrade(const std::string& why) {
   std::lock_guard<std::mutex> g(health_mu_);
   if (!degraded_.exchange(true)) {
-    health_ = "degraded: cache device " + why;
-    spdlog::error("{}: {}", info_.path, health_);
+    health_ = "cache device " + why;
+    spdlog::error("{}: degraded: {}", info_.path, health_);
   }
 }
 
-std::string CacheFilter::health() const {
+std::string CacheFilter::degraded_reason() const {
   std::lock_guard<std::mutex> g(health_mu_);
   return health_;
 }
@@ -925,8 +925,8 @@ std::string CacheFilter::stats_json() const {
   s += ",\"invalidations\":" + std::to_string(invalidations_.load());
   s += ",\"replayed_dirty_blocks\":" + std::to_string(replayed_.load());
   s += ",\"device\":" + json_str(store_path_);
-  std::string hl = health();
-  s += ",\"state\":" + json_str(hl.empty() ? "ok" : hl) + "}";
+  std::string hl = degraded_reason();
+  s += ",\"state\":" + json_str(hl.empty() ? "ok" : "degraded: " + hl) + "}";
   return s;
 }
 

@@ -36,7 +36,7 @@
 // plaintext, or sealed data under a policy that no longer encrypts) is never misread.
 //
 // Errors: a cache device that fails or fills up turns the filter into pass-through for clean
-// data (health() says `degraded: cache device ...`); a write-back write the device refuses is
+// data (degraded_reason() says `cache device ...`, the disk's state `degraded: cache device ...`); a write-back write the device refuses is
 // written below instead, together with the block's dirty pages, and the block leaves the
 // cache. Only dirty data that can no longer be read is an error the guest sees.
 //
@@ -84,7 +84,7 @@ class CacheFilter : public Filter {
   uint64_t dirty_bytes() const override;
   std::string stats_json() const override;
   std::string describe() const override;
-  std::string health() const override;
+  std::string degraded_reason() const override;
 
   // Runs one destage pass now (tests); returns the blocks it cleaned.
   size_t destage_once() { size_t n = 0; (void)destage_pass(SIZE_MAX, &n); return n; }

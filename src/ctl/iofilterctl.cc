@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -27,6 +28,7 @@
 #include <vector>
 
 #include "luks_cmds.h"
+#include "replicate/history.h"
 #include "units.h"
 #include "version.h"
 
@@ -215,6 +217,168 @@ int cmd_stats(const std::string& disk, bool json) {
   return kOk;
 }
 
+// ---- restore and points: the replicate filter's history (retention), read from its files ----
+
+// The history files of DISK: named by the open disk's stats, or, with --journal DIR (the
+// policy's journal directory, for an image that is not open), DIR/NAME.* as the filter names
+// them. Returns 0 or the errno / exit code reason in *why.
+int history_files(const std::string& disk, const std::string& journal_dir, iofilterfs::replicate::HistoryFiles* f,
+                  std::string* why) {
+  if (!journal_dir.empty()) {
+    std::string mnt, rel = disk;
+    if (!locate(disk, &mnt, &rel)) rel = disk;
+    while (!rel.empty() && rel.front() == '/') rel.erase(0, 1);
+    std::string name;
+    for (char c : rel) name += c == '%' ? std::string("%25") : c == '/' ? std::string("%2F") : std::string(1, c);
+    const std::string base = journal_dir + "/" + name;
+    *f = {base + ".journal", base + ".cdp-base", base + ".cdp-meta"};
+    return 0;
+  }
+  std::string s;
+  if (int e = get(disk, "stats", &s)) return e;
+  YAML::Node n = YAML::Load(s);
+  YAML::Node h = n["filters"]["replicate"]["history"];
+  if (!h || !h.IsMap()) {
+    *why = n["open"] && !n["open"].as<bool>() ? "the image is not open (give --journal DIR)"
+                                              : "no replicate filter with retention on this image";
+    return EINVAL;
+  }
+  *f = {h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  return 0;
+}
+
+// "2026-12-01T19:40:00Z", "2026-12-01T19:40:00.250", "@1764618000.5", "now", "-30s" (ago).
+bool parse_time(const std::string& t, uint64_t* ns, std::string* err) {
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  const uint64_t now_ns = uint64_t(now.tv_sec) * 1000000000ull + uint64_t(now.tv_nsec);
+  if (t == "now") {
+    *ns = now_ns;
+    return true;
+  }
+  if (!t.empty() && t[0] == '-') {
+    uint64_t us = 0;
+    *err = iofilterfs::parse_duration(t.substr(1), &us);
+    if (!err->empty()) return false;
+    *ns = now_ns - std::min(now_ns, us * 1000);
+    return true;
+  }
+  if (!t.empty() && t[0] == '@') {
+    char* end = nullptr;
+    double secs = std::strtod(t.c_str() + 1, &end);
+    if (*end || secs < 0) {
+      *err = "not a number of seconds since the epoch";
+      return false;
+    }
+    *ns = static_cast<uint64_t>(secs * 1e9);
+    return true;
+  }
+  struct tm tm {};
+  const char* rest = strptime(t.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (!rest) rest = strptime(t.c_str(), "%Y-%m-%d %H:%M:%S", &tm);
+  if (!rest) {
+    *err = "not a time (2026-12-01T19:40:00Z, @EPOCH, now, or -DURATION ago)";
+    return false;
+  }
+  uint64_t frac = 0;
+  if (*rest == '.') {
+    uint64_t scale = 100000000;
+    for (++rest; *rest >= '0' && *rest <= '9'; ++rest, scale /= 10) frac += uint64_t(*rest - '0') * scale;
+  }
+  if (*rest == 'Z') ++rest;
+  if (*rest) {
+    *err = "unexpected text after the time (times are UTC)";
+    return false;
+  }
+  *ns = uint64_t(timegm(&tm)) * 1000000000ull + frac;
+  return true;
+}
+
+std::string format_time(uint64_t ns) {
+  time_t secs = static_cast<time_t>(ns / 1000000000ull);
+  struct tm tm;
+  gmtime_r(&secs, &tm);
+  char b[64];
+  std::strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[96];
+  std::snprintf(out, sizeof out, "%s.%03lluZ", b, static_cast<unsigned long long>(ns / 1000000ull % 1000));
+  return out;
+}
+
+int cmd_points(const std::string& disk, const std::string& journal_dir, bool json) {
+  iofilterfs::replicate::HistoryFiles f;
+  std::string why;
+  if (int e = history_files(disk, journal_dir, &f, &why)) {
+    if (!why.empty()) {
+      std::fprintf(stderr, "iofilterctl: %s: %s\n", disk.c_str(), why.c_str());
+      return kFailed;
+    }
+    return report(disk, "image", e);
+  }
+  iofilterfs::replicate::HistoryInfo info;
+  std::string e = iofilterfs::replicate::list_history(f, &info);
+  if (!e.empty()) {
+    std::fprintf(stderr, "iofilterctl: %s: %s\n", disk.c_str(), e.c_str());
+    return kFailed;
+  }
+  if (json) {
+    std::string s = "{\"window_start_ns\":" + std::to_string(info.window_start_ns) +
+                    ",\"last_change_ns\":" + std::to_string(info.last_record_ns) +
+                    ",\"records\":" + std::to_string(info.records) + ",\"points\":[";
+    for (size_t i = 0; i < info.points.size(); ++i) {
+      std::string name;
+      for (char c : info.points[i].name) name += c == '"' || c == '\\' ? std::string("\\") + c : std::string(1, c);
+      s += (i ? "," : "") + std::string("{\"name\":\"") + name + "\",\"time_ns\":" + std::to_string(info.points[i].time_ns) + "}";
+    }
+    std::printf("%s]}\n", s.c_str());
+    return kOk;
+  }
+  std::printf("restorable from %s (%llu changes kept%s%s)\n", format_time(info.window_start_ns).c_str(),
+              static_cast<unsigned long long>(info.records), info.last_record_ns ? ", the last at " : "",
+              info.last_record_ns ? format_time(info.last_record_ns).c_str() : "");
+  std::vector<std::vector<std::string>> rows = {{"POINT", "TIME"}};
+  for (const auto& p : info.points) rows.push_back({p.name, format_time(p.time_ns)});
+  if (rows.size() == 1) std::printf("no named restore points\n");
+  else print_table(rows);
+  return kOk;
+}
+
+int cmd_restore(const std::string& disk, const std::string& journal_dir, const std::string& at, const std::string& point,
+                const std::string& output, bool json) {
+  if (at.empty() == point.empty()) {
+    std::fprintf(stderr, "iofilterctl: restore needs exactly one of --at TIME and --point NAME\n");
+    return kUsage;
+  }
+  uint64_t at_ns = 0;
+  std::string err;
+  if (!at.empty() && !parse_time(at, &at_ns, &err)) {
+    std::fprintf(stderr, "iofilterctl: --at '%s': %s\n", at.c_str(), err.c_str());
+    return kUsage;
+  }
+  iofilterfs::replicate::HistoryFiles f;
+  std::string why;
+  if (int e = history_files(disk, journal_dir, &f, &why)) {
+    if (!why.empty()) {
+      std::fprintf(stderr, "iofilterctl: %s: %s\n", disk.c_str(), why.c_str());
+      return kFailed;
+    }
+    return report(disk, "image", e);
+  }
+  uint64_t applied = 0;
+  std::string e = iofilterfs::replicate::restore_history(f, at_ns, point, output, &applied);
+  if (!e.empty()) {
+    std::fprintf(stderr, "iofilterctl: %s: %s\n", disk.c_str(), e.c_str());
+    return kFailed;
+  }
+  if (json)
+    std::printf("{\"output\":\"%s\",\"applied_changes\":%llu}\n", output.c_str(), static_cast<unsigned long long>(applied));
+  else
+    std::printf("%s: restored to %s (%s, %llu changes applied to the base)\n", disk.c_str(), output.c_str(),
+                point.empty() ? format_time(at_ns).c_str() : ("point " + point).c_str(),
+                static_cast<unsigned long long>(applied));
+  return kOk;
+}
+
 int cmd_filters(const std::string& mnt, bool json) {
   std::string s;
   if (int e = get(mnt, "filters", &s)) return report(mnt, "mount", e);
@@ -386,6 +550,16 @@ int main(int argc, char** argv) {
   cache_discard->add_flag("--force", force, "accept that the dirty data the cache file holds is lost");
   auto* reload = app.add_subcommand("reload", "re-read the datastore's policy file");
   reload->add_option("MOUNT", mnt, "the mountpoint")->required();
+  std::string at, output, journal_dir;
+  auto* restore = app.add_subcommand("restore", "rebuild a disk as it was at a moment or restore point (replicate retention)");
+  restore->add_option("DISK", disk, "an image in the mount (or its path in the datastore, with --journal)")->required();
+  restore->add_option("--at", at, "the moment: 2026-12-01T19:40:00Z (UTC), @EPOCH, now, or -30s (ago; write --at=-30s)");
+  restore->add_option("--point", name, "a restore point made by the snapshot verb");
+  restore->add_option("-o,--output", output, "the file to write the disk into (created or truncated)")->required();
+  restore->add_option("--journal", journal_dir, "the policy's journal directory, to restore an image that is not open");
+  auto* points = app.add_subcommand("points", "the restore points and the window of a disk's history (replicate retention)");
+  points->add_option("DISK", disk, "an image in the mount (or its path in the datastore, with --journal)")->required();
+  points->add_option("--journal", journal_dir, "the policy's journal directory, for an image that is not open");
 
   iofilterctl::EncryptOptions eo;
   std::string src, dst, iter_time = "2s", key_file, new_key_file;
@@ -462,6 +636,8 @@ int main(int argc, char** argv) {
       }
       return cmd_verb(disk, "discard", "cache", json ? nullptr : "cache discarded (its dirty data is lost)");
     }
+    if (*restore) return cmd_restore(disk, journal_dir, at, name, output, json);
+    if (*points) return cmd_points(disk, journal_dir, json);
     if (*reload) {
       int e = set(mnt, "reload", "1");
       if (e == EINVAL) {

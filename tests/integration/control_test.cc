@@ -277,5 +277,5 @@ TEST_CASE("the versions agree, and every subcommand of iofilterctl is in iofilte
     CHECK(page.find(".SS " + cmd) != std::string::npos);
     ++n;
   }
-  CHECK(n == 13);  // ... key, cache
+  CHECK(n == 15);  // ... encrypt, key, cache, restore, points
 }

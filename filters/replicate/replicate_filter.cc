@@ -1,0 +1,1223 @@
+#include "replicate/replicate_filter.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <linux/falloc.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "json.h"
+#include "units.h"
+
+namespace iofilterfs {
+namespace {
+
+namespace rp = replicate;
+
+const Status kUnreachable = Status::Error(EIO, "replicate: the replica is unreachable (on-target-error: fail)");
+const Status kBitmapFailed = Status::Error(EIO, "replicate: the dirty bitmap cannot be saved");
+const Status kJournalFailed = Status::Error(EIO, "replicate: the journal cannot be synced");
+const Status kNotOpen = Status::Error(EIO, "replicate: the filter is not open");
+const Status kDrainUnreachable =
+    Status::Error(EHOSTDOWN, "replicate: the replica is unreachable; the journal and bitmap keep what it lacks");
+const Status kStopped = Status::Error(ECANCELED, "replicate: stopping");
+
+constexpr uint64_t kShipBatch = 8u << 20;          // bytes shipped between ship-point updates
+constexpr uint64_t kPersistEvery = 32u << 20;      // bytes shipped between durable ship points
+constexpr uint64_t kPersistIntervalNs = 200'000'000;  // ... or this long after the last one
+constexpr uint64_t kResetAbove = 64u << 20;        // a fully shipped journal is cut above this
+constexpr uint64_t kCleanIntervalNs = 1'000'000'000;
+constexpr uint64_t kResyncBatch = 64;              // regions per pass before other work
+constexpr uint64_t kActivityRegions = 8192;        // sync: marked regions kept before cleaning
+
+uint64_t mono_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+uint64_t real_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// The image's relative path as one file name: '%' and '/' escaped.
+std::string escape(const std::string& rel) {
+  std::string o;
+  for (char c : rel) {
+    if (c == '%') o += "%25";
+    else if (c == '/') o += "%2F";
+    else o += c;
+  }
+  return o;
+}
+
+// Which filter instance owns an image's state files. A re-plumb opens the new instance before
+// it closes the old one; the old one must not write the files after that.
+std::mutex g_owner_mu;
+std::map<std::string, uint64_t> g_owners;
+uint64_t g_next_token = 1;
+
+bool all_zero(const uint8_t* p, size_t n) {
+  static const uint8_t z[4096] = {};
+  while (n >= sizeof z) {
+    if (std::memcmp(p, z, sizeof z)) return false;
+    p += sizeof z;
+    n -= sizeof z;
+  }
+  return n == 0 || std::memcmp(p, z, n) == 0;
+}
+
+}  // namespace
+
+ReplicateFilter::ReplicateFilter(rp::ReplicateParams p)
+    : params_(std::move(p)),
+      shift_(params_.region_shift),
+      inflight_(new std::atomic<uint32_t>[kStripes]),
+      gen_(new std::atomic<uint32_t>[kStripes]),
+      max_lag_(params_.max_lag),
+      backpressure_(params_.on_overflow == rp::Overflow::Backpressure),
+      fail_on_error_(params_.on_error == rp::OnError::Fail),
+      reconnect_max_us_(params_.reconnect_max_us) {
+  for (uint64_t i = 0; i < kStripes; ++i) {
+    inflight_[i].store(0, std::memory_order_relaxed);
+    gen_[i].store(0, std::memory_order_relaxed);
+  }
+}
+
+ReplicateFilter::~ReplicateFilter() { close(); }
+
+uint64_t ReplicateFilter::now_ns() const { return mono_ns(); }
+
+bool ReplicateFilter::owner() const {
+  std::lock_guard<std::mutex> g(g_owner_mu);
+  auto it = g_owners.find(base_);
+  return it != g_owners.end() && it->second == token_;
+}
+
+bool ReplicateFilter::save_bitmap() {
+  if (!owner()) return true;  // a newer instance owns the file; ours is retired
+  std::string e = bitmap_->save();
+  if (e.empty()) return true;
+  note_error(e);
+  spdlog::error("{}: replicate: {}", relpath_, e);
+  return false;
+}
+
+void ReplicateFilter::note_error(const std::string& e) {
+  std::lock_guard<std::mutex> g(err_mu_);
+  last_error_ = e;
+}
+
+void ReplicateFilter::wake() {
+  if (bg_idle_.load(std::memory_order_relaxed)) bg_cv_.notify_one();
+}
+
+void ReplicateFilter::target_failed(const std::string& e) {
+  target_errors_.fetch_add(1, std::memory_order_relaxed);
+  need_reconnect_.store(true);
+  if (connected_.exchange(false)) {
+    note_error(e);
+    spdlog::warn("{}: replica unreachable: {}; changes are tracked and will be resent", relpath_, e);
+  }
+  bg_cv_.notify_one();
+}
+
+bool ReplicateFilter::enter(uint64_t r0, uint64_t r1, bool mark_dirty) {
+  bool fresh = false;
+  for (uint64_t r = r0; r <= r1; ++r) {
+    inflight_[stripe(r)].fetch_add(1, std::memory_order_seq_cst);
+    gen_[stripe(r)].fetch_add(1, std::memory_order_seq_cst);
+    if (mark_dirty && bitmap_->set(r)) fresh = true;
+  }
+  if (fresh && !save_bitmap()) {
+    leave(r0, r1);
+    return false;
+  }
+  return true;
+}
+
+void ReplicateFilter::leave(uint64_t r0, uint64_t r1) {
+  for (uint64_t r = r0; r <= r1; ++r) inflight_[stripe(r)].fetch_sub(1, std::memory_order_seq_cst);
+}
+
+bool ReplicateFilter::mark_pending(uint64_t r0, uint64_t r1) {
+  bool fresh = false;
+  for (uint64_t r = r0; r <= r1; ++r) {
+    if (bitmap_->set(r)) fresh = true;
+    pending_.set(r);
+  }
+  writes_tracked_.fetch_add(1, std::memory_order_relaxed);
+  wake();
+  return !fresh || save_bitmap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open and close.
+
+Status ReplicateFilter::open(const DiskInfo& info) {
+  relpath_ = info.path;
+  // The policy also encrypts: the journal, the history and the replica would hold the guest's
+  // plaintext, which filter.h (AtRest) forbids. Sealing them is not written yet, so fail closed.
+  if (info.at_rest)
+    return Status::Error(EMEDIUMTYPE,
+                         "replicate: the policy also encrypts, and the replica and journal would hold plaintext "
+                         "(sealing them is not supported yet)");
+  if (::mkdir(params_.journal.c_str(), 0700) != 0 && errno != EEXIST) {
+    spdlog::error("{}: replicate: cannot create the journal directory {}: {}", relpath_, params_.journal,
+                  std::strerror(errno));
+    return Status::Error(errno, "replicate: cannot create the journal directory");
+  }
+  base_ = params_.journal + "/" + escape(relpath_);
+  {
+    std::lock_guard<std::mutex> g(g_owner_mu);
+    token_ = g_next_token++;
+    g_owners[base_] = token_;
+  }
+  bitmap_ = std::make_unique<rp::PersistentBitmap>(base_ + ".bitmap", shift_, rp::target_id_of(params_.target));
+  bool found = false;
+  std::string note;
+  uint64_t bad_pages = 0;
+  std::string e = bitmap_->load(&found, &note, &bad_pages);
+  if (!e.empty()) {
+    spdlog::error("{}: replicate: {}", relpath_, e);
+    return Status::Error(EIO, "replicate: the dirty bitmap cannot be read");
+  }
+  if (!note.empty()) spdlog::warn("{}: replicate: {}", relpath_, note);
+  uint64_t size = 0;
+  Status s = next_->size(&size);
+  if (!s.ok()) return s;
+  const uint64_t region = uint64_t(1) << shift_;
+  const uint64_t nreg = (size + region - 1) >> shift_;
+  if (nreg > rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the image has too many regions");
+
+  // A journal left by an earlier run. In async mode it is shipped from its ship point; in sync
+  // mode (a policy that changed) what it holds unshipped is folded into the bitmap.
+  const std::string jpath = base_ + ".journal";
+  std::string jnote;
+  if (params_.mode == rp::Mode::Async || ::access(jpath.c_str(), F_OK) == 0) {
+    e = rp::Journal::open(jpath, &journal_, &jnote);
+    if (!e.empty()) {
+      spdlog::error("{}: replicate: {}", relpath_, e);
+      return Status::Error(EIO, "replicate: the journal cannot be opened");
+    }
+    if (!jnote.empty()) spdlog::warn("{}: replicate: {}", relpath_, jnote);
+  }
+
+  if (!found) {
+    // Nothing is known about this target: the initial sync sends every region (holes as zeros).
+    for (uint64_t r = 0; r < nreg; ++r) {
+      bitmap_->set(r);
+      pending_.set(r);
+    }
+    if (journal_ && !params_.retention_us) {
+      e = journal_->reset();  // everything it held is covered by the full sync
+      if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
+    }
+    spdlog::info("{}: replicate: initial sync of {} ({} regions) to {}", relpath_, format_size(size), nreg,
+                 params_.target);
+  } else {
+    for (uint64_t r = bitmap_->next(0); r != rp::AtomicBits::npos; r = bitmap_->next(r + 1))
+      pending_.set(r);
+    if (pending_.count())
+      spdlog::info("{}: replicate: {} regions changed since the replica was last confirmed; resending them",
+                   relpath_, pending_.count());
+  }
+  if (journal_ && params_.mode == rp::Mode::Sync) {
+    uint64_t folded = 0;
+    e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
+      if (h.type == static_cast<uint16_t>(rp::RecType::Resize) || h.type == static_cast<uint16_t>(rp::RecType::Point) ||
+          h.len == 0)
+        return;
+      for (uint64_t r = region_of(h.off); r <= region_of(h.off + h.len - 1); ++r) {
+        bitmap_->set(r);
+        pending_.set(r);
+      }
+      ++folded;
+    });
+    if (!e.empty()) spdlog::warn("{}: replicate: {}", relpath_, e);
+    journal_.reset();
+    ::unlink(jpath.c_str());
+    if (folded) spdlog::info("{}: replicate: {} unshipped journal records folded into the bitmap", relpath_, folded);
+  }
+  if (!save_bitmap()) return kBitmapFailed;
+  if (params_.retention_us) {
+    e = start_history();
+    if (!e.empty()) {
+      spdlog::error("{}: replicate: {}", relpath_, e);
+      return Status::Error(EIO, "replicate: the history (retention) cannot be set up");
+    }
+  }
+  if (journal_) {
+    shipped_pos_.store(journal_->ship_off());
+    shipped_seq_ = journal_->ship_seq();
+    // The unshipped tail left by the last run counts as appended (the lag includes it).
+    appended_bytes_.store(journal_->end() - journal_->ship_off());
+  }
+  resync_total_.store(pending_.count());
+  buf_.resize(region);
+  target_size_.store(size);
+  stop_.store(false);
+  opened_ = true;
+  // One attempt now, so a reachable target takes the first writes; after that the thread
+  // retries with backoff.
+  (void)connect_target();
+  bg_ = std::thread([this] { run(); });
+  return Status::Ok();
+}
+
+void ReplicateFilter::shutdown() {
+  if (!bg_.joinable()) return;
+  stop_.store(true);
+  {
+    std::lock_guard<std::mutex> g(bg_mu_);
+  }
+  bg_cv_.notify_all();
+  jcv_.notify_all();
+  bg_.join();
+}
+
+void ReplicateFilter::close() {
+  if (!opened_) return;
+  shutdown();
+  {
+    std::lock_guard<RwLock> g(target_rw_);
+    if (target_) target_->close();
+    target_.reset();
+    connected_.store(false);
+  }
+  if (journal_ && owner()) (void)journal_->sync();
+  if (owner()) (void)save_bitmap();
+  {
+    std::lock_guard<std::mutex> g(g_owner_mu);
+    auto it = g_owners.find(base_);
+    if (it != g_owners.end() && it->second == token_) g_owners.erase(it);
+  }
+  opened_ = false;
+}
+
+bool ReplicateFilter::reconfigure(const YAML::Node& params) {
+  rp::ReplicateParams p;
+  if (!rp::parse_replicate(params, &p).empty()) return false;
+  if (p.target != params_.target || p.journal != params_.journal || p.mode != params_.mode ||
+      p.region_shift != params_.region_shift || (p.retention_us == 0) != (params_.retention_us == 0))
+    return false;  // a new instance, with its own state
+  max_lag_.store(p.max_lag);
+  backpressure_.store(p.on_overflow == rp::Overflow::Backpressure);
+  fail_on_error_.store(p.on_error == rp::OnError::Fail);
+  reconnect_max_us_.store(p.reconnect_max_us);
+  {
+    // Only the tunables change (the data path reads mode and target without a lock).
+    std::lock_guard<std::mutex> g(err_mu_);
+    params_.max_lag = p.max_lag;
+    params_.on_overflow = p.on_overflow;
+    params_.on_error = p.on_error;
+    params_.reconnect_max_us = p.reconnect_max_us;
+    params_.retention_us = p.retention_us;
+  }
+  jcv_.notify_all();
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data path.
+
+Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t len, const void* data) {
+  const uint64_t lag = appended_bytes_.load() - shipped_bytes_.load();
+  if (jmode_ == JMode::Journal && lag >= max_lag_.load()) {
+    if (backpressure_.load() && connected_.load()) return Status::Error(EAGAIN);  // the caller waits
+    collapse_locked(connected_.load() ? "the journal reached max-lag" : "the journal reached max-lag with the replica unreachable");
+  }
+  if (jmode_ == JMode::Journal) {
+    std::string e = journal_->append(type, real_ns(), off, len, data, type == rp::RecType::Write ? static_cast<uint32_t>(len) : 0);
+    if (e.empty()) {
+      journaled_bytes_.fetch_add(type == rp::RecType::Write ? len : 0, std::memory_order_relaxed);
+      appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + (type == rp::RecType::Write ? len : 0));
+      return Status::Ok();
+    }
+    note_error(e);
+    spdlog::error("{}: replicate: {}; tracking changes in the bitmap", relpath_, e);
+    collapse_locked("the journal could not be written");
+  }
+  // Bitmap mode: the regions are marked (saved by the caller).
+  uint64_t r0 = region_of(off), r1 = region_of(off + std::max<uint64_t>(len, 1) - 1);
+  if (type == rp::RecType::Resize) {
+    r0 = region_of(std::min(off, len));
+    r1 = region_of(std::max({len, target_size_.load(), off}) + 1);
+  }
+  bool fresh = false;
+  for (uint64_t r = r0; r <= r1; ++r) {
+    if (bitmap_->set(r)) fresh = true;
+    pending_.set(r);
+  }
+  writes_tracked_.fetch_add(1, std::memory_order_relaxed);
+  return fresh ? Status::Error(EINPROGRESS) : Status::Ok();  // EINPROGRESS: save the bitmap
+}
+
+void ReplicateFilter::collapse_locked(const char* why) {
+  // Everything not confirmed on the target goes to the bitmap; the journal starts empty.
+  uint64_t records = 0;
+  std::string e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
+    ++records;
+    if (h.type == static_cast<uint16_t>(rp::RecType::Point)) return;
+    uint64_t a = h.off, b = h.off + h.len;
+    if (h.type == static_cast<uint16_t>(rp::RecType::Resize)) {
+      a = h.len;
+      b = std::max(h.len, target_size_.load()) + 1;
+    }
+    if (b <= a) return;
+    for (uint64_t r = region_of(a); r <= region_of(b - 1); ++r) {
+      bitmap_->set(r);
+      pending_.set(r);
+    }
+  });
+  if (!e.empty()) {
+    // Unreadable records: which regions they touched is unknown, so all of them are resent.
+    spdlog::error("{}: replicate: {}; resending the whole image", relpath_, e);
+    uint64_t size = 0;
+    if (next_->size(&size).ok())
+      for (uint64_t r = 0; r <= region_of(size + 1); ++r) {
+        bitmap_->set(r);
+        pending_.set(r);
+      }
+  }
+  (void)save_bitmap();
+  if (owner()) {
+    // With retention the records stay (they are the history): only the ship point moves on.
+    e = params_.retention_us ? journal_->set_shipped(journal_->end(), journal_->next_seq()) : journal_->reset();
+    if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
+  }
+  shipped_pos_.store(journal_->end());
+  shipped_seq_ = journal_->next_seq();
+  shipped_bytes_.store(appended_bytes_.load());
+  flushed_bytes_.store(appended_bytes_.load());
+  head_time_ns_.store(0);
+  jepoch_.fetch_add(1);
+  if (!params_.retention_us) {
+    jmode_ = JMode::Bitmap;
+    collapsed_.store(true);
+  }
+  collapses_.fetch_add(1, std::memory_order_relaxed);
+  resync_total_.store(pending_.count());
+  resync_done_.store(0);
+  spdlog::warn("{}: replicate: {}: {} unshipped records collapsed into the dirty bitmap ({} regions to resync)",
+               relpath_, why, records, pending_.count());
+  bg_cv_.notify_one();
+}
+
+Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
+  if (!opened_) return kNotOpen;
+  if (len == 0) return next_->write(io, buf, len, off);
+  const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
+  if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the write is past the bitmap's reach");
+
+  if (params_.mode == rp::Mode::Sync) {
+    if (fail_on_error_.load(std::memory_order_relaxed) && !connected_.load()) return kUnreachable;
+    if (!enter(r0, r1, true)) return kBitmapFailed;
+    Status s = next_->write(io, buf, len, off);
+    if (!s.ok()) {
+      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // what the target has is unknown
+      leave(r0, r1);
+      return s;
+    }
+    bool sent = false;
+    std::string err;
+    if (connected_.load()) {
+      target_rw_.lock_shared();
+      if (connected_.load() && target_) {
+        err = target_->pwrite(buf, len, off);
+        sent = err.empty();
+      }
+      target_rw_.unlock_shared();
+    }
+    if (!sent) {
+      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // before leaving: the cleaner re-checks
+      if (!err.empty()) target_failed(err);
+      writes_tracked_.fetch_add(1, std::memory_order_relaxed);
+      wake();
+    } else {
+      bytes_sent_.fetch_add(len, std::memory_order_relaxed);
+    }
+    leave(r0, r1);
+    if (!sent && fail_on_error_.load(std::memory_order_relaxed)) return kUnreachable;
+    return Status::Ok();
+  }
+
+  // Async: the journal first, so a crash after the local write can never leave it out.
+  if (!enter(r0, r1, false)) return kBitmapFailed;
+  Status js;
+  {
+    std::unique_lock<std::mutex> l(jmu_);
+    for (;;) {
+      js = journal_locked(rp::RecType::Write, off, len, buf);
+      if (js.err != EAGAIN) break;
+      backpressure_waits_.fetch_add(1, std::memory_order_relaxed);
+      wake();
+      jcv_.wait_for(l, std::chrono::milliseconds(50));
+      if (stop_.load()) {
+        js = Status::Ok();
+        collapse_locked("stopping with writes held by backpressure");
+        js = journal_locked(rp::RecType::Write, off, len, buf);
+        break;
+      }
+    }
+  }
+  if (js.err == EINPROGRESS && !save_bitmap()) {
+    leave(r0, r1);
+    return kBitmapFailed;
+  }
+  Status s = next_->write(io, buf, len, off);
+  if (!s.ok()) {
+    // The journal holds data the local image may lack: what the image now holds is resent
+    // after it (the region goes pending; a resync reads the local bytes).
+    (void)mark_pending(r0, r1);
+  }
+  leave(r0, r1);
+  wake();
+  return s;
+}
+
+Status ReplicateFilter::sync(const Io& io, bool datasync) {
+  if (!opened_) return kNotOpen;
+  if (journal_ && params_.mode == rp::Mode::Async) {
+    std::string e = journal_->sync();
+    if (!e.empty()) {
+      note_error(e);
+      return kJournalFailed;
+    }
+  }
+  Status s = next_->sync(io, datasync);
+  if (!s.ok() || params_.mode == rp::Mode::Async) return s;
+  if (connected_.load()) {
+    std::string err;
+    target_rw_.lock_shared();
+    if (connected_.load() && target_) err = target_->flush();
+    target_rw_.unlock_shared();
+    if (err.empty()) return Status::Ok();
+    target_failed(err);  // the reconnect resends every region not confirmed since the last clean
+  }
+  if (fail_on_error_.load(std::memory_order_relaxed)) return kUnreachable;
+  return Status::Ok();
+}
+
+Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
+  if (!opened_) return kNotOpen;
+  const int kind = mode & ~FALLOC_FL_KEEP_SIZE;
+  const bool zeroes = kind == FALLOC_FL_PUNCH_HOLE || kind == FALLOC_FL_ZERO_RANGE;
+  uint64_t before = 0;
+  Status s = next_->size(&before);
+  if (!s.ok()) return s;
+  if (len == 0 || !zeroes) {
+    s = next_->fallocate(io, mode, off, len);
+    uint64_t after = before;
+    if (s.ok() && next_->size(&after).ok() && after != before) {
+      // Growth reads as zeros; the regions are resent (cheaply: holes go as zeros).
+      if (params_.mode == rp::Mode::Async) {
+        std::lock_guard<std::mutex> l(jmu_);
+        Status js = journal_locked(rp::RecType::Resize, 0, after, nullptr);
+        if (js.err == EINPROGRESS) (void)save_bitmap();
+      } else {
+        (void)mark_pending(region_of(std::min(before, after)), region_of(std::max(before, after)));
+      }
+    }
+    return s;
+  }
+  const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
+  if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: past the bitmap's reach");
+  if (params_.mode == rp::Mode::Sync) {
+    if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
+    if (!enter(r0, r1, true)) return kBitmapFailed;
+    s = next_->fallocate(io, mode, off, len);
+    uint64_t after = before;
+    if (s.ok()) (void)next_->size(&after);
+    bool sent = false;
+    std::string err;
+    if (s.ok() && connected_.load()) {
+      target_rw_.lock_shared();
+      if (connected_.load() && target_) {
+        err = target_->zero(off, std::min(len, std::max(after, before) > off ? std::max(after, before) - off : 0));
+        if (err.empty() && after != before) err = target_->resize(before, after);
+        sent = err.empty();
+      }
+      target_rw_.unlock_shared();
+    }
+    if (!sent) {
+      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);
+      if (!err.empty()) target_failed(err);
+      wake();
+    }
+    leave(r0, r1);
+    if (s.ok() && !sent && fail_on_error_.load()) return kUnreachable;
+    return s;
+  }
+  if (!enter(r0, r1, false)) return kBitmapFailed;
+  Status js;
+  {
+    std::lock_guard<std::mutex> l(jmu_);
+    js = journal_locked(rp::RecType::Zero, off, len, nullptr);
+    if (js.ok() && !(mode & FALLOC_FL_KEEP_SIZE) && kind == FALLOC_FL_ZERO_RANGE && off + len > before)
+      js = journal_locked(rp::RecType::Resize, 0, off + len, nullptr);
+  }
+  if (js.err == EINPROGRESS && !save_bitmap()) {
+    leave(r0, r1);
+    return kBitmapFailed;
+  }
+  s = next_->fallocate(io, mode, off, len);
+  if (!s.ok()) (void)mark_pending(r0, r1);
+  leave(r0, r1);
+  wake();
+  return s;
+}
+
+Status ReplicateFilter::resize(const Io& io, uint64_t size) {
+  if (!opened_) return kNotOpen;
+  uint64_t before = 0;
+  Status s = next_->size(&before);
+  if (!s.ok()) return s;
+  if (params_.mode == rp::Mode::Async) {
+    std::lock_guard<std::mutex> l(jmu_);
+    Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr);
+    if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
+  } else if (!mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)))) {
+    return kBitmapFailed;
+  }
+  s = next_->resize(io, size);
+  if (!s.ok() && params_.mode == rp::Mode::Async) (void)mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)));
+  wake();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control.
+
+Status ReplicateFilter::drain() {
+  if (!opened_) return Status::Ok();
+  if (journal_ && params_.mode == rp::Mode::Async) {
+    std::string e = journal_->sync();
+    if (!e.empty()) return kJournalFailed;
+  }
+  const uint64_t goal = journal_ ? appended_bytes_.load() : 0;
+  const uint64_t req = drain_req_.fetch_add(1) + 1;
+  {
+    uint64_t g = drain_goal_.load();
+    while (g < goal && !drain_goal_.compare_exchange_weak(g, goal)) {
+    }
+  }
+  bg_cv_.notify_one();
+  std::unique_lock<std::mutex> l(bg_mu_);
+  // While the target is unreachable, one fresh connection attempt decides: if it fails too,
+  // the drain fails at once rather than hang a flush or an unmount.
+  uint64_t attempts = connect_attempts_.load();
+  bool waiting_attempt = false;
+  while (drain_done_.load() < req) {
+    if (stop_.load()) return kStopped;
+    if (!connected_.load()) {
+      if (!waiting_attempt) {
+        attempts = connect_attempts_.load();
+        waiting_attempt = true;
+        kick_.store(true);
+        bg_cv_.notify_one();
+      } else if (connect_attempts_.load() > attempts && !connected_.load()) {
+        return kDrainUnreachable;
+      }
+    } else {
+      waiting_attempt = false;
+    }
+    done_cv_.wait_for(l, std::chrono::milliseconds(20));
+  }
+  return Status::Ok();
+}
+
+Status ReplicateFilter::quiesce() {
+  if (journal_ && params_.mode == rp::Mode::Async && !journal_->sync().empty()) return kJournalFailed;
+  return Status::Ok();
+}
+
+uint64_t ReplicateFilter::replica_lag_bytes() const {
+  if (!opened_) return 0;
+  uint64_t lag = pending_.count() << shift_;
+  if (journal_) lag += appended_bytes_.load() - shipped_bytes_.load();
+  return lag;
+}
+
+std::string ReplicateFilter::degraded_reason() const {
+  if (!opened_ || connected_.load()) return {};
+  return "replica unreachable";
+}
+
+std::string ReplicateFilter::describe() const {
+  std::lock_guard<std::mutex> g(err_mu_);
+  return rp::describe_replicate(params_);
+}
+
+std::string ReplicateFilter::stats_json() const {
+  auto n = [](const std::atomic<uint64_t>& a) { return std::to_string(a.load(std::memory_order_relaxed)); };
+  std::string s = "{\"mode\":";
+  s += params_.mode == rp::Mode::Sync ? "\"sync\"" : "\"async\"";
+  s += ",\"target\":" + json_str(params_.target);
+  const bool conn = connected_.load();
+  const uint64_t pend = pending_.count();
+  std::string state = !opened_ ? "closed" : !conn ? "unreachable" : pend ? "resyncing" : "in-sync";
+  if (conn && !pend && journal_ && replica_lag_bytes() > 0) state = "shipping";
+  s += ",\"target_state\":" + json_str(state);
+  s += ",\"lag_bytes\":" + std::to_string(replica_lag_bytes());
+  // The age of the oldest record the target lacks (read from the journal: the shipper may be
+  // waiting for the target).
+  uint64_t head = 0;
+  if (journal_ && appended_bytes_.load() > shipped_bytes_.load()) {
+    rp::RecordHeader h;
+    if (journal_->read_header(shipped_pos_.load(), &h).empty()) head = h.time_ns;
+  }
+  const uint64_t rn = real_ns();
+  char sec[32];
+  std::snprintf(sec, sizeof sec, "%.3f", head && rn > head ? (rn - head) / 1e9 : 0.0);
+  s += ",\"lag_seconds\":" + std::string(sec);
+  s += ",\"journal_bytes\":" + std::to_string(journal_ ? journal_->end() - rp::kJournalHeader : 0);
+  {
+    // jmode_ is read without jmu_: a moment's value for a report.
+    s += ",\"journal_mode\":";
+    s += !journal_ ? "null" : (collapsed_.load() ? "\"bitmap\"" : "\"journal\"");
+  }
+  s += ",\"dirty_regions\":" + std::to_string(bitmap_ ? bitmap_->count() : 0);
+  s += ",\"pending_regions\":" + std::to_string(pend);
+  s += ",\"region_size\":" + std::to_string(uint64_t(1) << shift_);
+  s += ",\"resync_total_regions\":" + n(resync_total_) + ",\"resync_done_regions\":" + n(resync_done_);
+  s += ",\"bytes_sent\":" + n(bytes_sent_) + ",\"bytes_resent\":" + n(bytes_resent_) +
+       ",\"bytes_zeroed\":" + n(bytes_zeroed_);
+  s += ",\"journaled_bytes\":" + n(journaled_bytes_) + ",\"shipped_bytes\":" + n(shipped_bytes_) +
+       ",\"records_shipped\":" + n(records_shipped_);
+  s += ",\"writes_tracked\":" + n(writes_tracked_) + ",\"collapses\":" + n(collapses_) +
+       ",\"backpressure_waits\":" + n(backpressure_waits_);
+  s += ",\"target_errors\":" + n(target_errors_) + ",\"reconnects\":" + n(reconnects_);
+  s += ",\"bitmap_saves\":" + std::to_string(bitmap_ ? bitmap_->saves() : 0);
+  s += ",\"bitmap_pages_written\":" + std::to_string(bitmap_ ? bitmap_->pages_written() : 0);
+  if (params_.retention_us) {
+    s += ",\"history\":{\"journal\":" + json_str(history_.journal) + ",\"base\":" + json_str(history_.base) +
+         ",\"meta\":" + json_str(history_.meta) + ",\"retention_s\":" + std::to_string(params_.retention_us / 1'000'000) +
+         ",\"window_start_ns\":" + n(window_start_ns_) + ",\"compacted_records\":" + n(compacted_records_) +
+         ",\"points\":" + n(points_) + "}";
+  } else {
+    s += ",\"history\":null";
+  }
+  const uint64_t lc = last_consistent_ns_.load();
+  s += ",\"last_consistent_ns\":" + (lc ? std::to_string(lc) : std::string("null"));
+  std::lock_guard<std::mutex> g(err_mu_);
+  s += ",\"last_error\":" + (last_error_.empty() ? std::string("null") : json_str(last_error_)) + "}";
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The background thread.
+
+bool ReplicateFilter::connect_target() {
+  {
+    std::lock_guard<RwLock> g(target_rw_);
+    connected_.store(false);
+    if (target_) target_->close();
+    target_.reset();
+  }
+  uint64_t size = 0;
+  Status s = next_->size(&size);
+  if (!s.ok()) return false;
+  std::unique_ptr<rp::Target> t = rp::make_target(params_.target, params_.target_is_nbd);
+  std::string e = t->connect(relpath_, size);
+  if (!e.empty()) {
+    connect_attempts_.fetch_add(1);
+    done_cv_.notify_all();
+    bool first;
+    {
+      std::lock_guard<std::mutex> g(err_mu_);
+      first = last_error_ != e;
+      last_error_ = e;
+    }
+    if (first) spdlog::warn("{}: replicate: {} (retrying with backoff)", relpath_, e);
+    return false;
+  }
+  // Whatever the target had not confirmed (flushed) may be lost with the old connection.
+  for (uint64_t r = bitmap_->next(0); r != rp::AtomicBits::npos; r = bitmap_->next(r + 1))
+    pending_.set(r);
+  if (journal_) {
+    std::lock_guard<std::mutex> l(jmu_);
+    shipped_pos_.store(journal_->ship_off());
+    shipped_seq_ = journal_->ship_seq();
+    shipped_bytes_.store(flushed_bytes_.load());
+  }
+  target_size_.store(size);
+  {
+    std::lock_guard<RwLock> g(target_rw_);
+    target_ = std::move(t);
+    need_reconnect_.store(false);
+    connected_.store(true);
+  }
+  const bool again = ever_connected_;
+  ever_connected_ = true;
+  if (again) reconnects_.fetch_add(1, std::memory_order_relaxed);
+  spdlog::info("{}: replicate: {} {} ({} regions to resync, {} journal bytes to ship)", relpath_,
+               again ? "reconnected to" : "connected to", target_->where(), pending_.count(),
+               journal_ ? journal_->end() - shipped_pos_.load() : 0);
+  return true;
+}
+
+std::string ReplicateFilter::sync_target_size() {
+  uint64_t size = 0;
+  if (!next_->size(&size).ok()) return "";
+  const uint64_t cur = target_size_.load();
+  if (size == cur) return "";
+  std::string e = target_->resize(cur, size);
+  if (e.empty()) target_size_.store(size);
+  return e;
+}
+
+bool ReplicateFilter::ship_some(std::string* err) {
+  const uint64_t epoch = jepoch_.load();
+  uint64_t pos = shipped_pos_.load();
+  const uint64_t end = journal_->end();
+  if (pos >= end) {
+    head_time_ns_.store(0);
+    return false;
+  }
+  uint64_t sent = 0, seq = shipped_seq_, bytes = 0, last_time = 0;
+  while (pos < end && sent < kShipBatch && !stop_.load()) {
+    rp::RecordHeader h;
+    std::string e = journal_->read(pos, &h, &rec_);
+    if (jepoch_.load() != epoch) return true;  // collapsed meanwhile: start over
+    if (!e.empty()) {
+      spdlog::error("{}: replicate: {}; collapsing the journal into the bitmap", relpath_, e);
+      std::lock_guard<std::mutex> l(jmu_);
+      if (jepoch_.load() == epoch) collapse_locked("a journal record could not be read");
+      return true;
+    }
+    head_time_ns_.store(h.time_ns);
+    switch (static_cast<rp::RecType>(h.type)) {
+      case rp::RecType::Write: e = target_->pwrite(rec_.data(), h.data_len, h.off); break;
+      case rp::RecType::Zero: e = target_->zero(h.off, h.len); break;
+      case rp::RecType::Resize:
+        e = target_->resize(target_size_.load(), h.len);
+        if (e.empty()) target_size_.store(h.len);
+        break;
+      case rp::RecType::Point: break;
+    }
+    if (!e.empty()) {
+      *err = e;
+      break;
+    }
+    pos += sizeof h + h.data_len;
+    seq = h.seq + 1;
+    sent += sizeof h + h.data_len;
+    bytes += h.data_len;
+    last_time = h.time_ns;
+    records_shipped_.fetch_add(1, std::memory_order_relaxed);
+  }
+  if (sent == 0) return !err->empty();
+  bytes_sent_.fetch_add(bytes, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> l(jmu_);
+    if (jepoch_.load() != epoch) return true;
+    shipped_pos_.store(pos);
+    shipped_seq_ = seq;
+    shipped_bytes_.fetch_add(sent);
+    unflushed_ += sent;
+  }
+  if (last_time) last_shipped_time_ = last_time;
+  if (pos >= end) head_time_ns_.store(0);
+  jcv_.notify_all();
+  // The ship point is made durable every kPersistEvery bytes, and when caught up at most five
+  // times a second (a target flush and a journal fdatasync each): run() does the last one.
+  if (err->empty() && (unflushed_ >= kPersistEvery ||
+                       (pos >= journal_->end() && mono_ns() - last_persist_ns_ >= kPersistIntervalNs)))
+    *err = persist_ship_point(false);
+  return true;
+}
+
+std::string ReplicateFilter::persist_ship_point(bool cut) {
+  if (!journal_ || (unflushed_ == 0 && !cut)) return "";
+  std::string e = target_->flush();
+  if (!e.empty()) return e;
+  std::lock_guard<std::mutex> l(jmu_);
+  flushed_bytes_.store(shipped_bytes_.load());
+  if (last_shipped_time_) last_consistent_ns_.store(last_shipped_time_);
+  unflushed_ = 0;
+  last_persist_ns_ = mono_ns();
+  if (!owner()) return "";
+  const uint64_t pos = shipped_pos_.load();
+  if (!params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
+    e = journal_->reset();
+    if (e.empty()) {
+      shipped_pos_.store(journal_->end());
+      shipped_seq_ = journal_->next_seq();
+      jepoch_.fetch_add(1);
+    }
+  } else {
+    e = journal_->set_shipped(pos, shipped_seq_);
+  }
+  if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
+  return "";
+}
+
+bool ReplicateFilter::resync_some(std::string* err) {
+  if (pending_.count() == 0) return false;
+  std::string e = sync_target_size();
+  if (!e.empty()) {
+    *err = e;
+    return true;
+  }
+  uint64_t size = 0;
+  if (!next_->size(&size).ok()) return false;
+  const uint64_t region = uint64_t(1) << shift_;
+  bool did = false;
+  for (uint64_t n = 0; n < kResyncBatch && !stop_.load(); ++n) {
+    uint64_t r = pending_.next(resync_cursor_);
+    if (r == rp::AtomicBits::npos) {
+      if (resync_cursor_ == 0) break;
+      resync_cursor_ = 0;
+      r = pending_.next(0);
+      if (r == rp::AtomicBits::npos) break;
+    }
+    resync_cursor_ = r + 1;
+    const uint64_t st = stripe(r);
+    if (inflight_[st].load() != 0) continue;  // a write is on its way there; come back
+    const uint32_t g0 = gen_[st].load();
+    if (!pending_.clear(r)) continue;
+    did = true;
+    const uint64_t off = r << shift_;
+    uint64_t data = 0, zeroed = 0;
+    if (off >= size) {
+      e = target_->zero(off, region);
+      zeroed = region;
+    } else {
+      const uint64_t len = std::min(region, size - off);
+      uint64_t d = 0;
+      Status s = next_->seek(Io{}, off, SEEK_DATA, &d);
+      if ((!s.ok() && s.err == ENXIO) || (s.ok() && d >= off + len)) {
+        e = target_->zero(off, region);  // a hole
+        zeroed = region;
+      } else {
+        size_t got = 0;
+        s = next_->read(Io{}, buf_.data(), static_cast<size_t>(len), off, &got);
+        if (!s.ok()) {
+          pending_.set(r);
+          spdlog::error("{}: replicate: cannot read region {} for the resync: {}", relpath_, r,
+                        s.what ? s.what : std::strerror(s.err));
+          return did;
+        }
+        if (all_zero(buf_.data(), got)) {
+          e = target_->zero(off, region);
+          zeroed = region;
+        } else {
+          e = target_->pwrite(buf_.data(), got, off);
+          data = got;
+          if (e.empty() && got < region) e = target_->zero(off + got, region - got);
+        }
+      }
+    }
+    if (!e.empty()) {
+      pending_.set(r);
+      *err = e;
+      return true;
+    }
+    bytes_resent_.fetch_add(data, std::memory_order_relaxed);
+    bytes_zeroed_.fetch_add(zeroed, std::memory_order_relaxed);
+    if (inflight_[st].load() != 0 || gen_[st].load() != g0) pending_.set(r);  // written meanwhile
+    else resync_done_.fetch_add(1, std::memory_order_relaxed);
+    unflushed_regions_ = true;
+  }
+  if (pending_.count() == 0 && journal_) {
+    std::lock_guard<std::mutex> l(jmu_);
+    if (jmode_ == JMode::Bitmap && pending_.count() == 0) {
+      jmode_ = JMode::Journal;
+      collapsed_.store(false);
+      spdlog::info("{}: replicate: resync done; journaling again", relpath_);
+    }
+  }
+  return did;
+}
+
+bool ReplicateFilter::clean(bool force, std::string* err) {
+  // Dirty bits of regions the target has (not pending, no write in flight, and — unless
+  // forced — not written since the last pass, so hot regions stay marked, as DRBD's activity
+  // log keeps hot extents) are cleared after a target flush.
+  std::vector<uint64_t>& cleared = cleared_;
+  cleared.clear();
+  rp::PersistentBitmap& bits = *bitmap_;
+  // Sync mode marks every write's regions: they stay marked while there are few (an activity
+  // window of kActivityRegions, as DRBD's activity log), so a guest that keeps writing the same
+  // areas pays no bitmap write; a flush or a crowded window clears the cold ones.
+  const bool crowded = params_.mode == rp::Mode::Async || bits.count() > kActivityRegions;
+  for (uint64_t r = crowded || force ? bits.next(0) : rp::AtomicBits::npos; r != rp::AtomicBits::npos; r = bits.next(r + 1)) {
+    const uint64_t st = stripe(r);
+    const uint32_t g = gen_[st].load();
+    const bool cold = force || clean_gen_[st] == g;
+    clean_gen_[st] = g;
+    if (!cold || pending_.test(r) || inflight_[st].load() != 0) continue;
+    bits.clear(r);
+    if (inflight_[st].load() != 0 || pending_.test(r)) bits.set(r);  // a writer came by: keep it
+    else cleared.push_back(r);
+  }
+  if (cleared.empty() && !unflushed_regions_) return false;
+  std::string e = target_->flush();
+  if (!e.empty()) {
+    for (uint64_t r : cleared) {
+      bits.set(r);
+      pending_.set(r);
+    }
+    *err = e;
+    return true;
+  }
+  unflushed_regions_ = false;
+  if (!cleared.empty()) (void)save_bitmap();
+  return !cleared.empty();
+}
+
+void ReplicateFilter::run() {
+  uint64_t backoff_us = 100'000;
+  clean_gen_.assign(kStripes, 0);
+  while (!stop_.load()) {
+    if (!connected_.load() || need_reconnect_.load()) {
+      if (!connect_target()) {
+        std::unique_lock<std::mutex> l(bg_mu_);
+        bg_cv_.wait_for(l, std::chrono::microseconds(backoff_us), [&] { return stop_.load() || kick_.exchange(false); });
+        backoff_us = std::min(backoff_us * 2, reconnect_max_us_.load());
+        continue;
+      }
+      backoff_us = 100'000;
+      done_cv_.notify_all();
+    }
+    std::string err;
+    bool did = false;
+    {
+      target_rw_.lock_shared();  // no reconnect can swap the target while we use it
+      if (journal_) did |= ship_some(&err);
+      if (err.empty()) did |= resync_some(&err);
+      const uint64_t req = drain_req_.load();
+      const uint64_t now = now_ns();
+      const bool draining = req > drain_done_.load();
+      if (err.empty() && (draining || now >= clean_after_ns_)) {
+        did |= clean(draining, &err);
+        clean_after_ns_ = now + kCleanIntervalNs;
+      }
+      if (err.empty() && draining && pending_.count() == 0 &&
+          (!journal_ || shipped_bytes_.load() >= drain_goal_.load())) {
+        err = journal_ ? persist_ship_point(true) : target_->flush();
+        if (err.empty()) {
+          drain_done_.store(req);
+          done_cv_.notify_all();
+        }
+      }
+      target_rw_.unlock_shared();
+    }
+    if (!err.empty()) {
+      target_failed(err);
+      continue;
+    }
+    if (params_.retention_us) compact();
+    if (!did && journal_ && unflushed_ && mono_ns() - last_persist_ns_ >= kPersistIntervalNs) {
+      target_rw_.lock_shared();
+      err = persist_ship_point(false);
+      target_rw_.unlock_shared();
+      if (!err.empty()) {
+        target_failed(err);
+        continue;
+      }
+    }
+    if (!did) {
+      std::unique_lock<std::mutex> l(bg_mu_);
+      bg_idle_.store(true);
+      bg_cv_.wait_for(l, std::chrono::milliseconds(20), [&] {
+        return stop_.load() || need_reconnect_.load() || drain_req_.load() > drain_done_.load();
+      });
+      bg_idle_.store(false);
+    }
+  }
+  // Stopping: leave the target with what it has confirmed, and the files saying so.
+  if (connected_.load()) {
+    std::string err;
+    target_rw_.lock_shared();
+    (void)clean(false, &err);
+    if (err.empty() && journal_) (void)persist_ship_point(false);
+    target_rw_.unlock_shared();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Continuous data protection.
+
+std::string ReplicateFilter::start_history() {
+  history_ = rp::HistoryFiles{base_ + ".journal", base_ + ".cdp-base", base_ + ".cdp-meta"};
+  rp::HistoryMeta m;
+  if (rp::read_history_meta(history_.meta, &m).empty()) {
+    window_start_ns_.store(m.window_start_ns);
+    return "";
+  }
+  // No history yet: the base is the image as it is now, before any write of this open; the
+  // records appended from here on are its history.
+  const int fd = ::open(history_.base.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return "cannot create " + history_.base + ": " + std::strerror(errno);
+  uint64_t size = 0;
+  Status s = next_->size(&size);
+  std::string err;
+  if (s.ok() && ::ftruncate(fd, static_cast<off_t>(size)) != 0) err = "cannot size " + history_.base;
+  std::vector<uint8_t> buf(1u << 20);
+  for (uint64_t off = 0; s.ok() && err.empty() && off < size;) {
+    uint64_t d = 0;
+    Status k = next_->seek(Io{}, off, SEEK_DATA, &d);
+    if (!k.ok()) break;  // ENXIO: the rest is a hole
+    uint64_t h = size;
+    if (!next_->seek(Io{}, d, SEEK_HOLE, &h).ok()) h = size;
+    if (h <= d) h = std::min(size, d + buf.size());
+    for (uint64_t p = d; p < h && err.empty();) {
+      size_t got = 0;
+      s = next_->read(Io{}, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), h - p)), p, &got);
+      if (!s.ok() || got == 0) break;
+      if (::pwrite(fd, buf.data(), got, static_cast<off_t>(p)) != static_cast<ssize_t>(got))
+        err = "cannot write " + history_.base + ": " + std::strerror(errno);
+      p += got;
+    }
+    off = h;
+  }
+  if (!s.ok() && err.empty()) err = std::string("cannot read the image: ") + (s.what ? s.what : std::strerror(s.err));
+  if (err.empty() && ::fdatasync(fd) != 0) err = "cannot sync " + history_.base;
+  ::close(fd);
+  if (!err.empty()) return err;
+  m.window_start_ns = real_ns();
+  m.history_off = journal_->end();
+  m.history_seq = journal_->next_seq();
+  err = rp::write_history_meta(history_.meta, m);
+  if (!err.empty()) return err;
+  err = journal_->drop_history(m.history_off, m.history_seq);
+  window_start_ns_.store(m.window_start_ns);
+  spdlog::info("{}: replicate: history kept for {}s from now (base {} of {})", relpath_,
+               params_.retention_us / 1'000'000, history_.base, format_size(size));
+  return err;
+}
+
+void ReplicateFilter::compact() {
+  const uint64_t now = real_ns();
+  if (now < next_compact_ns_ || !owner()) return;
+  next_compact_ns_ = now + 1'000'000'000ull;
+  const uint64_t cutoff = now - std::min(now, params_.retention_us * 1000);
+  const int lock = ::open(history_.meta.c_str(), O_RDONLY | O_CLOEXEC);
+  if (lock < 0) return;
+  if (::flock(lock, LOCK_EX | LOCK_NB) != 0) {  // a restore is reading: later
+    ::close(lock);
+    return;
+  }
+  rp::HistoryMeta m;
+  std::string e = rp::read_history_meta(history_.meta, &m);
+  uint64_t ship_off = 0;
+  {
+    std::lock_guard<std::mutex> l(jmu_);
+    ship_off = journal_->ship_off();  // only what the target has confirmed is folded
+  }
+  // The records to fold: older than the retention, shipped, at most 64 MiB per pass.
+  uint64_t new_off = m.history_off, new_seq = m.history_seq, newest = 0, n = 0;
+  const int jfd = journal_->fd();
+  auto reader = [jfd](uint64_t off, void* buf, size_t len) -> long {
+    ssize_t r = ::pread(jfd, buf, len, static_cast<off_t>(off));
+    return r < 0 ? -1 : static_cast<long>(r);
+  };
+  if (e.empty())
+    rp::scan_journal(reader, m.history_off, m.history_seq, [&](const rp::RecordHeader& h, const uint8_t*, uint64_t at) {
+      if (at >= ship_off || h.time_ns >= cutoff || new_off - m.history_off > (64u << 20)) return false;
+      new_off = at + sizeof h + h.data_len;
+      new_seq = h.seq + 1;
+      newest = std::max(newest, h.time_ns);
+      ++n;
+      return true;
+    });
+  if (e.empty() && n) {
+    // 1. No restore may ask for a moment the base is about to pass.
+    rp::HistoryMeta m1 = m;
+    m1.window_start_ns = std::max(m.window_start_ns, newest);
+    e = rp::write_history_meta(history_.meta, m1);
+    // 2. Fold the records into the base.
+    const int bfd = e.empty() ? ::open(history_.base.c_str(), O_RDWR | O_CLOEXEC) : -1;
+    if (e.empty() && bfd < 0) e = "cannot open " + history_.base;
+    if (bfd >= 0) {
+      rp::scan_journal(reader, m.history_off, m.history_seq, [&](const rp::RecordHeader& h, const uint8_t* data, uint64_t at) {
+        if (at >= new_off) return false;
+        bool ok = true;
+        switch (static_cast<rp::RecType>(h.type)) {
+          case rp::RecType::Write: ok = ::pwrite(bfd, data, h.data_len, static_cast<off_t>(h.off)) == h.data_len; break;
+          case rp::RecType::Zero:
+            ok = ::fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h.off),
+                             static_cast<off_t>(h.len)) == 0;
+            break;
+          case rp::RecType::Resize: ok = ::ftruncate(bfd, static_cast<off_t>(h.len)) == 0; break;
+          case rp::RecType::Point: break;
+        }
+        if (!ok) e = "cannot write " + history_.base + ": " + std::strerror(errno);
+        return ok;
+      });
+      if (e.empty() && ::fdatasync(bfd) != 0) e = "cannot sync " + history_.base;
+      ::close(bfd);
+    }
+    // 3. The new history point, then the folded records go.
+    if (e.empty()) {
+      rp::HistoryMeta m2 = m1;
+      m2.history_off = new_off;
+      m2.history_seq = new_seq;
+      e = rp::write_history_meta(history_.meta, m2);
+      if (e.empty()) {
+        std::lock_guard<std::mutex> l(jmu_);
+        e = journal_->drop_history(new_off, new_seq);
+      }
+      window_start_ns_.store(m2.window_start_ns);
+      compacted_records_.fetch_add(n, std::memory_order_relaxed);
+    }
+  }
+  ::flock(lock, LOCK_UN);
+  ::close(lock);
+  if (!e.empty()) {
+    note_error(e);
+    spdlog::error("{}: replicate: history compaction: {}", relpath_, e);
+  }
+}
+
+Status ReplicateFilter::snapshot(std::string_view name) {
+  if (!opened_ || !params_.retention_us) return Status::Ok();
+  std::lock_guard<std::mutex> l(jmu_);
+  std::string e = journal_->append(rp::RecType::Point, real_ns(), 0, name.size(), name.data(),
+                                   static_cast<uint32_t>(name.size()));
+  if (e.empty()) {
+    appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + name.size());
+    e = journal_->sync();
+  }
+  if (!e.empty()) {
+    note_error(e);
+    spdlog::error("{}: replicate: restore point '{}': {}", relpath_, std::string(name), e);
+    return Status::Error(EIO, "replicate: the restore point could not be recorded");
+  }
+  points_.fetch_add(1, std::memory_order_relaxed);
+  spdlog::info("{}: replicate: restore point '{}'", relpath_, std::string(name));
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void register_replicate(Registry& r) {
+  FilterInfo info;
+  info.name = "replicate";
+  info.cls = FilterClass::Replicate;
+  info.api_version = kFilterApiVersion;
+  info.description =
+      "keeps a replica in a directory or on an NBD server, synchronously or through a crash-safe journal, with a "
+      "persistent dirty bitmap so that only changed regions are resent";
+  info.params = rp::replicate_keys();
+  info.validate = [](const YAML::Node& params, YAML::Node* where) { return rp::validate_replicate(params, where); };
+  info.create = [](const YAML::Node& params) -> std::unique_ptr<Filter> {
+    rp::ReplicateParams p;
+    if (!rp::parse_replicate(params, &p).empty()) return nullptr;
+    return std::make_unique<ReplicateFilter>(p);
+  };
+  r.add(std::move(info));
+}
+
+}  // namespace iofilterfs

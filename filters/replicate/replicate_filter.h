@@ -1,0 +1,211 @@
+// The replicate filter (class replicate, first in the chain, so it sees every guest write):
+// keeps a replica of the image in a directory or on an NBD server, synchronously or
+// asynchronously, and after any outage or crash resends only the regions that changed.
+// A thin adapter over bitmap.h (the persistent dirty bitmap), journal.h (the async journal),
+// target.h (directory and NBD targets) and params.h.
+//
+// The state of each region of the disk (region-size, 64 KiB by default) is two bits:
+//
+//   dirty    (persistent, bitmap.h)  the replica may differ here. Set and saved *before* a write
+//            that will not be in the journal goes anywhere (sync mode: every write, DRBD's
+//            activity log; async: writes tracked in the bitmap); cleared by the cleaner only
+//            after the target has flushed the region.
+//   pending  (memory)  the region must be copied from the local image to the target. Set from
+//            the dirty bits at open (so a restart, even after kill -9, resends exactly those),
+//            by every write the target did not take, and by the initial sync (every region).
+//
+// Besides them, per stripe of regions, an in-flight count and a generation that every write
+// bumps. The background thread copies a pending region only while no write is in flight there,
+// and sets it pending again if a write came by while it copied (the generation changed), so a
+// copy can never leave older data on the replica than the last write. The cleaner clears a
+// dirty bit and then re-checks (in flight? pending?), setting it back if so; writers mark
+// pending before they leave the in-flight count, so a clear never loses a region.
+//
+// mode: sync  — local write, then the target (while the target is reachable). A failed target
+//   write marks the region pending; with on-target-error: fail the guest gets EIO, with degrade
+//   (default) it does not, the disk reports `degraded: replica unreachable` and the background
+//   thread reconnects (backoff 100ms doubling to reconnect-max), resyncs the pending regions,
+//   and writes go to both again. A guest flush flushes the target.
+// mode: async — each write is first appended to the journal (one pwritev; durable on the guest's
+//   fsync), then written locally; the background thread ships the records in order, so the
+//   replica is always a crash-consistent past state. Beyond max-lag of unshipped data the
+//   journal collapses into the dirty bitmap (on-overflow: bitmap) or writes wait
+//   (backpressure, while the target is reachable); a collapsed journal resyncs, then journaling
+//   resumes.
+//
+// Threads: FUSE workers call the data path concurrently; one background thread per disk
+// connects, ships, resyncs and cleans. Locks (lock order: jmu_, then target_rw_; save_mu_ inside
+// PersistentBitmap is a leaf; bg_mu_ and err_mu_ are leaves):
+//   target_rw_  shared around every call on the target, exclusive to (re)connect or close it.
+//   jmu_        the journal's tail and mode (async), the backpressure wait.
+//   bg_mu_      the background thread's wake-ups and drain's wait.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "filter.h"
+#include "replicate/bitmap.h"
+#include "replicate/history.h"
+#include "replicate/journal.h"
+#include "replicate/params.h"
+#include "replicate/target.h"
+#include "rwlock.h"
+
+namespace iofilterfs {
+
+class ReplicateFilter : public Filter {
+ public:
+  explicit ReplicateFilter(replicate::ReplicateParams p);
+  ~ReplicateFilter() override;
+
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override;
+  Status sync(const Io& io, bool datasync) override;
+  Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len) override;
+  Status resize(const Io& io, uint64_t size) override;
+
+  // Loads the bitmap (or marks every region for the initial sync), replays the journal's
+  // unshipped tail, starts the background thread. The target need not be reachable.
+  Status open(const DiskInfo& info) override;
+  void close() override;
+  // Waits until the replica has every write made before the call (flushed on the target).
+  // Fails at once, naming the reason, while the target is unreachable.
+  Status drain() override;
+  // A consistent point for a snapshot: the journal is made durable; the replica need not
+  // have caught up (it gets there in order).
+  Status quiesce() override;
+  void shutdown() override;
+  // With retention: a named restore point in the journal (a Point record, made durable).
+  Status snapshot(std::string_view name) override;
+  bool reconfigure(const YAML::Node& params) override;
+
+  uint64_t replica_lag_bytes() const override;
+  std::string degraded_reason() const override;
+  // See iofilterfs.yaml(5): mode, target, state, lag_bytes, lag_seconds, journal_bytes, ...
+  std::string stats_json() const override;
+  std::string describe() const override;
+
+  static constexpr uint64_t kStripes = 65536;
+
+ private:
+  enum class JMode { Journal, Bitmap };
+
+  uint64_t region_of(uint64_t off) const { return off >> shift_; }
+  static uint64_t stripe(uint64_t r) { return r % kStripes; }
+  // Enters regions [r0, r1] (in flight, generation); in sync mode also sets and saves their
+  // dirty bits. Returns false when the bitmap could not be saved (then nothing is entered).
+  bool enter(uint64_t r0, uint64_t r1, bool mark_dirty);
+  void leave(uint64_t r0, uint64_t r1);
+  // Marks [r0, r1] dirty (saved) and pending; false when the save failed.
+  bool mark_pending(uint64_t r0, uint64_t r1);
+  bool save_bitmap();
+  bool owner() const;
+  void note_error(const std::string& e);
+  void target_failed(const std::string& e);
+  void wake();
+  uint64_t now_ns() const;
+
+  // Async: under jmu_.
+  Status journal_locked(replicate::RecType type, uint64_t off, uint64_t len, const void* data);
+  void collapse_locked(const char* why);
+
+  // Background thread.
+  void run();
+  bool connect_target();
+  // Each returns true when it did some work; *err on a target failure.
+  bool ship_some(std::string* err);
+  bool resync_some(std::string* err);
+  // Clears the dirty bits of regions the target has, after flushing it; force: hot ones too.
+  bool clean(bool force, std::string* err);
+  // Flushes the target and records the ship point durably; cut: reset a fully shipped journal.
+  std::string persist_ship_point(bool cut);
+  std::string sync_target_size();
+  // Continuous data protection (retention): the base image at open, compaction in the
+  // background (see history.h).
+  std::string start_history();
+  void compact();
+
+  replicate::ReplicateParams params_;
+  const uint32_t shift_;
+  std::string relpath_, base_;
+  uint64_t token_ = 0;
+  bool opened_ = false;
+
+  std::unique_ptr<replicate::PersistentBitmap> bitmap_;
+  replicate::AtomicBits pending_;
+  std::unique_ptr<std::atomic<uint32_t>[]> inflight_, gen_;
+
+  // The target.
+  RwLock target_rw_;
+  std::unique_ptr<replicate::Target> target_;  // set at open; connected under target_rw_
+  std::atomic<bool> connected_{false};         // usable for writes
+  std::atomic<bool> need_reconnect_{false};
+  std::atomic<uint64_t> target_size_{0};       // the size the replica was last given (bg thread)
+
+  // Async journal.
+  std::mutex jmu_;
+  std::condition_variable jcv_;  // backpressure: waits for the shipper
+  std::unique_ptr<replicate::Journal> journal_;
+  JMode jmode_ = JMode::Journal;       // under jmu_
+  std::atomic<uint64_t> jepoch_{0};    // bumped by every collapse/reset (under jmu_)
+  std::atomic<uint64_t> shipped_pos_{replicate::kJournalHeader};  // written under jmu_
+  uint64_t shipped_seq_ = 1;                                      // under jmu_
+  // Record bytes (header and data) appended, shipped, and shipped and flushed on the target;
+  // monotonic across journal resets. A collapse counts its records as shipped (they are
+  // pending regions now). Written under jmu_.
+  std::atomic<uint64_t> appended_bytes_{0}, shipped_bytes_{0}, flushed_bytes_{0};
+  std::atomic<bool> collapsed_{false};  // jmode_ == Bitmap, for reports
+  std::atomic<uint64_t> head_time_ns_{0};  // time of the oldest unshipped record, 0 if none
+  std::atomic<uint64_t> max_lag_;
+  std::atomic<bool> backpressure_;
+  std::atomic<bool> fail_on_error_;
+  std::atomic<uint64_t> reconnect_max_us_;
+
+  // Background thread.
+  std::thread bg_;
+  std::mutex bg_mu_;
+  std::condition_variable bg_cv_;    // wakes the thread
+  std::condition_variable done_cv_;  // wakes drain()
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> bg_idle_{false};
+  std::atomic<uint64_t> drain_waiters_{0};
+  std::vector<uint8_t> buf_;                 // bg thread's region/record buffer
+  std::vector<uint8_t> rec_;                 // bg thread's record data
+  uint64_t clean_after_ns_ = 0;              // bg thread
+  uint64_t unflushed_ = 0;                   // bg thread: record bytes shipped since the last flush
+  uint64_t last_persist_ns_ = 0;             // bg thread
+  uint64_t last_shipped_time_ = 0;           // bg thread
+  uint64_t resync_cursor_ = 0;               // bg thread
+  bool unflushed_regions_ = false;           // bg thread: resynced regions not yet flushed
+  bool ever_connected_ = false;              // bg thread
+  std::vector<uint64_t> cleared_;            // bg thread
+  std::vector<uint32_t> clean_gen_;          // bg thread: each stripe's generation at the last clean
+  // drain(): each call takes a ticket (drain_req_) and a goal (the appended bytes it must see
+  // shipped); the thread answers with drain_done_.
+  std::atomic<uint64_t> drain_req_{0}, drain_done_{0}, drain_goal_{0};
+  std::atomic<uint64_t> connect_attempts_{0};  // failed attempts, for drain()
+  std::atomic<bool> kick_{false};              // drain() asks for an attempt now
+
+  // History (retention only): the files, and the next compaction (bg thread).
+  replicate::HistoryFiles history_;
+  uint64_t next_compact_ns_ = 0;
+  std::atomic<uint64_t> window_start_ns_{0}, compacted_records_{0}, points_{0};
+
+  // Counters.
+  std::atomic<uint64_t> bytes_sent_{0}, bytes_resent_{0}, bytes_zeroed_{0}, records_shipped_{0};
+  std::atomic<uint64_t> journaled_bytes_{0}, writes_tracked_{0}, target_errors_{0}, reconnects_{0};
+  std::atomic<uint64_t> resync_total_{0}, resync_done_{0}, collapses_{0}, backpressure_waits_{0};
+  std::atomic<uint64_t> last_consistent_ns_{0};
+  mutable std::mutex err_mu_;
+  std::string last_error_;  // under err_mu_
+};
+
+// Adds "replicate" to the registry.
+void register_replicate(Registry& r);
+
+}  // namespace iofilterfs

@@ -1,0 +1,679 @@
+// The replicate filter's pure parts (CRC-32C, the dirty bitmap and its file, the journal's
+// record format and replay, the parameters) exactly, and the filter itself over a memory layer
+// with a directory target: sync and async replication, an unreachable target (degrade and
+// fail), journal overflow into the bitmap, and a restart that resends only what changed.
+#include <catch2/catch.hpp>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cstring>
+#include <fstream>
+#include <chrono>
+#include <random>
+#include <thread>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mem_layer.h"
+#include "replicate/bitmap.h"
+#include "replicate/crc32c.h"
+#include "replicate/history.h"
+#include "replicate/journal.h"
+#include "replicate/params.h"
+#include "replicate/replicate_filter.h"
+
+using namespace iofilterfs::replicate;
+using iofilterfs::Io;
+using iofilterfs::ReplicateFilter;
+
+namespace {
+
+struct Tmp {
+  std::string path;
+  Tmp() {
+    char t[] = "/tmp/replicate-unit-XXXXXX";
+    path = mkdtemp(t);
+  }
+  ~Tmp() { std::system(("rm -rf '" + path + "'").c_str()); }
+  std::string operator/(const std::string& r) const { return path + "/" + r; }
+};
+
+std::string slurp(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+std::string run_journal_checks(const std::string& bytes, uint64_t off, uint64_t seq, ScanResult* out,
+                               std::vector<uint64_t>* seqs) {
+  *out = scan_journal(
+      [&](uint64_t o, void* buf, size_t len) -> long {
+        if (o >= bytes.size()) return 0;
+        size_t n = std::min<size_t>(len, bytes.size() - o);
+        std::memcpy(buf, bytes.data() + o, n);
+        return static_cast<long>(n);
+      },
+      off, seq,
+      [&](const RecordHeader& h, const uint8_t*, uint64_t) {
+        seqs->push_back(h.seq);
+        return true;
+      });
+  return out->stopped;
+}
+
+std::string record(RecType t, uint64_t seq, uint64_t off, const std::string& data, uint64_t len = 0) {
+  RecordHeader h;
+  make_record(&h, t, seq, 1000 + seq, off, t == RecType::Write ? data.size() : len, data.data(),
+              static_cast<uint32_t>(data.size()));
+  return std::string(reinterpret_cast<const char*>(&h), sizeof h) + data;
+}
+
+}  // namespace
+
+TEST_CASE("crc32c: the published check value and incremental use", "[replicate]") {
+  const char* s = "123456789";
+  CHECK(crc32c(0, s, 9) == 0xE3069283u);
+  CHECK(crc32c(crc32c(0, s, 4), s + 4, 5) == 0xE3069283u);
+  CHECK(crc32c(0, "", 0) == 0u);
+  std::string big(100000, 'x');
+  CHECK(crc32c(crc32c(0, big.data(), 33333), big.data() + 33333, big.size() - 33333) ==
+        crc32c(0, big.data(), big.size()));
+}
+
+TEST_CASE("dirty bits: set, clear, next and count, across chunks", "[replicate]") {
+  AtomicBits b;
+  CHECK(b.next(0) == AtomicBits::npos);
+  CHECK(b.set(5));
+  CHECK_FALSE(b.set(5));
+  CHECK(b.set(64));
+  const uint64_t far = AtomicBits::kChunkWords * 64 * 3 + 7;  // in the fourth chunk
+  CHECK(b.set(far));
+  CHECK(b.count() == 3);
+  CHECK(b.next(0) == 5);
+  CHECK(b.next(6) == 64);
+  CHECK(b.next(65) == far);
+  CHECK(b.next(far + 1) == AtomicBits::npos);
+  CHECK(b.test(64));
+  CHECK_FALSE(b.test(63));
+  CHECK(b.clear(64));
+  CHECK_FALSE(b.clear(64));
+  CHECK_FALSE(b.clear(far + 1000000));  // a chunk that was never made
+  CHECK(b.count() == 2);
+  CHECK_FALSE(b.set(AtomicBits::kCapacity));  // out of reach: refused, not wrapped
+  std::vector<std::pair<uint64_t, uint64_t>> w;
+  b.words(&w);
+  REQUIRE(w.size() == 2);
+  CHECK(w[0] == std::make_pair(uint64_t(0), uint64_t(1) << 5));
+  CHECK(w[1] == std::make_pair(far / 64, uint64_t(1) << 7));
+  AtomicBits c;
+  c.set(1000);
+  c.assign(w);
+  CHECK(c.count() == 2);
+  CHECK_FALSE(c.test(1000));
+  CHECK(c.test(5));
+  CHECK(c.test(far));
+  c.clear_all();
+  CHECK(c.count() == 0);
+  CHECK(c.next(0) == AtomicBits::npos);
+}
+
+TEST_CASE("bitmap file pages: round trip, and damage read as all ones", "[replicate]") {
+  uint8_t page[kBitmapPage];
+  encode_bitmap_header(BitmapHeader{16, target_id_of("nbd://h/e")}, page);
+  BitmapHeader h;
+  REQUIRE(decode_bitmap_header(page, &h) == "");
+  CHECK(h.region_shift == 16);
+  CHECK(h.target_id == target_id_of("nbd://h/e"));
+  CHECK(target_id_of("nbd://h/e") != target_id_of("nbd://h/f"));
+  page[17] ^= 1;
+  CHECK(decode_bitmap_header(page, &h) == "header checksum mismatch");
+  page[0] = 'X';
+  CHECK(decode_bitmap_header(page, &h) == "not a bitmap file (bad magic)");
+  encode_bitmap_header(BitmapHeader{}, page);
+  page[8] = 1;
+  CHECK(decode_bitmap_header(page, &h) == "unknown bitmap version 1");
+
+  std::vector<uint64_t> w(kPageWords, 0), back(kPageWords, 7);
+  w[0] = 5;
+  w[510] = 0x8000000000000000ull;
+  encode_bitmap_page(3, w.data(), page);
+  CHECK(decode_bitmap_page(page, 3, back.data()) == PageState::Ok);
+  CHECK(back == w);
+  CHECK(decode_bitmap_page(page, 4, back.data()) == PageState::Bad);  // another page's content
+  CHECK(back == std::vector<uint64_t>(kPageWords, ~uint64_t(0)));
+  page[100] ^= 2;  // a torn write
+  CHECK(decode_bitmap_page(page, 3, back.data()) == PageState::Bad);
+  uint8_t zero[kBitmapPage] = {};
+  CHECK(decode_bitmap_page(zero, 9, back.data()) == PageState::Empty);
+  CHECK(back == std::vector<uint64_t>(kPageWords, 0));
+  // A cleared page is written, not left as zeros: it reads back as a valid empty page.
+  std::vector<uint64_t> none(kPageWords, 0);
+  encode_bitmap_page(0, none.data(), page);
+  CHECK(decode_bitmap_page(page, 0, back.data()) == PageState::Ok);
+}
+
+TEST_CASE("persistent bitmap: saved changes survive, other targets and sizes are not trusted", "[replicate]") {
+  Tmp t;
+  const std::string p = t / "img.bitmap";
+  const uint64_t far = kPageBits * 5 + 17;
+  {
+    PersistentBitmap b(p, 16, 42);
+    bool found = true;
+    std::string note;
+    uint64_t bad = 9;
+    REQUIRE(b.load(&found, &note, &bad) == "");
+    CHECK_FALSE(found);  // no file yet
+    CHECK(bad == 0);
+    CHECK(b.set(3));
+    CHECK(b.set(far));
+    CHECK(b.set(4));
+    REQUIRE(b.save() == "");
+    CHECK(b.saves() == 1);
+    CHECK(b.pages_written() == 2);  // pages 0 and 5, once each
+    REQUIRE(b.save() == "");        // nothing new: no write
+    CHECK(b.saves() == 1);
+    CHECK(b.clear(4));
+    REQUIRE(b.save() == "");
+    CHECK(b.pages_written() == 3);
+  }
+  CHECK(slurp(p).size() == 7 * kBitmapPage);  // the header and pages 0..5 (1..4 sparse)
+  {
+    PersistentBitmap b(p, 16, 42);
+    bool found = false;
+    std::string note;
+    uint64_t bad = 0;
+    REQUIRE(b.load(&found, &note, &bad) == "");
+    CHECK(found);
+    CHECK(note.empty());
+    CHECK(b.count() == 2);
+    CHECK(b.test(3));
+    CHECK(b.test(far));
+    CHECK_FALSE(b.test(4));
+  }
+  {
+    // A torn page: its regions all count as changed, the others are kept.
+    std::string bytes = slurp(p);
+    bytes[6 * kBitmapPage + 40] ^= 0x10;
+    std::ofstream(p, std::ios::binary | std::ios::trunc) << bytes;
+    PersistentBitmap b(p, 16, 42);
+    bool found = false;
+    std::string note;
+    uint64_t bad = 0;
+    REQUIRE(b.load(&found, &note, &bad) == "");
+    CHECK(found);
+    CHECK(bad == 1);
+    CHECK(note == p + ": 1 torn pages; their regions are resent");
+    CHECK(b.count() == 1 + kPageBits);
+    CHECK(b.test(3));
+    CHECK(b.test(kPageBits * 5));
+  }
+  {
+    PersistentBitmap b(p, 17, 42);
+    bool found = true;
+    std::string note;
+    uint64_t bad = 0;
+    REQUIRE(b.load(&found, &note, &bad) == "");
+    CHECK_FALSE(found);
+    CHECK(note == p + ": written for 65536-byte regions, not 131072");
+    CHECK(b.count() == 0);
+  }
+  {
+    // The file was started afresh for 128 KiB regions; for target 43 it is not trusted.
+    PersistentBitmap b(p, 17, 43);
+    bool found = true;
+    std::string note;
+    uint64_t bad = 0;
+    REQUIRE(b.load(&found, &note, &bad) == "");
+    CHECK_FALSE(found);
+    CHECK(note == p + ": written for another target");
+  }
+}
+
+TEST_CASE("journal records: replay stops at the first torn or foreign record", "[replicate]") {
+  std::string j = record(RecType::Write, 7, 4096, "hello") + record(RecType::Zero, 8, 0, "", 65536) +
+                  record(RecType::Resize, 9, 0, "", 1 << 20) + record(RecType::Write, 10, 10, std::string(300, 'z'));
+  ScanResult r;
+  std::vector<uint64_t> seqs;
+  CHECK(run_journal_checks(j, 0, 7, &r, &seqs) == "");
+  CHECK(seqs == std::vector<uint64_t>{7, 8, 9, 10});
+  CHECK(r.end == j.size());
+  CHECK(r.next_seq == 11);
+  CHECK(r.records == 4);
+
+  SECTION("a tail cut inside the last record's data") {
+    seqs.clear();
+    CHECK(run_journal_checks(j.substr(0, j.size() - 1), 0, 7, &r, &seqs) == "torn record data");
+    CHECK(seqs.size() == 3);
+    CHECK(r.end == j.size() - 48 - 300);
+  }
+  SECTION("a tail cut inside a header") {
+    seqs.clear();
+    CHECK(run_journal_checks(j.substr(0, 53 + 20), 0, 7, &r, &seqs) == "torn record header");
+    CHECK(seqs.size() == 1);
+  }
+  SECTION("a flipped data bit") {
+    std::string bad = j;
+    bad[48 + 2] ^= 4;
+    seqs.clear();
+    CHECK(run_journal_checks(bad, 0, 7, &r, &seqs) == "record checksum mismatch");
+    CHECK(seqs.empty());
+    CHECK(r.end == 0);
+  }
+  SECTION("a stale record from an older journal (sequence break)") {
+    std::string bad = j.substr(0, 53) + record(RecType::Write, 3, 0, "old");
+    seqs.clear();
+    CHECK(run_journal_checks(bad, 0, 7, &r, &seqs) == "sequence 3 where 8 was expected");
+    CHECK(seqs == std::vector<uint64_t>{7});
+  }
+  SECTION("garbage") {
+    seqs.clear();
+    CHECK(run_journal_checks(std::string(100, '\xff'), 0, 1, &r, &seqs) == "bad record magic");
+  }
+  SECTION("a write record whose length disagrees with its data") {
+    RecordHeader h;
+    make_record(&h, RecType::Write, 1, 0, 0, 10, "abc", 3);
+    CHECK(check_record(h, "abc", 1) == "write record length mismatch");
+  }
+}
+
+TEST_CASE("journal header: round trip, damage detected", "[replicate]") {
+  uint8_t b[64];
+  encode_journal_header(JournalHeader{8192, 55}, b);
+  JournalHeader h;
+  REQUIRE(decode_journal_header(b, &h) == "");
+  CHECK(h.ship_off == 8192);
+  CHECK(h.ship_seq == 55);
+  b[20] ^= 1;
+  CHECK(decode_journal_header(b, &h) == "journal header checksum mismatch");
+  encode_journal_header(JournalHeader{100, 1}, b);
+  CHECK(decode_journal_header(b, &h) == "journal header out of range");
+}
+
+TEST_CASE("journal file: append, ship point, reopen, torn tail cut, reset", "[replicate]") {
+  Tmp t;
+  const std::string p = t / "j";
+  std::string note;
+  {
+    std::unique_ptr<Journal> j;
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(note.empty());
+    CHECK(j->end() == kJournalHeader);
+    for (int i = 0; i < 5; ++i) {
+      std::string d(1000 + i, static_cast<char>('a' + i));
+      REQUIRE(j->append(RecType::Write, 1, i * 4096, d.size(), d.data(), static_cast<uint32_t>(d.size())) == "");
+    }
+    REQUIRE(j->append(RecType::Zero, 2, 0, 512, nullptr, 0) == "");
+    CHECK(j->next_seq() == 7);
+    RecordHeader h;
+    std::vector<uint8_t> data;
+    REQUIRE(j->read(kJournalHeader, &h, &data) == "");
+    CHECK(h.seq == 1);
+    CHECK(data.size() == 1000);
+    const uint64_t second = kJournalHeader + 48 + 1000;
+    REQUIRE(j->set_shipped(second, 2) == "");
+  }
+  {
+    std::unique_ptr<Journal> j;
+    note.clear();
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(note.empty());
+    CHECK(j->ship_off() == kJournalHeader + 48 + 1000);
+    CHECK(j->ship_seq() == 2);
+    CHECK(j->next_seq() == 7);
+    uint64_t n = 0;
+    REQUIRE(j->headers(j->ship_off(), [&](const RecordHeader&) { ++n; }) == "");
+    CHECK(n == 5);
+  }
+  // A crash mid-append: half a record at the end.
+  const uint64_t sound = static_cast<uint64_t>(slurp(p).size());
+  {
+    std::ofstream f(p, std::ios::binary | std::ios::app);
+    RecordHeader h;
+    make_record(&h, RecType::Write, 7, 0, 0, 4096, std::string(4096, 'q').data(), 4096);
+    f.write(reinterpret_cast<const char*>(&h), sizeof h);
+    f << std::string(100, 'q');
+  }
+  {
+    std::unique_ptr<Journal> j;
+    note.clear();
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(note == p + ": cut 148 bytes of torn tail (torn record data) after 5 records");
+    CHECK(j->end() == sound);
+    CHECK(j->next_seq() == 7);
+    REQUIRE(j->reset() == "");
+    CHECK(j->end() == kJournalHeader);
+    CHECK(j->ship_seq() == 7);
+  }
+  {
+    std::unique_ptr<Journal> j;
+    note.clear();
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(j->end() == kJournalHeader);
+    CHECK(j->next_seq() == 7);  // sequence numbers continue after a reset
+  }
+}
+
+TEST_CASE("replicate parameters: good and bad, with the exact message and the node blamed", "[replicate][config]") {
+  struct Row {
+    const char* yaml;
+    const char* message;
+    int line, column;  // of the blamed node; -1: not checked
+  };
+  static const Row rows[] = {
+      {"target: /srv/replica\njournal: /var/lib/r", "", -1, -1},
+      {"target: nbd://backup.example:10809/vm1\nmode: async\njournal: /j\nmax-lag: 256MiB\non-overflow: backpressure", "", -1, -1},
+      {"target: nbd+unix:///vm1?socket=/run/nbd.sock\njournal: /j\non-target-error: fail\nregion-size: 1MiB", "", -1, -1},
+      {"target: nbds://h/e?tls-certificates=/etc/pki/nbd\njournal: /j\nreconnect-max: 30s", "", -1, -1},
+      {"journal: /j", "'target' is required (a directory or an NBD URI)", -1, -1},
+      {"target: /t", "'journal' is required (a directory for the image's journal and dirty bitmap)", -1, -1},
+      {"", "'target' and 'journal' are required", -1, -1},
+      {"fast", "parameters must be a mapping, not 'fast'", -1, -1},
+      {"target: /t\njournal: /j\ntraget: /x", "unknown key 'traget' (did you mean 'target'?)", 2, 0},
+      {"target: /t\njournal: /j\nmode: semi", "'mode' must be sync or async, not 'semi'", 2, 6},
+      {"target: relative/dir\njournal: /j", "'target' must be an absolute directory or an NBD URI, not 'relative/dir'", 0, 8},
+      {"target: http://x/y\njournal: /j",
+       "'target' 'http://x/y': unknown scheme (use a directory, nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, "
+       "or nbds:// for TLS)",
+       0, 8},
+      {"target: nbd:///export\njournal: /j", "'target' 'nbd:///export': the NBD URI has no host (nbd://HOST[:PORT]/EXPORT)", 0, 8},
+      {"target: nbd+unix:///e\njournal: /j", "'target' 'nbd+unix:///e': a unix-socket NBD URI needs ?socket=PATH", 0, 8},
+      {"target: /t\njournal: j", "'journal' must be an absolute directory, not 'j'", 1, 9},
+      {"target: /t\njournal: /j\nmode: async\nmax-lag: lots", "'max-lag' must be a size (e.g. 1GiB), not 'lots'", 3, 9},
+      {"target: /t\njournal: /j\nmode: async\nmax-lag: 512KiB", "'max-lag' must be at least 1MiB, not '512KiB'", 3, 9},
+      {"target: /t\njournal: /j\nmax-lag: 1GiB", "'max-lag' applies to mode: async only", 2, 9},
+      {"target: /t\njournal: /j\non-overflow: bitmap", "'on-overflow' applies to mode: async only", 2, 13},
+      {"target: /t\njournal: /j\nmode: async\non-target-error: fail",
+       "'on-target-error' applies to mode: sync only (async always keeps writing and catches up)", 3, 17},
+      {"target: /t\njournal: /j\nmode: async\non-overflow: drop", "'on-overflow' must be bitmap or backpressure, not 'drop'", 3, 13},
+      {"target: /t\njournal: /j\non-target-error: ignore", "'on-target-error' must be degrade or fail, not 'ignore'", 2, 17},
+      {"target: /t\njournal: /j\nregion-size: 3KiB", "'region-size' must be a power of two from 4KiB to 64MiB, not '3KiB'", 2, 13},
+      {"target: /t\njournal: /j\nregion-size: 128MiB", "'region-size' must be a power of two from 4KiB to 64MiB, not '128MiB'", 2, 13},
+      {"target: /t\njournal: /j\nreconnect-max: 1ms", "'reconnect-max' must be from 100ms to 10m, not '1ms'", 2, 15},
+      {"target: /t\njournal: /t/j", "'journal' must not be inside the target directory", 1, 9},
+      {"target: /t\njournal: /j\ntarget: /u", "duplicate key 'target'", 2, 0},
+      {"target: /t\njournal: /j\nmode:", "'mode' has no value", 2, 0},
+      {"target: [a, b]\njournal: /j", "'target' must be a single value", 0, 8},
+      {"target: /t\njournal: /j\nmode: async\nretention: 1h", "", -1, -1},
+      {"target: /t\njournal: /j\nretention: 1h", "'retention' needs mode: async (the history is the journal)", 2, 11},
+      {"target: /t\njournal: /j\nmode: async\nretention: 500ms", "'retention' must be from 1s to 365d, not '500ms'", 3, 11},
+  };
+  for (const Row& row : rows) {
+    INFO(row.yaml);
+    YAML::Node n = YAML::Load(row.yaml);
+    YAML::Node where = n;
+    CHECK(validate_replicate(n, &where) == row.message);
+    if (row.line >= 0) {
+      CHECK(where.Mark().line == row.line);
+      CHECK(where.Mark().column == row.column);
+    }
+  }
+  ReplicateParams p;
+  REQUIRE(parse_replicate(YAML::Load("target: nbd+unix:///e?socket=/s\nmode: async\njournal: /j\nmax-lag: 2MiB"), &p) ==
+          "");
+  CHECK(p.target_is_nbd);
+  CHECK(p.mode == Mode::Async);
+  CHECK(p.max_lag == 2u << 20);
+  CHECK(describe_replicate(p) ==
+        "target=nbd+unix:///e?socket=/s mode=async journal=/j max-lag=2.0MiB on-overflow=bitmap region-size=64.0KiB");
+}
+
+// ---- The filter over memory, with a directory target -------------------------------------
+
+namespace {
+
+struct Rig {
+  Tmp tmp;
+  testing::MemLayer mem;
+  std::unique_ptr<ReplicateFilter> f;
+  std::string target() const { return tmp / "target"; }
+  std::string replica() const { return tmp / "target/vm/disk.img"; }
+
+  void open(const std::string& extra, bool make_target = true) {
+    if (make_target) ::mkdir(target().c_str(), 0755);
+    YAML::Node n = YAML::Load("target: " + target() + "\njournal: " + (tmp / "state") + "\nreconnect-max: 100ms\n" + extra);
+    ReplicateParams p;
+    REQUIRE(parse_replicate(n, &p) == "");
+    f = std::make_unique<ReplicateFilter>(p);
+    f->set_next(&mem);
+    REQUIRE(f->open(iofilterfs::DiskInfo{"vm/disk.img", "raw", false}).ok());
+  }
+  void close() {
+    (void)f->drain();
+    f->shutdown();
+    f->close();
+    f.reset();
+  }
+  void write(uint64_t off, const std::string& d) { REQUIRE(f->write(Io{}, d.data(), d.size(), off).ok()); }
+  std::string local() {
+    std::lock_guard<std::mutex> g(mem.mu);
+    return std::string(mem.data.begin(), mem.data.end());
+  }
+  uint64_t stat(const std::string& key) {
+    YAML::Node s = YAML::Load(f->stats_json());
+    return s[key].as<uint64_t>();
+  }
+};
+
+std::string pattern(size_t n, int seed) {
+  std::mt19937 rng(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("replicate sync: every write is on the replica when it completes", "[replicate][filter]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  std::memcpy(rig.mem.data.data() + 300000, "existing", 8);
+  rig.open("");
+  CHECK(rig.f->degraded_reason().empty());
+  REQUIRE(rig.f->drain().ok());  // the initial sync
+  CHECK(slurp(rig.replica()) == rig.local());
+  CHECK(rig.stat("bytes_resent") == 65536);  // the one region with data; the rest went as zeros
+  rig.write(4096, pattern(10000, 1));
+  rig.write((1 << 20) - 100, pattern(300, 2));  // grows the image
+  CHECK(slurp(rig.replica()) == rig.local());    // no drain needed in sync mode
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 5000).ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  REQUIRE(rig.f->sync(Io{}, false).ok());
+  CHECK(rig.stat("bytes_sent") == 10300);
+  rig.close();
+}
+
+TEST_CASE("replicate sync, degrade: an unreachable target is caught up from the bitmap", "[replicate][filter]") {
+  Rig rig;
+  rig.mem.data.assign(4 << 20, 0);
+  rig.open("", /*make_target=*/false);
+  CHECK(rig.f->degraded_reason() == "replica unreachable");
+  rig.write(0, pattern(4096, 3));
+  rig.write(2 << 20, pattern(70000, 4));  // two regions
+  CHECK(rig.f->replica_lag_bytes() > 0);
+  CHECK(rig.f->drain().err == EHOSTDOWN);
+  REQUIRE(::mkdir(rig.target().c_str(), 0755) == 0);
+  REQUIRE(rig.f->drain().ok());
+  CHECK(rig.f->degraded_reason().empty());
+  CHECK(slurp(rig.replica()) == rig.local());
+  CHECK(rig.f->replica_lag_bytes() == 0);
+  rig.close();
+}
+
+TEST_CASE("replicate sync, fail: writes fail while the target is unreachable", "[replicate][filter]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  rig.open("on-target-error: fail", false);
+  const std::string d = pattern(4096, 5);
+  iofilterfs::Status s = rig.f->write(Io{}, d.data(), d.size(), 0);
+  CHECK(s.err == EIO);
+  CHECK(rig.local().substr(0, 4096) != d);  // refused before the local write
+  REQUIRE(::mkdir(rig.target().c_str(), 0755) == 0);
+  REQUIRE(rig.f->drain().ok());
+  rig.write(0, d);
+  CHECK(slurp(rig.replica()) == rig.local());
+  rig.close();
+}
+
+TEST_CASE("replicate async: the journal is shipped in order; drain waits for it", "[replicate][filter]") {
+  Rig rig;
+  rig.open("mode: async");
+  REQUIRE(rig.f->drain().ok());
+  for (int i = 0; i < 200; ++i) rig.write((i * 7919) % (1 << 20), pattern(3000, i));
+  REQUIRE(rig.f->resize(Io{}, 1 << 20).ok());
+  rig.write(5, "overwritten last");
+  REQUIRE(rig.f->drain().ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  CHECK(rig.stat("records_shipped") == 202);
+  CHECK(rig.stat("bytes_resent") == 0);
+  CHECK(rig.f->replica_lag_bytes() == 0);
+  rig.close();
+}
+
+TEST_CASE("replicate async: past max-lag the journal collapses into the bitmap, then resyncs", "[replicate][filter]") {
+  Rig rig;
+  rig.mem.data.assign(8 << 20, 0);
+  rig.open("mode: async\nmax-lag: 1MiB", false);
+  for (int i = 0; i < 48; ++i) rig.write(uint64_t(i) * 65536, pattern(65536, 100 + i));  // 3 MiB
+  CHECK(rig.stat("collapses") == 1);
+  // Never connected: the initial sync's 128 regions are pending, the 48 written among them.
+  CHECK(rig.stat("pending_regions") == 128);
+  CHECK(rig.stat("journal_bytes") == 0);
+  REQUIRE(::mkdir(rig.target().c_str(), 0755) == 0);
+  REQUIRE(rig.f->drain().ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  // Regions without data go as zeros (bytes_zeroed); only the 3 MiB written go as data.
+  CHECK(rig.stat("bytes_resent") == 48 * 65536);
+  CHECK(rig.stat("bytes_zeroed") == 80 * 65536);
+  YAML::Node st = YAML::Load(rig.f->stats_json());
+  CHECK(st["journal_mode"].as<std::string>() == "journal");
+  rig.close();
+}
+
+TEST_CASE("replicate restart: only the regions changed while the target was away are resent", "[replicate][filter]") {
+  Rig rig;
+  rig.mem.data.assign(16 << 20, 0);
+  for (int i = 0; i < 16; ++i) std::memcpy(rig.mem.data.data() + (i << 20), "data", 4);
+  rig.open("mode: async");
+  REQUIRE(rig.f->drain().ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  CHECK(rig.stat("bytes_resent") == 16 * 65536);
+  rig.close();
+  // The target goes away; the disk is reopened (a daemon restart) and written.
+  REQUIRE(std::system(("mv '" + rig.target() + "' '" + rig.target() + ".away'").c_str()) == 0);
+  rig.open("mode: async", false);
+  for (int i = 0; i < 5; ++i) rig.write(uint64_t(i) * (3 << 20) + 100, pattern(5000, 200 + i));
+  rig.f->shutdown();
+  rig.f->close();  // not drained: the journal keeps it
+  rig.f.reset();
+  REQUIRE(std::system(("mv '" + rig.target() + ".away' '" + rig.target() + "'").c_str()) == 0);
+  rig.open("mode: async");
+  REQUIRE(rig.f->drain().ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  CHECK(rig.stat("bytes_resent") == 0);            // nothing was resent from the bitmap
+  CHECK(rig.stat("records_shipped") == 5);         // just the journal's five records
+  CHECK(rig.stat("bytes_sent") == 5 * 5000);
+  rig.close();
+}
+
+TEST_CASE("replicate retention: restore at a moment and at a named point rebuilds those bytes", "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(2 << 20, 0);
+  std::memcpy(rig.mem.data.data() + 70000, "before the history", 18);
+  rig.open("mode: async\nretention: 1h");
+  const std::string at_open = rig.local();
+  for (int i = 0; i < 20; ++i) rig.write(uint64_t(i) * 50000, pattern(3000, i));
+  const std::string phase_a = rig.local();
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  const uint64_t t_a = uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
+  REQUIRE(rig.f->snapshot("after-a").ok());
+  rig.write(100, pattern(200000, 77));
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 << 20, 300000).ok());
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->snapshot("after-b").ok());
+  REQUIRE(rig.f->resize(Io{}, 3 << 20).ok());
+  rig.write((3 << 20) - 10, "tail");  // grows past the resize
+  const std::string phase_c = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  REQUIRE(info.points.size() == 2);
+  CHECK(info.points[0].name == "after-a");
+  CHECK(info.points[1].name == "after-b");
+  CHECK(info.records == 26);  // 20 + 1 + 1 + 2 points + the resize + the tail
+  uint64_t applied = 0;
+  const std::string out = rig.tmp / "restored";
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(applied == 0);
+  CHECK(slurp(out) == at_open);
+  REQUIRE(restore_history(files, t_a, "", out, &applied) == "");
+  CHECK(applied == 20);
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "after-a", out, &applied) == "");
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "after-b", out, &applied) == "");
+  CHECK(slurp(out) == phase_b);
+  REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
+  CHECK(slurp(out) == phase_c);
+  CHECK(restore_history(files, 0, "nope", out, &applied) == "no restore point named 'nope' in the retention window");
+  CHECK(restore_history(files, info.window_start_ns - 1, "", out, &applied).rfind("the moment asked for is before", 0) == 0);
+  rig.close();
+}
+
+TEST_CASE("replicate retention: history older than the retention is folded into the base", "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  rig.open("mode: async\nretention: 1s");
+  for (int i = 0; i < 10; ++i) rig.write(uint64_t(i) * 65536, pattern(5000, 300 + i));
+  const std::string phase_a = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  // Wait (without asserting on time) until the background compaction folded phase A.
+  for (int i = 0; i < 200; ++i) {
+    YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+    if (h["compacted_records"].as<uint64_t>() >= 10) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h["compacted_records"].as<uint64_t>() == 10);
+  rig.write(7, pattern(100, 1));
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->drain().ok());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  CHECK(info.records == 1);
+  uint64_t applied = 0;
+  const std::string out = rig.tmp / "restored";
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(applied == 0);
+  CHECK(slurp(out) == phase_a);  // the base now holds phase A
+  REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
+  CHECK(applied == 1);
+  CHECK(slurp(out) == phase_b);
+  rig.close();
+}
+
+TEST_CASE("replicate reconfigure: tunables in place, a new target or mode means a new instance", "[replicate][filter]") {
+  Rig rig;
+  rig.open("mode: async\nmax-lag: 1GiB");
+  auto params = [&](const std::string& extra) {
+    return YAML::Load("target: " + rig.target() + "\njournal: " + (rig.tmp / "state") + "\nreconnect-max: 100ms\n" + extra);
+  };
+  CHECK(rig.f->reconfigure(params("mode: async\nmax-lag: 2MiB\non-overflow: backpressure")));
+  CHECK(rig.f->describe().find("max-lag=2.0MiB on-overflow=backpressure") != std::string::npos);
+  CHECK_FALSE(rig.f->reconfigure(params("mode: sync")));
+  CHECK_FALSE(rig.f->reconfigure(params("mode: async\nregion-size: 1MiB")));
+  CHECK_FALSE(rig.f->reconfigure(params("mode: async\nretention: 1h")));
+  CHECK_FALSE(rig.f->reconfigure(YAML::Load("target: /elsewhere\njournal: /j\nmode: async")));
+  CHECK_FALSE(rig.f->reconfigure(YAML::Load("mode: bogus")));
+  rig.close();
+}

@@ -235,7 +235,10 @@ Status FileStore::open(const std::string& dir, const std::string& image, uint32_
         return Status::Error(EIO);
       case RecordState::Ok: break;
     }
-    if (r.slot != i) {
+    const uint32_t pages = h.block_size / kPage;
+    r.valid.clear_range(pages, kMaxPagesPerBlock);  // bits past the block mean nothing
+    r.dirty.clear_range(pages, kMaxPagesPerBlock);
+    if (r.slot != i || r.block > (1ull << 56) / h.block_size) {
       *err = f->path_ + ": the record table is damaged (slot " + std::to_string(i) +
              "): refusing to open (iofilterctl cache discard --force drops the cache)";
       replay->refuse = true;

@@ -677,3 +677,31 @@ TEST_CASE("replicate reconfigure: tunables in place, a new target or mode means 
   CHECK_FALSE(rig.f->reconfigure(YAML::Load("mode: bogus")));
   rig.close();
 }
+
+namespace {
+// Stands for the encrypt filter's at-rest cipher below replicate.
+struct FakeSeal : iofilterfs::AtRest {
+  iofilterfs::Status seal(uint64_t, const void*, void*, size_t) const override { return iofilterfs::Status::Ok(); }
+  iofilterfs::Status unseal(uint64_t, const void*, void*, size_t) const override { return iofilterfs::Status::Ok(); }
+  uint64_t header_bytes() const override { return 0; }
+  iofilterfs::Status read_header(void*, size_t, uint64_t) const override { return iofilterfs::Status::Ok(); }
+};
+}  // namespace
+
+TEST_CASE("replicate fails closed under a policy that also encrypts, as its replica and journal would hold plaintext",
+          "[replicate]") {
+  Tmp tmp;
+  ::mkdir((tmp / "target").c_str(), 0755);
+  ReplicateParams p;
+  REQUIRE(parse_replicate(YAML::Load("target: " + (tmp / "target") + "\njournal: " + (tmp / "state")), &p) == "");
+  testing::MemLayer mem;
+  ReplicateFilter f(p);
+  f.set_next(&mem);
+  iofilterfs::DiskInfo info{"vm/disk.img", "raw", false};
+  info.at_rest = std::make_shared<FakeSeal>();
+  iofilterfs::Status s = f.open(info);
+  CHECK(s.err == EMEDIUMTYPE);
+  REQUIRE(s.what);
+  CHECK(std::string(s.what).find("the policy also encrypts") != std::string::npos);
+  CHECK(access((tmp / "state").c_str(), F_OK) != 0);  // nothing made on disk
+}

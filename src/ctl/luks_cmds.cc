@@ -132,6 +132,16 @@ int unlock(const std::string& image, const Container& c, const std::string& key_
   return fail(image, err);
 }
 
+// Opens the image for writing under its lock, loads its header area and unlocks it with the
+// passphrase in key_file. 0, or the exit code after the reason is printed.
+int open_unlocked(const std::string& image, const std::string& key_file, LockedFile* f, Container* c,
+                  enc::SecureBytes* master, int* opened) {
+  std::string err = f->open(image, true);
+  if (err.empty()) err = load(*f, c);
+  if (!err.empty()) return fail(image, err);
+  return unlock(image, *c, key_file, master, opened);
+}
+
 // Writes the bytes [off, off+len) of the header area back, then makes them durable.
 std::string store(const LockedFile& f, const Container& c, uint64_t off, uint64_t len) {
   if (!pwrite_all(f.fd(), c.area.data() + off, len, off)) return sys_error("write");
@@ -217,16 +227,12 @@ int cmd_key_list(const std::string& image, bool json) {
 int cmd_key_add(const std::string& image, const std::string& key_file, const std::string& new_key_file, int slot,
                 uint64_t iter_time_us, bool json) {
   LockedFile f;
-  std::string err = f.open(image, true);
-  if (!err.empty()) return fail(image, err);
   Container c;
-  err = load(f, &c);
-  if (!err.empty()) return fail(image, err);
   enc::SecureBytes master;
   int opened = -1;
-  if (int r = unlock(image, c, key_file, &master, &opened)) return r;
+  if (int r = open_unlocked(image, key_file, &f, &c, &master, &opened)) return r;
   enc::SecureBytes fresh;
-  err = read_key(new_key_file, &fresh);
+  std::string err = read_key(new_key_file, &fresh);
   if (!err.empty()) return fail(image, err);
   if (slot < 0) {
     for (int i = 0; i < l1::kNumKeyslots && slot < 0; ++i)
@@ -249,16 +255,12 @@ int cmd_key_add(const std::string& image, const std::string& key_file, const std
 
 int cmd_key_remove(const std::string& image, const std::string& key_file, int slot, bool json) {
   LockedFile f;
-  std::string err = f.open(image, true);
-  if (!err.empty()) return fail(image, err);
   Container c;
-  err = load(f, &c);
-  if (!err.empty()) return fail(image, err);
   enc::SecureBytes master;
   int opened = -1;
-  if (int r = unlock(image, c, key_file, &master, &opened)) return r;
+  if (int r = open_unlocked(image, key_file, &f, &c, &master, &opened)) return r;
   if (slot < 0) slot = opened;
-  err = l1::kill_keyslot(&c.h, &c.area, slot);
+  std::string err = l1::kill_keyslot(&c.h, &c.area, slot);
   if (!err.empty()) return fail(image, err);
   // The header first (the slot stops being active), then the wiped material.
   uint64_t off = 0, len = 0;

@@ -138,7 +138,7 @@ TEST_CASE("cache write-through: fio verify, and reads after writes are hits", "[
   CHECK(m.stop() == 0);
 }
 
-TEST_CASE("cache write-around: fio verify; a write drops the cached block, the next read misses", "[cache][fio]") {
+TEST_CASE("cache write-around: fio verify and a write drops the cached block, the next read misses", "[cache][fio]") {
   TempDir t;
   datastore(t, {"disk.raw"}, 32, "{ cache: { mode: write-around, memory: 64MiB } }");
   Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});

@@ -142,7 +142,7 @@ TEST_CASE("replicate sync to a directory: fio verify, then the replica equals th
   CHECK(ds.m->stop() == 0);  // a clean exit (a sanitizer report would fail it)
 }
 
-TEST_CASE("replicate to nbdkit, sync with degrade: the server killed and restarted; only changed regions resent",
+TEST_CASE("replicate to nbdkit, sync with degrade: the server killed and restarted and only changed regions resent",
           "[replicate][nbd]") {
   TempDir nbd;
   REQUIRE(sh("truncate -s 32M " + q(nbd / "export")) == 0);
@@ -182,7 +182,7 @@ TEST_CASE("replicate to nbdkit, sync with degrade: the server killed and restart
   CHECK(ds.m->stop() == 0);
 }
 
-TEST_CASE("replicate to nbdkit, async: the server killed mid-run; the journal catches up; then kill -9 the daemon",
+TEST_CASE("replicate to nbdkit, async: the server killed mid-run and the journal catches up and then kill -9 the daemon",
           "[replicate][nbd]") {
   TempDir nbd;
   REQUIRE(sh("truncate -s 64M " + q(nbd / "export")) == 0);

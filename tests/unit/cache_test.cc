@@ -90,7 +90,7 @@ TEST_CASE("block map: a working set survives a scan ten times the cache's size (
   CHECK(kept == 50);
 }
 
-TEST_CASE("block map: dirty and pinned slots are never evicted; full of them, insert fails", "[cache][map]") {
+TEST_CASE("block map: dirty and pinned slots are never evicted and full of them, insert fails", "[cache][map]") {
   BlockMap m(16);
   uint64_t ev = 0;
   std::vector<uint32_t> slots;
@@ -330,7 +330,7 @@ double counter(const std::string& json, const std::string& key) {
 
 }  // namespace
 
-TEST_CASE("write-through on memory: reads after writes hit and are correct; unaligned requests", "[cache][filter]") {
+TEST_CASE("write-through on memory: reads after writes hit and are correct and unaligned requests", "[cache][filter]") {
   testing::MemLayer below;
   below.data.assign(4 << 20, 0);
   iofilterfs::Status st;
@@ -402,7 +402,7 @@ TEST_CASE("write-back on a cache file: the data survives the filter's sudden end
   CHECK(std::string(below.data.data() + (1 << 20) + 100, b.size()) == b);
 }
 
-TEST_CASE("write-back: a damaged record refuses the open; another image's file is refused", "[cache][filter][crash]") {
+TEST_CASE("write-back: a damaged record refuses the open and another image's file is refused", "[cache][filter][crash]") {
   TmpDir dir;
   testing::MemLayer below;
   below.data.assign(1 << 20, 0);

@@ -519,7 +519,7 @@ TEST_CASE("replicate sync, fail: writes fail while the target is unreachable", "
   rig.close();
 }
 
-TEST_CASE("replicate async: the journal is shipped in order; drain waits for it", "[replicate][filter]") {
+TEST_CASE("replicate async: the journal is shipped in order and drain waits for it", "[replicate][filter]") {
   Rig rig;
   rig.open("mode: async");
   REQUIRE(rig.f->drain().ok());

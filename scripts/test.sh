@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh || exit 1
 bash scripts/build.sh build || exit 1
-# -O1: sanitizer builds are for finding bugs; -O1 keeps them quick to build and run.
-bash scripts/build.sh build-asan -DIOFILTERFS_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" || exit 1
+# -O1 -g1: sanitizer builds are for finding bugs; -O1 keeps them quick to build and run, and
+# -g1 keeps the file:line of every frame in a report at a fraction of -g's compile time.
+bash scripts/build.sh build-asan -DIOFILTERFS_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" || exit 1
 
 passed=0
 failed=0
@@ -34,11 +35,14 @@ run_suite() {
 }
 
 run_suite "release build" build
-# The sanitizer build: the daemon the integration tests start is the instrumented one. The one
-# test whose figure is the CPU-bound throughput of an unthrottled neighbour is left to the
-# release run: under the sanitizers' CPU cost that figure measures ASan, not isolation.
+# The sanitizer build: the daemon the integration tests start is the instrumented one. The
+# throttle's accuracy tests, whose point is a measured figure (a rate held for 10-20 s, the
+# throughput of an unthrottled neighbour), are left to the release run: under the sanitizers'
+# CPU cost those figures measure ASan, and the code they run is the code the other throttle
+# tests (limits changed by a reload while requests wait) run instrumented here.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  run_suite "ASan+UBSan build" build-asan -E "unthrottled neighbour"
+  run_suite "ASan+UBSan build" build-asan \
+  -E "unthrottled neighbour|limit holds within|burst runs near iops-max|busy disks shares one|under congestion, shares"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -251,15 +251,10 @@ void Datastore::detach_disk(Inode& i) {
     i.closing = true;
   }
   Status s = last->close();
-  {
-    std::lock_guard<std::mutex> g(i.m);
-    i.closing = false;
-  }
-  i.closed_cv.notify_all();
   if (!s.ok()) spdlog::error("{}: closed with undrained data: {}", last->relpath(), std::strerror(s.err));
   else spdlog::info("{}: closed", last->relpath());
   last.reset();  // the backing file (and its lock) is released here
-  {
+  {  // only now may a new open of the image proceed: it would meet the old lock
     std::lock_guard<std::mutex> g(i.m);
     i.closing = false;
   }

@@ -615,17 +615,17 @@ Status ReplicateFilter::drain() {
   std::unique_lock<std::mutex> l(bg_mu_);
   // While the target is unreachable, one fresh connection attempt decides: if it fails too,
   // the drain fails at once rather than hang a flush or an unmount.
-  uint64_t attempts = connect_attempts_.load();
+  uint64_t started = connect_started_.load();
   bool waiting_attempt = false;
   while (drain_done_.load() < req) {
     if (stop_.load()) return kStopped;
     if (!connected_.load()) {
       if (!waiting_attempt) {
-        attempts = connect_attempts_.load();
+        started = connect_started_.load();
         waiting_attempt = true;
         kick_.store(true);
         bg_cv_.notify_one();
-      } else if (connect_attempts_.load() > attempts && !connected_.load()) {
+      } else if (connect_failed_.load() > started && !connected_.load()) {
         return kDrainUnreachable;
       }
     } else {
@@ -724,13 +724,20 @@ bool ReplicateFilter::connect_target() {
     if (target_) target_->close();
     target_.reset();
   }
+  // Numbered when it starts: drain() trusts only the failure of an attempt that began after
+  // its own request, not one already under way before the target came back.
+  const uint64_t attempt = connect_started_.fetch_add(1) + 1;
   uint64_t size = 0;
   Status s = next_->size(&size);
   if (!s.ok()) return false;
   std::unique_ptr<rp::Target> t = rp::make_target(params_.target, params_.target_is_nbd);
   std::string e = t->connect(relpath_, size);
   if (!e.empty()) {
-    connect_attempts_.fetch_add(1);
+    {
+      uint64_t f = connect_failed_.load();
+      while (f < attempt && !connect_failed_.compare_exchange_weak(f, attempt)) {
+      }
+    }
     done_cv_.notify_all();
     bool first;
     {

@@ -188,7 +188,8 @@ class ReplicateFilter : public Filter {
   // drain(): each call takes a ticket (drain_req_) and a goal (the appended bytes it must see
   // shipped); the thread answers with drain_done_.
   std::atomic<uint64_t> drain_req_{0}, drain_done_{0}, drain_goal_{0};
-  std::atomic<uint64_t> connect_attempts_{0};  // failed attempts, for drain()
+  std::atomic<uint64_t> connect_started_{0};  // connection attempts begun (numbered from 1)
+  std::atomic<uint64_t> connect_failed_{0};   // the number of the latest that failed, for drain()
   std::atomic<bool> kick_{false};              // drain() asks for an attempt now
 
   // History (retention only): the files, and the next compaction (bg thread).

@@ -34,7 +34,10 @@ TEST_CASE("a second daemon and QEMU cannot open an image the first daemon has op
 
   close(fd);
   // Released with the last handle: now the second daemon may open it, and the first may not.
-  fd2 = open(second.path("disk.raw").c_str(), O_RDWR);
+  // The kernel sends the release after close(2) returns, so the first daemon may still be
+  // closing the disk for a moment.
+  for (int i = 0; i < 100 && (fd2 = open(second.path("disk.raw").c_str(), O_RDWR)) < 0 && errno == EBUSY; ++i)
+    usleep(50'000);
   CHECK(fd2 >= 0);
   CHECK(open(first.path("disk.raw").c_str(), O_RDWR) == -1);
   close(fd2);

@@ -17,6 +17,7 @@
 #include <stdexcept>
 
 #include "format/file.h"
+#include "shell.h"
 #include "format/qcow2.h"
 
 using namespace iofilterfs;
@@ -37,32 +38,9 @@ struct Tmp {
 };
 
 // Runs a shell command; returns its exit status, output in *out.
-int run(const std::string& cmd, std::string* out = nullptr) {
-  std::string full = "(" + cmd + ") 2>&1";
-  FILE* p = ::popen(full.c_str(), "r");
-  if (!p) return -1;
-  std::string o;
-  char b[4096];
-  size_t n;
-  while ((n = fread(b, 1, sizeof b, p)) > 0) o.append(b, n);
-  int st = ::pclose(p);
-  if (out) *out = o;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
-
-void must(const std::string& cmd) {
-  std::string out;
-  int rc = run(cmd, &out);
-  INFO(cmd << "\n" << out);
-  REQUIRE(rc == 0);
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using unit_shell::must;
+using unit_shell::run;
+using unit_shell::slurp;
 
 std::unique_ptr<Qcow2> open_image(const std::string& path, bool writable, std::string* err = nullptr) {
   std::string e;

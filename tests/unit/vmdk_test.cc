@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include "format/file.h"
+#include "shell.h"
 #include "format/vmdk.h"
 
 using namespace iofilterfs;
@@ -33,31 +34,9 @@ struct Tmp {
   std::string operator/(const std::string& n) const { return path + "/" + n; }
 };
 
-int run(const std::string& cmd, std::string* out = nullptr) {
-  FILE* p = ::popen(("(" + cmd + ") 2>&1").c_str(), "r");
-  if (!p) return -1;
-  std::string o;
-  char b[4096];
-  size_t n;
-  while ((n = fread(b, 1, sizeof b, p)) > 0) o.append(b, n);
-  int st = ::pclose(p);
-  if (out) *out = o;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
-
-void must(const std::string& cmd) {
-  std::string out;
-  int rc = run(cmd, &out);
-  INFO(cmd << "\n" << out);
-  REQUIRE(rc == 0);
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using unit_shell::must;
+using unit_shell::run;
+using unit_shell::slurp;
 
 struct Opened {
   std::unique_ptr<FdFile> file;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 
 #include <openssl/crypto.h>
 #if defined(__SSE2__)
@@ -73,7 +74,7 @@ inline void xor_into(uint8_t* out, const uint8_t* a, const uint8_t* b, size_t n)
 
 }  // namespace
 
-std::shared_ptr<XtsKey> XtsKey::create(const SecureBytes& key) {
+std::shared_ptr<XtsKey> XtsKey::create(const SecureBytes& key, Engine engine) {
   std::shared_ptr<XtsKey> k(new XtsKey());
   k->cipher_ = key.size() == 64 ? EVP_aes_256_ecb() : key.size() == 32 ? EVP_aes_128_ecb() : nullptr;
   if (!k->cipher_) return nullptr;
@@ -81,6 +82,14 @@ std::shared_ptr<XtsKey> XtsKey::create(const SecureBytes& key) {
   if (CRYPTO_memcmp(key.data(), key.data() + key.size() / 2, key.size() / 2) == 0) return nullptr;
   k->key_ = SecureBytes(key.data(), key.size());
   k->id_ = g_next_id.fetch_add(1);
+  if (engine == Engine::kBest && aesni::available()) {
+    k->schedule_mem_.resize(sizeof(aesni::Schedule) + alignof(aesni::Schedule));
+    void* p = k->schedule_mem_.data();
+    size_t space = k->schedule_mem_.size();
+    k->schedule_ = static_cast<aesni::Schedule*>(std::align(alignof(aesni::Schedule), sizeof(aesni::Schedule), p, space));
+    aesni::expand(k->key_.data(), k->key_.size(), k->schedule_);
+    return k;
+  }
   // Make one pair now, so that a key OpenSSL refuses fails here and not on the first request.
   Pair* p = k->acquire();
   if (!p) return nullptr;
@@ -143,6 +152,8 @@ void XtsKey::revoke() {
   all_.clear();
   free_.clear();
   key_.clear();
+  // Wiped, not freed: the schedule's memory goes with the XtsKey.
+  if (schedule_) OPENSSL_cleanse(schedule_, sizeof *schedule_);
 }
 
 XtsKey::Pair* XtsKey::pair_for_this_thread() {
@@ -168,6 +179,27 @@ XtsKey::Pair* XtsKey::pair_for_this_thread() {
 }
 
 bool XtsKey::run(bool enc, const uint8_t* in, uint8_t* out, size_t n, uint64_t sector, bool holes_read_zero) {
+  if (schedule_) {
+    if (dead_.load(std::memory_order_relaxed)) return false;
+    if (enc) {
+      aesni::encrypt(*schedule_, in, out, n, sector);
+      return true;
+    }
+    while (n) {
+      const size_t m = std::min<size_t>(n, kChunkSectors);
+      uint64_t holes = 0;  // as below
+      if (holes_read_zero)
+        for (size_t i = 0; i < m; ++i)
+          if (zero_sector(in + i * kSector)) holes |= uint64_t{1} << i;
+      aesni::decrypt(*schedule_, in, out, m, sector);
+      for (uint64_t h = holes; h; h &= h - 1) std::memset(out + __builtin_ctzll(h) * kSector, 0, kSector);
+      in += m * kSector;
+      out += m * kSector;
+      sector += m;
+      n -= m;
+    }
+    return true;
+  }
   Pair* p = pair_for_this_thread();
   if (!p) return false;
   constexpr size_t kBlocks = kSector / 16;

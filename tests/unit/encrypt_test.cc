@@ -652,7 +652,7 @@ TEST_CASE("encrypt: the ciphertext holds no plaintext, stats and describe hold n
 TEST_CASE("encrypt: each worker thread keeps one cipher context pair per disk", "[encrypt]") {
   SecureBytes key(64);
   for (size_t i = 0; i < 64; ++i) key.data()[i] = static_cast<uint8_t>(i);
-  auto k = XtsKey::create(key);
+  auto k = XtsKey::create(key, XtsKey::Engine::kPortable);
   REQUIRE(k);
   CHECK(k->contexts() == 1);
   std::vector<std::thread> ts;
@@ -956,13 +956,18 @@ TEST_CASE("encrypt: refuses to leave an open disk", "[encrypt][at-rest]") {
   CHECK(f->removal_refused().find("encrypt cannot leave an open disk") == 0);
 }
 
-TEST_CASE("the data path's XTS (AES-ECB and tweaks) equals OpenSSL's XTS byte for byte", "[encrypt][luks]") {
+TEST_CASE("the data path's XTS (both engines) equals OpenSSL's XTS byte for byte", "[encrypt][luks]") {
+  using Engine = iofilterfs::encrypt::XtsKey::Engine;
+  const bool aesni = iofilterfs::encrypt::aesni::available();
+  if (!aesni) WARN("this CPU has no AES-NI: only the portable engine is tested");
+  const Engine engine = GENERATE(Engine::kPortable, Engine::kBest);
   for (size_t key_bytes : {size_t{32}, size_t{64}}) {
     iofilterfs::encrypt::SecureBytes key(key_bytes);
     REQUIRE(RAND_bytes(key.data(), static_cast<int>(key_bytes)) == 1);
-    auto x = iofilterfs::encrypt::XtsKey::create(key);
+    auto x = iofilterfs::encrypt::XtsKey::create(key, engine);
     REQUIRE(x);
-    for (size_t n : {size_t{1}, size_t{63}, size_t{64}, size_t{65}, size_t{200}}) {
+    CHECK(x->accelerated() == (engine == Engine::kBest && aesni));
+    for (size_t n : {size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{63}, size_t{64}, size_t{65}, size_t{200}}) {
       for (uint64_t first : {uint64_t{0}, uint64_t{12345}, (uint64_t{1} << 32) - 3, ~uint64_t{0} - 300}) {
         INFO("key " << key_bytes << " sectors " << n << " first " << first);
         std::vector<uint8_t> pt(n * 512), want(n * 512), got(n * 512), back(n * 512);

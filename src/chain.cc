@@ -15,6 +15,35 @@ const char* to_string(FilterClass c) {
   return "unknown";
 }
 
+// ---- background calls below a filter (filter.h, BelowGuard) ----------------------------------
+
+Filter::BelowGuard Filter::below() {
+  std::unique_lock<std::mutex> g(below_mu_);
+  below_cv_.wait(g, [&] { return !below_held_ || below_retired_; });
+  if (below_retired_) return BelowGuard(nullptr, nullptr);
+  ++below_calls_;
+  return BelowGuard(this, next_);
+}
+
+Filter::BelowGuard::~BelowGuard() {
+  if (!f_) return;
+  std::lock_guard<std::mutex> g(f_->below_mu_);
+  if (--f_->below_calls_ == 0) f_->below_cv_.notify_all();
+}
+
+void Filter::hold_below() {
+  std::unique_lock<std::mutex> g(below_mu_);
+  below_held_ = true;
+  below_cv_.wait(g, [&] { return below_calls_ == 0; });
+}
+
+void Filter::release_below(bool retired) {
+  std::lock_guard<std::mutex> g(below_mu_);
+  below_held_ = false;
+  if (retired) below_retired_ = true;
+  below_cv_.notify_all();
+}
+
 namespace {
 
 // Identity of a configured filter: its name and its parameters in canonical YAML.
@@ -81,6 +110,8 @@ Status Chain::plan(const Registry& registry, const std::vector<FilterSpec>& spec
       *err = wanted[c]->name + ": could not be created";
       return Status::Error(EINVAL);
     }
+    // Its thread may not call below until commit() has linked it: held until then.
+    f->hold_below();
     p.fresh_[c] = ChainPlan::Fresh{infos[c], std::move(f), std::move(key)};
     p.changes_ = true;
   }
@@ -178,6 +209,12 @@ Status Chain::open_all(const DiskInfo& base, std::string* err) const {
 }
 
 void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<Filter>>* removed) {
+  // No request is inside the chain (the caller holds the plumbing lock exclusively); the
+  // filters' own threads may be, so wait until none is below any filter before relinking. The
+  // ones that stay go on afterwards; the leaving ones never call below again.
+  for (Slot& s : slots_)
+    if (s.filter) s.filter->hold_below();
+  const size_t first_removed = removed->size();
   count_ = 0;
   for (int c = 0; c < kFilterClassCount; ++c) {
     Slot& s = slots_[c];
@@ -202,6 +239,9 @@ void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<
     below = slots_[c].filter.get();
   }
   top_ = below;
+  for (size_t i = first_removed; i < removed->size(); ++i) (*removed)[i]->release_below(true);
+  for (Slot& s : slots_)
+    if (s.filter) s.filter->release_below(false);  // the fresh ones too (held since plan())
 }
 
 Status Chain::build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom, Chain* out,

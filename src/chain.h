@@ -15,7 +15,11 @@
 //             (the abort of a plan that retune() left with other changes, which then failed);
 //   leaving() lists the filters the plan removes — the disk drains them before committing;
 //   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
-//             plumbing lock exclusively, so no request is inside the chain meanwhile.
+//             plumbing lock exclusively, so no request is inside the chain meanwhile, and
+//             commit() itself waits until no filter's own thread is below a filter (see
+//             Filter::below()). A fresh filter's threads are held from plan() until commit()
+//             links it; a removed filter's find nothing below from then on; whoever drops a
+//             plan with opened fresh filters retires them (release_below(true)) before closing.
 #pragma once
 
 #include <array>

@@ -206,7 +206,10 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
     std::string oerr;
     s = chain_.open_arriving(plan, info_, &opened, &oerr);
     if (!s.ok()) {
-      for (auto it = opened.rbegin(); it != opened.rend(); ++it) (*it)->close();
+      for (auto it = opened.rbegin(); it != opened.rend(); ++it) {
+        (*it)->release_below(true);  // never linked: its threads must not wait for that
+        (*it)->close();
+      }
       *err = "a new filter could not open: " + oerr;
       chain_.untune(&plan);
       return s;

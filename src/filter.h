@@ -28,10 +28,12 @@
 // public plugin ABI (kFilterApiVersion below).
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -189,8 +191,50 @@ class Filter : public Layer {
   // empty; the disk's state then reads "degraded: REASON".
   virtual std::string degraded_reason() const { return {}; }
 
+  // For the chain only (see below()): hold_below() waits until no background call is below
+  // this filter and holds new ones; release_below() lets them go on, or with retired (the
+  // filter has left the chain) makes every later below() empty.
+  void hold_below();
+  void release_below(bool retired);
+
  protected:
+  // The layer below, for a call made by a thread of the filter's own, outside any request (a
+  // cache's destager, a replica's resync). Requests reach a filter only while the disk holds
+  // its plumbing lock shared, so next_ cannot change under them; a background thread has no
+  // such lock, so it holds this guard across each call instead:
+  //
+  //     if (BelowGuard b = below()) s = b->write(io, buf, len, off);
+  //     else ...  // the filter has left the chain: nothing below to call any more
+  //
+  // A re-plumb waits for the guards in flight before it relinks or destroys anything below,
+  // and below() waits while it does (a moment: the relinking itself). Never call below() with
+  // a lock held that a request path may need, and never hold a guard while waiting for
+  // requests to finish.
+  class BelowGuard {
+   public:
+    BelowGuard(BelowGuard&& o) noexcept : f_(o.f_), layer_(o.layer_) { o.f_ = nullptr; o.layer_ = nullptr; }
+    BelowGuard& operator=(BelowGuard&&) = delete;
+    ~BelowGuard();
+    explicit operator bool() const { return layer_ != nullptr; }
+    Layer* operator->() const { return layer_; }
+    Layer* get() const { return layer_; }
+
+   private:
+    friend class Filter;
+    BelowGuard(Filter* f, Layer* layer) : f_(f), layer_(layer) {}
+    Filter* f_;
+    Layer* layer_;
+  };
+  BelowGuard below();
+
   Layer* next_ = nullptr;
+
+ private:
+  std::mutex below_mu_;
+  std::condition_variable below_cv_;
+  int below_calls_ = 0;       // background calls in flight below (under below_mu_)
+  bool below_held_ = false;   // a re-plumb is relinking (under below_mu_)
+  bool below_retired_ = false;
 };
 
 // A filter's entry in the registry: what the daemon lists as "installed filters".

@@ -441,3 +441,98 @@ TEST_CASE("filters above an encrypting one are opened with its at-rest protectio
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+
+// For the background-call test: a filter whose own thread writes below it in a loop (as a
+// destager does), and a filter below it that counts calls into a dead or unlinked instance.
+std::atomic<int> g_bg_violations{0};
+
+class Victim : public Filter {
+ public:
+  ~Victim() override {
+    if (inflight_.load() != 0) ++g_bg_violations;
+    magic_ = 0;
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (magic_ != kAlive) ++g_bg_violations;
+    ++inflight_;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));  // widen the window
+    Status s = next_->write(io, buf, len, off);
+    --inflight_;
+    return s;
+  }
+
+ private:
+  static constexpr uint64_t kAlive = 0x5eed5eed5eed5eedull;
+  volatile uint64_t magic_ = kAlive;
+  std::atomic<int> inflight_{0};
+};
+
+class Background : public Filter {
+ public:
+  Status open(const DiskInfo&) override {
+    t_ = std::thread([this] {
+      while (!stop_.load()) {
+        BelowGuard b = below();
+        if (!b) return;  // left the chain
+        if (!b.get()) ++g_bg_violations;
+        if (b->write(Io{}, "bg", 2, 0).ok()) ++calls;
+      }
+    });
+    return Status::Ok();
+  }
+  void close() override {
+    stop_.store(true);
+    if (t_.joinable()) t_.join();
+  }
+  ~Background() override { close(); }
+  static std::atomic<int> calls;
+
+ private:
+  std::thread t_;
+  std::atomic<bool> stop_{false};
+};
+std::atomic<int> Background::calls{0};
+
+}  // namespace
+
+TEST_CASE("a filter's own thread never calls into a layer below that a re-plumb replaces or removes",
+          "[chain][disk]") {
+  Registry reg;
+  REQUIRE(reg.add(FilterInfo{"bg", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr,
+                             [](const YAML::Node&) { return std::make_unique<Background>(); }}));
+  REQUIRE(reg.add(FilterInfo{"victim", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                             [](const YAML::Node&) { return std::make_unique<Victim>(); }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &reg;
+  opt.filters = {spec("victim", "{ v: 0 }")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  g_bg_violations = 0;
+  Background::calls = 0;
+  REQUIRE(Disk::open(pfd, "x.raw", opt, &disk, &err).ok());
+  // A fresh background filter arrives above: its thread starts in open(), before it is linked.
+  REQUIRE(disk->replumb("with-bg", {spec("bg"), spec("victim", "{ v: 0 }")}, reg, &err).ok());
+  // The filter below it is replaced again and again while the thread writes through it.
+  for (int i = 1; i <= 100; ++i) {
+    const std::string params = "{ v: " + std::to_string(i) + " }";
+    REQUIRE(disk->replumb("p", {spec("bg"), spec("victim", params.c_str())}, reg, &err).ok());
+    const int before = Background::calls.load();
+    while (Background::calls.load() < before + 2) std::this_thread::yield();  // it got through
+  }
+  // Removed outright while its thread runs, and the victim with it: the thread finds nothing
+  // below and stops.
+  REQUIRE(disk->replumb("none", {}, reg, &err).ok());
+  CHECK(disk->chain_description() == "(empty)");
+  CHECK(g_bg_violations.load() == 0);
+  CHECK(Background::calls.load() >= 200);
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

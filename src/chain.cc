@@ -178,16 +178,21 @@ Status open_one(Filter& f, const FilterInfo& fi, const DiskInfo& base, std::shar
 
 }  // namespace
 
-Status Chain::open_arriving(const ChainPlan& plan, const DiskInfo& base, std::vector<Filter*>* opened,
+Status Chain::open_arriving(const ChainPlan& plan, Layer* bottom, const DiskInfo& base, std::vector<Filter*>* opened,
                             std::string* err) const {
   std::shared_ptr<const AtRest> at = base.at_rest;
+  Layer* below = bottom;  // the layer below the next slot up, in the chain the plan makes
   for (int c = kFilterClassCount - 1; c >= 0; --c) {
     if (plan.keep_[c] && slots_[c].filter) {
       if (auto a = slots_[c].filter->at_rest()) at = std::move(a);
+      below = slots_[c].filter.get();
     } else if (plan.fresh_[c].filter) {
-      Status s = open_one(*plan.fresh_[c].filter, *plan.fresh_[c].info, base, &at, err);
+      Filter& f = *plan.fresh_[c].filter;
+      f.set_next(below);  // its open() may read below (a size, a header); commit() links it the same way
+      Status s = open_one(f, *plan.fresh_[c].info, base, &at, err);
       if (!s.ok()) return s;
-      opened->push_back(plan.fresh_[c].filter.get());
+      opened->push_back(&f);
+      below = &f;
     }
   }
   return Status::Ok();

@@ -86,10 +86,12 @@ class Chain {
   std::vector<Filter*> leaving(const ChainPlan& plan) const;
   // Filters the plan removes without a successor of their class, top first.
   std::vector<Filter*> removed_outright(const ChainPlan& plan) const;
-  // Opens the plan's fresh filters bottom first, each told (DiskInfo::at_rest) of the at-rest
-  // protection the nearest filter below it offers in the chain the plan makes. The ones opened
-  // are appended to *opened (for the caller's undo); on failure *err names the filter.
-  Status open_arriving(const ChainPlan& plan, const DiskInfo& base, std::vector<Filter*>* opened,
+  // Opens the plan's fresh filters bottom first, each already linked to the layer that will be
+  // below it in the chain the plan makes (`bottom` under the lowest), so that its open() may
+  // read below, and told (DiskInfo::at_rest) of the at-rest protection the nearest filter below
+  // it offers there. The caller holds the plumbing lock exclusively. The ones opened are
+  // appended to *opened (for the caller's undo); on failure *err names the filter.
+  Status open_arriving(const ChainPlan& plan, Layer* bottom, const DiskInfo& base, std::vector<Filter*>* opened,
                        std::string* err) const;
   // Opens every filter bottom first, with the same at-rest propagation; closes the opened ones
   // again when one fails.

@@ -204,7 +204,7 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
     }
     std::vector<Filter*> opened;
     std::string oerr;
-    s = chain_.open_arriving(plan, info_, &opened, &oerr);
+    s = chain_.open_arriving(plan, bottom_, info_, &opened, &oerr);
     if (!s.ok()) {
       for (auto it = opened.rbegin(); it != opened.rend(); ++it) {
         (*it)->release_below(true);  // never linked: its threads must not wait for that

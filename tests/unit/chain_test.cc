@@ -536,3 +536,42 @@ TEST_CASE("a filter's own thread never calls into a layer below that a re-plumb 
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+// Reads the size below it when it opens (as the cache and replicate filters do).
+class Peeker : public Filter {
+ public:
+  explicit Peeker(uint64_t* seen) : seen_(seen) {}
+  Status open(const DiskInfo&) override { return next_ ? next_->size(seen_) : Status::Error(EFAULT, "unlinked"); }
+
+ private:
+  uint64_t* seen_;
+};
+}  // namespace
+
+TEST_CASE("a filter added to an open disk can read the layers below it when it opens", "[chain][disk]") {
+  uint64_t seen_cache = 0, seen_rep = 0;
+  Registry reg;
+  REQUIRE(reg.add(FilterInfo{"peek-cache", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr,
+                             [&](const YAML::Node&) { return std::make_unique<Peeker>(&seen_cache); }}));
+  REQUIRE(reg.add(FilterInfo{"peek-rep", FilterClass::Replicate, kFilterApiVersion, "", {}, nullptr,
+                             [&](const YAML::Node&) { return std::make_unique<Peeker>(&seen_rep); }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &reg;
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "x.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->write(Io{}, "0123456789", 10, 4086).ok());
+  // Both arrive at once: the lower one opens first, and the upper one reads through it.
+  REQUIRE(disk->replumb("peek", {spec("peek-rep"), spec("peek-cache")}, reg, &err).ok());
+  CHECK(seen_cache == 4096);
+  CHECK(seen_rep == 4096);
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

@@ -2,23 +2,13 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include "suggest.h"
+#include "param_walk.h"
 #include "units.h"  // parse_size
 
 namespace iofilterfs::cache {
 namespace {
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
-
-void blame(YAML::Node* where, const YAML::Node& n) {
-  if (where) where->reset(n);
-}
-
-const char* type_noun(const YAML::Node& n) {
-  if (n.IsMap()) return "a mapping";
-  if (n.IsSequence()) return "a list";
-  return "a value";
-}
+std::string q(const std::string& s) { return quoted(s); }
 
 // "64KiB", "1GiB", "1536" (exact: the largest binary unit that divides).
 std::string size_text(uint64_t n) {
@@ -48,46 +38,12 @@ bool parse_percent(std::string v, unsigned* out) {
 std::string check(const YAML::Node& params, CacheParams* out, YAML::Node* where) {
   if (!params.IsDefined() || params.IsNull())
     return "no cache storage given; set memory: SIZE, or device: DIRECTORY with size: SIZE";
-  if (!params.IsMap()) {
-    blame(where, params);
-    if (params.IsScalar()) return "parameters must be a mapping, not " + q(params.Scalar());
-    return std::string("parameters must be a mapping, not ") + type_noun(params);
-  }
+  if (std::string e = require_mapping(params, where); !e.empty()) return e;
   CacheParams p;
   const std::vector<std::string>& keys = cache_keys();
-  std::vector<YAML::Node> seen(keys.size());
-  std::vector<bool> have(keys.size(), false);
-  for (auto it = params.begin(); it != params.end(); ++it) {
-    const YAML::Node key = it->first, value = it->second;
-    if (!key.IsScalar()) {
-      blame(where, key);
-      return std::string("a key must be a plain name, not ") + type_noun(key);
-    }
+  bool have_low_watermark = false;
+  std::string e = walk_params(params, keys, where, [&](size_t, const YAML::Node& key, const YAML::Node& value) -> std::string {
     const std::string& name = key.Scalar();
-    size_t i = 0;
-    while (i < keys.size() && keys[i] != name) ++i;
-    if (i == keys.size()) {
-      blame(where, key);
-      std::string hint = did_you_mean(name, keys);
-      return "unknown key " + q(name) +
-             (hint.empty() ? " (known keys: mode, memory, device, size, block, sequential-cutoff, high-watermark, "
-                             "low-watermark, unsafe)"
-                           : hint);
-    }
-    if (have[i]) {
-      blame(where, key);
-      return "duplicate key " + q(name) + " (first on line " + std::to_string(seen[i].Mark().line + 1) + ")";
-    }
-    have[i] = true;
-    seen[i].reset(key);
-    if (!value.IsDefined() || value.IsNull()) {
-      blame(where, key);
-      return q(name) + " has no value";
-    }
-    if (!value.IsScalar()) {
-      blame(where, value);
-      return q(name) + " must be a single value, not " + type_noun(value);
-    }
     const std::string& v = value.Scalar();
     auto size_of = [&](uint64_t* n) -> std::string {
       std::string err = parse_size(v, n);
@@ -144,7 +100,10 @@ std::string check(const YAML::Node& params, CacheParams* out, YAML::Node* where)
         return "unsafe must be true or false, not " + q(v);
       }
     }
-  }
+    if (name == "low-watermark") have_low_watermark = true;
+    return "";
+  });
+  if (!e.empty()) return e;
   auto at = [&](const char* k) { return params[k]; };
   if (p.memory && !p.device.empty()) {
     blame(where, at("device"));
@@ -172,7 +131,7 @@ std::string check(const YAML::Node& params, CacheParams* out, YAML::Node* where)
            " (" + size_text(kMinBlocks * p.block) + "), not " + size_text(cap);
   }
   if (p.low_watermark >= p.high_watermark) {
-    blame(where, have[7] ? at("low-watermark") : at("high-watermark"));
+    blame(where, have_low_watermark ? at("low-watermark") : at("high-watermark"));
     return "low-watermark (" + std::to_string(p.low_watermark) + "%) must be below high-watermark (" +
            std::to_string(p.high_watermark) + "%)";
   }

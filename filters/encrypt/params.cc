@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "suggest.h"
+#include "param_walk.h"
 #include "units.h"
 
 namespace iofilterfs::encrypt {
@@ -22,17 +22,7 @@ constexpr size_t kMaxPassphrase = 8 * 1024 * 1024;    // cryptsetup's default ke
 
 const char* kNeedKey = "no key given; set key-file: PATH (a passphrase file) or credential: NAME (systemd LoadCredential=)";
 
-std::string q(std::string_view s) { return "'" + std::string(s) + "'"; }
-
-void blame(YAML::Node* where, const YAML::Node& n) {
-  if (where) where->reset(n);  // reset(), not operator=: that would rewrite the policy's node
-}
-
-const char* type_noun(const YAML::Node& n) {
-  if (n.IsMap()) return "a mapping";
-  if (n.IsSequence()) return "a list";
-  return "a value";
-}
+std::string q(std::string_view s) { return quoted(s); }
 
 std::string format_us(uint64_t us) {
   if (us % 1000000 == 0) return std::to_string(us / 1000000) + "s";
@@ -52,44 +42,11 @@ bool valid_credential_name(const std::string& s) {
 
 std::string check(const YAML::Node& params, EncryptParams* out, YAML::Node* where, const KeyFileProbe& probe) {
   if (!params.IsDefined() || params.IsNull()) return kNeedKey;
-  if (!params.IsMap()) {
-    blame(where, params);
-    if (params.IsScalar()) return "parameters must be a mapping, not " + q(params.Scalar());
-    return std::string("parameters must be a mapping, not ") + type_noun(params);
-  }
+  if (std::string e = require_mapping(params, where); !e.empty()) return e;
   EncryptParams p;
-  YAML::Node key_file_node, first_key[8];
-  bool seen[8] = {};
-  const std::vector<std::string>& keys = encrypt_keys();
-  for (auto it = params.begin(); it != params.end(); ++it) {
-    const YAML::Node key = it->first, value = it->second;
-    if (!key.IsScalar()) {
-      blame(where, key);
-      return std::string("a key must be a plain name, not ") + type_noun(key);
-    }
+  YAML::Node key_file_node;
+  std::string e = walk_params(params, encrypt_keys(), where, [&](size_t, const YAML::Node& key, const YAML::Node& value) -> std::string {
     const std::string& name = key.Scalar();
-    size_t i = 0;
-    while (i < keys.size() && keys[i] != name) ++i;
-    if (i == keys.size()) {
-      blame(where, key);
-      std::string hint = did_you_mean(name, keys);
-      return "unknown key " + q(name) +
-             (hint.empty() ? " (known keys: key-file, credential, pbkdf-iter-time, key-size, hash)" : hint);
-    }
-    if (seen[i]) {
-      blame(where, key);
-      return "duplicate key " + q(name) + " (first on line " + std::to_string(first_key[i].Mark().line + 1) + ")";
-    }
-    first_key[i].reset(key);
-    seen[i] = true;
-    if (!value.IsDefined() || value.IsNull()) {
-      blame(where, key);
-      return q(name) + " has no value";
-    }
-    if (!value.IsScalar()) {
-      blame(where, value);
-      return q(name) + " must be a single value, not " + type_noun(value);
-    }
     const std::string& v = value.Scalar();
     if (name == "key-file") {
       if (v.empty() || v[0] != '/') {
@@ -129,7 +86,9 @@ std::string check(const YAML::Node& params, EncryptParams* out, YAML::Node* wher
       }
       p.hash = v;
     }
-  }
+    return "";
+  });
+  if (!e.empty()) return e;
   if (!p.key_file.empty() && !p.credential.empty()) {
     blame(where, params["credential"]);
     return "key-file and credential exclude each other; give one of them";

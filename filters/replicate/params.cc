@@ -4,13 +4,13 @@
 
 #include <set>
 
-#include "suggest.h"
+#include "param_walk.h"
 #include "units.h"
 
 namespace iofilterfs::replicate {
 namespace {
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string q(const std::string& s) { return quoted(s); }
 
 bool starts_with(const std::string& s, const char* p) { return s.rfind(p, 0) == 0; }
 
@@ -52,43 +52,19 @@ const std::vector<std::string>& replicate_keys() {
 }
 
 std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML::Node* where) {
-  auto blame = [&](const YAML::Node& n) {
-    if (where) where->reset(n);
-  };
   if (!params.IsDefined() || params.IsNull()) return "'target' and 'journal' are required";
-  if (!params.IsMap()) {
-    if (params.IsScalar()) return "parameters must be a mapping, not " + q(params.Scalar());
-    return "parameters must be a mapping";
-  }
+  if (std::string e = require_mapping(params, where); !e.empty()) return e;
   ReplicateParams p;
   std::set<std::string> seen;
-  for (auto it = params.begin(); it != params.end(); ++it) {
-    const YAML::Node key = it->first, val = it->second;
-    if (!key.IsScalar()) {
-      blame(key);
-      return "keys must be names";
-    }
-    const std::string k = key.Scalar();
-    bool known = false;
-    for (const std::string& n : replicate_keys()) known = known || n == k;
-    if (!known) {
-      blame(key);
-      return "unknown key " + q(k) + did_you_mean(k, replicate_keys());
-    }
-    if (!seen.insert(k).second) {
-      blame(key);
-      return "duplicate key " + q(k);
-    }
-    if (!val.IsScalar()) {
-      blame(val.IsDefined() && !val.IsNull() ? val : key);
-      return val.IsDefined() && !val.IsNull() ? q(k) + " must be a single value" : q(k) + " has no value";
-    }
+  std::string err = walk_params(params, replicate_keys(), where, [&](size_t, const YAML::Node& key, const YAML::Node& val) -> std::string {
+    const std::string& k = key.Scalar();
+    seen.insert(k);
     const std::string v = val.Scalar();
     if (v.empty()) {
-      blame(key);
+      blame(where, key);
       return q(k) + " has no value";
     }
-    blame(val);
+    blame(where, val);
     if (k == "target") {
       std::string e = check_target(v, &p.target_is_nbd);
       if (!e.empty()) return e;
@@ -134,7 +110,9 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
       if (us < 1'000'000 || us > 365ull * 86400 * 1'000'000) return "'retention' must be from 1s to 365d, not " + q(v);
       p.retention_us = us;
     }
-  }
+    return "";
+  });
+  if (!err.empty()) return err;
   if (where) where->reset(params);
   if (p.target.empty()) return "'target' is required (a directory or an NBD URI)";
   if (p.journal.empty()) return "'journal' is required (a directory for the image's journal and dirty bitmap)";

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <string>
 
+#include "param_walk.h"
 #include "suggest.h"
 #include "units.h"
 
@@ -69,7 +70,7 @@ int index_of(int bucket, Field f) {
   return -1;
 }
 
-std::string q(std::string_view s) { return "'" + std::string(s) + "'"; }
+std::string q(std::string_view s) { return quoted(s); }
 
 // ---- unknown keys: QEMU's spellings and near misses ----
 
@@ -288,10 +289,10 @@ const char* kind_noun(Kind kind) {
   return "a value";
 }
 
-const char* type_noun(const YAML::Node& n) {
-  if (n.IsMap()) return "a mapping";
-  if (n.IsSequence()) return "a list";
-  return "a scalar";
+// The key names in kKeys order, for walk_params().
+const std::vector<std::string>& throttle_key_names() {
+  static const std::vector<std::string> names(throttle_keys().begin(), throttle_keys().end());
+  return names;
 }
 
 struct Seen {
@@ -301,47 +302,20 @@ struct Seen {
   std::string name;  // the group's
 };
 
-void blame(YAML::Node* where, const YAML::Node& n) {
-  // reset(), not operator=: assigning one yaml-cpp Node to another rewrites the node it refers to.
-  if (where) where->reset(n);
-}
 
 std::string check(const YAML::Node& params, ThrottleParams* out, YAML::Node* where) {
   static const std::string kNoLimit =
       "no limit given; set at least one of iops, read-iops, write-iops, bps, read-bps, write-bps, or of the "
       "datastore QoS keys shares, reservation, limit";
   if (!params.IsDefined() || params.IsNull()) return kNoLimit;
-  if (!params.IsMap()) {
-    blame(where, params);
-    if (params.IsScalar()) return "parameters must be a mapping, not " + q(params.Scalar());
-    return std::string("parameters must be a mapping, not ") + type_noun(params);
-  }
+  if (std::string e = require_mapping(params, where); !e.empty()) return e;
 
   Seen seen[kKeyCount];
-  for (auto it = params.begin(); it != params.end(); ++it) {
-    const YAML::Node key = it->first, value = it->second;
-    if (!key.IsScalar()) {
-      blame(where, key);
-      return std::string("a key must be a plain name, not ") + type_noun(key);
-    }
-    int i = key_index(key.Scalar());
-    if (i < 0) {
-      blame(where, key);
-      return unknown_key(key.Scalar());
-    }
+  WalkOptions how;
+  how.unknown = [](const std::string& name) { return unknown_key(name); };
+  how.value_noun = [](size_t i) { return std::string(kind_noun(kKeys[i].kind)); };
+  std::string e = walk_params(params, throttle_key_names(), where, [&](size_t i, const YAML::Node& key, const YAML::Node& value) -> std::string {
     const KeyDef& k = kKeys[i];
-    if (seen[i].set) {
-      blame(where, key);
-      return "duplicate key " + q(k.name) + " (first on line " + std::to_string(seen[i].key.Mark().line + 1) + ")";
-    }
-    if (!value.IsDefined() || value.IsNull()) {
-      blame(where, key);
-      return q(k.name) + " has no value";
-    }
-    if (!value.IsScalar()) {
-      blame(where, value);
-      return q(k.name) + " must be " + kind_noun(k.kind) + ", not " + type_noun(value);
-    }
     uint64_t v = 0;
     std::string err, name;
     switch (k.kind) {
@@ -357,7 +331,9 @@ std::string check(const YAML::Node& params, ThrottleParams* out, YAML::Node* whe
       return err;
     }
     seen[i] = Seen{true, key, value, v, name};
-  }
+    return "";
+  }, how);
+  if (!e.empty()) return e;
 
   // Across keys, in QEMU's order of checks.
   for (int total : {kOpsTotal, kBpsTotal}) {

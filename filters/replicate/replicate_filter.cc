@@ -1146,7 +1146,14 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
   last_persist_ns_ = mono_ns();
   if (!owner()) return "";
   const uint64_t pos = shipped_pos_.load();
-  if (!params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
+  bool cut_now = !params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove);
+  if (cut_now) {
+    // Records reserved before we took jmu_ may still be on their way into the file (not in
+    // end() yet): let them land, and cut only if they were shipped too.
+    journal_->wait_idle();
+    cut_now = pos >= journal_->end();
+  }
+  if (cut_now) {
     e = journal_->reset();
     if (e.empty()) {
       shipped_pos_.store(journal_->end());

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Replicate filter benchmark, one run, ratios against the empty chain measured in the same run.
+# Replicate filter benchmark: ratios of medians of BENCH_REPEAT runs [3] (empty chain and filter
+# runs alternate, so a noisy neighbour hits both alike) against the empty chain.
 # Everything (backing, replica directory, journal) lives on a private tmpfs, so the figures are
 # the filter's own cost, not a disk's:
 #   1. 1 MiB sequential writes (libaio, direct, QD8): async replication to a directory target
@@ -12,7 +13,7 @@
 #   bench/replicate_bench.sh            (~1 min)
 #   bench/replicate_bench.sh --quick    (3 s runs)
 #
-# Environment: BENCH_RUNTIME seconds of the lag stream [10], BENCH_SIZE file size [1G],
+# Environment: BENCH_REPEAT runs per figure [3], BENCH_RUNTIME seconds of the lag stream [10], BENCH_SIZE file size [1G],
 # BENCH_SEQ_IO bytes of the sequential runs [4G], BENCH_LAT_IO bytes of the latency runs [128M],
 # IOFILTERFS daemon binary [<repo>/build/iofilterfs]. Needs root (mounts a tmpfs).
 # This is a benchmark, not a test: it exits 0 whether or not the targets are met.
@@ -21,6 +22,7 @@ set -uo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$script_dir/.." && pwd)
 RUNTIME=${BENCH_RUNTIME:-10}
+REPEAT=${BENCH_REPEAT:-3}
 SIZE=${BENCH_SIZE:-1G}
 SEQ_IO=${BENCH_SEQ_IO:-4G}
 LAT_IO=${BENCH_LAT_IO:-128M}
@@ -82,6 +84,8 @@ fio_json() {
 jq_bw() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["jobs"][0]["write"]["bw_bytes"]/1e6)' "$1"; }
 jq_p50() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["jobs"][0]["write"]["clat_ns"]["percentile"]["50.000000"]/1e3)' "$1"; }
 ratio() { python3 -c "import sys; print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))" "$1" "$2"; }
+median() { python3 -c "import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+runs() { python3 -c "import sys; print(' '.join('%.0f' % float(x) if float(x) >= 100 else '%.1f' % float(x) for x in sys.argv[1:]))" "$@"; }
 
 # Each image is created and laid out first (the replica gets the initial sync then), and held
 # open so the measured runs see a steady state.
@@ -96,20 +100,30 @@ prepare async.raw a
 prepare sync.raw s
 
 echo "replicate_bench: $(date -u +%F), $(nproc) CPUs, kernel $(uname -r), tmpfs, size $SIZE, seq $SEQ_IO, lat $LAT_IO, stream ${RUNTIME}s"
-fio_json seq-empty "$work/m/empty.raw" --rw=write --bs=1M --iodepth=8 --io_size="$SEQ_IO"
-fio_json seq-async "$work/m/async.raw" --rw=write --bs=1M --iodepth=8 --io_size="$SEQ_IO"
+es=(); as=()
+for r in $(seq "$REPEAT"); do
+  fio_json seq-empty-$r "$work/m/empty.raw" --rw=write --bs=1M --iodepth=8 --io_size="$SEQ_IO"
+  fio_json seq-async-$r "$work/m/async.raw" --rw=write --bs=1M --iodepth=8 --io_size="$SEQ_IO"
+  es+=("$(jq_bw "$work/seq-empty-$r.json")"); as+=("$(jq_bw "$work/seq-async-$r.json")")
+done
 setfattr -n user.iofilter.flush -v 1 "$work/m/async.raw"
 cmp -s "$work/fs/b/async.raw" "$work/fs/replica/async.raw" && same=equal || same=DIFFERENT
-e=$(jq_bw "$work/seq-empty.json"); a=$(jq_bw "$work/seq-async.json")
+e=$(median "${es[@]}"); a=$(median "${as[@]}")
 printf '1 MiB seq write QD8    empty %8.0f MB/s   async->dir %8.0f MB/s   ratio %s (target >= 0.85)   replica %s\n' \
   "$e" "$a" "$(ratio "$a" "$e")" "$same"
+printf '                       runs: empty %s   async %s\n' "$(runs "${es[@]}")" "$(runs "${as[@]}")"
 
-fio_json lat-empty "$work/m/empty.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
-fio_json lat-sync "$work/m/sync.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
+es=(); ss=()
+for r in $(seq "$REPEAT"); do
+  fio_json lat-empty-$r "$work/m/empty.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
+  fio_json lat-sync-$r "$work/m/sync.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
+  es+=("$(jq_p50 "$work/lat-empty-$r.json")"); ss+=("$(jq_p50 "$work/lat-sync-$r.json")")
+done
 cmp -s "$work/fs/b/sync.raw" "$work/fs/replica/sync.raw" && same=equal || same=DIFFERENT
-e=$(jq_p50 "$work/lat-empty.json"); s=$(jq_p50 "$work/lat-sync.json")
+e=$(median "${es[@]}"); s=$(median "${ss[@]}")
 printf '4 KiB write QD1 p50    empty %8.1f us     sync->dir  %8.1f us     ratio %s (target <= 2.2)    replica %s\n' \
   "$e" "$s" "$(ratio "$s" "$e")" "$same"
+printf '                       runs: empty %s   sync %s\n' "$(runs "${es[@]}")" "$(runs "${ss[@]}")"
 
 # Lag under a sustained 100 MiB/s stream.
 samples="$work/lag.txt"

@@ -10,5 +10,9 @@ namespace iofilterfs::replicate {
 
 // Continues `crc` (0 to start) over len bytes.
 uint32_t crc32c(uint32_t crc, const void* data, size_t len);
+// The CRC of A followed by B from crc_a = crc32c(0, A), crc_b = crc32c(0, B) and B's length
+// (zlib's crc32_combine, for the Castagnoli polynomial): lets a journal writer checksum its data
+// before it takes the journal lock, and only the 48-byte header under it.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
 }  // namespace iofilterfs::replicate

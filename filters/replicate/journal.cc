@@ -186,6 +186,8 @@ std::string Journal::open(const std::string& path, std::unique_ptr<Journal>* out
     if (::ftruncate(fd, static_cast<off_t>(r.end)) != 0) return errtext("cannot truncate", path);
   }
   j->end_.store(r.end);
+  j->reserved_ = j->done_to_ = r.end;
+  j->synced_.store(kJournalHeader);
   j->next_seq_ = r.next_seq;
   *out = std::move(j);
   return "";
@@ -195,41 +197,96 @@ Journal::~Journal() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-std::string Journal::append(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, const void* data,
-                            uint32_t data_len) {
-  RecordHeader h;
-  make_record(&h, type, next_seq_, time_ns, off, len, data, data_len);
-  struct iovec iov[2] = {{&h, sizeof h}, {const_cast<void*>(data), data_len}};
-  const uint64_t at = end_.load(std::memory_order_relaxed);
-  const size_t total = sizeof h + data_len;
+Reservation Journal::reserve(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, uint32_t data_len,
+                             uint32_t data_crc, uint16_t flags) {
+  Reservation r;
+  RecordHeader& h = r.h;
+  h.magic = kRecordMagic;
+  h.seq = next_seq_++;
+  h.time_ns = time_ns;
+  h.off = off;
+  h.len = len;
+  h.data_len = data_len;
+  h.type = static_cast<uint16_t>(type);
+  h.flags = flags;
+  h.crc = 0;
+  h.crc = crc32c_combine(crc32c(0, &h, sizeof h), data_crc, data_len);
+  r.at = reserved_;
+  reserved_ += sizeof h + data_len;
+  std::lock_guard<std::mutex> g(pub_mu_);
+  ++outstanding_;
+  return r;
+}
+
+std::string Journal::commit(const Reservation& r, const void* data) {
+  const size_t total = sizeof r.h + r.h.data_len;
+  struct iovec iov[2] = {{const_cast<RecordHeader*>(&r.h), sizeof r.h}, {const_cast<void*>(data), r.h.data_len}};
   size_t done = 0;
+  int err = 0;
   while (done < total) {
     ssize_t n;
-    if (done == 0) {
-      n = ::pwritev(fd_, iov, data_len ? 2 : 1, static_cast<off_t>(at));
-    } else if (done < sizeof h) {
-      struct iovec rest[2] = {{reinterpret_cast<uint8_t*>(&h) + done, sizeof h - done},
-                              {const_cast<void*>(data), data_len}};
-      n = ::pwritev(fd_, rest, data_len ? 2 : 1, static_cast<off_t>(at + done));
+    if (done < sizeof r.h) {
+      struct iovec rest[2] = {{reinterpret_cast<uint8_t*>(iov[0].iov_base) + done, sizeof r.h - done}, iov[1]};
+      n = ::pwritev(fd_, rest, r.h.data_len ? 2 : 1, static_cast<off_t>(r.at + done));
     } else {
-      n = ::pwrite(fd_, static_cast<const uint8_t*>(data) + (done - sizeof h), total - done,
-                   static_cast<off_t>(at + done));
+      n = ::pwrite(fd_, static_cast<const uint8_t*>(data) + (done - sizeof r.h), total - done,
+                   static_cast<off_t>(r.at + done));
     }
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      // Leave nothing half-written where the next record would go.
-      (void)::ftruncate(fd_, static_cast<off_t>(at));
-      return errtext("cannot append to", path_);
+      err = n < 0 ? errno : EIO;
+      break;
     }
     done += static_cast<size_t>(n);
   }
-  next_seq_++;
-  end_.store(at + total, std::memory_order_release);
+  // Publish in order: wait for the records before this one, then move end() over it.
+  std::unique_lock<std::mutex> l(pub_mu_);
+  pub_cv_.wait(l, [&] { return done_to_ == r.at; });
+  done_to_ = r.at + total;
+  if (err) broken_.store(true, std::memory_order_release);
+  if (!broken_.load(std::memory_order_relaxed)) end_.store(done_to_, std::memory_order_release);
+  --outstanding_;
+  const bool broken = broken_.load(std::memory_order_relaxed);
+  l.unlock();
+  pub_cv_.notify_all();
+  if (err) {
+    errno = err;
+    return errtext("cannot append to", path_);
+  }
+  if (broken) return path_ + ": an earlier record could not be written";
+  return "";
+}
+
+std::string Journal::append(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, const void* data,
+                            uint32_t data_len, uint16_t flags) {
+  const Reservation r = reserve(type, time_ns, off, len, data_len, crc32c(0, data, data_len), flags);
+  return commit(r, data);
+}
+
+void Journal::wait_idle() {
+  std::unique_lock<std::mutex> l(pub_mu_);
+  pub_cv_.wait(l, [&] { return outstanding_ == 0; });
+}
+
+std::string Journal::repair() {
+  wait_idle();
+  std::lock_guard<std::mutex> g(pub_mu_);
+  if (!broken_.load(std::memory_order_relaxed)) return "";
+  const uint64_t e = end_.load(std::memory_order_relaxed);
+  if (::ftruncate(fd_, static_cast<off_t>(e)) != 0) return errtext("cannot truncate", path_);
+  reserved_ = done_to_ = e;
+  broken_.store(false, std::memory_order_release);
   return "";
 }
 
 std::string Journal::sync() {
+  const uint64_t want = end();
+  if (synced_.load(std::memory_order_acquire) >= want) return "";
+  std::lock_guard<std::mutex> g(sync_mu_);
+  if (synced_.load(std::memory_order_acquire) >= want) return "";  // the fdatasync we waited for had it
+  const uint64_t covers = end();
   if (::fdatasync(fd_) != 0) return errtext("cannot sync", path_);
+  synced_.store(covers, std::memory_order_release);
   return "";
 }
 
@@ -296,13 +353,22 @@ std::string Journal::drop_history(uint64_t off, uint64_t seq) {
 }
 
 std::string Journal::reset() {
+  wait_idle();  // no record may land after the cut
+  std::lock_guard<std::mutex> sg(sync_mu_);
   JournalHeader h{kJournalHeader, next_seq_, kJournalHeader, next_seq_};
   uint8_t head[64];
   encode_journal_header(h, head);
   if (::pwrite(fd_, head, 64, 0) != 64 || ::fdatasync(fd_) != 0) return errtext("cannot write the header of", path_);
   if (::ftruncate(fd_, kJournalHeader) != 0) return errtext("cannot truncate", path_);
   hdr_ = h;
-  end_.store(kJournalHeader, std::memory_order_release);
+  reserved_ = kJournalHeader;
+  {
+    std::lock_guard<std::mutex> g(pub_mu_);
+    done_to_ = kJournalHeader;
+    broken_.store(false, std::memory_order_release);
+    end_.store(kJournalHeader, std::memory_order_release);
+  }
+  synced_.store(kJournalHeader, std::memory_order_release);
   return "";
 }
 

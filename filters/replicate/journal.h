@@ -11,7 +11,13 @@
 //           48..63 zero
 //   record  0 u32 magic "RJR1"   4 u32 crc32c of the 48-byte header (this field zero) + data
 //           8 u64 seq (consecutive)   16 u64 time (ns since the epoch)   24 u64 offset
-//           32 u64 length   40 u32 data bytes   44 u16 type   46 u16 0     48 data
+//           32 u64 length   40 u32 data bytes   44 u16 type   46 u16 flags  48 data
+//
+// Under a policy that also encrypts (filter.h, AtRest), Write records hold the container's
+// ciphertext of whole 512-byte sectors (offset and length are sector multiples of the payload),
+// and a Zero record with kZeroSealed in its flags means "the sectors hold the encryption of
+// zeros" (a zero-range), without it "a hole" (a punched range). Offsets and times are not
+// sealed: they are the journal's own metadata, not guest data.
 //
 // The header is rewritten in place (one sector) only after the target has flushed everything
 // before ship_off, so a restart resends at most what had not been confirmed; resending is
@@ -24,9 +30,11 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -45,8 +53,9 @@ struct RecordHeader {
                      // Point: the restore point's name's bytes (its data)
   uint32_t data_len = 0;
   uint16_t type = 0;
-  uint16_t pad = 0;
+  uint16_t flags = 0;
 };
+inline constexpr uint16_t kZeroSealed = 1;  // Zero records: write sealed zeros, not a hole
 static_assert(sizeof(RecordHeader) == 48);
 
 inline constexpr uint32_t kRecordMagic = 0x31524a52;  // "RJR1"
@@ -82,9 +91,33 @@ struct ScanResult {
 ScanResult scan_journal(const ReadAt& read, uint64_t off, uint64_t seq,
                         const std::function<bool(const RecordHeader&, const uint8_t* data, uint64_t at)>& on_record);
 
-// The journal file. Threads: append() is serialised by the caller (the filter's journal lock);
-// read() may run concurrently with append() for records below end(); set_shipped() and reset()
-// run on the shipping thread under the caller's journal lock.
+// A record's place in the journal, handed out by Journal::reserve() (see there).
+struct Reservation {
+  uint64_t at = 0;  // file offset of the record
+  RecordHeader h;   // its header, checksum included
+};
+
+// The journal file.
+//
+// Appends are a group commit without a copy: a writer checksums its data with no lock held,
+// then, under the caller's journal lock, reserve() gives it the next sequence number and file
+// offset and checksums the 48-byte header (the two CRCs are combined); the lock is released and
+// commit() writes header and data with one pwritev at that offset, concurrently with the other
+// writers, and returns once every record before it is in the file too. end() — what the
+// shipper, the scans and sync() see — moves only over a contiguous run of complete records, so
+// a caller that goes on to write the image after commit() knows the journal has its record and
+// every earlier one (a kill -9 can never leave an image write whose record replay would cut).
+// sync() is a group fdatasync: a caller whose records an fdatasync already in flight covers
+// waits for that one instead of issuing its own.
+//
+// A failed record write breaks the journal: that commit() and every later one fail (their
+// writers track their regions elsewhere), end() stays before the broken record, and the journal
+// is usable again after reset().
+//
+// Threads: reserve(), append(), set_shipped(), reset() and drop_history() under the caller's
+// journal lock; commit(), sync(), read() of records below end() and the accessors from any
+// thread. Internal locks (leaves, below the caller's journal lock): sync_mu_ (one fdatasync at a
+// time) and pub_mu_ (publication order).
 class Journal {
  public:
   // Opens or creates PATH; scans from the header's ship point, cuts a torn tail (*note says
@@ -92,9 +125,25 @@ class Journal {
   static std::string open(const std::string& path, std::unique_ptr<Journal>* out, std::string* note);
   ~Journal();
 
-  // Appends one record (header and data in one pwritev); "" or the error.
-  std::string append(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, const void* data, uint32_t data_len);
+  // Under the caller's lock: the next record's place, for data whose crc32c(0, data, data_len)
+  // is data_crc. No I/O. Every reservation must be committed.
+  Reservation reserve(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, uint32_t data_len,
+                      uint32_t data_crc, uint16_t flags = 0);
+  // Without the caller's lock: writes the reserved record and returns once it and every earlier
+  // record are in the file (not yet durable: sync()); "" or the error (this record's or an
+  // earlier one's write failed: the journal is broken until reset()).
+  std::string commit(const Reservation& r, const void* data);
+  // reserve() and commit() in one (under the caller's lock; for rare records and tests).
+  std::string append(RecType type, uint64_t time_ns, uint64_t off, uint64_t len, const void* data, uint32_t data_len,
+                     uint16_t flags = 0);
+  // Makes every record below end() (as it was at the call) durable; group commit (see above).
   std::string sync();
+  // Under the caller's lock: waits until every reserved record is committed (or failed).
+  void wait_idle();
+  // Under the caller's lock, after a failed record: cuts the file after the last published
+  // record, so appending can go on there (what was cut its writers tracked elsewhere).
+  std::string repair();
+  bool broken() const { return broken_.load(std::memory_order_acquire); }
   // Reads the header of the record at `at` (below end()); its data follows at at + 48.
   std::string read_header(uint64_t at, RecordHeader* h);
   // Reads the record at `at` (which must be below end()).
@@ -123,8 +172,16 @@ class Journal {
   std::string path_;
   int fd_ = -1;
   JournalHeader hdr_;
-  std::atomic<uint64_t> end_{kJournalHeader};
-  uint64_t next_seq_ = 1;  // under the caller's journal lock
+  std::atomic<uint64_t> end_{kJournalHeader};  // after the last published record (under pub_mu_)
+  uint64_t next_seq_ = 1;                      // under the caller's journal lock
+  uint64_t reserved_ = kJournalHeader;         // after the last reserved record (caller's lock)
+  std::mutex pub_mu_;
+  std::condition_variable pub_cv_;
+  uint64_t done_to_ = kJournalHeader;  // under pub_mu_: records before it are written or failed
+  uint64_t outstanding_ = 0;           // under pub_mu_: reserved, not yet committed
+  std::atomic<bool> broken_{false};    // written under pub_mu_
+  std::mutex sync_mu_;
+  std::atomic<uint64_t> synced_{kJournalHeader};  // records before it are durable (under sync_mu_)
 };
 
 }  // namespace iofilterfs::replicate

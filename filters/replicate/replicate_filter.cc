@@ -10,11 +10,13 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
 
 #include "json.h"
+#include "replicate/crc32c.h"
 #include "units.h"
 
 namespace iofilterfs {
@@ -161,16 +163,131 @@ bool ReplicateFilter::mark_pending(uint64_t r0, uint64_t r1) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sealing (a policy that also encrypts; see the header).
+
+namespace {
+
+// This thread's buffer for sealed data: page-aligned, grown to the largest request seen, freed
+// when the thread exits. Not a thread_buffer() slot: the encrypt filter below uses the Filter
+// slot while this one still holds what goes to the target.
+uint8_t* seal_buffer(size_t n) {
+  struct Buf {
+    uint8_t* p = nullptr;
+    size_t cap = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf b;
+  if (b.cap < n) {
+    const size_t cap = (n + 65535) & ~size_t(65535);
+    void* p = std::aligned_alloc(4096, cap);
+    if (!p) return nullptr;
+    std::free(b.p);
+    b.p = static_cast<uint8_t*>(p);
+    b.cap = cap;
+  }
+  return b.p;
+}
+
+const Status kNoMemory = Status::Error(ENOMEM, "replicate: no memory for the sealed copy");
+
+}  // namespace
+
+void ReplicateFilter::lock_edges(uint64_t off, uint64_t len, EdgeLocks* l) {
+  constexpr uint64_t S = AtRest::kSector;
+  int idx[2];
+  int n = 0;
+  auto stripe_of = [](uint64_t sector) { return static_cast<int>((sector * 0x9E3779B97F4A7C15ull) >> 58); };
+  if (off % S) idx[n++] = stripe_of(off / S);
+  if ((off + len) % S) {
+    const int t = stripe_of((off + len) / S);
+    if (n == 0 || t != idx[0]) idx[n++] = t;
+  }
+  if (n == 2 && idx[1] < idx[0]) std::swap(idx[0], idx[1]);
+  for (int i = 0; i < n; ++i) {
+    edge_mu_[idx[i]].lock();
+    l->m[i] = &edge_mu_[idx[i]];
+  }
+}
+
+Status ReplicateFilter::seal_range(const void* buf, size_t len, uint64_t off, const uint8_t** out, uint64_t* aoff,
+                                   size_t* alen) {
+  constexpr uint64_t S = AtRest::kSector;
+  const uint64_t a0 = off / S * S, a1 = (off + len + S - 1) / S * S;
+  const size_t n = static_cast<size_t>(a1 - a0);
+  uint8_t* p = seal_buffer(n);
+  if (!p) return kNoMemory;
+  *out = p;
+  *aoff = a0;
+  *alen = n;
+  if (a0 == off && a1 == off + len && buf) return seal_->seal(a0, buf, p, n);  // aligned: one pass, no copy
+  auto read_sector = [&](uint64_t at, uint8_t* to) -> Status {
+    size_t got = 0;
+    Status st = next_->read(Io{}, to, S, at, &got);
+    if (st.ok() && got < S) std::memset(to + got, 0, S - got);  // past the end: zeros
+    return st;
+  };
+  Status st;
+  if (a0 != off) st = read_sector(a0, p);
+  if (st.ok() && a1 != off + len && (a1 - S != a0 || a0 == off)) st = read_sector(a1 - S, p + n - S);
+  if (!st.ok()) return st;
+  if (buf) std::memcpy(p + (off - a0), buf, len);
+  else std::memset(p + (off - a0), 0, len);
+  return seal_->seal(a0, p, p, n);
+}
+
+Status ReplicateFilter::seal_edge(uint64_t sector_off, uint64_t z0, uint64_t z1, uint8_t* out) {
+  constexpr uint64_t S = AtRest::kSector;
+  size_t got = 0;
+  Status st = next_->read(Io{}, out, S, sector_off, &got);
+  if (!st.ok()) return st;
+  if (got < S) std::memset(out + got, 0, S - got);
+  std::memset(out + (z0 - sector_off), 0, z1 - z0);
+  return seal_->seal(sector_off, out, out, S);
+}
+
+std::string ReplicateFilter::target_sealed_zero(uint64_t off, uint64_t len) {
+  constexpr size_t kChunk = 1u << 20;
+  uint8_t* p = seal_buffer(kChunk);
+  if (!p) return "no memory for sealed zeros";
+  while (len) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(len, kChunk));
+    std::memset(p, 0, n);
+    Status st = seal_->seal(off, p, p, n);
+    if (!st.ok()) return std::string("cannot seal: ") + (st.what ? st.what : std::strerror(st.err));
+    std::string e = target_->pwrite(p, n, off);
+    if (!e.empty()) return e;
+    off += n;
+    len -= n;
+  }
+  return "";
+}
+
+std::string ReplicateFilter::copy_header(rp::Target* t) {
+  std::vector<uint8_t> b(std::min<uint64_t>(header_bytes_, 1u << 20));
+  for (uint64_t o = 0; o < header_bytes_;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(b.size(), header_bytes_ - o));
+    Status st = seal_->read_header(b.data(), n, o);
+    if (!st.ok()) return std::string("cannot read the container's header: ") + (st.what ? st.what : std::strerror(st.err));
+    std::string e = t->pwrite_header(b.data(), n, o);
+    if (!e.empty()) return e;
+    o += n;
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------
 // Open and close.
 
 Status ReplicateFilter::open(const DiskInfo& info) {
   relpath_ = info.path;
-  // The policy also encrypts: the journal, the history and the replica would hold the guest's
-  // plaintext, which filter.h (AtRest) forbids. Sealing them is not written yet, so fail closed.
-  if (info.at_rest)
+  // The policy also encrypts: everything kept or sent is sealed (see the header). The history
+  // of retention would start from a plaintext copy of the image, so that is refused.
+  if (info.at_rest && params_.retention_us)
     return Status::Error(EMEDIUMTYPE,
-                         "replicate: the policy also encrypts, and the replica and journal would hold plaintext "
-                         "(sealing them is not supported yet)");
+                         "replicate: retention under a policy that also encrypts is not supported (the history "
+                         "base would hold plaintext)");
+  seal_ = info.at_rest;
+  header_bytes_ = seal_ ? seal_->header_bytes() : 0;
   if (::mkdir(params_.journal.c_str(), 0700) != 0 && errno != EEXIST) {
     spdlog::error("{}: replicate: cannot create the journal directory {}: {}", relpath_, params_.journal,
                   std::strerror(errno));
@@ -182,7 +299,10 @@ Status ReplicateFilter::open(const DiskInfo& info) {
     token_ = g_next_token++;
     g_owners[base_] = token_;
   }
-  bitmap_ = std::make_unique<rp::PersistentBitmap>(base_ + ".bitmap", shift_, rp::target_id_of(params_.target));
+  // A sealed replica (a LUKS container) and a plaintext one of the same target are different
+  // replicas: a bitmap made for the other kind is not trusted (a full sync follows).
+  bitmap_ = std::make_unique<rp::PersistentBitmap>(
+      base_ + ".bitmap", shift_, rp::target_id_of(seal_ ? params_.target + "\n(sealed)" : params_.target));
   bool found = false;
   std::string note;
   uint64_t bad_pages = 0;
@@ -330,17 +450,25 @@ bool ReplicateFilter::reconfigure(const YAML::Node& params) {
 // ---------------------------------------------------------------------------------------------
 // The data path.
 
-Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t len, const void* data) {
+Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t len, const void* data,
+                                       uint32_t data_crc, std::optional<rp::Reservation>* res, uint16_t flags) {
   const uint64_t lag = appended_bytes_.load() - shipped_bytes_.load();
   if (jmode_ == JMode::Journal && lag >= max_lag_.load()) {
     if (backpressure_.load() && connected_.load()) return Status::Error(EAGAIN);  // the caller waits
     collapse_locked(connected_.load() ? "the journal reached max-lag" : "the journal reached max-lag with the replica unreachable");
   }
   if (jmode_ == JMode::Journal) {
-    std::string e = journal_->append(type, real_ns(), off, len, data, type == rp::RecType::Write ? static_cast<uint32_t>(len) : 0);
+    const uint32_t dlen = type == rp::RecType::Write ? static_cast<uint32_t>(len) : 0;
+    std::string e;
+    if (res && type == rp::RecType::Write) {
+      // Group commit: only the place is taken here; the caller writes the record unlocked.
+      res->emplace(journal_->reserve(type, real_ns(), off, len, dlen, data_crc, flags));
+    } else {
+      e = journal_->append(type, real_ns(), off, len, data, dlen, flags);
+    }
     if (e.empty()) {
-      journaled_bytes_.fetch_add(type == rp::RecType::Write ? len : 0, std::memory_order_relaxed);
-      appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + (type == rp::RecType::Write ? len : 0));
+      journaled_bytes_.fetch_add(dlen, std::memory_order_relaxed);
+      appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + dlen);
       return Status::Ok();
     }
     note_error(e);
@@ -362,8 +490,23 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
   return fresh ? Status::Error(EINPROGRESS) : Status::Ok();  // EINPROGRESS: save the bitmap
 }
 
+void ReplicateFilter::journal_failed(const std::string& e) {
+  note_error(e);
+  std::lock_guard<std::mutex> l(jmu_);
+  if (!journal_->broken()) return;  // another writer collapsed it already
+  spdlog::error("{}: replicate: {}; tracking changes in the bitmap", relpath_, e);
+  collapse_locked("the journal could not be written");
+}
+
 void ReplicateFilter::collapse_locked(const char* why) {
-  // Everything not confirmed on the target goes to the bitmap; the journal starts empty.
+  // Everything not confirmed on the target goes to the bitmap; the journal starts empty. Records
+  // reserved before are let finish first (their writers need no lock for it): they are in the
+  // scan below, or, if the journal broke, their writers mark their regions themselves.
+  journal_->wait_idle();
+  if (journal_->broken()) {
+    std::string re = journal_->repair();  // with retention the file is kept: cut the broken tail
+    if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
+  }
   uint64_t records = 0;
   std::string e = journal_->headers(journal_->ship_off(), [&](const rp::RecordHeader& h) {
     ++records;
@@ -422,6 +565,20 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load(std::memory_order_relaxed) && !connected_.load()) return kUnreachable;
     if (!enter(r0, r1, true)) return kBitmapFailed;
+    EdgeLocks edges;
+    const void* tdata = buf;
+    uint64_t toff = off;
+    size_t tlen = len;
+    if (seal_) {
+      lock_edges(off, len, &edges);
+      const uint8_t* sealed = nullptr;
+      Status ss = seal_range(buf, len, off, &sealed, &toff, &tlen);
+      if (!ss.ok()) {
+        leave(r0, r1);
+        return ss;
+      }
+      tdata = sealed;
+    }
     Status s = next_->write(io, buf, len, off);
     if (!s.ok()) {
       for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // what the target has is unknown
@@ -433,7 +590,7 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     if (connected_.load()) {
       target_rw_.lock_shared();
       if (connected_.load() && target_) {
-        err = target_->pwrite(buf, len, off);
+        err = target_->pwrite(tdata, tlen, toff);
         sent = err.empty();
       }
       target_rw_.unlock_shared();
@@ -453,11 +610,28 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
 
   // Async: the journal first, so a crash after the local write can never leave it out.
   if (!enter(r0, r1, false)) return kBitmapFailed;
+  EdgeLocks edges;
+  const void* jdata = buf;
+  uint64_t joff = off;
+  size_t jlen = len;
+  if (seal_) {
+    lock_edges(off, len, &edges);
+    const uint8_t* sealed = nullptr;
+    Status ss = seal_range(buf, len, off, &sealed, &joff, &jlen);
+    if (!ss.ok()) {
+      leave(r0, r1);
+      return ss;
+    }
+    jdata = sealed;
+  }
+  // The checksum of the data before the lock: under it only the header's (journal.h).
+  const uint32_t dcrc = rp::crc32c(0, jdata, jlen);
+  std::optional<rp::Reservation> res;
   Status js;
   {
     std::unique_lock<std::mutex> l(jmu_);
     for (;;) {
-      js = journal_locked(rp::RecType::Write, off, len, buf);
+      js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res);
       if (js.err != EAGAIN) break;
       backpressure_waits_.fetch_add(1, std::memory_order_relaxed);
       wake();
@@ -465,12 +639,22 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
       if (stop_.load()) {
         js = Status::Ok();
         collapse_locked("stopping with writes held by backpressure");
-        js = journal_locked(rp::RecType::Write, off, len, buf);
+        js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res);
         break;
       }
     }
   }
-  if (js.err == EINPROGRESS && !save_bitmap()) {
+  if (res) {
+    // Returns once this record and every earlier one are in the journal file.
+    std::string e = journal_->commit(*res, jdata);
+    if (!e.empty()) {
+      journal_failed(e);
+      if (!mark_pending(r0, r1)) {  // replay stops before this record: the bitmap has it
+        leave(r0, r1);
+        return kBitmapFailed;
+      }
+    }
+  } else if (js.err == EINPROGRESS && !save_bitmap()) {
     leave(r0, r1);
     return kBitmapFailed;
   }
@@ -522,7 +706,7 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
       // Growth reads as zeros; the regions are resent (cheaply: holes go as zeros).
       if (params_.mode == rp::Mode::Async) {
         std::lock_guard<std::mutex> l(jmu_);
-        Status js = journal_locked(rp::RecType::Resize, 0, after, nullptr);
+        Status js = journal_locked(rp::RecType::Resize, 0, after, nullptr, 0, nullptr);
         if (js.err == EINPROGRESS) (void)save_bitmap();
       } else {
         (void)mark_pending(region_of(std::min(before, after)), region_of(std::max(before, after)));
@@ -532,6 +716,7 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
   }
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
   if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: past the bitmap's reach");
+  if (seal_) return fallocate_sealed(io, mode, off, len, before);
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
     if (!enter(r0, r1, true)) return kBitmapFailed;
@@ -562,11 +747,110 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
   Status js;
   {
     std::lock_guard<std::mutex> l(jmu_);
-    js = journal_locked(rp::RecType::Zero, off, len, nullptr);
+    js = journal_locked(rp::RecType::Zero, off, len, nullptr, 0, nullptr);
     if (js.ok() && !(mode & FALLOC_FL_KEEP_SIZE) && kind == FALLOC_FL_ZERO_RANGE && off + len > before)
-      js = journal_locked(rp::RecType::Resize, 0, off + len, nullptr);
+      js = journal_locked(rp::RecType::Resize, 0, off + len, nullptr, 0, nullptr);
   }
   if (js.err == EINPROGRESS && !save_bitmap()) {
+    leave(r0, r1);
+    return kBitmapFailed;
+  }
+  s = next_->fallocate(io, mode, off, len);
+  if (!s.ok()) (void)mark_pending(r0, r1);
+  leave(r0, r1);
+  wake();
+  return s;
+}
+
+// Punch and zero-range under sealing. The range splits into partly covered edge sectors (sent
+// or journaled as the ciphertext of the sector with its covered part zeroed, read before the
+// change under the edge locks) and the whole sectors between (a hole for a punch, as the
+// encrypt filter leaves them, and sealed zeros for a zero-range, as it writes them). Only the
+// part inside the image counts, unless a zero-range grows it (the resize goes first then).
+Status ReplicateFilter::fallocate_sealed(const Io& io, int mode, uint64_t off, uint64_t len, uint64_t before) {
+  constexpr uint64_t S = AtRest::kSector;
+  const int kind = mode & ~FALLOC_FL_KEEP_SIZE;
+  const bool zero_range = kind == FALLOC_FL_ZERO_RANGE;
+  const bool grows = zero_range && !(mode & FALLOC_FL_KEEP_SIZE) && off + len > before;
+  const uint64_t end = grows ? off + len : std::min(off + len, before);
+  const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
+  EdgeLocks edges;
+  lock_edges(off, len, &edges);
+  struct Edge {
+    uint64_t off;
+    alignas(16) uint8_t data[S];
+  };
+  Edge edge[2];
+  int nedges = 0;
+  uint64_t z0 = 0, z1 = 0;  // whole sectors between the edges
+  Status s;
+  if (off < end) {
+    const uint64_t h = (off + S - 1) / S * S, t = end / S * S;
+    if (h > t) {
+      edge[nedges].off = off / S * S;
+      s = seal_edge(edge[nedges].off, off, end, edge[nedges].data);
+      ++nedges;
+    } else {
+      if (off % S) {
+        edge[nedges].off = off / S * S;
+        s = seal_edge(edge[nedges].off, off, h, edge[nedges].data);
+        ++nedges;
+      }
+      if (s.ok() && end % S) {
+        edge[nedges].off = t;
+        s = seal_edge(t, t, end, edge[nedges].data);
+        ++nedges;
+      }
+      z0 = h;
+      z1 = t;
+    }
+    if (!s.ok()) return s;
+  }
+  const uint16_t zflags = zero_range ? rp::kZeroSealed : 0;
+
+  if (params_.mode == rp::Mode::Sync) {
+    if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
+    if (!enter(r0, r1, true)) return kBitmapFailed;
+    s = next_->fallocate(io, mode, off, len);
+    uint64_t after = before;
+    if (s.ok()) (void)next_->size(&after);
+    bool sent = false;
+    std::string err;
+    if (s.ok() && connected_.load()) {
+      target_rw_.lock_shared();
+      if (connected_.load() && target_) {
+        if (after > before) err = target_->resize(before, after);
+        for (int i = 0; i < nedges && err.empty(); ++i) err = target_->pwrite(edge[i].data, S, edge[i].off);
+        if (err.empty() && z1 > z0) err = zero_range ? target_sealed_zero(z0, z1 - z0) : target_->zero(z0, z1 - z0);
+        if (err.empty() && after < before) err = target_->resize(before, after);
+        sent = err.empty();
+      }
+      target_rw_.unlock_shared();
+    }
+    if (!sent) {
+      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);
+      if (!err.empty()) target_failed(err);
+      wake();
+    }
+    leave(r0, r1);
+    if (s.ok() && !sent && fail_on_error_.load()) return kUnreachable;
+    return s;
+  }
+  if (!enter(r0, r1, false)) return kBitmapFailed;
+  Status js;
+  bool save = false;
+  {
+    std::lock_guard<std::mutex> l(jmu_);
+    auto rec = [&](rp::RecType type, uint64_t o, uint64_t n, const void* data, uint16_t flags) {
+      if (!js.ok() && js.err != EINPROGRESS) return;
+      js = journal_locked(type, o, n, data, 0, nullptr, flags);
+      if (js.err == EINPROGRESS) save = true;
+    };
+    if (grows) rec(rp::RecType::Resize, 0, off + len, nullptr, 0);
+    for (int i = 0; i < nedges; ++i) rec(rp::RecType::Write, edge[i].off, S, edge[i].data, 0);
+    if (z1 > z0) rec(rp::RecType::Zero, z0, z1 - z0, nullptr, zflags);
+  }
+  if (save && !save_bitmap()) {
     leave(r0, r1);
     return kBitmapFailed;
   }
@@ -584,7 +868,7 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
   if (!s.ok()) return s;
   if (params_.mode == rp::Mode::Async) {
     std::lock_guard<std::mutex> l(jmu_);
-    Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr);
+    Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
     if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
   } else if (!mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)))) {
     return kBitmapFailed;
@@ -663,6 +947,7 @@ std::string ReplicateFilter::stats_json() const {
   std::string s = "{\"mode\":";
   s += params_.mode == rp::Mode::Sync ? "\"sync\"" : "\"async\"";
   s += ",\"target\":" + json_str(params_.target);
+  s += std::string(",\"sealed\":") + (seal_ ? "true" : "false");
   const bool conn = connected_.load();
   const uint64_t pend = pending_.count();
   std::string state = !opened_ ? "closed" : !conn ? "unreachable" : pend ? "resyncing" : "in-sync";
@@ -731,7 +1016,11 @@ bool ReplicateFilter::connect_target() {
   Status s = next_->size(&size);
   if (!s.ok()) return false;
   std::unique_ptr<rp::Target> t = rp::make_target(params_.target, params_.target_is_nbd);
+  if (seal_) t = rp::make_container_target(std::move(t), header_bytes_);
   std::string e = t->connect(relpath_, size);
+  // The replica is the whole container: its header first (keyslots may have changed offline
+  // since the last connection, so it is copied every time; it is small).
+  if (e.empty() && seal_) e = copy_header(t.get());
   if (!e.empty()) {
     {
       uint64_t f = connect_failed_.load();
@@ -805,7 +1094,9 @@ bool ReplicateFilter::ship_some(std::string* err) {
     head_time_ns_.store(h.time_ns);
     switch (static_cast<rp::RecType>(h.type)) {
       case rp::RecType::Write: e = target_->pwrite(rec_.data(), h.data_len, h.off); break;
-      case rp::RecType::Zero: e = target_->zero(h.off, h.len); break;
+      case rp::RecType::Zero:
+        e = seal_ && (h.flags & rp::kZeroSealed) ? target_sealed_zero(h.off, h.len) : target_->zero(h.off, h.len);
+        break;
       case rp::RecType::Resize:
         e = target_->resize(target_size_.load(), h.len);
         if (e.empty()) target_size_.store(h.len);
@@ -855,7 +1146,14 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
   last_persist_ns_ = mono_ns();
   if (!owner()) return "";
   const uint64_t pos = shipped_pos_.load();
-  if (!params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove)) {
+  bool cut_now = !params_.retention_us && pos >= journal_->end() && (cut || journal_->end() > kResetAbove);
+  if (cut_now) {
+    // Records reserved before we took jmu_ may still be on their way into the file (not in
+    // end() yet): let them land, and cut only if they were shipped too.
+    journal_->wait_idle();
+    cut_now = pos >= journal_->end();
+  }
+  if (cut_now) {
     e = journal_->reset();
     if (e.empty()) {
       shipped_pos_.store(journal_->end());
@@ -915,7 +1213,18 @@ bool ReplicateFilter::resync_some(std::string* err) {
                         s.what ? s.what : std::strerror(s.err));
           return did;
         }
-        if (all_zero(buf_.data(), got)) {
+        if (seal_) {
+          // Sealed again: XTS gives the very bytes the backing file holds (zero plaintext too:
+          // the region has data, so the encrypt filter wrote it as ciphertext).
+          const size_t whole = (got + AtRest::kSector - 1) / AtRest::kSector * AtRest::kSector;
+          if (whole > got) std::memset(buf_.data() + got, 0, whole - got);
+          s = seal_->seal(off, buf_.data(), buf_.data(), whole);
+          e = s.ok() ? target_->pwrite(buf_.data(), whole, off)
+                     : std::string("cannot seal: ") + (s.what ? s.what : std::strerror(s.err));
+          data = whole;
+          got = whole;
+          if (e.empty() && got < region) e = target_->zero(off + got, region - got);
+        } else if (all_zero(buf_.data(), got)) {
           e = target_->zero(off, region);
           zeroed = region;
         } else {

@@ -33,11 +33,30 @@
 //   (backpressure, while the target is reachable); a collapsed journal resyncs, then journaling
 //   resumes.
 //
+// Encryption (a policy that also encrypts: DiskInfo::at_rest is set): replicate sits above
+// encrypt and sees plaintext, so it seals everything it keeps or sends with the container's own
+// cipher (filter.h, AtRest). The replica is the same LUKS container as the backing file: at every
+// connection the container's header is copied to the start of the target, and payload byte x
+// goes to header_bytes + x, as the ciphertext the backing file holds there. Sealing works on
+// whole 512-byte sectors: a request that starts or ends inside a sector reads that edge sector's
+// plaintext through the layers below, patches it and seals the covering sectors (the journal
+// record and the target write are those whole sectors); while it does, it holds that sector's
+// stripe of edge_mu_, so two unaligned requests that share a sector are ordered the same way in
+// the image and in the journal or on the target. A resync reads plaintext through the chain
+// and seals it again (XTS is deterministic: the same bytes as the backing file's), except that
+// a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there. Zero
+// ranges go as sealed zeros (what the encrypt filter writes), punched ranges as holes.
+// Retention (the history base would be a plaintext copy) is refused under such a policy.
+//
 // Threads: FUSE workers call the data path concurrently; one background thread per disk
-// connects, ships, resyncs and cleans. Locks (lock order: jmu_, then target_rw_; save_mu_ inside
-// PersistentBitmap is a leaf; bg_mu_ and err_mu_ are leaves):
+// connects, ships, resyncs and cleans. Locks (lock order: edge_mu_ stripes (ascending), then
+// jmu_, then the Journal's own leaf locks, then target_rw_; save_mu_ inside PersistentBitmap is a
+// leaf; bg_mu_ and err_mu_ are leaves):
+//   edge_mu_    sealing only: the stripes of the partly covered edge sectors of a request, from
+//               reading them until the request is in the image and in the journal or on the target.
 //   target_rw_  shared around every call on the target, exclusive to (re)connect or close it.
-//   jmu_        the journal's tail and mode (async), the backpressure wait.
+//   jmu_        the journal's mode (async), record reservation (not the record's write: see
+//               journal.h, group commit), the backpressure wait.
 //   bg_mu_      the background thread's wake-ups and drain's wait.
 #pragma once
 
@@ -45,6 +64,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -110,9 +130,38 @@ class ReplicateFilter : public Filter {
   void wake();
   uint64_t now_ns() const;
 
-  // Async: under jmu_.
-  Status journal_locked(replicate::RecType type, uint64_t off, uint64_t len, const void* data);
+  // Async: under jmu_. A Write record with `res` is only reserved (*res set, Ok): the caller
+  // commits it without the lock; other records are appended whole. EAGAIN: wait (backpressure);
+  // EINPROGRESS: bitmap mode marked regions, the caller saves the bitmap.
+  Status journal_locked(replicate::RecType type, uint64_t off, uint64_t len, const void* data, uint32_t data_crc,
+                        std::optional<replicate::Reservation>* res, uint16_t flags = 0);
   void collapse_locked(const char* why);
+  Status fallocate_sealed(const Io& io, int mode, uint64_t off, uint64_t len, uint64_t before);
+  // A record could not be written: collapse the broken journal (once, by the first to get here).
+  void journal_failed(const std::string& e);
+
+  // Sealing (seal_ set). The stripes of the partly covered edge sectors of [off, off+len),
+  // locked in ascending order; unlocked when the holder goes.
+  struct EdgeLocks {
+    std::mutex* m[2] = {nullptr, nullptr};
+    EdgeLocks() = default;
+    EdgeLocks(const EdgeLocks&) = delete;
+    EdgeLocks& operator=(const EdgeLocks&) = delete;
+    ~EdgeLocks() {
+      if (m[1]) m[1]->unlock();
+      if (m[0]) m[0]->unlock();
+    }
+  };
+  void lock_edges(uint64_t off, uint64_t len, EdgeLocks* l);
+  // The ciphertext of the whole sectors covering [off, off+len) once `buf` (null: zeros) is
+  // written there, in this thread's seal buffer: *aoff, *alen its payload range.
+  Status seal_range(const void* buf, size_t len, uint64_t off, const uint8_t** out, uint64_t* aoff, size_t* alen);
+  // The ciphertext of the one sector at `sector_off` with [z0, z1) zeroed, into out (512 bytes).
+  Status seal_edge(uint64_t sector_off, uint64_t z0, uint64_t z1, uint8_t* out);
+  // Writes the encryption of zeros over [off, off+len) of the target (sector multiples).
+  std::string target_sealed_zero(uint64_t off, uint64_t len);
+  // Copies the container's header to the start of the target.
+  std::string copy_header(replicate::Target* t);
 
   // Background thread.
   void run();
@@ -132,6 +181,10 @@ class ReplicateFilter : public Filter {
 
   replicate::ReplicateParams params_;
   const uint32_t shift_;
+  std::shared_ptr<const AtRest> seal_;  // set by open() when the policy encrypts
+  uint64_t header_bytes_ = 0;           // the container's header (sealing)
+  static constexpr int kEdgeStripes = 64;
+  std::mutex edge_mu_[kEdgeStripes];
   std::string relpath_, base_;
   uint64_t token_ = 0;
   bool opened_ = false;

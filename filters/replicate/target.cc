@@ -184,7 +184,36 @@ class NbdTarget : public Target {
   bool can_flush_ = false, can_zero_ = false;
 };
 
+class ContainerTarget : public Target {
+ public:
+  ContainerTarget(std::unique_ptr<Target> inner, uint64_t header) : inner_(std::move(inner)), header_(header) {}
+  std::string connect(const std::string& relpath, uint64_t size) override {
+    return inner_->connect(relpath, header_ + size);
+  }
+  void close() override { inner_->close(); }
+  std::string pwrite(const void* buf, size_t len, uint64_t off) override { return inner_->pwrite(buf, len, header_ + off); }
+  std::string zero(uint64_t off, uint64_t len) override { return inner_->zero(header_ + off, len); }
+  std::string resize(uint64_t old_size, uint64_t new_size) override {
+    return inner_->resize(header_ + old_size, header_ + new_size);
+  }
+  std::string flush() override { return inner_->flush(); }
+  std::string pread(void* buf, size_t len, uint64_t off) override { return inner_->pread(buf, len, header_ + off); }
+  std::string where() const override { return inner_->where(); }
+  std::string pwrite_header(const void* buf, size_t len, uint64_t off) override {
+    if (off > header_ || len > header_ - off) return "a write past the container's header area";
+    return inner_->pwrite(buf, len, off);
+  }
+
+ private:
+  std::unique_ptr<Target> inner_;
+  uint64_t header_;
+};
+
 }  // namespace
+
+std::unique_ptr<Target> make_container_target(std::unique_ptr<Target> inner, uint64_t header) {
+  return std::make_unique<ContainerTarget>(std::move(inner), header);
+}
 
 std::unique_ptr<Target> make_target(const std::string& spec, bool nbd) {
   if (nbd) return std::make_unique<NbdTarget>(spec);

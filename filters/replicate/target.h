@@ -32,9 +32,16 @@ class Target {
   virtual std::string pread(void* buf, size_t len, uint64_t off) = 0;
   // "dir:/srv/replica/vm1/disk.img" or the URI.
   virtual std::string where() const = 0;
+  // A container target (below): writes into the header area before the payload.
+  virtual std::string pwrite_header(const void*, size_t, uint64_t) { return "the target has no header area"; }
 };
 
 // A target for `spec` (a directory or an NBD URI, as validated by params.h).
 std::unique_ptr<Target> make_target(const std::string& spec, bool nbd);
+
+// The replica of an encrypted image is the whole container: `header` bytes of the container's
+// header, then the payload. The returned target takes payload offsets and sizes (as the filter
+// sees them) and shifts them past the header on `inner`; pwrite_header() writes the header area.
+std::unique_ptr<Target> make_container_target(std::unique_ptr<Target> inner, uint64_t header);
 
 }  // namespace iofilterfs::replicate

@@ -79,11 +79,18 @@ struct Holder {
 struct Datastore {
   TempDir t;
   std::unique_ptr<Mount> m;
-  explicit Datastore(const std::string& params, bool mount_now = true) {
+  // encrypt: the policy also encrypts, with the passphrase in t/k.
+  explicit Datastore(const std::string& params, bool mount_now = true, bool encrypt = false) {
     sh("mkdir -p " + q(t / "b") + " " + q(t / "m") + " " + q(t / "replica"));
+    std::string enc;
+    if (encrypt) {
+      testing::write_file(t / "k", "replicated passphrase");
+      REQUIRE(::chmod((t / "k").c_str(), 0600) == 0);
+      enc = "    encrypt: { key-file: " + t / "k" + ", pbkdf-iter-time: 10ms }\n";
+    }
     testing::write_file(t / "ds.yaml", "datastore:\n  images: [\"*.raw\"]\npolicies:\n  rep:\n    replicate: { " +
                                            params + ", journal: " + t / "state" +
-                                           ", reconnect-max: 200ms }\nrules:\n  - { match: \"*\", policy: rep }\n");
+                                           ", reconnect-max: 200ms }\n" + enc + "rules:\n  - { match: \"*\", policy: rep }\n");
     if (mount_now) mount();
   }
   void mount() { m = std::make_unique<Mount>(t / "b", t / "m", Mount::Options{{"--config", t / "ds.yaml"}}); }
@@ -300,5 +307,102 @@ TEST_CASE("replicate retention: checksums at several moments and at named points
   CHECK(sh(q(ctlbin) + " restore " + q(ds.mnt("disk.raw")) + " --journal " + q(ds.t / "state") + " --point nope -o " + q(o),
            &out) == 1);
   CHECK(out.find("no restore point named 'nope'") != std::string::npos);
+  CHECK(ds.m->stop() == 0);
+}
+
+namespace {
+
+const char* kMarker = "REPLICATED-PLAINTEXT-MARKER";
+
+// An 8 MiB image with the marker every 4 KiB, written whole through the mount (O_DIRECT), then
+// unaligned writes of the marker and a zero-range over it; the same changes go to t/model.
+void write_marked_image(const Datastore& ds, const std::string& rel) {
+  const std::string model = ds.t / "model";
+  std::string out;
+  REQUIRE(sh("python3 -c \"import os,sys; m=b'" + std::string(kMarker) +
+                 "'; d=bytearray(os.urandom(8<<20))\n"
+                 "for i in range(0, len(d), 4096): d[i+100:i+100+len(m)] = m\n"
+                 "open(sys.argv[1], 'wb').write(d)\" " + q(model),
+             &out) == 0);
+  REQUIRE(sh("dd if=" + q(model) + " of=" + q(ds.mnt(rel)) + " bs=1M oflag=direct conv=notrunc status=none", &out) == 0);
+  for (const char* seek : {"7777", "3000001"})
+    for (const std::string& f : {model, ds.mnt(rel)})
+      REQUIRE(sh("printf '%s' " + std::string(kMarker) + " | dd of=" + q(f) + " bs=1 seek=" + seek +
+                     " conv=notrunc status=none",
+                 &out) == 0);
+  REQUIRE(sh("fallocate -z -o 5000003 -l 70001 " + q(ds.mnt(rel)) + " && dd if=/dev/zero of=" + q(model) +
+                 " bs=1 seek=5000003 count=70001 conv=notrunc status=none",
+             &out) == 0);
+  INFO(out);
+  REQUIRE(sh("cmp " + q(model) + " " + q(ds.mnt(rel)), &out) == 0);
+}
+
+// The replica CONTAINER is a LUKS container that the image's passphrase opens in cryptsetup, and
+// that QEMU's luks driver reads as the image's plaintext (t/model).
+void check_container(const Datastore& ds, const std::string& container) {
+  std::string out;
+  CHECK(sh("grep -c " + std::string(kMarker) + " " + q(container), &out) == 1);  // no plaintext in it
+  CHECK(sh("grep -c " + std::string(kMarker) + " " + q(ds.t / "model"), &out) == 0);
+  CHECK(sh("cryptsetup open --test-passphrase --key-file " + q(ds.t / "k") + " " + q(container), &out) == 0);
+  INFO(out);
+  REQUIRE(sh("qemu-img convert --object secret,id=s,file=" + q(ds.t / "k") +
+                 " --image-opts driver=luks,key-secret=s,file.filename=" + q(container) + " -O raw " +
+                 q(ds.t / "replica.plain"),
+             &out) == 0);
+  CHECK(sh("cmp " + q(ds.t / "replica.plain") + " " + q(ds.t / "model"), &out) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("replicate under encrypt, async to a directory: the journal and the replica hold no plaintext, and the replica is the LUKS container",
+          "[replicate][encrypt]") {
+  Datastore ds("target: REPLICA, mode: async", false, /*encrypt=*/true);
+  sh("sed -i 's|REPLICA|" + ds.t / "replica" + "|' " + q(ds.t / "ds.yaml"));
+  ds.mount();
+  REQUIRE(sh("truncate -s 8M " + q(ds.mnt("disk.raw"))) == 0);
+  Holder hold(ds.mnt("disk.raw"));
+  write_marked_image(ds, "disk.raw");
+  // Before the flush: the journal holds every record (it is cut back only by a flush).
+  YAML::Node st = ds.stats("disk.raw");
+  INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats"));
+  CHECK(st["sealed"].as<bool>());
+  CHECK(st["journal_bytes"].as<uint64_t>() >= 8u << 20);
+  std::string out;
+  CHECK(sh("cat " + q(ds.t / "state") + "/* | grep -c " + kMarker, &out) == 1);
+  REQUIRE(ds.flush("disk.raw") == 0);
+  // The replica is the backing file byte for byte: the header, then the same ciphertext.
+  CHECK(sh("cmp " + q(ds.t / "replica/disk.raw") + " " + q(ds.back("disk.raw")), &out) == 0);
+  check_container(ds, ds.t / "replica/disk.raw");
+  hold.release();
+  CHECK(ds.m->stop() == 0);
+}
+
+TEST_CASE("replicate under encrypt, sync to nbdkit: the export is the LUKS container, without plaintext",
+          "[replicate][encrypt][nbd]") {
+  TempDir nbd;
+  // Exactly the container: the 2 MiB LUKS header area and the 8 MiB payload.
+  REQUIRE(sh("truncate -s 10M " + q(nbd / "export")) == 0);
+  Nbdkit server(nbd.path(), nbd / "export");
+  Datastore ds("target: \"" + server.uri() + "\"", false, /*encrypt=*/true);
+  ds.mount();
+  REQUIRE(sh("truncate -s 8M " + q(ds.mnt("disk.raw"))) == 0);
+  Holder hold(ds.mnt("disk.raw"));
+  write_marked_image(ds, "disk.raw");
+  REQUIRE(ds.flush("disk.raw") == 0);
+  YAML::Node st = ds.stats("disk.raw");
+  INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats") << ds.m->log());
+  CHECK(st["sealed"].as<bool>());
+  CHECK(st["target_state"].as<std::string>() == "in-sync");
+  std::string out;
+  CHECK(sh("cmp " + q(nbd / "export") + " " + q(ds.back("disk.raw")), &out) == 0);
+  check_container(ds, nbd / "export");
+  // The server away and back: the regions changed meanwhile are resent sealed.
+  server.stop();
+  REQUIRE(sh("dd if=/dev/urandom of=" + q(ds.mnt("disk.raw")) + " bs=64k count=2 seek=9 conv=notrunc oflag=direct status=none") == 0);
+  CHECK(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.state") == "degraded: replica unreachable");
+  server.start();
+  REQUIRE(ds.flush("disk.raw") == 0);
+  CHECK(sh("cmp " + q(nbd / "export") + " " + q(ds.back("disk.raw")), &out) == 0);
+  hold.release();
   CHECK(ds.m->stop() == 0);
 }

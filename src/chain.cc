@@ -110,8 +110,6 @@ Status Chain::plan(const Registry& registry, const std::vector<FilterSpec>& spec
       *err = wanted[c]->name + ": could not be created";
       return Status::Error(EINVAL);
     }
-    // Its thread may not call below until commit() has linked it: held until then.
-    f->hold_below();
     p.fresh_[c] = ChainPlan::Fresh{infos[c], std::move(f), std::move(key)};
     p.changes_ = true;
   }
@@ -217,8 +215,12 @@ void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<
   // No request is inside the chain (the caller holds the plumbing lock exclusively); the
   // filters' own threads may be, so wait until none is below any filter before relinking. The
   // ones that stay go on afterwards; the leaving ones never call below again.
+  // That includes the plan's fresh filters: open_arriving() linked and opened them, and a
+  // call of theirs may be passing through a kept filter whose child is about to change.
   for (Slot& s : slots_)
     if (s.filter) s.filter->hold_below();
+  for (auto& f : plan.fresh_)
+    if (f.filter) f.filter->hold_below();
   const size_t first_removed = removed->size();
   count_ = 0;
   for (int c = 0; c < kFilterClassCount; ++c) {
@@ -246,7 +248,7 @@ void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<
   top_ = below;
   for (size_t i = first_removed; i < removed->size(); ++i) (*removed)[i]->release_below(true);
   for (Slot& s : slots_)
-    if (s.filter) s.filter->release_below(false);  // the fresh ones too (held since plan())
+    if (s.filter) s.filter->release_below(false);  // the fresh ones too
 }
 
 Status Chain::build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom, Chain* out,

@@ -17,9 +17,11 @@
 //   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
 //             plumbing lock exclusively, so no request is inside the chain meanwhile, and
 //             commit() itself waits until no filter's own thread is below a filter (see
-//             Filter::below()). A fresh filter's threads are held from plan() until commit()
-//             links it; a removed filter's find nothing below from then on; whoever drops a
-//             plan with opened fresh filters retires them (release_below(true)) before closing.
+//             Filter::below()), fresh ones included (open_arriving() links each fresh filter
+//             to the layer planned below it before opening it, so its open() and its threads
+//             may already call below); a removed filter's threads find nothing below from then
+//             on; whoever drops a plan with opened fresh filters retires them
+//             (release_below(true)) before closing them.
 #pragma once
 
 #include <array>

@@ -207,7 +207,9 @@ class Filter : public Layer {
   //     else ...  // the filter has left the chain: nothing below to call any more
   //
   // A re-plumb waits for the guards in flight before it relinks or destroys anything below,
-  // and below() waits while it does (a moment: the relinking itself). Never call below() with
+  // and below() waits while it does (a moment: the relinking itself). A guard covers the
+  // whole stack below, since the call goes on down through the filters' request paths. It
+  // may be taken in open() too: a filter is linked before it opens. Never call below() with
   // a lock held that a request path may need, and never hold a guard while waiting for
   // requests to finish.
   class BelowGuard {

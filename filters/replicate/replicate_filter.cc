@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <map>
 #include <set>
 
@@ -1013,8 +1014,10 @@ bool ReplicateFilter::connect_target() {
   // its own request, not one already under way before the target came back.
   const uint64_t attempt = connect_started_.fetch_add(1) + 1;
   uint64_t size = 0;
-  Status s = next_->size(&size);
-  if (!s.ok()) return false;
+  {
+    BelowGuard below_ = below();  // this runs on the filter's own thread (filter.h)
+    if (!below_ || !below_->size(&size).ok()) return false;
+  }
   std::unique_ptr<rp::Target> t = rp::make_target(params_.target, params_.target_is_nbd);
   if (seal_) t = rp::make_container_target(std::move(t), header_bytes_);
   std::string e = t->connect(relpath_, size);
@@ -1064,7 +1067,10 @@ bool ReplicateFilter::connect_target() {
 
 std::string ReplicateFilter::sync_target_size() {
   uint64_t size = 0;
-  if (!next_->size(&size).ok()) return "";
+  {
+    BelowGuard below_ = below();  // the filter's own thread (filter.h)
+    if (!below_ || !below_->size(&size).ok()) return "";
+  }
   const uint64_t cur = target_size_.load();
   if (size == cur) return "";
   std::string e = target_->resize(cur, size);
@@ -1174,8 +1180,13 @@ bool ReplicateFilter::resync_some(std::string* err) {
     *err = e;
     return true;
   }
+  // The filter's own thread: every call below goes through a BelowGuard (filter.h), held for
+  // the reads only, never across the target's network I/O.
   uint64_t size = 0;
-  if (!next_->size(&size).ok()) return false;
+  {
+    BelowGuard below_ = below();
+    if (!below_ || !below_->size(&size).ok()) return false;
+  }
   const uint64_t region = uint64_t(1) << shift_;
   bool did = false;
   for (uint64_t n = 0; n < kResyncBatch && !stop_.load(); ++n) {
@@ -1199,14 +1210,21 @@ bool ReplicateFilter::resync_some(std::string* err) {
       zeroed = region;
     } else {
       const uint64_t len = std::min(region, size - off);
+      std::optional<BelowGuard> below_(below());
+      if (!*below_) {  // left the chain: nothing to read from any more
+        pending_.set(r);
+        return did;
+      }
       uint64_t d = 0;
-      Status s = next_->seek(Io{}, off, SEEK_DATA, &d);
+      Status s = (*below_)->seek(Io{}, off, SEEK_DATA, &d);
       if ((!s.ok() && s.err == ENXIO) || (s.ok() && d >= off + len)) {
+        below_.reset();
         e = target_->zero(off, region);  // a hole
         zeroed = region;
       } else {
         size_t got = 0;
-        s = next_->read(Io{}, buf_.data(), static_cast<size_t>(len), off, &got);
+        s = (*below_)->read(Io{}, buf_.data(), static_cast<size_t>(len), off, &got);
+        below_.reset();
         if (!s.ok()) {
           pending_.set(r);
           spdlog::error("{}: replicate: cannot read region {} for the resync: {}", relpath_, r,

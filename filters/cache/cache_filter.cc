@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <shared_mutex>
 
 #include "json.h"
 #include "units.h"
@@ -193,7 +194,7 @@ void CacheFilter::destager() {
     for (;;) {
       bool run;
       {
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<RwLock> g(mu_);
         run = marks_.update(map_->dirty_count(), map_->slots()) ||
               ((kicked || degraded_.load()) && map_->dirty_count() > 0);
       }
@@ -241,7 +242,7 @@ Status CacheFilter::persist(uint32_t slot) {
   if (!store_->persistent()) return Status::Ok();
   cache::Record r;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     r = record_locked(slot);
   }
   return store_->put_record(r);
@@ -275,7 +276,7 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
   }
   bool bypass = false;
   if (p_.sequential_cutoff) {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, end - off, now_ns());
   }
   auto* dst = static_cast<uint8_t*>(buf);
@@ -297,22 +298,41 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
-  if (!store_->persistent()) {
-    // RAM: a hit is one lookup and one copy under mu_, without the stripe lock (a slot cannot
-    // be reused while mu_ is held; a write racing with this read of the same bytes may show
-    // either version, as a disk would).
-    std::lock_guard<std::mutex> g(mu_);
-    const uint32_t slot = map_->find(b);
+  {
+    // A hit: mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot
+    // be reused while mu_ is held or the slot pinned; a write racing with this read of the same
+    // bytes may show either version, as a disk would). RAM copies under the lock; a cache
+    // file pins the slot and reads it after.
+    const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+    uint32_t slot = kNoSlot;
+    {
+      std::shared_lock<RwLock> g(mu_);
+      const uint32_t s = map_->find(b);
+      if (s != kNoSlot && meta_[s].valid.all_in(pa, pe)) {
+        map_->touch(s);
+        if (!store_->persistent()) {
+          (void)store_->read(s, b, o, dst, n);  // memcpy
+          hits_.fetch_add(1, std::memory_order_relaxed);
+          *got = n;
+          return Status::Ok();
+        }
+        map_->pin(s);
+        slot = s;
+      }
+    }
     if (slot != kNoSlot) {
-      const PageMask& v = meta_[slot].valid;
-      bool all = true;
-      for (uint32_t p = o / kPage, pe = (o + n + kPage - 1) / kPage; p < pe && all; ++p) all = v.test(p);
-      if (all && store_->read(slot, b, o, dst, n).ok()) {
-        (void)map_->hit(b);
+      const bool aligned = o % kPage == 0 && n % kPage == 0;
+      const size_t span = size_t(pe - pa) * kPage;
+      uint8_t* tmp = aligned ? dst : scratch(0, span);
+      Status s = tmp ? store_->read(slot, b, pa * kPage, tmp, span) : kNoBuffer;
+      map_->unpin(slot);
+      if (s.ok()) {
+        if (!aligned) std::memcpy(dst, tmp + (o - pa * kPage), n);
         hits_.fetch_add(1, std::memory_order_relaxed);
         *got = n;
         return Status::Ok();
       }
+      // A failed read: the slow path below decides (degrade, or the bytes from below).
     }
   }
   std::lock_guard<std::mutex> sl(stripe(b));
@@ -320,7 +340,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
   PageMask valid, dirty;
   bool fresh = false;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->hit(b);
     if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
       slot = alloc_locked(b);
@@ -341,7 +361,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     return s;
   }
   auto unpin = [&] {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     map_->unpin(slot);
     if (fresh && !meta_[slot].valid.any() && map_->pins(slot) == 0) map_->erase(b);
   };
@@ -349,7 +369,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
   // valid) before anything else happens, or a later open would find the old block there.
   if (fresh && !persist(slot).ok()) {
     degrade("write failed while reusing a slot");
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     map_->unpin(slot);
     if (map_->pins(slot) == 0) map_->erase(b);
     slot = kNoSlot;
@@ -430,7 +450,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
       }
       if (s.ok()) {
         {
-          std::lock_guard<std::mutex> g(mu_);
+          std::lock_guard<RwLock> g(mu_);
           for (uint32_t p = pa; p < pe; ++p)
             if (fill.test(p) && !meta_[slot].valid.test(p)) {
               meta_[slot].valid.set(p);
@@ -441,7 +461,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
       }
       if (!s.ok()) {
         degrade(std::string("write failed: ") + std::strerror(s.err));
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<RwLock> g(mu_);
         for (uint32_t p = pa; p < pe; ++p)
           if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
             meta_[slot].valid.clear_range(p, p + 1);
@@ -467,7 +487,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   if (!store_) return next_->write(io, buf, len, off);
   bool bypass = false;
   if (p_.sequential_cutoff) {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, len, now_ns());
   }
   const auto* src = static_cast<const uint8_t*>(buf);
@@ -487,7 +507,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     }
     bool high;
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::shared_lock<RwLock> g(mu_);
       high = marks_.above_high(map_->dirty_count(), map_->slots());
     }
     if (high) kick();
@@ -505,7 +525,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
       p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
   uint32_t slot;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
     if (slot == kNoSlot && cache_it) slot = alloc_locked(b);
     if (slot != kNoSlot) {
@@ -530,7 +550,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
     st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
     if (st.ok()) {
       {
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<RwLock> g(mu_);
         meta_[slot].valid.set_range(fa, fe);
         valid_pages_.fetch_add(fe - fa, std::memory_order_relaxed);
       }
@@ -538,7 +558,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
     }
   }
   if (slot == kNoSlot) return s;
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<RwLock> g(mu_);
   if (!st.ok()) {
     degrade(std::string("write failed: ") + std::strerror(st.err));
     valid_pages_.fetch_sub(meta_[slot].valid.count(), std::memory_order_relaxed);
@@ -557,7 +577,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
   bool fresh = false;
   PageMask valid;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
     if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
       slot = alloc_locked(b);
@@ -582,7 +602,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     // Edge pages: the rest of their bytes from the cache if valid there, else from below.
     uint8_t* tmp = scratch(1, span);
     if (!tmp) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
       return kNoBuffer;
     }
@@ -607,7 +627,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       degrade(std::string("read failed: ") + std::strerror(s.err));
     }
     if (!s.ok()) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
       return s.err ? s : kLost;
     }
@@ -618,7 +638,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
   if (s.ok()) s = store_->write(slot, b, pa * kPage, data, span);
   if (s.ok()) {
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       Meta& m = meta_[slot];
       for (uint32_t p = pa; p < pe; ++p) {
         if (!m.valid.test(p)) valid_pages_.fetch_add(1, std::memory_order_relaxed);
@@ -634,7 +654,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     }
     s = persist(slot);  // acknowledged only once the record says so
     if (s.ok()) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
       return Status::Ok();
     }
@@ -648,7 +668,7 @@ Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t p
   const uint64_t base = b * p_.block;
   PageMask dirty;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     dirty = meta_[slot].dirty;
   }
   Status s = next_->write(io, pages_data, size_t(pe - pa) * kPage, base + pa * kPage);
@@ -661,7 +681,7 @@ Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t p
     else s = next_->write(io, page.data(), kPage, base + p * kPage);
   }
   if (s.ok()) s = next_->sync(io, false);
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<RwLock> g(mu_);
   map_->unpin(slot);
   if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
   Meta& m = meta_[slot];
@@ -698,7 +718,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   };
   std::vector<Item> items;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     const size_t n = map_->slots();
     for (size_t i = 0; i < n && items.size() < max_blocks; ++i) {
       const uint32_t s = static_cast<uint32_t>((cursor_ + i) % n);
@@ -712,7 +732,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   for (Item& it : items) {
     std::lock_guard<std::mutex> sl(stripe(it.block));
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(it.block) != it.slot) {
         it.slot = kNoSlot;
         continue;
@@ -742,7 +762,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
       p = q;
     }
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(it.slot);
     }
     if (!s.ok()) return s;
@@ -755,7 +775,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
     std::lock_guard<std::mutex> sl(stripe(it.block));
     cache::Record r;
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(it.block) != it.slot || meta_[it.slot].gen != it.gen) continue;  // written meanwhile
       Meta& m = meta_[it.slot];
       dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
@@ -776,7 +796,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
     degrade(std::string("sync failed: ") + std::strerror(s.err));
     return s;
   }
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<RwLock> g(mu_);
   for (Item& it : items) {
     if (it.slot == kNoSlot || map_->find(it.block) != it.slot) continue;
     if (!meta_[it.slot].dirty.any()) {
@@ -793,7 +813,7 @@ Status CacheFilter::drain() {
   if (!store_ || !write_back()) return Status::Ok();
   for (int round = 0;; ++round) {
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->dirty_count() == 0) break;
     }
     size_t n = 0;
@@ -829,7 +849,7 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
   const uint64_t fb = off / p_.block, lb = (end - 1) / p_.block;
   std::vector<std::pair<uint64_t, uint32_t>> hit;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     for (uint32_t s = 0; s < map_->slots(); ++s) {
       const uint64_t b = map_->block_of(s);
       if (map_->queue_of(s) != cache::BlockMap::Queue::Free && b >= fb && b <= lb) hit.emplace_back(b, s);
@@ -838,7 +858,7 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
   for (auto [b, slot] : hit) {
     std::lock_guard<std::mutex> sl(stripe(b));
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(b) != slot) continue;
       const uint64_t base = b * p_.block;
       const uint32_t pa = static_cast<uint32_t>(off > base ? (off - base) / kPage : 0);
@@ -905,7 +925,7 @@ std::string CacheFilter::stats_json() const {
   std::snprintf(ratio, sizeof ratio, "%.4f", h + m ? double(h) / double(h + m) : 0.0);
   uint64_t rate = 0, used = 0, dirty_blocks = 0;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     if (map_) {
       rate = rate_.per_second(now_ns());
       used = map_->used();

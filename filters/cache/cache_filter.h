@@ -41,9 +41,12 @@
 // cache. Only dirty data that can no longer be read is an error the guest sees.
 //
 // Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
-// Lock order: a stripe lock (one at a time), then mu_ (slot map, masks, counters that are not
-// atomic). No store or layer-below I/O happens under mu_. destage_mu_ (one destage pass at a
-// time) comes before the stripe locks.
+// Lock order: destage_mu_ (one destage pass at a time), then a stripe lock (one at a time),
+// then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer lock: a
+// read hit holds it shared only (lookup, mask test, the S3-FIFO counter raised with a relaxed
+// atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
+// that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
+// copy out of RAM. seq_mu_ (the sequential-cutoff table) is a leaf, taken alone.
 #pragma once
 
 #include <array>
@@ -60,6 +63,7 @@
 #include "cache/policy.h"
 #include "cache/store.h"
 #include "filter.h"
+#include "rwlock.h"
 
 namespace iofilterfs {
 
@@ -127,10 +131,11 @@ class CacheFilter : public Filter {
   std::unique_ptr<cache::Store> store_;  // null: pass-through (degraded at open)
   std::string store_path_;
 
-  mutable std::mutex mu_;
-  std::unique_ptr<cache::BlockMap> map_;  // under mu_
-  std::vector<Meta> meta_;                // under mu_
-  cache::SequentialCutoff seq_;           // under mu_
+  mutable RwLock mu_;
+  std::unique_ptr<cache::BlockMap> map_;  // under mu_ (see block_map.h for what a shared hold allows)
+  std::vector<Meta> meta_;                // under mu_; read under a shared hold
+  std::mutex seq_mu_;
+  cache::SequentialCutoff seq_;           // under seq_mu_
   cache::Watermarks marks_;               // under mu_
   cache::RateMeter rate_;                 // under mu_
   size_t cursor_ = 0;                     // destage scan position, under mu_

@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cache/block_map.h"
@@ -546,4 +547,60 @@ TEST_CASE("a cache file of another geometry is destaged at open, then re-made", 
   CHECK(std::string(below.data.data() + 7000, a.size()) == a);  // destaged at open
   CHECK(f->dirty_bytes() == 0);
   CHECK(read_all(*f, 7000, a.size()) == a);
+}
+
+TEST_CASE("hits under the shared lock: threads reading and writing while slots are evicted and reused read only their "
+          "own bytes",
+          "[cache][filter][threads]") {
+  // Each thread owns a region; together they are many times the cache, so slots are evicted
+  // and reused for other blocks while hits copy out of them. A hit that read a slot after it
+  // was given to another block would show another region's bytes.
+  for (const char* policy : {"{memory: 64KiB, block: 4KiB, sequential-cutoff: 0}",
+                             "{mode: write-back, device: DIR, size: 64KiB, block: 4KiB, sequential-cutoff: 0, "
+                             "high-watermark: 30, low-watermark: 10}"}) {
+    INFO(policy);
+    TmpDir dir;
+    std::string yaml = policy;
+    if (size_t at = yaml.find("DIR"); at != std::string::npos) yaml.replace(at, 3, dir.path);
+    testing::MemLayer below;
+    const size_t kRegion = 64 << 10;
+    const int kThreads = 4;
+    below.data.assign(kRegion * kThreads, 0);
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    std::vector<std::thread> threads;
+    std::vector<int> bad(kThreads, 0);
+    std::vector<std::string> models(kThreads);
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {  // no Catch assertions off the main thread
+        std::string& model = models[t];
+        model.assign(kRegion, char('a' + t));
+        const uint64_t base = uint64_t(t) * kRegion;
+        if (!f->write(Io{}, model.data(), model.size(), base).ok()) ++bad[t];
+        std::mt19937_64 rng(t);
+        std::string buf(3 * 4096, '\0');
+        for (int i = 0; i < 4000; ++i) {
+          const size_t len = 1 + rng() % (3 * 4096);
+          const uint64_t off = rng() % (kRegion - len);
+          if (rng() % 4 == 0) {
+            for (size_t j = 0; j < len; ++j) buf[j] = char('a' + t + 4 * (1 + (i + j) % 5));
+            if (!f->write(Io{}, buf.data(), len, base + off).ok()) ++bad[t];
+            model.replace(off, len, buf.data(), len);
+          } else {
+            size_t got = 0;
+            if (!f->read(Io{}, buf.data(), len, base + off, &got).ok() || got != len ||
+                std::memcmp(buf.data(), model.data() + off, len) != 0)
+              ++bad[t];
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (int t = 0; t < kThreads; ++t) CHECK(bad[t] == 0);
+    CHECK(counter(f->stats_json(), "read_hits") > 0);
+    CHECK(counter(f->stats_json(), "evictions") > 0);
+    REQUIRE(f->drain().ok());
+    for (int t = 0; t < kThreads; ++t) CHECK(std::string(below.data.data() + size_t(t) * kRegion, kRegion) == models[t]);
+  }
 }

@@ -189,6 +189,15 @@ void CacheFilter::destager() {
     const bool kicked = kicked_;
     kicked_ = false;
     l.unlock();
+    if (records_broken_.load() && !passthrough_.load()) {
+      // A failing device: everything below, the file aside, without waiting for a write.
+      Status s = failover();
+      if (!s.ok())
+        spdlog::warn("{}: cache: failing over to the layer below failed ({}); retrying", info_.path,
+                     s.what ? s.what : std::strerror(s.err));
+      l.lock();
+      continue;
+    }
     // Runs while the dirty share is between the marks; a kick (replayed dirty data, a degraded
     // device) destages everything.
     for (;;) {
@@ -265,7 +274,7 @@ Status CacheFilter::read_below(const Io& io, uint8_t* buf, size_t len, uint64_t 
 
 Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   *got = 0;
-  if (!store_) return next_->read(io, buf, len, off, got);
+  if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->read(io, buf, len, off, got);
   uint64_t end = off + len;
   if (write_back()) {
     uint64_t size = 0;
@@ -368,7 +377,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
   // A reused slot's record still names the block it held: it must name this one (with nothing
   // valid) before anything else happens, or a later open would find the old block there.
   if (fresh && !persist(slot).ok()) {
-    degrade("write failed while reusing a slot");
+    records_failed("write failed while reusing a slot");
     std::lock_guard<RwLock> g(mu_);
     map_->unpin(slot);
     if (map_->pins(slot) == 0) map_->erase(b);
@@ -438,6 +447,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     for (uint32_t p = pa; p < pe; ++p)
       if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
     if (fill.any()) {
+      bool record_failed = false;
       for (uint32_t p = pa; s.ok() && p < pe;) {
         if (!fill.test(p)) {
           ++p;
@@ -458,9 +468,11 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
             }
         }
         s = persist(slot);
+        record_failed = !s.ok();
       }
       if (!s.ok()) {
-        degrade(std::string("write failed: ") + std::strerror(s.err));
+        if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
+        else degrade(std::string("write failed: ") + std::strerror(s.err));
         std::lock_guard<RwLock> g(mu_);
         for (uint32_t p = pa; p < pe; ++p)
           if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
@@ -484,7 +496,14 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
 // ---- write --------------------------------------------------------------------------------
 
 Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
-  if (!store_) return next_->write(io, buf, len, off);
+  if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->write(io, buf, len, off);
+  if (records_broken_.load()) {
+    // The cache file no longer describes what it holds: set it aside before anything new
+    // goes below past it (a crash would replay its older bytes over this write).
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->write(io, buf, len, off);
+  }
   bool bypass = false;
   if (p_.sequential_cutoff) {
     std::lock_guard<std::mutex> g(seq_mu_);
@@ -500,6 +519,11 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
                             : write_block(io, b, o, n, src + (pos - off), bypass);
     if (!s.ok()) return s;
     pos += n;
+  }
+  if (records_broken_.load()) {
+    // The device failed a record during this write: acknowledged only once the file is aside.
+    Status s = failover();
+    if (!s.ok()) return s;
   }
   if (write_back()) {
     uint64_t sz = size_.load();
@@ -519,6 +543,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
 Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
   const uint64_t base = b * p_.block;
   std::lock_guard<std::mutex> sl(stripe(b));
+  if (passthrough_.load()) return next_->write(io, src, n, base + o);  // failover() finished meanwhile
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
   const bool cache_it =
@@ -545,6 +570,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   // The record says so before the bytes below change: a crash in between must not leave a
   // record that vouches for the old bytes.
   Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
+  bool record_failed = !st.ok();
   Status s = next_->write(io, src, n, base + o);
   if (s.ok() && st.ok() && slot != kNoSlot && cache_it) {
     st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
@@ -555,12 +581,16 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
         valid_pages_.fetch_add(fe - fa, std::memory_order_relaxed);
       }
       st = persist(slot);
+      record_failed = !st.ok();
     }
   }
   if (slot == kNoSlot) return s;
+  // A record that could not be written may still vouch for the old bytes: write() sets the
+  // file aside before it acknowledges.
+  if (record_failed) records_failed(std::string("write failed: ") + std::strerror(st.err));
+  else if (!st.ok()) degrade(std::string("write failed: ") + std::strerror(st.err));
   std::lock_guard<RwLock> g(mu_);
   if (!st.ok()) {
-    degrade(std::string("write failed: ") + std::strerror(st.err));
     valid_pages_.fetch_sub(meta_[slot].valid.count(), std::memory_order_relaxed);
     meta_[slot].valid = PageMask{};
   }
@@ -573,6 +603,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
                                      bool bypass) {
   const uint64_t base = b * p_.block;
   std::lock_guard<std::mutex> sl(stripe(b));
+  if (passthrough_.load()) return next_->write(io, src, n, base + o);  // failover() finished meanwhile
   uint32_t slot;
   bool fresh = false;
   PageMask valid;
@@ -594,6 +625,8 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     below_unsynced_.store(true, std::memory_order_relaxed);
     return next_->write(io, src, n, base + o);
   }
+  // A degraded device takes nothing new: the block goes below with its dirty pages and leaves.
+  if (degraded_.load(std::memory_order_relaxed)) return evacuate(io, b, slot, o, n, src);
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const size_t span = size_t(pe - pa) * kPage;
   const uint8_t* data = src;
@@ -623,18 +656,24 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       if (!s.ok()) break;
     }
     if (!s.ok() && valid.any()) {
-      // The cached copy of an edge page cannot be read.
+      // The cached copy of an edge page cannot be read: below gets the block (evacuate reads
+      // only its dirty pages, and fails only if one of those cannot be read).
       degrade(std::string("read failed: ") + std::strerror(s.err));
+      return evacuate(io, b, slot, o, n, src);
     }
     if (!s.ok()) {
       std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
-      return s.err ? s : kLost;
+      return s;
     }
     std::memcpy(tmp + (o - pa * kPage), src, n);
     data = tmp;
   }
-  if (fresh) s = persist(slot);  // the slot's old record must not outlive its old data
+  bool record_failed = false;
+  if (fresh) {
+    s = persist(slot);  // the slot's old record must not outlive its old data
+    record_failed = !s.ok();
+  }
   if (s.ok()) s = store_->write(slot, b, pa * kPage, data, span);
   if (s.ok()) {
     {
@@ -658,48 +697,56 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       map_->unpin(slot);
       return Status::Ok();
     }
+    record_failed = true;
   }
-  degrade(std::string("write failed: ") + std::strerror(s.err));
-  return evacuate(io, b, slot, pa, pe, data);
+  if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
+  else degrade(std::string("write failed: ") + std::strerror(s.err));
+  return evacuate(io, b, slot, o, n, src);
 }
 
-Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe,
-                             const uint8_t* pages_data) {
+Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src) {
   const uint64_t base = b * p_.block;
+  const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages the write covers whole
   PageMask dirty;
   {
     std::lock_guard<RwLock> g(mu_);
     dirty = meta_[slot].dirty;
   }
-  Status s = next_->write(io, pages_data, size_t(pe - pa) * kPage, base + pa * kPage);
-  std::vector<uint8_t> page;  // the error path only
+  // The block's dirty pages first (a page the write covers in part is completed by them),
+  // then the write on top; synced, so the record may then forget them.
+  Status s = Status::Ok();
+  uint8_t* page = nullptr;
   for (uint32_t p = 0; s.ok() && p < pages(); ++p) {
-    if (!dirty.test(p) || (p >= pa && p < pe)) continue;
-    page.resize(kPage);
-    s = store_->read(slot, b, p * kPage, page.data(), kPage);
-    if (!s.ok()) s = kLost;
-    else s = next_->write(io, page.data(), kPage, base + p * kPage);
+    if (!dirty.test(p) || (p >= fa && p < fe)) continue;
+    if (!page) page = scratch(1, kPage);
+    if (!page) s = kNoBuffer;
+    else if (!store_->read(slot, b, p * kPage, page, kPage).ok()) s = kLost;
+    else s = next_->write(io, page, kPage, base + p * kPage);
   }
-  if (s.ok()) s = next_->sync(io, false);
-  std::lock_guard<RwLock> g(mu_);
-  map_->unpin(slot);
-  if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
-  Meta& m = meta_[slot];
-  valid_pages_.fetch_sub(m.valid.count(), std::memory_order_relaxed);
-  dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
-  m.valid = PageMask{};
-  m.dirty = PageMask{};
-  ++m.gen;
-  map_->set_dirty(slot, false);
-  cache::Record r = record_locked(slot);  // an empty record: the block is gone from the cache
-  if (map_->pins(slot) == 0) map_->erase(b);
-  if (store_->persistent() && !store_->put_record(r).ok()) {
-    // The data is below, but the file still names it dirty: a later open would destage
-    // older bytes over it. Said loudly; the guest sees the error.
-    spdlog::error("{}: cache: {} refuses record updates; discard it (iofilterctl cache discard --force) before "
-                  "this image opens again",
-                  info_.path, store_path_);
-    return kRecordsFail;
+  if (s.ok()) s = next_->write(io, src, n, base + o);
+  if (s.ok()) {
+    if (dirty.any()) s = next_->sync(io, false);
+    else below_unsynced_.store(true, std::memory_order_relaxed);
+  }
+  cache::Record r;
+  {
+    std::lock_guard<RwLock> g(mu_);
+    map_->unpin(slot);
+    if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
+    Meta& m = meta_[slot];
+    valid_pages_.fetch_sub(m.valid.count(), std::memory_order_relaxed);
+    dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
+    m.valid = PageMask{};
+    m.dirty = PageMask{};
+    ++m.gen;
+    map_->set_dirty(slot, false);
+    r = record_locked(slot);  // an empty record: the block is gone from the cache
+    if (map_->pins(slot) == 0) map_->erase(b);
+  }
+  if (store_->persistent() && !records_broken_.load() && !store_->put_record(r).ok()) {
+    // The data is below, but the file still names it dirty: a later open would destage older
+    // bytes over it. write() sets the file aside (failover) before it acknowledges.
+    records_failed("write failed: cannot update a record");
   }
   return Status::Ok();
 }
@@ -755,6 +802,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
       if (s.ok()) s = store_->read(it.slot, it.block, p * kPage, buf, len);
       if (!s.ok() && s.err != ENOMEM) {
         degrade(std::string("read failed: ") + std::strerror(s.err));
+        spdlog::error("{}: cache: dirty data of block {} cannot be read from {}", info_.path, it.block, store_path_);
         s = kLost;
       }
       if (s.ok()) s = next_->write(Io{}, buf, len, it.block * p_.block + p * kPage);
@@ -782,19 +830,18 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
       m.dirty = PageMask{};
       r = record_locked(it.slot);
     }
-    if (store_->persistent()) {
+    // A device that refuses records: the data is below and synced, so the map may call the
+    // block clean; the file, still naming it dirty with the same bytes, is set aside by
+    // failover() before anything newer is acknowledged.
+    if (store_->persistent() && !records_broken_.load()) {
       s = store_->put_record(r);
-      if (!s.ok()) {
-        degrade(std::string("write failed: ") + std::strerror(s.err));
-        return s;  // the slots stay pinned as dirty in the map: never evicted on a stale record
-      }
+      if (!s.ok()) records_failed(std::string("write failed: ") + std::strerror(s.err));
     }
   }
   // The clean records are durable before their slots may be reused.
-  s = store_->sync();
-  if (!s.ok()) {
-    degrade(std::string("sync failed: ") + std::strerror(s.err));
-    return s;
+  if (!records_broken_.load()) {
+    s = store_->sync();
+    if (!s.ok()) records_failed(std::string("sync failed: ") + std::strerror(s.err));
   }
   std::lock_guard<RwLock> g(mu_);
   for (Item& it : items) {
@@ -810,7 +857,17 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
 }
 
 Status CacheFilter::drain() {
-  if (!store_ || !write_back()) return Status::Ok();
+  if (!store_ || passthrough_.load()) return Status::Ok();
+  if (records_broken_.load()) return failover();
+  if (!write_back()) return Status::Ok();
+  Status s = drain_dirty();
+  if (!s.ok()) return s;
+  if (records_broken_.load()) return failover();  // the device failed while draining
+  below_unsynced_.store(false);
+  return Status::Ok();
+}
+
+Status CacheFilter::drain_dirty() {
   for (int round = 0;; ++round) {
     {
       std::lock_guard<RwLock> g(mu_);
@@ -821,19 +878,68 @@ Status CacheFilter::drain() {
     if (!s.ok()) return s;
     if (round > 1000000) return Status::Error(EBUSY, "cache: dirty data keeps coming while draining");
   }
-  below_unsynced_.store(false);
   return Status::Ok();
+}
+
+void CacheFilter::records_failed(const std::string& why) {
+  degrade(why);
+  if (!records_broken_.exchange(true)) {
+    spdlog::error("{}: cache: {} no longer takes record updates: its dirty data goes below, then the file is set "
+                  "aside",
+                  info_.path, store_path_);
+    kick();
+  }
+}
+
+Status CacheFilter::failover() {
+  std::lock_guard<std::mutex> fg(failover_mu_);
+  if (passthrough_.load()) return Status::Ok();
+  for (;;) {
+    Status s = write_back() ? drain_dirty() : Status::Ok();
+    if (!s.ok()) return s;
+    // No request inside a block (every stripe) and the map still: nothing dirty may be left.
+    std::array<std::unique_lock<std::mutex>, kStripes> held;
+    for (int i = 0; i < kStripes; ++i) held[i] = std::unique_lock<std::mutex>(stripes_[i]);
+    std::lock_guard<RwLock> g(mu_);
+    if (map_->dirty_count() > 0) continue;
+    // Every acknowledged write is below (synced by the destage passes). The file may still
+    // name dirty blocks, with the bytes below or older ones: set it aside so no open replays it.
+    std::string how;
+    s = store_->retire(&how);
+    if (!s.ok()) {
+      spdlog::error("{}: cache: {} cannot be set aside ({}); writes fail until it can",
+                    info_.path, store_path_, s.what ? s.what : std::strerror(s.err));
+      return kRecordsFail;
+    }
+    for (Meta& m : meta_) {
+      m.valid = PageMask{};
+      m.dirty = PageMask{};
+      ++m.gen;
+    }
+    valid_pages_.store(0);
+    dirty_pages_.store(0);
+    passthrough_.store(true);
+    spdlog::warn("{}: cache: every dirty block is below; {}; the disk runs without its cache until it reopens",
+                 info_.path, how);
+    return Status::Ok();
+  }
 }
 
 // ---- the rest of the data path ------------------------------------------------------------
 
 Status CacheFilter::sync(const Io& io, bool datasync) {
-  if (!store_ || !write_back()) return next_->sync(io, datasync);
+  if (!store_ || passthrough_.load()) return next_->sync(io, datasync);
+  if (records_broken_.load()) {
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->sync(io, datasync);
+  }
+  if (!write_back()) return next_->sync(io, datasync);
   Status s = store_->sync();
   if (!s.ok()) {
     // What was acknowledged may not be durable on the device: write it all below instead.
-    degrade(std::string("sync failed: ") + std::strerror(s.err));
-    s = drain();
+    records_failed(std::string("sync failed: ") + std::strerror(s.err));
+    s = failover();
     if (!s.ok()) return s;
     return next_->sync(io, datasync);
   }
@@ -874,12 +980,12 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
       if (!m.dirty.any()) map_->set_dirty(slot, false);
       invalidations_.fetch_add(1, std::memory_order_relaxed);
     }
-    if (!persist(slot).ok()) degrade("write failed while dropping blocks");
+    if (!persist(slot).ok()) records_failed("write failed while dropping blocks");
   }
 }
 
 Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
-  if (!store_) return next_->fallocate(io, mode, off, len);
+  if (!store_ || passthrough_.load()) return next_->fallocate(io, mode, off, len);
   Status s = drain();
   if (!s.ok()) return s;
   s = next_->fallocate(io, mode, off, len);
@@ -887,22 +993,24 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
   invalidate(off, off + len);
   uint64_t below = 0;
   if (next_->size(&below).ok()) size_.store(below);
+  if (records_broken_.load()) return failover();  // a record could not drop the range
   return s;
 }
 
 Status CacheFilter::resize(const Io& io, uint64_t size) {
-  if (!store_) return next_->resize(io, size);
+  if (!store_ || passthrough_.load()) return next_->resize(io, size);
   Status s = drain();
   if (!s.ok()) return s;
   s = next_->resize(io, size);
   if (!s.ok()) return s;
   invalidate(size / kPage * kPage, UINT64_MAX - p_.block);
   size_.store(size);
+  if (records_broken_.load()) return failover();  // a record could not drop the range
   return s;
 }
 
 Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
-  if (store_ && write_back() && dirty_bytes() > 0) {
+  if (store_ && !passthrough_.load() && write_back() && dirty_bytes() > 0) {
     Status s = drain();  // below's holes are the truth only once nothing is dirty
     if (!s.ok()) return s;
   }
@@ -911,7 +1019,7 @@ Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* resul
 
 Status CacheFilter::size(uint64_t* out) {
   Status s = next_->size(out);
-  if (s.ok() && store_ && write_back()) *out = std::max(*out, size_.load());
+  if (s.ok() && store_ && write_back() && !passthrough_.load()) *out = std::max(*out, size_.load());
   return s;
 }
 

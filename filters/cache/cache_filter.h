@@ -35,18 +35,26 @@
 // The file's header keeps a check value of the key: dirty data sealed with another key (or
 // plaintext, or sealed data under a policy that no longer encrypts) is never misread.
 //
-// Errors: a cache device that fails or fills up turns the filter into pass-through for clean
-// data (degraded_reason() says `cache device ...`, the disk's state `degraded: cache device ...`); a write-back write the device refuses is
-// written below instead, together with the block's dirty pages, and the block leaves the
-// cache. Only dirty data that can no longer be read is an error the guest sees.
+// Errors: a cache device that fails or fills up degrades the filter (degraded_reason() says
+// `cache device ...`, the disk's state `degraded: cache device ...`): no block gets a new
+// slot, clean cached pages are still served while the device reads them, and a write to a
+// cached block goes below together with the block's dirty pages (evacuate), after which the
+// block leaves the cache; the destager writes the remaining dirty data below. While the device
+// still takes record updates (a full file system: the record table is allocated up front)
+// that is all. Once it refuses one (a failing device), the file no longer says what it holds:
+// failover() destages everything, sets the file aside (NAME.failed) so no later open replays
+// it, and only then is the next write acknowledged; the filter is then pure pass-through until
+// the disk reopens. Only dirty data that can no longer be read (or a file that cannot be set
+// aside) is an error the guest sees.
 //
 // Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
-// Lock order: destage_mu_ (one destage pass at a time), then a stripe lock (one at a time),
-// then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer lock: a
+// Lock order: failover_mu_, then destage_mu_ (one destage pass at a time), then a stripe lock
+// (one at a time, except failover(), which takes all of them in index order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer lock: a
 // read hit holds it shared only (lookup, mask test, the S3-FIFO counter raised with a relaxed
 // atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
 // that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
-// copy out of RAM. seq_mu_ (the sequential-cutoff table) is a leaf, taken alone.
+// copy out of RAM and failover()'s renaming of the cache file. seq_mu_ (the sequential-cutoff
+// table) is a leaf, taken alone; so are health_mu_ and thr_mu_.
 #pragma once
 
 #include <array>
@@ -114,12 +122,24 @@ class CacheFilter : public Filter {
   Status persist(uint32_t slot);
   // Reads [off, off+len) from below into buf, zero-filling past the end; *got what came up.
   Status read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got);
-  // Write-back block whose store write failed: its bytes and its other dirty pages go below,
-  // then it leaves the cache (stripe held, slot pinned and unpinned here).
-  Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe, const uint8_t* pages_data);
+  // A write-back write to a cached block that the device cannot take (it failed, or the cache
+  // is degraded): the block's other dirty pages, then the write [o, o+n), go below and are
+  // synced, then the block leaves the cache (stripe held; slot pinned, unpinned here). Fails
+  // only when below fails or a dirty page cannot be read.
+  Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src);
   // Drops pages of [off, end) from the cache (nothing dirty there: drained first).
   void invalidate(uint64_t off, uint64_t end);
   Status destage_pass(size_t max_blocks, size_t* cleaned);
+  // Destage passes until nothing is dirty.
+  Status drain_dirty();
+  // The device failed a record write or a sync: the file no longer says what it holds.
+  // Degrades, and has the destager (or the next write, sync or drain) run failover().
+  void records_failed(const std::string& why);
+  // After records_failed: destages everything (no record updates), then, with every stripe
+  // and mu_ held and nothing dirty, sets the cache file aside (Store::retire) and turns the
+  // filter into pure pass-through until the disk reopens. Fails (and is retried by the next
+  // write) when dirty data cannot be read or the file cannot be set aside.
+  Status failover();
   void destager();
   void kick();
   void degrade(const std::string& why);
@@ -145,6 +165,9 @@ class CacheFilter : public Filter {
   std::atomic<uint64_t> size_{0};  // write-back: the disk's size including dirty data past below's end
   std::atomic<bool> below_unsynced_{false};
   std::atomic<bool> degraded_{false};
+  std::atomic<bool> records_broken_{false};  // see records_failed()
+  std::atomic<bool> passthrough_{false};     // set by failover(), with every stripe and mu_ held
+  std::mutex failover_mu_;                   // one failover at a time; before destage_mu_
   mutable std::mutex health_mu_;
   std::string health_;  // under health_mu_
 

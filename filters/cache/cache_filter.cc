@@ -51,7 +51,11 @@ const Status kRecordsFail = Status::Error(EIO, "cache: the cache device refuses 
 }  // namespace
 
 CacheFilter::CacheFilter(cache::CacheParams p)
-    : p_(std::move(p)), seq_(p_.sequential_cutoff), marks_(p_.high_watermark, p_.low_watermark) {}
+    : p_(std::move(p)),
+      mode_(p_.mode),
+      cutoff_(p_.sequential_cutoff),
+      seq_(p_.sequential_cutoff),
+      marks_(p_.high_watermark, p_.low_watermark) {}
 
 CacheFilter::~CacheFilter() { close(); }
 
@@ -72,6 +76,9 @@ std::string CacheFilter::degraded_reason() const {
 
 Status CacheFilter::open(const DiskInfo& info) {
   info_ = info;
+  // The cache needs the layer below at open (its size; destaging a cache file of another
+  // geometry). A re-plumb that opens a new instance before linking it would crash here.
+  if (!next_) return Status::Error(EINVAL, "opened before the chain linked a layer below it");
   uint64_t bsize = 0;
   Status s = next_->size(&bsize);
   if (!s.ok()) return s;
@@ -284,7 +291,7 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     end = std::min(end, size);
   }
   bool bypass = false;
-  if (p_.sequential_cutoff) {
+  if (cutoff_.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, end - off, now_ns());
   }
@@ -505,7 +512,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     return next_->write(io, buf, len, off);
   }
   bool bypass = false;
-  if (p_.sequential_cutoff) {
+  if (cutoff_.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, len, now_ns());
   }
@@ -515,8 +522,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    Status s = write_back() ? write_back_block(io, b, o, n, src + (pos - off), bypass)
-                            : write_block(io, b, o, n, src + (pos - off), bypass);
+    Status s = write_one(io, b, o, n, src + (pos - off), bypass);
     if (!s.ok()) return s;
     pos += n;
   }
@@ -539,15 +545,24 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   return Status::Ok();
 }
 
-// write-through and write-around
-Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
-  const uint64_t base = b * p_.block;
+Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
   std::lock_guard<std::mutex> sl(stripe(b));
-  if (passthrough_.load()) return next_->write(io, src, n, base + o);  // failover() finished meanwhile
+  if (passthrough_.load()) return next_->write(io, src, n, b * p_.block + o);  // failover() finished meanwhile
+  // Read under the stripe: reconfigure() changes the mode holding every stripe, so a block's
+  // write is all in one mode.
+  const cache::Mode mode = mode_.load(std::memory_order_acquire);
+  return mode == cache::Mode::WriteBack ? write_back_block(io, b, o, n, src, bypass)
+                                        : write_block(io, b, o, n, src, bypass, mode);
+}
+
+// write-through and write-around (stripe held)
+Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                                cache::Mode mode) {
+  const uint64_t base = b * p_.block;
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
   const bool cache_it =
-      p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
+      mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
   uint32_t slot;
   {
     std::lock_guard<RwLock> g(mu_);
@@ -602,8 +617,6 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
 Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src,
                                      bool bypass) {
   const uint64_t base = b * p_.block;
-  std::lock_guard<std::mutex> sl(stripe(b));
-  if (passthrough_.load()) return next_->write(io, src, n, base + o);  // failover() finished meanwhile
   uint32_t slot;
   bool fresh = false;
   PageMask valid;
@@ -1040,7 +1053,7 @@ std::string CacheFilter::stats_json() const {
       dirty_blocks = map_->dirty_count();
     }
   }
-  std::string s = std::string("{\"mode\":\"") + cache::to_string(p_.mode) + "\"";
+  std::string s = std::string("{\"mode\":\"") + cache::to_string(mode_.load()) + "\"";
   s += ",\"read_hits\":" + std::to_string(h) + ",\"read_misses\":" + std::to_string(m);
   s += ",\"hits\":" + std::to_string(h) + ",\"misses\":" + std::to_string(m);  // iofilterctl top
   s += ",\"hit_ratio\":" + std::string(ratio);
@@ -1058,7 +1071,72 @@ std::string CacheFilter::stats_json() const {
   return s;
 }
 
-std::string CacheFilter::describe() const { return cache::describe_cache(p_); }
+std::string CacheFilter::describe() const {
+  std::lock_guard<std::mutex> g(p_mu_);
+  return cache::describe_cache(p_);
+}
+
+// In place: the mode (leaving write-back after a full destage), the watermarks, the sequential
+// cutoff and `unsafe`. memory, device, size and block make a new store (another file or
+// geometry): false, and the framework replaces the filter (the old one is drained first).
+bool CacheFilter::reconfigure(const YAML::Node& params) {
+  cache::CacheParams np;
+  if (!cache::parse_cache(params, &np).empty()) return false;
+  cache::CacheParams cur;
+  {
+    std::lock_guard<std::mutex> g(p_mu_);
+    cur = p_;
+  }
+  if (np.memory != cur.memory || np.device != cur.device || np.size != cur.size || np.block != cur.block) return false;
+  // A cache that runs without its device (degraded at open, or failed over): a fresh instance
+  // tries the device again.
+  if (!store_ || passthrough_.load()) return false;
+  if (np.mode != cur.mode) {
+    const bool leaving_wb = cur.mode == cache::Mode::WriteBack;
+    for (int attempt = 0;; ++attempt) {
+      // Leaving write-back: everything below first (outside the locks: a drain takes them).
+      if (leaving_wb && !drain().ok()) return false;
+      if (passthrough_.load()) return false;  // the device failed while draining
+      // No request inside a block (every stripe) and the map still: the mode changes between
+      // two writes of any block, and nothing dirty is left behind in a mode that never destages.
+      std::array<std::unique_lock<std::mutex>, kStripes> held;
+      for (int i = 0; i < kStripes; ++i) held[i] = std::unique_lock<std::mutex>(stripes_[i]);
+      std::lock_guard<RwLock> g(mu_);
+      if (leaving_wb && map_->dirty_count() > 0) {
+        if (attempt < 100) continue;  // written meanwhile: drain again
+        return false;
+      }
+      if (np.mode == cache::Mode::WriteBack) {
+        // The disk's size as write-back tracks it, and below's writes of the old mode are
+        // synced by the next guest flush.
+        uint64_t below = 0;
+        if (!next_->size(&below).ok()) return false;
+        size_.store(below);
+        below_unsynced_.store(true);
+      }
+      mode_.store(np.mode, std::memory_order_release);
+      break;
+    }
+    if (np.mode == cache::Mode::WriteBack) start_destager();
+    else if (leaving_wb) stop_destager();
+  }
+  {
+    std::lock_guard<RwLock> g(mu_);
+    marks_ = cache::Watermarks(np.high_watermark, np.low_watermark);
+  }
+  {
+    std::lock_guard<std::mutex> g(seq_mu_);
+    seq_ = cache::SequentialCutoff(np.sequential_cutoff);
+    cutoff_.store(np.sequential_cutoff, std::memory_order_relaxed);
+  }
+  {
+    std::lock_guard<std::mutex> g(p_mu_);
+    p_ = np;
+  }
+  if (np.mode == cache::Mode::WriteBack) kick();  // new marks: the destager looks again
+  spdlog::info("{}: cache: reconfigured in place: {}", info_.path, cache::describe_cache(np));
+  return true;
+}
 
 void register_cache(Registry& r) {
   FilterInfo info;

@@ -54,7 +54,8 @@
 // atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
 // that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
 // copy out of RAM and failover()'s renaming of the cache file. seq_mu_ (the sequential-cutoff
-// table) is a leaf, taken alone; so are health_mu_ and thr_mu_.
+// table) is a leaf, taken alone; so are health_mu_, thr_mu_ and p_mu_. reconfigure() changes
+// the mode holding every stripe and mu_, like failover().
 #pragma once
 
 #include <array>
@@ -92,6 +93,11 @@ class CacheFilter : public Filter {
   void close() override;
   Status drain() override;
   void shutdown() override;
+  // In place: mode (write-back is left only after a full destage), high-/low-watermark,
+  // sequential-cutoff, unsafe. A change of memory, device, size or block returns false (the
+  // framework replaces the filter, draining the old one first), as does any change while the
+  // cache runs without its device.
+  bool reconfigure(const YAML::Node& params) override;
 
   uint64_t dirty_bytes() const override;
   std::string stats_json() const override;
@@ -100,7 +106,10 @@ class CacheFilter : public Filter {
 
   // Runs one destage pass now (tests); returns the blocks it cleaned.
   size_t destage_once() { size_t n = 0; (void)destage_pass(SIZE_MAX, &n); return n; }
-  const cache::CacheParams& params() const { return p_; }
+  cache::CacheParams params() const {
+    std::lock_guard<std::mutex> g(p_mu_);
+    return p_;
+  }
 
  private:
   struct Meta {
@@ -110,10 +119,13 @@ class CacheFilter : public Filter {
   static constexpr int kStripes = 64;
   std::mutex& stripe(uint64_t block) { return stripes_[(block * 0x9E3779B97F4A7C15ull) >> 58]; }
   uint32_t pages() const { return p_.block / cache::kPage; }
-  bool write_back() const { return p_.mode == cache::Mode::WriteBack; }
+  bool write_back() const { return mode_.load(std::memory_order_acquire) == cache::Mode::WriteBack; }
 
   Status read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass, size_t* got);
-  Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  // One block's part of a write: takes the block's stripe, then by the mode:
+  Status write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                     cache::Mode mode);
   Status write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
   // A slot for block b (mu_ held); kNoSlot when none is free or evictable.
   uint32_t alloc_locked(uint64_t b);
@@ -146,7 +158,13 @@ class CacheFilter : public Filter {
   void start_destager();
   void stop_destager();
 
+  // p_: block, memory, device and size never change (the data path reads them freely); the
+  // rest changes in reconfigure() under p_mu_, and the data path reads their copies mode_,
+  // cutoff_ (atomics), seq_ and marks_ instead.
+  mutable std::mutex p_mu_;
   cache::CacheParams p_;
+  std::atomic<cache::Mode> mode_;
+  std::atomic<uint64_t> cutoff_;
   DiskInfo info_;
   std::unique_ptr<cache::Store> store_;  // null: pass-through (degraded at open)
   std::string store_path_;

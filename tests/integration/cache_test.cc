@@ -499,3 +499,41 @@ TEST_CASE("removing a write-back cache from an open disk destages it first", "[c
   open.close();
   CHECK(m.stop() == 0);
 }
+
+TEST_CASE("reload: write-back to write-through and back in place, destaging first and keeping the cache",
+          "[cache][reload]") {
+  TempDir t;
+  const std::string dev = "device: " + t / "ssd" + ", size: 8MiB, sequential-cutoff: 0";
+  datastore(t, {"disk.raw"}, 8, "{ cache: { mode: write-back, " + dev + " } }");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const std::string img = m.path("disk.raw");
+  Holder open(img);
+  REQUIRE(sh("head -c 1M /dev/urandom > " + q(t / "data") + " && dd if=" + q(t / "data") + " of=" + q(img) +
+             " bs=64k conv=notrunc,fsync status=none && cat " + q(img) + " > /dev/null") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "dirty_bytes") == 1 << 20);
+  const double hits = json_number(cache_stats(m, "disk.raw"), "read_hits");
+  CHECK(hits >= 16);
+  auto reload_with = [&](const std::string& policy) {
+    write_file(t / "ds.yaml", "datastore:\n  images: [\"*.raw\"]\npolicies:\n  p: " + policy +
+                                  "\nrules:\n  - { match: \"*\", policy: p }\n");
+    return set_xattr(m.mountpoint(), "user.iofilter.reload", "1");
+  };
+  REQUIRE(reload_with("{ cache: { mode: write-through, " + dev + " } }") == 0);
+  std::string st = cache_stats(m, "disk.raw");
+  INFO(st << "\n" << m.log());
+  CHECK(st.find("\"mode\":\"write-through\"") != std::string::npos);
+  CHECK(json_number(st, "dirty_bytes") == 0);
+  CHECK(json_number(st, "read_hits") == hits);  // the same filter: in place
+  CHECK(m.log().find("reconfigured in place") != std::string::npos);
+  CHECK(sh("cmp -n 1048576 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
+  CHECK(sh("cmp -n 1048576 " + q(t / "data") + " " + q(img)) == 0);
+  // Back to write-back, in place too: writes stay in the cache again.
+  REQUIRE(reload_with("{ cache: { mode: write-back, " + dev + " } }") == 0);
+  REQUIRE(sh("dd if=" + q(t / "data") + " of=" + q(img) + " bs=64k seek=32 conv=notrunc,fsync status=none") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "dirty_bytes") == 1 << 20);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "read_hits") >= hits);
+  REQUIRE(set_xattr(img, "user.iofilter.flush", "1") == 0);
+  CHECK(sh("cmp -i 0:2097152 -n 1048576 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
+  open.close();
+  CHECK(m.stop() == 0);
+}

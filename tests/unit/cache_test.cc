@@ -603,11 +603,13 @@ TEST_CASE("hits under the shared lock: threads reading and writing while slots a
     // them, which this short run may not reach).
     if (yaml.find("memory") != std::string::npos) CHECK(counter(f->stats_json(), "evictions") > 0);
     REQUIRE(f->drain().ok());
-    for (int t = 0; t < kThreads; ++t) CHECK(std::string(below.data.data() + size_t(t) * kRegion, kRegion) == models[t]);
+    for (int t = 0; t < kThreads; ++t)
+      CHECK(std::string(below.data.data() + size_t(t) * kRegion, kRegion) == models[t]);
   }
 }
 
-TEST_CASE("reconfigure in place: mode after a destage, watermarks, sequential cutoff; geometry needs a replace",
+TEST_CASE("reconfigure in place: mode after a destage, watermarks, sequential cutoff, and a new geometry needs a "
+          "replace",
           "[cache][filter][reload]") {
   TmpDir dir;
   testing::MemLayer below;

@@ -17,6 +17,9 @@
 # turns so that a change in the machine's load hits both alike, and prints every pair and the
 # medians (a shared machine's figures move by 10% from one run to the next; quote medians).
 # --reads-only stops after 1.
+# With perf(1), part 1 also counts the daemon's futex calls per 1000 requests (a lock a thread
+# had to wait for, or wake another from, costs one each): a figure the machine's load moves far
+# less than IOPS, so it shows lock contention on the hit path when the ratio cannot.
 #
 # Environment: BENCH_RUNTIME [10] seconds per fio run, BENCH_SLOW_IOPS [500], BENCH_WSET [64M]
 # working set, BENCH_DIR [/dev/shm] where the backing files and the cache files live (fast, so
@@ -98,17 +101,39 @@ fio_iops() {  # file rw size depth
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (a/b) if b else 'n/a')" "$1" "$2"; }
 median() { python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:])))" "$@"; }
 medianf() { python3 -c "import statistics,sys; print('%.2f' % statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+daemon=${pids[0]}
+perf_ok=0
+perf stat -e syscalls:sys_enter_futex -x, -p "$daemon" -- sleep 0.1 >/dev/null 2>&1 && perf_ok=1
+# Like fio_iops, and sets FUTEX to the daemon's futex calls per 1000 requests of the run ("-"
+# without perf).
+fio_watched() {
+  FUTEX=-
+  local pp=""
+  if [ "$perf_ok" = 1 ]; then
+    perf stat -e syscalls:sys_enter_futex -x, -o "$work/perf.txt" -p "$daemon" -- sleep "$runtime" >/dev/null 2>&1 &
+    pp=$!
+  fi
+  IOPS=$(fio_iops "$@") || exit 1
+  if [ -n "$pp" ]; then
+    wait "$pp"
+    FUTEX=$(awk -F, -v n="$IOPS" -v t="$runtime" '/sys_enter_futex/ $1 ~ /^[0-9]+$/ { c += $1 } END { printf "%.1f", (n > 0 ? c * 1000 / (n * t) : 0) }' \
+              "$work/perf.txt")
+    [ -n "$FUTEX" ] || FUTEX=-
+  fi
+}
 
 echo "cache_bench: ${runtime}s runs, slow backing = throttle iops $slow_iops, working set $wset, 4 KiB requests"
 # 1. Warm the cache with the working set (one sequential pass, 1 MiB requests), then random reads.
 exec 9<"$work/m/cached.raw"   # keeps the disk (and its cache) open between the fio runs
 dd if="$work/m/cached.raw" of=/dev/null bs=1M count=$(( $(numfmt --from=iec "$wset") / 1048576 )) iflag=direct status=none
-fasts=() cacheds=() ratios=()
+fasts=() cacheds=() ratios=() ffx=() cfx=()
 for r in $(seq "$runs"); do
-  f=$(fio_iops "$work/m/fast.raw" randread "$wset" 32)
-  c=$(fio_iops "$work/m/cached.raw" randread "$wset" 32)
+  fio_watched "$work/m/fast.raw" randread "$wset" 32
+  f=$IOPS ffx+=("$FUTEX")
+  fio_watched "$work/m/cached.raw" randread "$wset" 32
+  c=$IOPS cfx+=("$FUTEX")
   fasts+=("$f") cacheds+=("$c") ratios+=("$(ratio "$c" "$f")")
-  [ "$runs" -gt 1 ] && echo "   run $r: empty $f IOPS, cached $c IOPS, ratio ${ratios[-1]}"
+  [ "$runs" -gt 1 ] && echo "   run $r: empty $f IOPS, cached $c IOPS, ratio ${ratios[-1]}; futex calls per 1000 requests: empty ${ffx[-1]}, cached ${cfx[-1]}"
 done
 fast=$(median "${fasts[@]}")
 cached=$(median "${cacheds[@]}")
@@ -117,6 +142,7 @@ hit=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["filters"]["cac
 [ "$runs" -gt 1 ] && med=" (medians of $runs)" || med=""
 echo "1. warm random read QD32$med: empty chain on fast backing $fast IOPS; cache on slow backing $cached IOPS (hit ratio $hit)"
 echo "   ratio cached/empty $(medianf "${ratios[@]}")$med (target >= 0.9)"
+[ "$perf_ok" = 1 ] && [[ ! " ${ffx[*]} ${cfx[*]} " =~ " - " ]] && echo "   daemon futex calls per 1000 requests$med: empty chain $(medianf "${ffx[@]}"), cache $(medianf "${cfx[@]}")"
 exec 9<&-
 [ "$reads_only" = 1 ] && exit 0
 

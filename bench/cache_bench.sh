@@ -11,7 +11,15 @@
 #      the slowness at the same per-request cost, cache filter, exported through nbdfuse),
 #      warm random reads, for comparison.
 #
-#   bench/cache_bench.sh [--quick]
+#   bench/cache_bench.sh [--quick] [--runs N] [--reads-only]
+#
+# --runs N repeats the warm-read comparison (1.) N times, the empty and the cached run taking
+# turns so that a change in the machine's load hits both alike, and prints every pair and the
+# medians (a shared machine's figures move by 10% from one run to the next; quote medians).
+# --reads-only stops after 1.
+# With perf(1), part 1 also counts the daemon's futex calls per 1000 requests (a lock a thread
+# had to wait for, or wake another from, costs one each): a figure the machine's load moves far
+# less than IOPS, so it shows lock contention on the hit path when the ratio cannot.
 #
 # Environment: BENCH_RUNTIME [10] seconds per fio run, BENCH_SLOW_IOPS [500], BENCH_WSET [64M]
 # working set, BENCH_DIR [/dev/shm] where the backing files and the cache files live (fast, so
@@ -24,11 +32,18 @@ set -uo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$script_dir/.." && pwd)
 runtime=${BENCH_RUNTIME:-10}
+runs=1
+reads_only=0
 slow_iops=${BENCH_SLOW_IOPS:-500}
 wset=${BENCH_WSET:-64M}
-for a in "$@"; do
+while [ $# -gt 0 ]; do
+  a=$1
+  shift
   case $a in
     --quick) runtime=3 ;;
+    --reads-only) reads_only=1 ;;
+    --runs) runs=${1:-}; shift; [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "cache_bench: --runs takes a count" >&2; exit 2; } ;;
+    --runs=*) runs=${a#--runs=}; [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "cache_bench: --runs takes a count" >&2; exit 2; } ;;
     -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "cache_bench: unknown argument '$a' (try --help)" >&2; exit 2 ;;
   esac
@@ -84,18 +99,52 @@ fio_iops() {  # file rw size depth
   python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))' "$work/fio.json"
 }
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (a/b) if b else 'n/a')" "$1" "$2"; }
+median() { python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:])))" "$@"; }
+medianf() { python3 -c "import statistics,sys; print('%.2f' % statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+daemon=${pids[0]}
+perf_ok=0
+perf stat -e syscalls:sys_enter_futex -x, -p "$daemon" -- sleep 0.1 >/dev/null 2>&1 && perf_ok=1
+# Like fio_iops, and sets FUTEX to the daemon's futex calls per 1000 requests of the run ("-"
+# without perf).
+fio_watched() {
+  FUTEX=-
+  local pp=""
+  if [ "$perf_ok" = 1 ]; then
+    perf stat -e syscalls:sys_enter_futex -x, -o "$work/perf.txt" -p "$daemon" -- sleep "$runtime" >/dev/null 2>&1 &
+    pp=$!
+  fi
+  IOPS=$(fio_iops "$@") || exit 1
+  if [ -n "$pp" ]; then
+    wait "$pp"
+    FUTEX=$(awk -F, -v n="$IOPS" -v t="$runtime" '/sys_enter_futex/ $1 ~ /^[0-9]+$/ { c += $1 } END { printf "%.1f", (n > 0 ? c * 1000 / (n * t) : 0) }' \
+              "$work/perf.txt")
+    [ -n "$FUTEX" ] || FUTEX=-
+  fi
+}
 
 echo "cache_bench: ${runtime}s runs, slow backing = throttle iops $slow_iops, working set $wset, 4 KiB requests"
 # 1. Warm the cache with the working set (one sequential pass, 1 MiB requests), then random reads.
 exec 9<"$work/m/cached.raw"   # keeps the disk (and its cache) open between the fio runs
 dd if="$work/m/cached.raw" of=/dev/null bs=1M count=$(( $(numfmt --from=iec "$wset") / 1048576 )) iflag=direct status=none
-fast=$(fio_iops "$work/m/fast.raw" randread "$wset" 32)
-cached=$(fio_iops "$work/m/cached.raw" randread "$wset" 32)
+fasts=() cacheds=() ratios=() ffx=() cfx=()
+for r in $(seq "$runs"); do
+  fio_watched "$work/m/fast.raw" randread "$wset" 32
+  f=$IOPS ffx+=("$FUTEX")
+  fio_watched "$work/m/cached.raw" randread "$wset" 32
+  c=$IOPS cfx+=("$FUTEX")
+  fasts+=("$f") cacheds+=("$c") ratios+=("$(ratio "$c" "$f")")
+  [ "$runs" -gt 1 ] && echo "   run $r: empty $f IOPS, cached $c IOPS, ratio ${ratios[-1]}; futex calls per 1000 requests: empty ${ffx[-1]}, cached ${cfx[-1]}"
+done
+fast=$(median "${fasts[@]}")
+cached=$(median "${cacheds[@]}")
 stats=$(getfattr -n user.iofilter.stats --only-values "$work/m/cached.raw" 2>/dev/null)
 hit=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["filters"]["cache"]["hit_ratio"])' "$stats" 2>/dev/null)
-echo "1. warm random read QD32: empty chain on fast backing $fast IOPS; cache on slow backing $cached IOPS (hit ratio $hit)"
-echo "   ratio cached/empty $(ratio "$cached" "$fast") (target >= 0.9)"
+[ "$runs" -gt 1 ] && med=" (medians of $runs)" || med=""
+echo "1. warm random read QD32$med: empty chain on fast backing $fast IOPS; cache on slow backing $cached IOPS (hit ratio $hit)"
+echo "   ratio cached/empty $(medianf "${ratios[@]}")$med (target >= 0.9)"
+[ "$perf_ok" = 1 ] && [[ ! " ${ffx[*]} ${cfx[*]} " =~ " - " ]] && echo "   daemon futex calls per 1000 requests$med: empty chain $(medianf "${ffx[@]}"), cache $(medianf "${cfx[@]}")"
 exec 9<&-
+[ "$reads_only" = 1 ] && exit 0
 
 # 2. Write-back burst against the slow backing's own IOPS.
 slow=$(fio_iops "$work/m/slow.raw" randwrite 192M 32)

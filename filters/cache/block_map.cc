@@ -54,9 +54,14 @@ bool BlockTable::erase(uint64_t block) {
 }
 
 BlockMap::BlockMap(uint32_t slots)
-    : slot_(slots), small_target_(slots / 10 > 0 ? slots / 10 : 1), table_(slots), ghost_ring_(slots, kNoBlock),
+    : slot_(slots), freq_(new std::atomic<uint8_t>[slots]), pins_(new std::atomic<uint32_t>[slots]),
+      small_target_(slots / 10 > 0 ? slots / 10 : 1), table_(slots), ghost_ring_(slots, kNoBlock),
       ghost_table_(slots) {
-  for (uint32_t s = slots; s-- > 0;) push_head(Queue::Free, s);
+  for (uint32_t s = slots; s-- > 0;) {
+    freq_[s].store(0, std::memory_order_relaxed);
+    pins_[s].store(0, std::memory_order_relaxed);
+    push_head(Queue::Free, s);
+  }
 }
 
 void BlockMap::push_head(Queue q, uint32_t s) {
@@ -84,7 +89,7 @@ void BlockMap::unlink(uint32_t s) {
 
 uint32_t BlockMap::hit(uint64_t block) {
   const uint32_t s = table_.find(block);
-  if (s != kNoSlot && slot_[s].freq < 3) ++slot_[s].freq;
+  if (s != kNoSlot) touch(s);
   return s;
 }
 
@@ -105,8 +110,8 @@ uint32_t BlockMap::evict(uint64_t* evicted) {
       const uint32_t t = small_.tail;
       Slot& x = slot_[t];
       unlink(t);
-      if (x.freq >= 1 || !evictable(t)) {
-        if (evictable(t)) x.freq = 0;
+      if (freq(t) >= 1 || !evictable(t)) {
+        if (evictable(t)) set_freq(t, 0);
         push_head(Queue::Main, t);
         continue;
       }
@@ -119,8 +124,9 @@ uint32_t BlockMap::evict(uint64_t* evicted) {
     const uint32_t t = main_.tail;
     Slot& x = slot_[t];
     unlink(t);
-    if (!evictable(t) || x.freq > 0) {
-      if (x.freq > 0) --x.freq;
+    const uint8_t f = freq(t);
+    if (!evictable(t) || f > 0) {
+      if (f > 0) set_freq(t, f - 1);
       push_head(Queue::Main, t);
       continue;
     }
@@ -143,9 +149,8 @@ uint32_t BlockMap::insert(uint64_t block, uint64_t* evicted) {
   }
   Slot& x = slot_[s];
   x.block = block;
-  x.freq = 0;
   x.dirty = false;
-  x.pins = 0;
+  set_freq(s, 0);
   const uint32_t g = ghost_table_.find(block);
   if (g != kNoSlot) {
     ghost_table_.erase(block);
@@ -163,9 +168,8 @@ bool BlockMap::place(uint64_t block, uint32_t slot) {
   ++used_;
   Slot& x = slot_[slot];
   x.block = block;
-  x.freq = 0;
   x.dirty = false;
-  x.pins = 0;
+  set_freq(slot, 0);
   push_head(Queue::Main, slot);
   table_.put(block, slot);
   return true;
@@ -177,8 +181,8 @@ void BlockMap::erase(uint64_t block) {
   set_dirty(s, false);
   unlink(s);
   table_.erase(block);
-  Slot& x = slot_[s];
-  x = Slot{};
+  slot_[s] = Slot{};
+  set_freq(s, 0);
   push_head(Queue::Free, s);
   --used_;
 }

@@ -1,7 +1,10 @@
 // The cache's bookkeeping, with no I/O: which disk block lives in which cache slot, which slots
 // are free, pinned (a request is copying into or out of them) or dirty (hold data the layer
-// below lacks), and which slot to reuse next. Pure and single-threaded: the filter calls it
-// under its metadata lock.
+// below lacks), and which slot to reuse next. Pure, and called under the filter's metadata
+// lock (a reader-writer lock): everything that changes the map holds it exclusively; find(),
+// touch(), pin(), pins() and dirty() may run together under a shared hold, so a cache hit
+// never waits for another hit; unpin() may run without the lock (it only ever makes a slot
+// evictable, and an eviction that misses it just passes over the slot once more).
 //
 // Eviction is S3-FIFO (Yang et al., "FIFO queues are all you need for cache eviction", SOSP
 // 2023), which resists scans where LRU does not:
@@ -14,8 +17,9 @@
 //     main FIFO tail: seen since last pass? ──yes──► head again, its count lowered; no: evicted
 //
 // A block read once by a scan passes through the small FIFO and leaves without touching the
-// main FIFO, where the working set lives. Each hit raises a 2-bit counter; nothing moves on a
-// hit, so a hit costs one table lookup.
+// main FIFO, where the working set lives. Each hit raises a 2-bit counter (a relaxed atomic, so
+// hits need only the shared lock; two hits racing may raise it once, which S3-FIFO does not
+// mind); nothing moves on a hit, so a hit costs one table lookup.
 //
 // Dirty and pinned slots are never evicted: the walk passes over them (a dirty block in the
 // small FIFO is promoted, in the main FIFO it goes round again). When every slot is dirty or
@@ -25,8 +29,10 @@
 // once: no allocation after construction.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace iofilterfs::cache {
@@ -65,6 +71,12 @@ class BlockMap {
   // The slot holding block, or kNoSlot. A hit raises the block's counter (lookup does not).
   uint32_t find(uint64_t block) const { return table_.find(block); }
   uint32_t hit(uint64_t block);
+  // Raises a slot's counter (a hit found by find()); safe under a shared hold of the lock.
+  void touch(uint32_t slot) const {
+    std::atomic<uint8_t>& f = freq_[slot];
+    const uint8_t v = f.load(std::memory_order_relaxed);
+    if (v < 3) f.store(v + 1, std::memory_order_relaxed);
+  }
 
   // Gives block a slot: a free one, else an evicted clean unpinned one. *evicted is the block
   // that slot held (kNoBlock when it was free). kNoSlot when every slot is dirty or pinned.
@@ -75,14 +87,14 @@ class BlockMap {
   // Forgets block; its slot becomes free. The slot must not be pinned.
   void erase(uint64_t block);
 
-  void pin(uint32_t slot) { ++slot_[slot].pins; }
-  void unpin(uint32_t slot) { --slot_[slot].pins; }
-  uint32_t pins(uint32_t slot) const { return slot_[slot].pins; }
+  void pin(uint32_t slot) const { pins_[slot].fetch_add(1, std::memory_order_relaxed); }
+  void unpin(uint32_t slot) const { pins_[slot].fetch_sub(1, std::memory_order_release); }
+  uint32_t pins(uint32_t slot) const { return pins_[slot].load(std::memory_order_acquire); }
   void set_dirty(uint32_t slot, bool d);
   bool dirty(uint32_t slot) const { return slot_[slot].dirty; }
   uint64_t block_of(uint32_t slot) const { return slot_[slot].block; }
   Queue queue_of(uint32_t slot) const { return slot_[slot].queue; }
-  uint8_t freq(uint32_t slot) const { return slot_[slot].freq; }
+  uint8_t freq(uint32_t slot) const { return freq_[slot].load(std::memory_order_relaxed); }
 
   uint32_t used() const { return used_; }
   uint32_t dirty_count() const { return dirty_; }
@@ -94,8 +106,6 @@ class BlockMap {
   struct Slot {
     uint64_t block = kNoBlock;
     uint32_t prev = kNoSlot, next = kNoSlot;  // in its queue; head is newest
-    uint32_t pins = 0;
-    uint8_t freq = 0;
     bool dirty = false;
     Queue queue = Queue::Free;
   };
@@ -105,12 +115,16 @@ class BlockMap {
   List& list(Queue q) { return q == Queue::Small ? small_ : q == Queue::Main ? main_ : free_; }
   void push_head(Queue q, uint32_t s);
   void unlink(uint32_t s);
-  bool evictable(uint32_t s) const { return !slot_[s].dirty && slot_[s].pins == 0; }
+  bool evictable(uint32_t s) const { return !slot_[s].dirty && pins(s) == 0; }
+  void set_freq(uint32_t s, uint8_t v) { freq_[s].store(v, std::memory_order_relaxed); }
   // Frees one slot by the S3-FIFO walk; kNoSlot when none can be.
   uint32_t evict(uint64_t* evicted);
   void ghost_add(uint64_t block);
 
   std::vector<Slot> slot_;
+  // Per slot, apart from Slot because hits and pins change them under the shared lock.
+  std::unique_ptr<std::atomic<uint8_t>[]> freq_;
+  std::unique_ptr<std::atomic<uint32_t>[]> pins_;
   List small_, main_, free_;
   uint32_t small_target_;
   uint32_t used_ = 0, dirty_ = 0;

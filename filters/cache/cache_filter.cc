@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <shared_mutex>
 
 #include "json.h"
 #include "units.h"
@@ -50,7 +51,11 @@ const Status kRecordsFail = Status::Error(EIO, "cache: the cache device refuses 
 }  // namespace
 
 CacheFilter::CacheFilter(cache::CacheParams p)
-    : p_(std::move(p)), seq_(p_.sequential_cutoff), marks_(p_.high_watermark, p_.low_watermark) {}
+    : p_(std::move(p)),
+      mode_(p_.mode),
+      cutoff_(p_.sequential_cutoff),
+      seq_(p_.sequential_cutoff),
+      marks_(p_.high_watermark, p_.low_watermark) {}
 
 CacheFilter::~CacheFilter() { close(); }
 
@@ -71,6 +76,9 @@ std::string CacheFilter::degraded_reason() const {
 
 Status CacheFilter::open(const DiskInfo& info) {
   info_ = info;
+  // The cache needs the layer below at open (its size; destaging a cache file of another
+  // geometry). A re-plumb that opens a new instance before linking it would crash here.
+  if (!next_) return Status::Error(EINVAL, "opened before the chain linked a layer below it");
   uint64_t bsize = 0;
   Status s = next_->size(&bsize);
   if (!s.ok()) return s;
@@ -188,12 +196,21 @@ void CacheFilter::destager() {
     const bool kicked = kicked_;
     kicked_ = false;
     l.unlock();
+    if (records_broken_.load() && !passthrough_.load()) {
+      // A failing device: everything below, the file aside, without waiting for a write.
+      Status s = failover();
+      if (!s.ok())
+        spdlog::warn("{}: cache: failing over to the layer below failed ({}); retrying", info_.path,
+                     s.what ? s.what : std::strerror(s.err));
+      l.lock();
+      continue;
+    }
     // Runs while the dirty share is between the marks; a kick (replayed dirty data, a degraded
     // device) destages everything.
     for (;;) {
       bool run;
       {
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<RwLock> g(mu_);
         run = marks_.update(map_->dirty_count(), map_->slots()) ||
               ((kicked || degraded_.load()) && map_->dirty_count() > 0);
       }
@@ -241,7 +258,7 @@ Status CacheFilter::persist(uint32_t slot) {
   if (!store_->persistent()) return Status::Ok();
   cache::Record r;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     r = record_locked(slot);
   }
   return store_->put_record(r);
@@ -264,7 +281,7 @@ Status CacheFilter::read_below(const Io& io, uint8_t* buf, size_t len, uint64_t 
 
 Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   *got = 0;
-  if (!store_) return next_->read(io, buf, len, off, got);
+  if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->read(io, buf, len, off, got);
   uint64_t end = off + len;
   if (write_back()) {
     uint64_t size = 0;
@@ -274,8 +291,8 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     end = std::min(end, size);
   }
   bool bypass = false;
-  if (p_.sequential_cutoff) {
-    std::lock_guard<std::mutex> g(mu_);
+  if (cutoff_.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, end - off, now_ns());
   }
   auto* dst = static_cast<uint8_t*>(buf);
@@ -297,22 +314,41 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
-  if (!store_->persistent()) {
-    // RAM: a hit is one lookup and one copy under mu_, without the stripe lock (a slot cannot
-    // be reused while mu_ is held; a write racing with this read of the same bytes may show
-    // either version, as a disk would).
-    std::lock_guard<std::mutex> g(mu_);
-    const uint32_t slot = map_->find(b);
+  {
+    // A hit: mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot
+    // be reused while mu_ is held or the slot pinned; a write racing with this read of the same
+    // bytes may show either version, as a disk would). RAM copies under the lock; a cache
+    // file pins the slot and reads it after.
+    const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+    uint32_t slot = kNoSlot;
+    {
+      std::shared_lock<RwLock> g(mu_);
+      const uint32_t s = map_->find(b);
+      if (s != kNoSlot && meta_[s].valid.all_in(pa, pe)) {
+        map_->touch(s);
+        if (!store_->persistent()) {
+          (void)store_->read(s, b, o, dst, n);  // memcpy
+          hits_.fetch_add(1, std::memory_order_relaxed);
+          *got = n;
+          return Status::Ok();
+        }
+        map_->pin(s);
+        slot = s;
+      }
+    }
     if (slot != kNoSlot) {
-      const PageMask& v = meta_[slot].valid;
-      bool all = true;
-      for (uint32_t p = o / kPage, pe = (o + n + kPage - 1) / kPage; p < pe && all; ++p) all = v.test(p);
-      if (all && store_->read(slot, b, o, dst, n).ok()) {
-        (void)map_->hit(b);
+      const bool aligned = o % kPage == 0 && n % kPage == 0;
+      const size_t span = size_t(pe - pa) * kPage;
+      uint8_t* tmp = aligned ? dst : scratch(0, span);
+      Status s = tmp ? store_->read(slot, b, pa * kPage, tmp, span) : kNoBuffer;
+      map_->unpin(slot);
+      if (s.ok()) {
+        if (!aligned) std::memcpy(dst, tmp + (o - pa * kPage), n);
         hits_.fetch_add(1, std::memory_order_relaxed);
         *got = n;
         return Status::Ok();
       }
+      // A failed read: the slow path below decides (degrade, or the bytes from below).
     }
   }
   std::lock_guard<std::mutex> sl(stripe(b));
@@ -320,7 +356,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
   PageMask valid, dirty;
   bool fresh = false;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->hit(b);
     if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
       slot = alloc_locked(b);
@@ -341,15 +377,15 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     return s;
   }
   auto unpin = [&] {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     map_->unpin(slot);
     if (fresh && !meta_[slot].valid.any() && map_->pins(slot) == 0) map_->erase(b);
   };
   // A reused slot's record still names the block it held: it must name this one (with nothing
   // valid) before anything else happens, or a later open would find the old block there.
   if (fresh && !persist(slot).ok()) {
-    degrade("write failed while reusing a slot");
-    std::lock_guard<std::mutex> g(mu_);
+    records_failed("write failed while reusing a slot");
+    std::lock_guard<RwLock> g(mu_);
     map_->unpin(slot);
     if (map_->pins(slot) == 0) map_->erase(b);
     slot = kNoSlot;
@@ -418,6 +454,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     for (uint32_t p = pa; p < pe; ++p)
       if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
     if (fill.any()) {
+      bool record_failed = false;
       for (uint32_t p = pa; s.ok() && p < pe;) {
         if (!fill.test(p)) {
           ++p;
@@ -430,7 +467,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
       }
       if (s.ok()) {
         {
-          std::lock_guard<std::mutex> g(mu_);
+          std::lock_guard<RwLock> g(mu_);
           for (uint32_t p = pa; p < pe; ++p)
             if (fill.test(p) && !meta_[slot].valid.test(p)) {
               meta_[slot].valid.set(p);
@@ -438,10 +475,12 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
             }
         }
         s = persist(slot);
+        record_failed = !s.ok();
       }
       if (!s.ok()) {
-        degrade(std::string("write failed: ") + std::strerror(s.err));
-        std::lock_guard<std::mutex> g(mu_);
+        if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
+        else degrade(std::string("write failed: ") + std::strerror(s.err));
+        std::lock_guard<RwLock> g(mu_);
         for (uint32_t p = pa; p < pe; ++p)
           if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
             meta_[slot].valid.clear_range(p, p + 1);
@@ -464,10 +503,17 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
 // ---- write --------------------------------------------------------------------------------
 
 Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
-  if (!store_) return next_->write(io, buf, len, off);
+  if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->write(io, buf, len, off);
+  if (records_broken_.load()) {
+    // The cache file no longer describes what it holds: set it aside before anything new
+    // goes below past it (a crash would replay its older bytes over this write).
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->write(io, buf, len, off);
+  }
   bool bypass = false;
-  if (p_.sequential_cutoff) {
-    std::lock_guard<std::mutex> g(mu_);
+  if (cutoff_.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, len, now_ns());
   }
   const auto* src = static_cast<const uint8_t*>(buf);
@@ -476,10 +522,14 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    Status s = write_back() ? write_back_block(io, b, o, n, src + (pos - off), bypass)
-                            : write_block(io, b, o, n, src + (pos - off), bypass);
+    Status s = write_one(io, b, o, n, src + (pos - off), bypass);
     if (!s.ok()) return s;
     pos += n;
+  }
+  if (records_broken_.load()) {
+    // The device failed a record during this write: acknowledged only once the file is aside.
+    Status s = failover();
+    if (!s.ok()) return s;
   }
   if (write_back()) {
     uint64_t sz = size_.load();
@@ -487,7 +537,7 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     }
     bool high;
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::shared_lock<RwLock> g(mu_);
       high = marks_.above_high(map_->dirty_count(), map_->slots());
     }
     if (high) kick();
@@ -495,17 +545,27 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   return Status::Ok();
 }
 
-// write-through and write-around
-Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
-  const uint64_t base = b * p_.block;
+Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
   std::lock_guard<std::mutex> sl(stripe(b));
+  if (passthrough_.load()) return next_->write(io, src, n, b * p_.block + o);  // failover() finished meanwhile
+  // Read under the stripe: reconfigure() changes the mode holding every stripe, so a block's
+  // write is all in one mode.
+  const cache::Mode mode = mode_.load(std::memory_order_acquire);
+  return mode == cache::Mode::WriteBack ? write_back_block(io, b, o, n, src, bypass)
+                                        : write_block(io, b, o, n, src, bypass, mode);
+}
+
+// write-through and write-around (stripe held)
+Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                                cache::Mode mode) {
+  const uint64_t base = b * p_.block;
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
   const bool cache_it =
-      p_.mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
+      mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
   uint32_t slot;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
     if (slot == kNoSlot && cache_it) slot = alloc_locked(b);
     if (slot != kNoSlot) {
@@ -525,22 +585,27 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   // The record says so before the bytes below change: a crash in between must not leave a
   // record that vouches for the old bytes.
   Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
+  bool record_failed = !st.ok();
   Status s = next_->write(io, src, n, base + o);
   if (s.ok() && st.ok() && slot != kNoSlot && cache_it) {
     st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
     if (st.ok()) {
       {
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<RwLock> g(mu_);
         meta_[slot].valid.set_range(fa, fe);
         valid_pages_.fetch_add(fe - fa, std::memory_order_relaxed);
       }
       st = persist(slot);
+      record_failed = !st.ok();
     }
   }
   if (slot == kNoSlot) return s;
-  std::lock_guard<std::mutex> g(mu_);
+  // A record that could not be written may still vouch for the old bytes: write() sets the
+  // file aside before it acknowledges.
+  if (record_failed) records_failed(std::string("write failed: ") + std::strerror(st.err));
+  else if (!st.ok()) degrade(std::string("write failed: ") + std::strerror(st.err));
+  std::lock_guard<RwLock> g(mu_);
   if (!st.ok()) {
-    degrade(std::string("write failed: ") + std::strerror(st.err));
     valid_pages_.fetch_sub(meta_[slot].valid.count(), std::memory_order_relaxed);
     meta_[slot].valid = PageMask{};
   }
@@ -552,12 +617,11 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
 Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src,
                                      bool bypass) {
   const uint64_t base = b * p_.block;
-  std::lock_guard<std::mutex> sl(stripe(b));
   uint32_t slot;
   bool fresh = false;
   PageMask valid;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
     if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
       slot = alloc_locked(b);
@@ -574,6 +638,8 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     below_unsynced_.store(true, std::memory_order_relaxed);
     return next_->write(io, src, n, base + o);
   }
+  // A degraded device takes nothing new: the block goes below with its dirty pages and leaves.
+  if (degraded_.load(std::memory_order_relaxed)) return evacuate(io, b, slot, o, n, src);
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const size_t span = size_t(pe - pa) * kPage;
   const uint8_t* data = src;
@@ -582,7 +648,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     // Edge pages: the rest of their bytes from the cache if valid there, else from below.
     uint8_t* tmp = scratch(1, span);
     if (!tmp) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
       return kNoBuffer;
     }
@@ -603,22 +669,28 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       if (!s.ok()) break;
     }
     if (!s.ok() && valid.any()) {
-      // The cached copy of an edge page cannot be read.
+      // The cached copy of an edge page cannot be read: below gets the block (evacuate reads
+      // only its dirty pages, and fails only if one of those cannot be read).
       degrade(std::string("read failed: ") + std::strerror(s.err));
+      return evacuate(io, b, slot, o, n, src);
     }
     if (!s.ok()) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
-      return s.err ? s : kLost;
+      return s;
     }
     std::memcpy(tmp + (o - pa * kPage), src, n);
     data = tmp;
   }
-  if (fresh) s = persist(slot);  // the slot's old record must not outlive its old data
+  bool record_failed = false;
+  if (fresh) {
+    s = persist(slot);  // the slot's old record must not outlive its old data
+    record_failed = !s.ok();
+  }
   if (s.ok()) s = store_->write(slot, b, pa * kPage, data, span);
   if (s.ok()) {
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       Meta& m = meta_[slot];
       for (uint32_t p = pa; p < pe; ++p) {
         if (!m.valid.test(p)) valid_pages_.fetch_add(1, std::memory_order_relaxed);
@@ -634,52 +706,60 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     }
     s = persist(slot);  // acknowledged only once the record says so
     if (s.ok()) {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(slot);
       return Status::Ok();
     }
+    record_failed = true;
   }
-  degrade(std::string("write failed: ") + std::strerror(s.err));
-  return evacuate(io, b, slot, pa, pe, data);
+  if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
+  else degrade(std::string("write failed: ") + std::strerror(s.err));
+  return evacuate(io, b, slot, o, n, src);
 }
 
-Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe,
-                             const uint8_t* pages_data) {
+Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src) {
   const uint64_t base = b * p_.block;
+  const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages the write covers whole
   PageMask dirty;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     dirty = meta_[slot].dirty;
   }
-  Status s = next_->write(io, pages_data, size_t(pe - pa) * kPage, base + pa * kPage);
-  std::vector<uint8_t> page;  // the error path only
+  // The block's dirty pages first (a page the write covers in part is completed by them),
+  // then the write on top; synced, so the record may then forget them.
+  Status s = Status::Ok();
+  uint8_t* page = nullptr;
   for (uint32_t p = 0; s.ok() && p < pages(); ++p) {
-    if (!dirty.test(p) || (p >= pa && p < pe)) continue;
-    page.resize(kPage);
-    s = store_->read(slot, b, p * kPage, page.data(), kPage);
-    if (!s.ok()) s = kLost;
-    else s = next_->write(io, page.data(), kPage, base + p * kPage);
+    if (!dirty.test(p) || (p >= fa && p < fe)) continue;
+    if (!page) page = scratch(1, kPage);
+    if (!page) s = kNoBuffer;
+    else if (!store_->read(slot, b, p * kPage, page, kPage).ok()) s = kLost;
+    else s = next_->write(io, page, kPage, base + p * kPage);
   }
-  if (s.ok()) s = next_->sync(io, false);
-  std::lock_guard<std::mutex> g(mu_);
-  map_->unpin(slot);
-  if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
-  Meta& m = meta_[slot];
-  valid_pages_.fetch_sub(m.valid.count(), std::memory_order_relaxed);
-  dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
-  m.valid = PageMask{};
-  m.dirty = PageMask{};
-  ++m.gen;
-  map_->set_dirty(slot, false);
-  cache::Record r = record_locked(slot);  // an empty record: the block is gone from the cache
-  if (map_->pins(slot) == 0) map_->erase(b);
-  if (store_->persistent() && !store_->put_record(r).ok()) {
-    // The data is below, but the file still names it dirty: a later open would destage
-    // older bytes over it. Said loudly; the guest sees the error.
-    spdlog::error("{}: cache: {} refuses record updates; discard it (iofilterctl cache discard --force) before "
-                  "this image opens again",
-                  info_.path, store_path_);
-    return kRecordsFail;
+  if (s.ok()) s = next_->write(io, src, n, base + o);
+  if (s.ok()) {
+    if (dirty.any()) s = next_->sync(io, false);
+    else below_unsynced_.store(true, std::memory_order_relaxed);
+  }
+  cache::Record r;
+  {
+    std::lock_guard<RwLock> g(mu_);
+    map_->unpin(slot);
+    if (!s.ok()) return s;  // the block stays as it was (dirty in the cache)
+    Meta& m = meta_[slot];
+    valid_pages_.fetch_sub(m.valid.count(), std::memory_order_relaxed);
+    dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
+    m.valid = PageMask{};
+    m.dirty = PageMask{};
+    ++m.gen;
+    map_->set_dirty(slot, false);
+    r = record_locked(slot);  // an empty record: the block is gone from the cache
+    if (map_->pins(slot) == 0) map_->erase(b);
+  }
+  if (store_->persistent() && !records_broken_.load() && !store_->put_record(r).ok()) {
+    // The data is below, but the file still names it dirty: a later open would destage older
+    // bytes over it. write() sets the file aside (failover) before it acknowledges.
+    records_failed("write failed: cannot update a record");
   }
   return Status::Ok();
 }
@@ -698,7 +778,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   };
   std::vector<Item> items;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     const size_t n = map_->slots();
     for (size_t i = 0; i < n && items.size() < max_blocks; ++i) {
       const uint32_t s = static_cast<uint32_t>((cursor_ + i) % n);
@@ -712,7 +792,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   for (Item& it : items) {
     std::lock_guard<std::mutex> sl(stripe(it.block));
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(it.block) != it.slot) {
         it.slot = kNoSlot;
         continue;
@@ -735,6 +815,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
       if (s.ok()) s = store_->read(it.slot, it.block, p * kPage, buf, len);
       if (!s.ok() && s.err != ENOMEM) {
         degrade(std::string("read failed: ") + std::strerror(s.err));
+        spdlog::error("{}: cache: dirty data of block {} cannot be read from {}", info_.path, it.block, store_path_);
         s = kLost;
       }
       if (s.ok()) s = next_->write(Io{}, buf, len, it.block * p_.block + p * kPage);
@@ -742,7 +823,7 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
       p = q;
     }
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       map_->unpin(it.slot);
     }
     if (!s.ok()) return s;
@@ -755,28 +836,27 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
     std::lock_guard<std::mutex> sl(stripe(it.block));
     cache::Record r;
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(it.block) != it.slot || meta_[it.slot].gen != it.gen) continue;  // written meanwhile
       Meta& m = meta_[it.slot];
       dirty_pages_.fetch_sub(m.dirty.count(), std::memory_order_relaxed);
       m.dirty = PageMask{};
       r = record_locked(it.slot);
     }
-    if (store_->persistent()) {
+    // A device that refuses records: the data is below and synced, so the map may call the
+    // block clean; the file, still naming it dirty with the same bytes, is set aside by
+    // failover() before anything newer is acknowledged.
+    if (store_->persistent() && !records_broken_.load()) {
       s = store_->put_record(r);
-      if (!s.ok()) {
-        degrade(std::string("write failed: ") + std::strerror(s.err));
-        return s;  // the slots stay pinned as dirty in the map: never evicted on a stale record
-      }
+      if (!s.ok()) records_failed(std::string("write failed: ") + std::strerror(s.err));
     }
   }
   // The clean records are durable before their slots may be reused.
-  s = store_->sync();
-  if (!s.ok()) {
-    degrade(std::string("sync failed: ") + std::strerror(s.err));
-    return s;
+  if (!records_broken_.load()) {
+    s = store_->sync();
+    if (!s.ok()) records_failed(std::string("sync failed: ") + std::strerror(s.err));
   }
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<RwLock> g(mu_);
   for (Item& it : items) {
     if (it.slot == kNoSlot || map_->find(it.block) != it.slot) continue;
     if (!meta_[it.slot].dirty.any()) {
@@ -790,10 +870,20 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
 }
 
 Status CacheFilter::drain() {
-  if (!store_ || !write_back()) return Status::Ok();
+  if (!store_ || passthrough_.load()) return Status::Ok();
+  if (records_broken_.load()) return failover();
+  if (!write_back()) return Status::Ok();
+  Status s = drain_dirty();
+  if (!s.ok()) return s;
+  if (records_broken_.load()) return failover();  // the device failed while draining
+  below_unsynced_.store(false);
+  return Status::Ok();
+}
+
+Status CacheFilter::drain_dirty() {
   for (int round = 0;; ++round) {
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->dirty_count() == 0) break;
     }
     size_t n = 0;
@@ -801,19 +891,68 @@ Status CacheFilter::drain() {
     if (!s.ok()) return s;
     if (round > 1000000) return Status::Error(EBUSY, "cache: dirty data keeps coming while draining");
   }
-  below_unsynced_.store(false);
   return Status::Ok();
+}
+
+void CacheFilter::records_failed(const std::string& why) {
+  degrade(why);
+  if (!records_broken_.exchange(true)) {
+    spdlog::error("{}: cache: {} no longer takes record updates: its dirty data goes below, then the file is set "
+                  "aside",
+                  info_.path, store_path_);
+    kick();
+  }
+}
+
+Status CacheFilter::failover() {
+  std::lock_guard<std::mutex> fg(failover_mu_);
+  if (passthrough_.load()) return Status::Ok();
+  for (;;) {
+    Status s = write_back() ? drain_dirty() : Status::Ok();
+    if (!s.ok()) return s;
+    // No request inside a block (every stripe) and the map still: nothing dirty may be left.
+    std::array<std::unique_lock<std::mutex>, kStripes> held;
+    for (int i = 0; i < kStripes; ++i) held[i] = std::unique_lock<std::mutex>(stripes_[i]);
+    std::lock_guard<RwLock> g(mu_);
+    if (map_->dirty_count() > 0) continue;
+    // Every acknowledged write is below (synced by the destage passes). The file may still
+    // name dirty blocks, with the bytes below or older ones: set it aside so no open replays it.
+    std::string how;
+    s = store_->retire(&how);
+    if (!s.ok()) {
+      spdlog::error("{}: cache: {} cannot be set aside ({}); writes fail until it can",
+                    info_.path, store_path_, s.what ? s.what : std::strerror(s.err));
+      return kRecordsFail;
+    }
+    for (Meta& m : meta_) {
+      m.valid = PageMask{};
+      m.dirty = PageMask{};
+      ++m.gen;
+    }
+    valid_pages_.store(0);
+    dirty_pages_.store(0);
+    passthrough_.store(true);
+    spdlog::warn("{}: cache: every dirty block is below; {}; the disk runs without its cache until it reopens",
+                 info_.path, how);
+    return Status::Ok();
+  }
 }
 
 // ---- the rest of the data path ------------------------------------------------------------
 
 Status CacheFilter::sync(const Io& io, bool datasync) {
-  if (!store_ || !write_back()) return next_->sync(io, datasync);
+  if (!store_ || passthrough_.load()) return next_->sync(io, datasync);
+  if (records_broken_.load()) {
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->sync(io, datasync);
+  }
+  if (!write_back()) return next_->sync(io, datasync);
   Status s = store_->sync();
   if (!s.ok()) {
     // What was acknowledged may not be durable on the device: write it all below instead.
-    degrade(std::string("sync failed: ") + std::strerror(s.err));
-    s = drain();
+    records_failed(std::string("sync failed: ") + std::strerror(s.err));
+    s = failover();
     if (!s.ok()) return s;
     return next_->sync(io, datasync);
   }
@@ -829,7 +968,7 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
   const uint64_t fb = off / p_.block, lb = (end - 1) / p_.block;
   std::vector<std::pair<uint64_t, uint32_t>> hit;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     for (uint32_t s = 0; s < map_->slots(); ++s) {
       const uint64_t b = map_->block_of(s);
       if (map_->queue_of(s) != cache::BlockMap::Queue::Free && b >= fb && b <= lb) hit.emplace_back(b, s);
@@ -838,7 +977,7 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
   for (auto [b, slot] : hit) {
     std::lock_guard<std::mutex> sl(stripe(b));
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::lock_guard<RwLock> g(mu_);
       if (map_->find(b) != slot) continue;
       const uint64_t base = b * p_.block;
       const uint32_t pa = static_cast<uint32_t>(off > base ? (off - base) / kPage : 0);
@@ -854,12 +993,12 @@ void CacheFilter::invalidate(uint64_t off, uint64_t end) {
       if (!m.dirty.any()) map_->set_dirty(slot, false);
       invalidations_.fetch_add(1, std::memory_order_relaxed);
     }
-    if (!persist(slot).ok()) degrade("write failed while dropping blocks");
+    if (!persist(slot).ok()) records_failed("write failed while dropping blocks");
   }
 }
 
 Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
-  if (!store_) return next_->fallocate(io, mode, off, len);
+  if (!store_ || passthrough_.load()) return next_->fallocate(io, mode, off, len);
   Status s = drain();
   if (!s.ok()) return s;
   s = next_->fallocate(io, mode, off, len);
@@ -867,22 +1006,24 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
   invalidate(off, off + len);
   uint64_t below = 0;
   if (next_->size(&below).ok()) size_.store(below);
+  if (records_broken_.load()) return failover();  // a record could not drop the range
   return s;
 }
 
 Status CacheFilter::resize(const Io& io, uint64_t size) {
-  if (!store_) return next_->resize(io, size);
+  if (!store_ || passthrough_.load()) return next_->resize(io, size);
   Status s = drain();
   if (!s.ok()) return s;
   s = next_->resize(io, size);
   if (!s.ok()) return s;
   invalidate(size / kPage * kPage, UINT64_MAX - p_.block);
   size_.store(size);
+  if (records_broken_.load()) return failover();  // a record could not drop the range
   return s;
 }
 
 Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
-  if (store_ && write_back() && dirty_bytes() > 0) {
+  if (store_ && !passthrough_.load() && write_back() && dirty_bytes() > 0) {
     Status s = drain();  // below's holes are the truth only once nothing is dirty
     if (!s.ok()) return s;
   }
@@ -891,7 +1032,7 @@ Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* resul
 
 Status CacheFilter::size(uint64_t* out) {
   Status s = next_->size(out);
-  if (s.ok() && store_ && write_back()) *out = std::max(*out, size_.load());
+  if (s.ok() && store_ && write_back() && !passthrough_.load()) *out = std::max(*out, size_.load());
   return s;
 }
 
@@ -905,14 +1046,14 @@ std::string CacheFilter::stats_json() const {
   std::snprintf(ratio, sizeof ratio, "%.4f", h + m ? double(h) / double(h + m) : 0.0);
   uint64_t rate = 0, used = 0, dirty_blocks = 0;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<RwLock> g(mu_);
     if (map_) {
       rate = rate_.per_second(now_ns());
       used = map_->used();
       dirty_blocks = map_->dirty_count();
     }
   }
-  std::string s = std::string("{\"mode\":\"") + cache::to_string(p_.mode) + "\"";
+  std::string s = std::string("{\"mode\":\"") + cache::to_string(mode_.load()) + "\"";
   s += ",\"read_hits\":" + std::to_string(h) + ",\"read_misses\":" + std::to_string(m);
   s += ",\"hits\":" + std::to_string(h) + ",\"misses\":" + std::to_string(m);  // iofilterctl top
   s += ",\"hit_ratio\":" + std::string(ratio);
@@ -930,7 +1071,72 @@ std::string CacheFilter::stats_json() const {
   return s;
 }
 
-std::string CacheFilter::describe() const { return cache::describe_cache(p_); }
+std::string CacheFilter::describe() const {
+  std::lock_guard<std::mutex> g(p_mu_);
+  return cache::describe_cache(p_);
+}
+
+// In place: the mode (leaving write-back after a full destage), the watermarks, the sequential
+// cutoff and `unsafe`. memory, device, size and block make a new store (another file or
+// geometry): false, and the framework replaces the filter (the old one is drained first).
+bool CacheFilter::reconfigure(const YAML::Node& params) {
+  cache::CacheParams np;
+  if (!cache::parse_cache(params, &np).empty()) return false;
+  cache::CacheParams cur;
+  {
+    std::lock_guard<std::mutex> g(p_mu_);
+    cur = p_;
+  }
+  if (np.memory != cur.memory || np.device != cur.device || np.size != cur.size || np.block != cur.block) return false;
+  // A cache that runs without its device (degraded at open, or failed over): a fresh instance
+  // tries the device again.
+  if (!store_ || passthrough_.load()) return false;
+  if (np.mode != cur.mode) {
+    const bool leaving_wb = cur.mode == cache::Mode::WriteBack;
+    for (int attempt = 0;; ++attempt) {
+      // Leaving write-back: everything below first (outside the locks: a drain takes them).
+      if (leaving_wb && !drain().ok()) return false;
+      if (passthrough_.load()) return false;  // the device failed while draining
+      // No request inside a block (every stripe) and the map still: the mode changes between
+      // two writes of any block, and nothing dirty is left behind in a mode that never destages.
+      std::array<std::unique_lock<std::mutex>, kStripes> held;
+      for (int i = 0; i < kStripes; ++i) held[i] = std::unique_lock<std::mutex>(stripes_[i]);
+      std::lock_guard<RwLock> g(mu_);
+      if (leaving_wb && map_->dirty_count() > 0) {
+        if (attempt < 100) continue;  // written meanwhile: drain again
+        return false;
+      }
+      if (np.mode == cache::Mode::WriteBack) {
+        // The disk's size as write-back tracks it, and below's writes of the old mode are
+        // synced by the next guest flush.
+        uint64_t below = 0;
+        if (!next_->size(&below).ok()) return false;
+        size_.store(below);
+        below_unsynced_.store(true);
+      }
+      mode_.store(np.mode, std::memory_order_release);
+      break;
+    }
+    if (np.mode == cache::Mode::WriteBack) start_destager();
+    else if (leaving_wb) stop_destager();
+  }
+  {
+    std::lock_guard<RwLock> g(mu_);
+    marks_ = cache::Watermarks(np.high_watermark, np.low_watermark);
+  }
+  {
+    std::lock_guard<std::mutex> g(seq_mu_);
+    seq_ = cache::SequentialCutoff(np.sequential_cutoff);
+    cutoff_.store(np.sequential_cutoff, std::memory_order_relaxed);
+  }
+  {
+    std::lock_guard<std::mutex> g(p_mu_);
+    p_ = np;
+  }
+  if (np.mode == cache::Mode::WriteBack) kick();  // new marks: the destager looks again
+  spdlog::info("{}: cache: reconfigured in place: {}", info_.path, cache::describe_cache(np));
+  return true;
+}
 
 void register_cache(Registry& r) {
   FilterInfo info;

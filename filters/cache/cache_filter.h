@@ -35,15 +35,27 @@
 // The file's header keeps a check value of the key: dirty data sealed with another key (or
 // plaintext, or sealed data under a policy that no longer encrypts) is never misread.
 //
-// Errors: a cache device that fails or fills up turns the filter into pass-through for clean
-// data (degraded_reason() says `cache device ...`, the disk's state `degraded: cache device ...`); a write-back write the device refuses is
-// written below instead, together with the block's dirty pages, and the block leaves the
-// cache. Only dirty data that can no longer be read is an error the guest sees.
+// Errors: a cache device that fails or fills up degrades the filter (degraded_reason() says
+// `cache device ...`, the disk's state `degraded: cache device ...`): no block gets a new
+// slot, clean cached pages are still served while the device reads them, and a write to a
+// cached block goes below together with the block's dirty pages (evacuate), after which the
+// block leaves the cache; the destager writes the remaining dirty data below. While the device
+// still takes record updates (a full file system: the record table is allocated up front)
+// that is all. Once it refuses one (a failing device), the file no longer says what it holds:
+// failover() destages everything, sets the file aside (NAME.failed) so no later open replays
+// it, and only then is the next write acknowledged; the filter is then pure pass-through until
+// the disk reopens. Only dirty data that can no longer be read (or a file that cannot be set
+// aside) is an error the guest sees.
 //
 // Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
-// Lock order: a stripe lock (one at a time), then mu_ (slot map, masks, counters that are not
-// atomic). No store or layer-below I/O happens under mu_. destage_mu_ (one destage pass at a
-// time) comes before the stripe locks.
+// Lock order: failover_mu_, then destage_mu_ (one destage pass at a time), then a stripe lock
+// (one at a time, except failover() and reconfigure(), which take all of them in index
+// order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer
+// lock: a read hit holds it shared only (lookup, mask test, the S3-FIFO counter raised with a relaxed
+// atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
+// that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
+// copy out of RAM and failover()'s renaming of the cache file. seq_mu_ (the sequential-cutoff
+// table) is a leaf, taken alone; so are health_mu_, thr_mu_ and p_mu_.
 #pragma once
 
 #include <array>
@@ -60,6 +72,7 @@
 #include "cache/policy.h"
 #include "cache/store.h"
 #include "filter.h"
+#include "rwlock.h"
 
 namespace iofilterfs {
 
@@ -80,6 +93,11 @@ class CacheFilter : public Filter {
   void close() override;
   Status drain() override;
   void shutdown() override;
+  // In place: mode (write-back is left only after a full destage), high-/low-watermark,
+  // sequential-cutoff, unsafe. A change of memory, device, size or block returns false (the
+  // framework replaces the filter, draining the old one first), as does any change while the
+  // cache runs without its device.
+  bool reconfigure(const YAML::Node& params) override;
 
   uint64_t dirty_bytes() const override;
   std::string stats_json() const override;
@@ -88,7 +106,10 @@ class CacheFilter : public Filter {
 
   // Runs one destage pass now (tests); returns the blocks it cleaned.
   size_t destage_once() { size_t n = 0; (void)destage_pass(SIZE_MAX, &n); return n; }
-  const cache::CacheParams& params() const { return p_; }
+  cache::CacheParams params() const {
+    std::lock_guard<std::mutex> g(p_mu_);
+    return p_;
+  }
 
  private:
   struct Meta {
@@ -98,10 +119,13 @@ class CacheFilter : public Filter {
   static constexpr int kStripes = 64;
   std::mutex& stripe(uint64_t block) { return stripes_[(block * 0x9E3779B97F4A7C15ull) >> 58]; }
   uint32_t pages() const { return p_.block / cache::kPage; }
-  bool write_back() const { return p_.mode == cache::Mode::WriteBack; }
+  bool write_back() const { return mode_.load(std::memory_order_acquire) == cache::Mode::WriteBack; }
 
   Status read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass, size_t* got);
-  Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  // One block's part of a write: takes the block's stripe, then by the mode:
+  Status write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                     cache::Mode mode);
   Status write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
   // A slot for block b (mu_ held); kNoSlot when none is free or evictable.
   uint32_t alloc_locked(uint64_t b);
@@ -110,27 +134,46 @@ class CacheFilter : public Filter {
   Status persist(uint32_t slot);
   // Reads [off, off+len) from below into buf, zero-filling past the end; *got what came up.
   Status read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got);
-  // Write-back block whose store write failed: its bytes and its other dirty pages go below,
-  // then it leaves the cache (stripe held, slot pinned and unpinned here).
-  Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t pa, uint32_t pe, const uint8_t* pages_data);
+  // A write-back write to a cached block that the device cannot take (it failed, or the cache
+  // is degraded): the block's other dirty pages, then the write [o, o+n), go below and are
+  // synced, then the block leaves the cache (stripe held; slot pinned, unpinned here). Fails
+  // only when below fails or a dirty page cannot be read.
+  Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src);
   // Drops pages of [off, end) from the cache (nothing dirty there: drained first).
   void invalidate(uint64_t off, uint64_t end);
   Status destage_pass(size_t max_blocks, size_t* cleaned);
+  // Destage passes until nothing is dirty.
+  Status drain_dirty();
+  // The device failed a record write or a sync: the file no longer says what it holds.
+  // Degrades, and has the destager (or the next write, sync or drain) run failover().
+  void records_failed(const std::string& why);
+  // After records_failed: destages everything (no record updates), then, with every stripe
+  // and mu_ held and nothing dirty, sets the cache file aside (Store::retire) and turns the
+  // filter into pure pass-through until the disk reopens. Fails (and is retried by the next
+  // write) when dirty data cannot be read or the file cannot be set aside.
+  Status failover();
   void destager();
   void kick();
   void degrade(const std::string& why);
   void start_destager();
   void stop_destager();
 
+  // p_: block, memory, device and size never change (the data path reads them freely); the
+  // rest changes in reconfigure() under p_mu_, and the data path reads their copies mode_,
+  // cutoff_ (atomics), seq_ and marks_ instead.
+  mutable std::mutex p_mu_;
   cache::CacheParams p_;
+  std::atomic<cache::Mode> mode_;
+  std::atomic<uint64_t> cutoff_;
   DiskInfo info_;
   std::unique_ptr<cache::Store> store_;  // null: pass-through (degraded at open)
   std::string store_path_;
 
-  mutable std::mutex mu_;
-  std::unique_ptr<cache::BlockMap> map_;  // under mu_
-  std::vector<Meta> meta_;                // under mu_
-  cache::SequentialCutoff seq_;           // under mu_
+  mutable RwLock mu_;
+  std::unique_ptr<cache::BlockMap> map_;  // under mu_ (see block_map.h for what a shared hold allows)
+  std::vector<Meta> meta_;                // under mu_; read under a shared hold
+  std::mutex seq_mu_;
+  cache::SequentialCutoff seq_;           // under seq_mu_
   cache::Watermarks marks_;               // under mu_
   cache::RateMeter rate_;                 // under mu_
   size_t cursor_ = 0;                     // destage scan position, under mu_
@@ -140,6 +183,9 @@ class CacheFilter : public Filter {
   std::atomic<uint64_t> size_{0};  // write-back: the disk's size including dirty data past below's end
   std::atomic<bool> below_unsynced_{false};
   std::atomic<bool> degraded_{false};
+  std::atomic<bool> records_broken_{false};  // see records_failed()
+  std::atomic<bool> passthrough_{false};     // set by failover(), with every stripe and mu_ held
+  std::mutex failover_mu_;                   // one failover at a time; before destage_mu_
   mutable std::mutex health_mu_;
   std::string health_;  // under health_mu_
 

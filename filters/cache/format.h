@@ -52,6 +52,12 @@ struct PageMask {
     for (uint32_t p = first; p < end; ++p) w[p >> 6] &= ~(1ull << (p & 63));
   }
   bool any() const { return (w[0] | w[1] | w[2] | w[3]) != 0; }
+  // Whether every page of [first, end) is in the set.
+  bool all_in(uint32_t first, uint32_t end) const {
+    for (uint32_t p = first; p < end; ++p)
+      if (!test(p)) return false;
+    return true;
+  }
   bool all(uint32_t pages) const {
     for (uint32_t p = 0; p < pages; ++p)
       if (!test(p)) return false;

@@ -358,6 +358,35 @@ Status FileStore::sync() {
   return Status::Ok();
 }
 
+Status FileStore::retire(std::string* how) {
+  const std::string aside = path_ + ".failed";
+  const std::string dir = path_.substr(0, path_.rfind('/'));
+  auto sync_dir = [&] {
+    int d = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d >= 0) {
+      (void)::fsync(d);
+      ::close(d);
+    }
+  };
+  if (::rename(path_.c_str(), aside.c_str()) == 0 || errno == ENOENT) {
+    sync_dir();
+    *how = path_ + " set aside as " + aside;
+    return Status::Ok();
+  }
+  const int rename_err = errno;
+  if (::unlink(path_.c_str()) == 0 || errno == ENOENT) {
+    sync_dir();
+    *how = path_ + " removed (renaming it failed: " + errtext(rename_err) + ")";
+    return Status::Ok();
+  }
+  // An empty file is a blank one to the next open (a new cache).
+  if (::ftruncate(fd_, 0) == 0 && ::fsync(fd_) == 0) {
+    *how = path_ + " emptied (renaming and removing it failed: " + errtext(rename_err) + ")";
+    return Status::Ok();
+  }
+  return Status::FromErrno("cache: the cache file can be neither renamed, removed nor emptied");
+}
+
 std::string discard_cache_file(const std::string& dir, const std::string& image) {
   const std::string path = dir + "/" + cache_file_name(image);
   if (::rename(path.c_str(), (path + ".discarded").c_str()) != 0 && errno != ENOENT)

@@ -30,6 +30,12 @@ class Store {
   // Makes everything written so far durable (fdatasync; a no-op in RAM).
   virtual Status sync() = 0;
   virtual bool persistent() const = 0;
+  // The device failed and every dirty block is below: makes sure no later open replays this
+  // store (a no-op in RAM). *how says what was done, for the log.
+  virtual Status retire(std::string* how) {
+    *how = "nothing to set aside";
+    return Status::Ok();
+  }
 };
 
 class MemStore final : public Store {
@@ -84,6 +90,9 @@ class FileStore final : public Store {
   Status put_record(const Record& r) override;
   Status sync() override;
   bool persistent() const override { return true; }
+  // Renames the file to NAME.failed (kept for the operator; the next open starts a new one),
+  // else unlinks it, else empties it; the directory is synced. Ok when the file is gone.
+  Status retire(std::string* how) override;
 
   // Empties the file and writes a fresh header for this geometry and key (the data area stays
   // sparse), then syncs.

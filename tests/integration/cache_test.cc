@@ -2,8 +2,9 @@
 // moving; write-around invalidating; write-back on a cache file surviving SIGKILL of the daemon
 // at random points (a writer logs each write once its fdatasync returned; after every restart
 // the bytes are checked, at the end the backing file alone must equal the model); flush
-// leaving everything in the backing file; a cache device on a tiny tmpfs that fills up
-// (degraded, no guest error, no loss); an encrypted image whose cache file holds no plaintext;
+// leaving everything in the backing file; a cache device on a small tmpfs that fills up
+// during write-back, and one that fails (EIO from the fault layer of a second mount) — degraded,
+// dirty data destaged, no guest error, no loss; an encrypted image whose cache file holds no plaintext;
 // a damaged cache file refusing the open until `iofilterctl cache discard --force`.
 #include <catch2/catch.hpp>
 #include <fcntl.h>
@@ -287,22 +288,115 @@ struct Tmpfs {
 
 }  // namespace
 
-TEST_CASE("cache device full: degraded to pass-through, no guest error, no loss", "[cache][fio][errors]") {
+namespace {
+
+uint64_t dirty_now(const Mount& m, const std::string& image) {
+  return static_cast<uint64_t>(json_number(cache_stats(m, image), "dirty_bytes"));
+}
+
+// Waits up to `seconds` for the destager to leave nothing dirty.
+bool wait_clean(const Mount& m, const std::string& image, int seconds) {
+  for (int i = 0; i < seconds * 10; ++i) {
+    if (dirty_now(m, image) == 0) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("cache device fills up during write-back: degraded to pass-through, dirty data destaged, no guest error, "
+          "no loss",
+          "[cache][fio][errors]") {
   TempDir t;
-  datastore(t, {"disk.raw"}, 16,
+  datastore(t, {"disk.raw"}, 32,
             "{ cache: { mode: write-back, device: " + t / "ssd" + ", size: 16MiB, sequential-cutoff: 0 } }");
-  Tmpfs ssd(t / "ssd", "1M");  // the record table fits, the blocks do not
+  // Room for the header, the record table and about 2.9 MiB of blocks.
+  Tmpfs ssd(t / "ssd", "3M");
   Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
-  Holder open(m.path("disk.raw"));
-  fio_verify(t, m.path("disk.raw"), "--size=8M");
-  const std::string state = get_xattr(m.path("disk.raw"), "user.iofilter.state");
-  INFO(state << "\n" << cache_stats(m, "disk.raw"));
+  const std::string img = m.path("disk.raw");
+  Holder open(img);
+  // 2 MiB acknowledged into the cache: dirty there, not yet below.
+  REQUIRE(sh("head -c 2M /dev/urandom > " + q(t / "first") + " && dd if=" + q(t / "first") + " of=" + q(img) +
+             " bs=64k conv=notrunc,fsync status=none") == 0);
+  CHECK(dirty_now(m, "disk.raw") == 2u << 20);
+  CHECK(get_xattr(img, "user.iofilter.state") == "active");
+  // 8 MiB more, verified: the file system fills up partway.
+  fio_verify(t, img, "--offset=8M --size=8M");
+  // An unaligned write into the dirty blocks, after the device is full.
+  REQUIRE(sh("head -c 100000 /dev/urandom > " + q(t / "patch") + " && dd if=" + q(t / "patch") + " of=" + q(img) +
+             " bs=100000 seek=1000001 oflag=seek_bytes conv=notrunc,fsync status=none") == 0);
+  const std::string state = get_xattr(img, "user.iofilter.state");
+  INFO(state << "\n" << cache_stats(m, "disk.raw") << "\n" << m.log());
   CHECK(state.rfind("degraded: cache device write failed: No space left on device", 0) == 0);
   CHECK(cache_stats(m, "disk.raw").find("\"state\":\"degraded: cache device") != std::string::npos);
-  REQUIRE(sh("cat " + q(m.path("disk.raw")) + " > " + q(t / "expected")) == 0);
-  REQUIRE(set_xattr(m.path("disk.raw"), "user.iofilter.flush", "1") == 0);
+  // The dirty data that was in the cache goes below in the background, no flush asked.
+  CHECK(wait_clean(m, "disk.raw", 30));
+  CHECK(json_number(cache_stats(m, "disk.raw"), "destaged_bytes") >= 1 << 20);
+  // Clean data passes through: a region never read before is read from below, not cached.
+  const double cached0 = json_number(cache_stats(m, "disk.raw"), "bytes_cached");
+  REQUIRE(sh("dd if=" + q(img) + " of=/dev/null bs=64k skip=400 count=32 iflag=direct status=none") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "bytes_cached") == cached0);
+  // Every acknowledged write is in the backing file alone, with the cache device gone.
+  REQUIRE(sh("cat " + q(img) + " > " + q(t / "expected")) == 0);
+  REQUIRE(sh("cmp -n 1000001 " + q(t / "first") + " " + q(t / "expected")) == 0);
+  REQUIRE(sh("cmp -i 0:1000001 -n 100000 " + q(t / "patch") + " " + q(t / "expected")) == 0);
   ::kill(m.pid(), SIGKILL);
   m.stop();
+  sh("umount -l " + q(t / "ssd"));
+  CHECK(sh("cmp " + q(t / "expected") + " " + q(t / "b/disk.raw")) == 0);
+}
+
+TEST_CASE("cache device failing (EIO from the fault layer of a second mount): dirty data destaged, the cache file "
+          "set aside, no guest error, no loss",
+          "[cache][fio][errors]") {
+  TempDir t;
+  datastore(t, {"disk.raw"}, 32,
+            "{ cache: { mode: write-back, device: " + t / "ssd" + ", size: 16MiB, sequential-cutoff: 0 } }");
+  // The cache device is a second iofilterfs whose images are cache files: its fault layer
+  // makes the cache file fail on command. Declared first, so it is unmounted last.
+  REQUIRE(sh("mkdir -p " + q(t / "ssdb")) == 0);
+  write_file(t / "dev.yaml", "datastore:\n  images: [\"*.iofcache\"]\n");
+  Mount dev(t / "ssdb", t / "ssd", {{"--config", t / "dev.yaml", "--fault-injection"}});
+  const std::string cache_file = dev.path("disk.raw.iofcache");
+  {
+    Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+    const std::string img = m.path("disk.raw");
+    Holder open(img);
+    REQUIRE(sh("head -c 4M /dev/urandom > " + q(t / "first") + " && dd if=" + q(t / "first") + " of=" + q(img) +
+               " bs=64k conv=notrunc,fsync status=none") == 0);
+    CHECK(dirty_now(m, "disk.raw") == 4u << 20);
+    CHECK(sh("cmp -n 4194304 " + q(t / "first") + " " + q(t / "b/disk.raw")) != 0);  // not below yet
+    // From now on the cache file fails every write and sync.
+    REQUIRE(set_xattr(cache_file, "user.iofilter.fault", "fail=write+sync:EIO") == 0);
+    // An unaligned write into the dirty blocks, then fio with verify elsewhere.
+    REQUIRE(sh("head -c 100000 /dev/urandom > " + q(t / "patch") + " && dd if=" + q(t / "patch") + " of=" + q(img) +
+               " bs=100000 seek=1000001 oflag=seek_bytes conv=notrunc,fsync status=none") == 0);
+    fio_verify(t, img, "--offset=8M --size=8M");
+    const std::string state = get_xattr(img, "user.iofilter.state");
+    INFO(state << "\n" << cache_stats(m, "disk.raw") << "\n" << m.log());
+    CHECK(state.rfind("degraded: cache device write failed: Input/output error", 0) == 0);
+    CHECK(dirty_now(m, "disk.raw") == 0);
+    // The file that no longer says what it holds is set aside.
+    CHECK(sh("test -f " + q(t / "ssdb/disk.raw.iofcache.failed") + " && ! test -e " + q(cache_file)) == 0);
+    CHECK(m.log().find("set aside as") != std::string::npos);
+    REQUIRE(sh("cat " + q(img) + " > " + q(t / "expected")) == 0);
+    REQUIRE(sh("cmp -n 1000001 " + q(t / "first") + " " + q(t / "expected")) == 0);
+    REQUIRE(sh("cmp -i 0:1000001 -n 100000 " + q(t / "patch") + " " + q(t / "expected")) == 0);
+    // Killed without a flush: everything acknowledged is below already.
+    ::kill(m.pid(), SIGKILL);
+    m.stop();
+  }
+  CHECK(sh("cmp " + q(t / "expected") + " " + q(t / "b/disk.raw")) == 0);
+  // The next start makes a new cache file and serves the same bytes (nothing stale replayed).
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  Holder open(m.path("disk.raw"));
+  CHECK(json_number(cache_stats(m, "disk.raw"), "replayed_dirty_blocks") == 0);
+  CHECK(sh("cmp " + q(t / "expected") + " " + q(m.path("disk.raw"))) == 0);
+  CHECK(get_xattr(m.path("disk.raw"), "user.iofilter.state") == "active");
+  REQUIRE(set_xattr(m.path("disk.raw"), "user.iofilter.flush", "1") == 0);
+  open.close();
+  CHECK(m.stop() == 0);
   CHECK(sh("cmp " + q(t / "expected") + " " + q(t / "b/disk.raw")) == 0);
 }
 
@@ -402,6 +496,44 @@ TEST_CASE("removing a write-back cache from an open disk destages it first", "[c
   // The backing file has every byte, with the cache gone from the chain.
   CHECK(sh("cmp -n 2097152 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
   CHECK(sh("cmp -n 2097152 " + q(t / "data") + " " + q(img)) == 0);
+  open.close();
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("reload: write-back to write-through and back in place, destaging first and keeping the cache",
+          "[cache][reload]") {
+  TempDir t;
+  const std::string dev = "device: " + t / "ssd" + ", size: 8MiB, sequential-cutoff: 0";
+  datastore(t, {"disk.raw"}, 8, "{ cache: { mode: write-back, " + dev + " } }");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const std::string img = m.path("disk.raw");
+  Holder open(img);
+  REQUIRE(sh("head -c 1M /dev/urandom > " + q(t / "data") + " && dd if=" + q(t / "data") + " of=" + q(img) +
+             " bs=64k conv=notrunc,fsync status=none && cat " + q(img) + " > /dev/null") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "dirty_bytes") == 1 << 20);
+  const double hits = json_number(cache_stats(m, "disk.raw"), "read_hits");
+  CHECK(hits >= 16);
+  auto reload_with = [&](const std::string& policy) {
+    write_file(t / "ds.yaml", "datastore:\n  images: [\"*.raw\"]\npolicies:\n  p: " + policy +
+                                  "\nrules:\n  - { match: \"*\", policy: p }\n");
+    return set_xattr(m.mountpoint(), "user.iofilter.reload", "1");
+  };
+  REQUIRE(reload_with("{ cache: { mode: write-through, " + dev + " } }") == 0);
+  std::string st = cache_stats(m, "disk.raw");
+  INFO(st << "\n" << m.log());
+  CHECK(st.find("\"mode\":\"write-through\"") != std::string::npos);
+  CHECK(json_number(st, "dirty_bytes") == 0);
+  CHECK(json_number(st, "read_hits") == hits);  // the same filter: in place
+  CHECK(m.log().find("reconfigured in place") != std::string::npos);
+  CHECK(sh("cmp -n 1048576 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
+  CHECK(sh("cmp -n 1048576 " + q(t / "data") + " " + q(img)) == 0);
+  // Back to write-back, in place too: writes stay in the cache again.
+  REQUIRE(reload_with("{ cache: { mode: write-back, " + dev + " } }") == 0);
+  REQUIRE(sh("dd if=" + q(t / "data") + " of=" + q(img) + " bs=64k seek=32 conv=notrunc,fsync status=none") == 0);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "dirty_bytes") == 1 << 20);
+  CHECK(json_number(cache_stats(m, "disk.raw"), "read_hits") >= hits);
+  REQUIRE(set_xattr(img, "user.iofilter.flush", "1") == 0);
+  CHECK(sh("cmp -i 0:2097152 -n 1048576 " + q(t / "data") + " " + q(t / "b/disk.raw")) == 0);
   open.close();
   CHECK(m.stop() == 0);
 }

@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cache/block_map.h"
@@ -546,4 +547,115 @@ TEST_CASE("a cache file of another geometry is destaged at open, then re-made", 
   CHECK(std::string(below.data.data() + 7000, a.size()) == a);  // destaged at open
   CHECK(f->dirty_bytes() == 0);
   CHECK(read_all(*f, 7000, a.size()) == a);
+}
+
+TEST_CASE("hits under the shared lock: threads reading and writing while slots are evicted and reused read only their "
+          "own bytes",
+          "[cache][filter][threads]") {
+  // Each thread owns a region; together they are many times the cache, so slots are evicted
+  // and reused for other blocks while hits copy out of them. A hit that read a slot after it
+  // was given to another block would show another region's bytes.
+  for (const char* policy : {"{memory: 64KiB, block: 4KiB, sequential-cutoff: 0}",
+                             "{mode: write-back, device: DIR, size: 64KiB, block: 4KiB, sequential-cutoff: 0, "
+                             "high-watermark: 30, low-watermark: 10}"}) {
+    INFO(policy);
+    TmpDir dir;
+    std::string yaml = policy;
+    if (size_t at = yaml.find("DIR"); at != std::string::npos) yaml.replace(at, 3, dir.path);
+    testing::MemLayer below;
+    const size_t kRegion = 64 << 10;
+    const int kThreads = 4;
+    below.data.assign(kRegion * kThreads, 0);
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    std::vector<std::thread> threads;
+    std::vector<int> bad(kThreads, 0);
+    std::vector<std::string> models(kThreads);
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {  // no Catch assertions off the main thread
+        std::string& model = models[t];
+        model.assign(kRegion, char('a' + t));
+        const uint64_t base = uint64_t(t) * kRegion;
+        if (!f->write(Io{}, model.data(), model.size(), base).ok()) ++bad[t];
+        std::mt19937_64 rng(t);
+        std::string buf(3 * 4096, '\0');
+        for (int i = 0; i < 4000; ++i) {
+          const size_t len = 1 + rng() % (3 * 4096);
+          const uint64_t off = rng() % (kRegion - len);
+          if (rng() % 4 == 0) {
+            for (size_t j = 0; j < len; ++j) buf[j] = char('a' + t + 4 * (1 + (i + j) % 5));
+            if (!f->write(Io{}, buf.data(), len, base + off).ok()) ++bad[t];
+            model.replace(off, len, buf.data(), len);
+          } else {
+            size_t got = 0;
+            if (!f->read(Io{}, buf.data(), len, base + off, &got).ok() || got != len ||
+                std::memcmp(buf.data(), model.data() + off, len) != 0)
+              ++bad[t];
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (int t = 0; t < kThreads; ++t) CHECK(bad[t] == 0);
+    CHECK(counter(f->stats_json(), "read_hits") > 0);
+    // Slots were reused under the hits (write-back reuses them as fast as the destager cleans
+    // them, which this short run may not reach).
+    if (yaml.find("memory") != std::string::npos) CHECK(counter(f->stats_json(), "evictions") > 0);
+    REQUIRE(f->drain().ok());
+    for (int t = 0; t < kThreads; ++t)
+      CHECK(std::string(below.data.data() + size_t(t) * kRegion, kRegion) == models[t]);
+  }
+}
+
+TEST_CASE("reconfigure in place: mode after a destage, watermarks, sequential cutoff, and a new geometry needs a "
+          "replace",
+          "[cache][filter][reload]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(4 << 20, 0);
+  iofilterfs::Status st;
+  const std::string dev = "device: " + dir.path + ", size: 1MiB, block: 16KiB";
+  auto f = make("{mode: write-back, " + dev + ", sequential-cutoff: 0}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  const std::string a = pattern(256 << 10, 3);
+  REQUIRE(f->write(Io{}, a.data(), a.size(), 0).ok());
+  CHECK(f->dirty_bytes() == a.size());
+  CHECK(read_all(*f, 0, a.size()) == a);
+  const double hits = counter(f->stats_json(), "read_hits");
+  // write-back -> write-through: destaged first, then writes go below at once.
+  REQUIRE(f->reconfigure(YAML::Load("{mode: write-through, " + dev + ", sequential-cutoff: 0}")));
+  CHECK(f->dirty_bytes() == 0);
+  CHECK(std::string(below.data.data(), a.size()) == a);
+  CHECK(f->params().mode == Mode::WriteThrough);
+  CHECK(f->stats_json().find("\"mode\":\"write-through\"") != std::string::npos);
+  CHECK(counter(f->stats_json(), "read_hits") == hits);  // the same filter, its counters kept
+  const std::string b = pattern(64 << 10, 4);
+  REQUIRE(f->write(Io{}, b.data(), b.size(), 1 << 20).ok());
+  CHECK(std::string(below.data.data() + (1 << 20), b.size()) == b);
+  CHECK(f->dirty_bytes() == 0);
+  // write-through -> write-back: writes stay in the cache until destaged.
+  REQUIRE(f->reconfigure(YAML::Load("{mode: write-back, " + dev + ", sequential-cutoff: 0}")));
+  const std::string c = pattern(64 << 10, 5);
+  REQUIRE(f->write(Io{}, c.data(), c.size(), 2 << 20).ok());
+  CHECK(f->dirty_bytes() == c.size());
+  CHECK(std::string(below.data.data() + (2 << 20), c.size()) != c);
+  CHECK(read_all(*f, 2 << 20, c.size()) == c);
+  // Watermarks and the cutoff, in place.
+  REQUIRE(f->reconfigure(YAML::Load("{mode: write-back, " + dev +
+                                    ", sequential-cutoff: 64KiB, high-watermark: 80, low-watermark: 10}")));
+  CHECK(f->describe().find("watermarks=80/10") != std::string::npos);
+  CHECK(f->params().sequential_cutoff == 64u << 10);
+  const double bypasses = counter(f->stats_json(), "bypasses");
+  std::string buf(32 << 10, '\0');
+  size_t got = 0;
+  for (int i = 0; i < 8; ++i) REQUIRE(f->read(Io{}, buf.data(), buf.size(), (3 << 20) + i * buf.size(), &got).ok());
+  CHECK(counter(f->stats_json(), "bypasses") > bypasses);  // the stream passed the new cutoff
+  // A new geometry or another device is a new store: refused, the framework replaces.
+  CHECK_FALSE(f->reconfigure(YAML::Load("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 64KiB}")));
+  CHECK_FALSE(f->reconfigure(YAML::Load("{mode: write-back, device: " + dir.path + ", size: 2MiB, block: 16KiB}")));
+  CHECK_FALSE(f->reconfigure(YAML::Load("{mode: write-back, memory: 1MiB, unsafe: true}")));
+  CHECK(f->params().mode == Mode::WriteBack);
+  REQUIRE(f->drain().ok());
+  CHECK(std::string(below.data.data() + (2 << 20), c.size()) == c);
 }

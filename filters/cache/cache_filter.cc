@@ -77,7 +77,7 @@ std::string CacheFilter::degraded_reason() const {
 Status CacheFilter::open(const DiskInfo& info) {
   info_ = info;
   // The cache needs the layer below at open (its size; destaging a cache file of another
-  // geometry). A re-plumb that opens a new instance before linking it would crash here.
+  // geometry); the chain links a filter before it opens it.
   if (!next_) return Status::Error(EINVAL, "opened before the chain linked a layer below it");
   uint64_t bsize = 0;
   Status s = next_->size(&bsize);
@@ -196,9 +196,13 @@ void CacheFilter::destager() {
     const bool kicked = kicked_;
     kicked_ = false;
     l.unlock();
+    // This thread is the filter's own: its calls below hold a BelowGuard (filter.h), one
+    // bounded pass at a time, so a re-plumb never relinks the chain under a destage.
     if (records_broken_.load() && !passthrough_.load()) {
       // A failing device: everything below, the file aside, without waiting for a write.
-      Status s = failover();
+      Status s = Status::Ok();
+      if (BelowGuard below_ = below()) s = failover();
+      else break;  // left the chain
       if (!s.ok())
         spdlog::warn("{}: cache: failing over to the layer below failed ({}); retrying", info_.path,
                      s.what ? s.what : std::strerror(s.err));
@@ -216,7 +220,9 @@ void CacheFilter::destager() {
       }
       if (!run) break;
       size_t n = 0;
-      Status s = destage_pass(64, &n);
+      Status s = Status::Ok();
+      if (BelowGuard below_ = below()) s = destage_pass(64, &n);
+      else break;
       if (!s.ok()) {
         spdlog::warn("{}: cache: destaging failed ({}); retrying", info_.path, s.what ? s.what : std::strerror(s.err));
         break;

@@ -202,6 +202,13 @@ void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<
     below = slots_[c].filter.get();
   }
   top_ = below;
+  // Deferral reaches a filter only through filters that pass it (filter.h, "Deferring").
+  bool above_pass = true;
+  for (int c = 0; c < kFilterClassCount; ++c) {
+    if (!slots_[c].filter) continue;
+    slots_[c].filter->set_may_defer(above_pass);
+    above_pass = above_pass && slots_[c].info->passes_deferral;
+  }
 }
 
 Status Chain::build(const Registry& registry, const std::vector<FilterSpec>& specs, Layer* bottom, Chain* out,

@@ -14,8 +14,9 @@
 //             instead of its fresh replacement. untune() gives them back their old parameters
 //             (the abort of a plan that retune() left with other changes, which then failed);
 //   leaving() lists the filters the plan removes — the disk drains them before committing;
-//   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
-//             plumbing lock exclusively, so no request is inside the chain meanwhile.
+//   commit()  swaps the slots and relinks every filter's child (and each filter's
+//             may_defer(): true when every filter above it passes deferral); the caller holds
+//             the disk's plumbing lock exclusively, so no request is inside the chain meanwhile.
 #pragma once
 
 #include <array>

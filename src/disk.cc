@@ -236,7 +236,8 @@ Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got
   Status s;
   {
     Inside in(plumbing_);
-    s = checked(top_->read(req, buf, len, off, got), offer.taken());
+    s = top_->read(req, buf, len, off, got);
+    s = checked(s, offer.taken());  // (after the call: argument order is unspecified)
   }
   if (s.deferred()) return s;  // counted when it completes
   account(false, s, s.ok() ? *got : 0, t0);
@@ -251,7 +252,8 @@ Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off, cons
   Status s;
   {
     Modifying in(*this);
-    s = checked(top_->write(req, buf, len, off), offer.taken());
+    s = top_->write(req, buf, len, off);
+    s = checked(s, offer.taken());
   }
   if (s.deferred()) return s;
   account(true, s, len, t0);

@@ -413,11 +413,13 @@ TEST_CASE("a throttled disk at queue depth 128 leaves an unthrottled neighbour w
   std::string stats = wait_stat(m, "slow.raw", "queued", 48);
   INFO(stats);
   REQUIRE(json_number(stats, "queued") >= 48);
+  const double passed_before = json_number(stats, "reads");
   const double together = fio(t.path(), free_job)[0].rate(4);
   stats = get_xattr(m.path("slow.raw"), "user.iofilter.stats");
   std::printf("throttle: neighbour (2 ms below, depth 16) alone %.0f IOPS, next to a disk at depth 128 throttled to "
-              "100 IOPS %.0f IOPS: %+.1f%% (the throttled disk: %g held)\n",
-              alone, together, 100 * (together - alone) / alone, json_number(stats, "queued"));
+              "100 IOPS %.0f IOPS: %+.1f%% (the throttled disk: %g held, %g passed meanwhile)\n",
+              alone, together, 100 * (together - alone) / alone, json_number(stats, "queued"),
+              json_number(stats, "reads") - passed_before);
   CHECK(together >= 0.9 * alone);
   REQUIRE(wait_fio(t / "slow.rc") == 0);
   INFO(read_file(t / "slow.out"));

@@ -486,3 +486,33 @@ TEST_CASE("stopping the daemon with requests deferred answers them and exits cle
   // an error once the mount is gone), so fio ends rather than hanging.
   CHECK(wait_fio(t / "bg.rc") >= 0);
 }
+
+TEST_CASE("under a cache the throttle cannot defer: its requests wait on their workers and none is lost",
+          "[throttle][fio][defer]") {
+  TempDir t;
+  datastore(t, {"disk.raw"},
+            "policies:\n  p: { cache: { mode: write-around, memory: 16MiB }, throttle: { iops: 50 } }\n"
+            "rules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const int fd = open(m.path("disk.raw").c_str(), O_RDONLY);  // keeps the disk (and its counters)
+  REQUIRE(fd >= 0);
+  // 100 writes at depth 16 (write-around: every one reaches the throttle), verified.
+  fio_background(t.path(), "w",
+                 "--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --number_ios=100 --size=4M "
+                 "--verify=crc32c --verify_fatal=1 --randrepeat=0 --norandommap --name=w --filename=" +
+                     q(m.path("disk.raw")));
+  const std::string held = wait_stat(m, "disk.raw", "queued", 8);
+  INFO(held);
+  CHECK(json_number(held, "queued") >= 8);
+  CHECK(json_number(held, "deferred") == 0);  // the cache above does not pass deferral
+  const int rc = wait_fio(t / "w.rc");
+  INFO(read_file(t / "w.out"));
+  CHECK(rc == 0);
+  CHECK(read_file(t / "w.json").find("\"error\" : 0") != std::string::npos);
+  const std::string stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
+  INFO(stats);
+  CHECK(json_number(stats, "delayed") > 0);
+  CHECK(json_number(stats, "deferred") == 0);
+  close(fd);
+  CHECK(m.stop() == 0);
+}

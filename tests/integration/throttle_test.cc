@@ -3,7 +3,11 @@
 // about iops-max-length, a group of two disks shared half and half, shares 2:1 and a reservation
 // honoured while the backing store is congested (the fault layer adds 40 ms below every
 // filter), an unthrottled neighbour unaffected — and limits changed by a reload while requests
-// wait, without losing them and without spinning.
+// wait, without losing them and without spinning. Deferral (filter.h, "Deferring"): a disk at
+// queue depth 128 throttled to 100 IOPS holds more requests than the daemon has worker
+// threads, and its neighbour keeps its throughput (this failed before deferral: the held
+// requests took every worker); reloads while writes are deferred lose none; a stop with
+// requests deferred answers them; under a cache the throttle falls back to waiting on workers.
 //
 // Every figure is printed (the machine is small and noisy; the figures are what a report
 // quotes). Runs are as short as still measures honestly: 20 s for the 500 IOPS limit (the

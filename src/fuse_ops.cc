@@ -39,7 +39,7 @@ std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 // The single place a failed Status becomes a FUSE reply.
 void reply_err(fuse_req_t req, Status s, const char* op) {
   if (s.what) spdlog::debug("{}: {} ({})", op, s.what, std::strerror(s.err));
-  fuse_reply_err(req, s.err ? s.err : EIO);
+  fuse_reply_err(req, s.err > 0 ? s.err : EIO);  // (a Deferred status where none may be is EIO)
 }
 
 // An open file. Images go through `disk`; everything else through `fd`.

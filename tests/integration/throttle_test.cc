@@ -274,7 +274,7 @@ TEST_CASE("an unthrottled neighbour keeps its throughput next to a throttled dis
   const int rc = sh("cd " + q(t.path()) + " && (sleep 2.5; fio --output-format=json --output=slow.json " +
                         fio_opts(4, 32) + " --name=slow --filename=" + q(m.path("slow.raw")) +
                         " > slow.out 2>&1) & cd " + q(t.path()) + " && fio --output-format=json --output=free.json " +
-                        fio_opts(9, 8, "--write_iops_log=free --log_avg_msec=1000") + " --name=free --filename=" +
+                        fio_opts(10, 8, "--write_iops_log=free --log_avg_msec=1000") + " --name=free --filename=" +
                         q(m.path("free.raw")) + "; wait",
                     &out);
   INFO(out << read_file(t / "slow.out"));
@@ -288,7 +288,8 @@ TEST_CASE("an unthrottled neighbour keeps its throughput next to a throttled dis
   std::string shown;
   for (double v : per_second) shown += " " + std::to_string(static_cast<int>(v));
   // Seconds 3-5 (0-based) had the throttled disk beside; 1 and 7-8 did not (0, 2 and 6 are
-  // the start and the switches).
+  // the start and the switches). fio runs 10 s for these 9: a 9 s run sometimes logged only 8
+  // seconds (the last one dropped when the job ends a hair early; seen on main too).
   const double alone = (per_second[1] + per_second[7] + per_second[8]) / 3;
   const double together = (per_second[3] + per_second[4] + per_second[5]) / 3;
   const std::string slow_json = read_file(t / "slow.json");

@@ -14,9 +14,10 @@
 //             instead of its fresh replacement. untune() gives them back their old parameters
 //             (the abort of a plan that retune() left with other changes, which then failed);
 //   leaving() lists the filters the plan removes — the disk drains them before committing;
-//   commit()  swaps the slots and relinks every filter's child; the caller holds the disk's
-//             plumbing lock exclusively, so no request is inside the chain meanwhile, and
-//             commit() itself waits until no filter's own thread is below a filter (see
+//   commit()  swaps the slots and relinks every filter's child (and each filter's
+//             may_defer(): true when every filter above it passes deferral); the caller holds
+//             the disk's plumbing lock exclusively, so no request is inside the chain meanwhile,
+//             and commit() itself waits until no filter's own thread is below a filter (see
 //             Filter::below()), fresh ones included (open_arriving() links each fresh filter
 //             to the layer planned below it before opening it, so its open() and its threads
 //             may already call below); a removed filter's threads find nothing below from then

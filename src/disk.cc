@@ -2,8 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
+#include "buffers.h"
 #include "json.h"
 #include <time.h>
 
@@ -108,31 +111,152 @@ Status Disk::attach(bool writable, bool direct) {
 
 bool Disk::detach() { return --handles_ == 0; }
 
-Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
-  uint64_t t0 = now_ns();
-  Inside in(plumbing_);
-  Status s = top_->read(io, buf, len, off, got);
+// ---- deferred requests (filter.h, "Deferring") ----
+
+// A deferred read or write: its own buffer, its disk (kept alive), the caller's completion.
+class Disk::Pending final : public Deferred {
+ public:
+  Pending(std::shared_ptr<Disk> d, bool is_write, void* buf, size_t len, uint64_t t0, Completion done)
+      : disk_(std::move(d)), is_write_(is_write), buf_(buf), len_(len), t0_(t0), done_(done) {}
+
+  void* data() override { return buf_; }
+
+  void resume(Continuation& k) override {
+    Status s;
+    size_t got = 0;
+    if (is_write_) {
+      Modifying in(*disk_);  // as a new write: waits out a quiesce
+      s = k.run(buf_, &got);
+    } else {
+      Inside in(disk_->plumbing_);
+      s = k.run(buf_, &got);
+    }
+    finish(s, got);
+  }
+
+  void finish(Status s, size_t got) override {
+    if (s.deferred()) s = Status::Error(EIO, "a filter deferred a request it had resumed");
+    const size_t n = is_write_ ? len_ : got;
+    disk_->account(is_write_, s, n, t0_);
+    done_.fn(done_.ctx, s, buf_, n);
+    std::shared_ptr<Disk> d = std::move(disk_);
+    std::free(buf_);
+    delete this;
+    d->deferred_done();  // close() may go on; `d` is not the last reference (see close())
+  }
+
+ private:
+  std::shared_ptr<Disk> disk_;
+  const bool is_write_;
+  void* const buf_;
+  const size_t len_;
+  const uint64_t t0_;
+  const Completion done_;
+};
+
+// Offered to the chain in Io::defer by a read or write that has a completion.
+class Disk::Offer final : public Deferrer {
+ public:
+  Offer(Disk& d, bool is_write, const void* data, size_t len, uint64_t t0, const Completion* done)
+      : d_(d), is_write_(is_write), data_(data), len_(len), t0_(t0), done_(done) {}
+
+  Deferred* take() override {
+    if (taken_) return nullptr;  // one filter holds a request at a time
+    void* mem = nullptr;
+    if (posix_memalign(&mem, kBufferAlign, len_ ? len_ : 1) != 0) return nullptr;
+    if (is_write_ && len_) std::memcpy(mem, data_, len_);  // the worker's buffer is reused
+    Pending* p = new (std::nothrow) Pending(d_.shared_from_this(), is_write_, mem, len_, t0_, *done_);
+    if (!p) {
+      std::free(mem);
+      return nullptr;
+    }
+    {
+      std::lock_guard<std::mutex> g(d_.def_mu_);
+      ++d_.deferred_;
+    }
+    taken_ = true;
+    return p;
+  }
+  bool taken() const { return taken_; }
+
+ private:
+  Disk& d_;
+  const bool is_write_;
+  const void* const data_;
+  const size_t len_;
+  const uint64_t t0_;
+  const Completion* const done_;
+  bool taken_ = false;
+};
+
+void Disk::account(bool is_write, Status s, size_t bytes, uint64_t t0) {
   if (!s.ok()) {
     stats_.errors.fetch_add(1, std::memory_order_relaxed);
-    return s;
+    return;
   }
-  stats_.reads.fetch_add(1, std::memory_order_relaxed);
-  stats_.read_bytes.fetch_add(*got, std::memory_order_relaxed);
-  stats_.read_lat.record(now_ns() - t0);
+  (is_write ? stats_.writes : stats_.reads).fetch_add(1, std::memory_order_relaxed);
+  (is_write ? stats_.write_bytes : stats_.read_bytes).fetch_add(bytes, std::memory_order_relaxed);
+  (is_write ? stats_.write_lat : stats_.read_lat).record(now_ns() - t0);
+}
+
+void Disk::deferred_done() {
+  std::lock_guard<std::mutex> g(def_mu_);
+  if (--deferred_ == 0) def_cv_.notify_all();
+}
+
+uint64_t Disk::deferred() const {
+  std::lock_guard<std::mutex> g(def_mu_);
+  return deferred_;
+}
+
+void Disk::release_deferred() {
+  chain_.for_each([](Filter& f, const FilterInfo&) { f.release_deferred(); });
+}
+
+void Disk::defer_again() {
+  chain_.for_each([](Filter& f, const FilterInfo&) { f.defer_again(); });
+}
+
+namespace {
+
+// A filter that answered Deferred must have taken the request; one that did not is a bug, and
+// the request fails rather than going unanswered.
+Status checked(Status s, bool taken) {
+  if (s.deferred() && !taken) return Status::Error(EIO, "a filter deferred a request without taking it");
   return s;
 }
 
-Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off) {
+}  // namespace
+
+Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got, const Completion* done) {
   uint64_t t0 = now_ns();
-  Modifying in(*this);
-  Status s = top_->write(io, buf, len, off);
-  if (!s.ok()) {
-    stats_.errors.fetch_add(1, std::memory_order_relaxed);
-    return s;
+  Offer offer(*this, false, nullptr, len, t0, done);
+  Io req = io;
+  req.defer = done && done->fn ? &offer : nullptr;
+  Status s;
+  {
+    Inside in(plumbing_);
+    s = top_->read(req, buf, len, off, got);
+    s = checked(s, offer.taken());  // (after the call: argument order is unspecified)
   }
-  stats_.writes.fetch_add(1, std::memory_order_relaxed);
-  stats_.write_bytes.fetch_add(len, std::memory_order_relaxed);
-  stats_.write_lat.record(now_ns() - t0);
+  if (s.deferred()) return s;  // counted when it completes
+  account(false, s, s.ok() ? *got : 0, t0);
+  return s;
+}
+
+Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off, const Completion* done) {
+  uint64_t t0 = now_ns();
+  Offer offer(*this, true, buf, len, t0, done);
+  Io req = io;
+  req.defer = done && done->fn ? &offer : nullptr;
+  Status s;
+  {
+    Modifying in(*this);
+    s = top_->write(req, buf, len, off);
+    s = checked(s, offer.taken());
+  }
+  if (s.deferred()) return s;
+  account(true, s, len, t0);
   return s;
 }
 
@@ -190,6 +314,9 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       return Status::Error(EBUSY);
     }
   }
+  // No request stays deferred in a filter across a change of the filters around it: what they
+  // hold goes down now, through the chain it was admitted to (filter.h, "Deferring").
+  release_deferred();
   std::vector<std::unique_ptr<Filter>> removed;
   {
     std::lock_guard<RwLock> excl(plumbing_);  // in-flight requests drain; new ones wait
@@ -199,6 +326,7 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       if (!s.ok()) {
         *err = std::string("a filter being removed could not drain: ") + (s.what ? s.what : std::strerror(s.err));
         chain_.untune(&plan);
+        defer_again();
         return s;  // abort: the plan's fresh filters are dropped, the old chain stays
       }
     }
@@ -212,12 +340,14 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
       }
       *err = "a new filter could not open: " + oerr;
       chain_.untune(&plan);
+      defer_again();
       return s;
     }
     chain_.commit(std::move(plan), bottom_, &removed);
     top_ = chain_.top();
     policy_ = policy;
   }
+  defer_again();  // the filters of the new chain
   for (auto& f : removed) {
     f->shutdown();
     f->close();
@@ -325,6 +455,8 @@ Status Disk::flush() {
 Status Disk::close() {
   std::lock_guard<std::mutex> g(control_mu_);
   if (closed_) return Status::Ok();
+  // Deferred requests go down now, while every filter is still open, and are answered.
+  release_deferred();
   Status first = Status::Ok();
   chain_.for_each([&](Filter& f, const FilterInfo& info) {
     Status s = f.drain();
@@ -342,6 +474,14 @@ Status Disk::close() {
       spdlog::error("{}: raw view could not write its metadata on close: {}", relpath_, s.what ? s.what : "");
       if (first.ok()) first = s;
     }
+  }
+  {
+    // A filter that failed to release its requests still answers them; nothing is left
+    // unanswered when the disk goes. (A deferred request holds a reference to the disk, but the
+    // datastore's outlives it: the last reference never goes on the resuming thread.)
+    std::unique_lock<std::mutex> l(def_mu_);
+    if (deferred_) spdlog::warn("{}: waiting for {} deferred requests", relpath_, deferred_);
+    def_cv_.wait(l, [&] { return deferred_ == 0; });
   }
   closed_ = true;
   return first;
@@ -386,7 +526,8 @@ uint64_t Disk::replica_lag_bytes() const {
 
 std::string Disk::stats_json() const {
   std::lock_guard<std::mutex> g(control_mu_);
-  std::string s = "{\"path\":" + json_str(relpath_) + "," + stats_.json() + ",\"filters\":{";
+  std::string s = "{\"path\":" + json_str(relpath_) + "," + stats_.json() + ",\"deferred\":" +
+                  std::to_string(deferred()) + ",\"filters\":{";
   bool first = true;
   chain_.for_each([&](const Filter& f, const FilterInfo& info) {
     if (!first) s += ",";

@@ -11,7 +11,10 @@
 // atomic counters. Handle bookkeeping (attach/detach) is under the owning Inode's mutex.
 // Control events (drain, close, re-plumb, fault plans) are under control_mu_; a re-plumb also
 // takes plumbing_ exclusively to swap filters while no request is inside.
-// Lock order: Inode::m, then Disk::control_mu_, then Disk::plumbing_.
+// A read or write that a filter defers (filter.h, "Deferring") leaves plumbing_ when its worker
+// returns, and takes it again (shared, as a new request) on the thread that resumes it; until
+// it completes it is counted in deferred_ (under def_mu_), which close() waits to empty.
+// Lock order: Inode::m, then Disk::control_mu_, then Disk::plumbing_, then Disk::def_mu_.
 #pragma once
 
 #include <atomic>
@@ -46,7 +49,16 @@ struct DiskOptions {
   std::string backing_root;  // backing files must lie under it
 };
 
-class Disk {
+// The caller's end of a read or write that may be deferred: called once, on the thread that
+// finishes the request, with its status and, for a read, the bytes read (data is valid during
+// the call only); for a write len is the bytes written. Plain data, so offering it costs
+// nothing when no filter defers.
+struct Completion {
+  void (*fn)(void* ctx, Status s, const void* data, size_t len) = nullptr;
+  void* ctx = nullptr;
+};
+
+class Disk : public std::enable_shared_from_this<Disk> {
  public:
   // Opens the backing file named by `path_fd` (O_PATH), detects its format, builds and opens
   // the chain. On failure nothing stays open and *err has the reason.
@@ -60,9 +72,11 @@ class Disk {
   // Returns true when this was the last handle.
   bool detach();
 
-  // Data path.
-  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got);
-  Status write(const Io& io, const void* buf, size_t len, uint64_t off);
+  // Data path. With `done`, a filter may defer a read or write: it then returns
+  // Status::Deferred() at once, and `done` is called later, from another thread, with the
+  // result (buf is not touched after the return; a read's bytes come in the call).
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got, const Completion* done = nullptr);
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off, const Completion* done = nullptr);
   Status sync(const Io& io, bool datasync);
   Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len);
   Status resize(const Io& io, uint64_t size);
@@ -84,8 +98,11 @@ class Disk {
   // their state. On error the old chain stays, with its old parameters.
   Status replumb(const std::string& policy, const std::vector<FilterSpec>& filters, const Registry& registry,
                  std::string* err);
-  // Drains and closes the filters; the backing file closes with the Disk.
+  // Drains and closes the filters; the backing file closes with the Disk. Every deferred
+  // request is released first and has completed when this returns.
   Status close();
+  // Reads and writes deferred by a filter and not yet completed.
+  uint64_t deferred() const;
 
   // Fault injection (only when opened with fault_injection).
   bool has_fault_layer() const { return fault_ != nullptr; }
@@ -125,6 +142,14 @@ class Disk {
    private:
     Disk& d_;
   };
+  class Offer;    // the Deferrer of one read or write (on its worker's stack)
+  class Pending;  // a deferred read or write (owned by the framework, see filter.h)
+  // Counts a finished read or write in stats_.
+  void account(bool is_write, Status s, size_t bytes, uint64_t t0);
+  void deferred_done();
+  // Every filter resumes what it holds (release) or may hold again.
+  void release_deferred();
+  void defer_again();
   void wait_resume();
   Status quiesce_locked(std::chrono::seconds timeout);  // control_mu_ held
   Status resume_locked();                               // control_mu_ held
@@ -153,6 +178,10 @@ class Disk {
   mutable std::mutex q_mu_;
   std::condition_variable q_cv_;
   std::chrono::steady_clock::time_point q_deadline_;  // under q_mu_
+
+  mutable std::mutex def_mu_;
+  std::condition_variable def_cv_;
+  uint64_t deferred_ = 0;  // under def_mu_
 
   mutable std::mutex control_mu_;
   bool closed_ = false;        // under control_mu_

@@ -13,12 +13,47 @@
 //   complete it  – return Ok without calling next_ (a cache hit);
 //   fail it      – return an error Status; only the layers above it see the error;
 //   pass it      – call next_ (possibly with changed data, as encryption does);
-//   defer it     – block the calling thread while it does slow work (a network send, a token
-//                  wait). Requests run on a pool of FUSE worker threads and no disk-wide lock
-//                  is held across a filter call, so a deferred request holds up only itself.
+//   defer it     – keep the request and finish it later from a thread of its own, so that the
+//                  FUSE worker thread it arrived on goes back to serve others (VAIO's
+//                  deferred status). See "Deferring" below. A filter may also simply block the
+//                  calling thread while it does slow work; that holds a worker, of which there
+//                  are opt.threads for the whole mount, so waits that last (a token wait at a
+//                  low limit) should defer instead.
 //
 // Filters also get the disk's control events (open, close, drain/flush, quiesce/resume,
 // snapshot, shutdown) and report how many bytes they hold that the layer below lacks.
+//
+// Deferring. The caller of read()/write() that can take a late answer (the FUSE layer, through
+// Disk) puts a Deferrer in Io::defer. A filter that wants to hold the request — and that
+// may_defer() (below) — calls io.defer->take(): the framework then owns the request's buffer
+// (a write's data is copied out of the worker's receive buffer, a read gets a buffer of its
+// own, both at Deferred::data()), counts the request as in flight on its disk, and the filter
+// returns Status::Deferred() at once. Later, from any other thread (a timer, a pool), the
+// filter calls Deferred::resume(k) exactly once: the framework enters the disk again as for a
+// new request (a write waits out a quiesce; a re-plumb's swap waits for it), runs k.run() on
+// that thread — the rest of the filter's work, typically next_->read/write with a plain Io —
+// and completes the request with its status (the FUSE reply), or Deferred::finish(status) to
+// complete it without going down. Then the Deferred is gone.
+//
+//   worker:  Disk::write ─► filter.write: io.defer->take(), park it, return Deferred ─► (free)
+//   timer:   d->resume(k) ─► [disk entered] k.run(data): next_->write(...) ─► reply, stats
+//
+// Only requests of read and write are offered (nothing else is worth holding). A filter that
+// does not defer is untouched: it never looks at io.defer, and a filter's default data path
+// passes io down unchanged. may_defer() is true only when every filter above this one in the
+// chain declares FilterInfo::passes_deferral (it does nothing after next_ returns, so it does
+// not mind that a request comes back up "Deferred" before it is done); the chain sets it when
+// it links the filters. The built-in filters above the throttle (replicate, cache) work on the
+// result, so in practice a throttle defers when it is the top of its chain and otherwise
+// blocks its worker as before.
+//
+// The framework's side of the contract: a drain of the disk for a re-plumb that stops the
+// chain first calls release_deferred() on every filter (resume what you hold now, hold nothing
+// new until defer_again()); Disk::close() does the same before the filters close, and then
+// waits until every deferred request of the disk has completed, so an unmount never leaves a
+// request unanswered. A flush does not wait for deferred requests: a deferred write has not
+// been acknowledged, so no durability is owed for it yet; a quiesce holds deferred writes
+// that resume meanwhile until resume(), like any other new write.
 //
 // Threads: data-path methods are called concurrently from any number of worker threads; a
 // filter protects its own state. Control events are serialised per disk by Disk::control_mu_
@@ -45,16 +80,60 @@ namespace YAML { class Node; }
 
 namespace iofilterfs {
 
-inline constexpr int kFilterApiVersion = 1;
+inline constexpr int kFilterApiVersion = 2;  // 2: Io::defer, Deferred, release_deferred()
 
 // Fixed class order, guest side first. The chain is sorted by this, never by YAML key order.
 enum class FilterClass : int { Replicate = 0, Cache = 1, Throttle = 2, Encrypt = 3 };
 inline constexpr int kFilterClassCount = 4;
 const char* to_string(FilterClass c);
 
+class Deferrer;
+
 // Per-request context handed down the chain (lives on the worker thread's stack).
 struct Io {
   bool direct = false;  // the opener asked for O_DIRECT (QEMU cache=none)
+  // Non-null on a read or write whose caller can take a deferred answer (see "Deferring").
+  // Pass it on unchanged, or not at all (a filter that resumes a request passes a plain Io).
+  Deferrer* defer = nullptr;
+};
+
+// The continuation a filter runs when it resumes a deferred request (Deferred::resume).
+class Continuation {
+ public:
+  // data: the request's buffer (a read's destination, a write's bytes), len bytes. A read sets
+  // *got. Returns the request's status.
+  virtual Status run(void* data, size_t* got) = 0;
+
+ protected:
+  ~Continuation() = default;
+};
+
+// A request a filter has taken to finish later. Owned by the framework; valid until resume()
+// or finish() returns, and then gone.
+class Deferred {
+ public:
+  // The request's buffer: the data to write (the framework's own copy) or where a read goes.
+  virtual void* data() = 0;
+  // Enters the disk on this thread, runs k, completes the request with k's status.
+  virtual void resume(Continuation& k) = 0;
+  // Completes the request with `s` (an error, or Ok with `got` bytes of a read in data())
+  // without going down.
+  virtual void finish(Status s, size_t got) = 0;
+
+ protected:
+  ~Deferred() = default;
+};
+
+// Offered in Io::defer by a caller that can take a deferred answer.
+class Deferrer {
+ public:
+  // Takes the request (see "Deferring"). After a non-null answer the filter must return
+  // Status::Deferred() and later resume or finish it; null (out of memory): it was not taken,
+  // and the filter handles the request on the calling thread.
+  virtual Deferred* take() = 0;
+
+ protected:
+  ~Deferrer() = default;
 };
 
 // fallocate modes the chain understands (same bits as FALLOC_FL_*).
@@ -131,6 +210,10 @@ class Filter : public Layer {
 
   void set_next(Layer* next) { next_ = next; }
   Layer* next() const { return next_; }
+  // Set by the chain when it links the filters (see "Deferring"): every filter above this one
+  // passes deferral. Read on the data path; changes only while no request is inside the chain.
+  void set_may_defer(bool on) { may_defer_ = on; }
+  bool may_defer() const { return may_defer_; }
 
   // Data path: pass everything down unchanged.
   Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
@@ -164,6 +247,13 @@ class Filter : public Layer {
   virtual Status snapshot(std::string_view /*name*/) { return Status::Ok(); }
   // The daemon is stopping: stop background work after a final drain.
   virtual void shutdown() {}
+  // Deferred requests across a change of the chain around this filter, or a close (see
+  // "Deferring"): resume every request this filter holds now (they go down at once, wherever
+  // they were in its queue), take no new ones, and return when none is left in it. Called with
+  // the disk's control lock held and requests flowing (not under the plumbing lock, which the
+  // resumed requests need). defer_again() lifts it (after the change, or when it was aborted).
+  virtual void release_deferred() {}
+  virtual void defer_again() {}
   // A policy change gives this filter new parameters (already validated). Return true when it
   // took them in place — all of them, with its state and the requests it holds — and false to
   // be replaced by a fresh instance (the default). Called with the disk's control lock held but
@@ -237,6 +327,7 @@ class Filter : public Layer {
   int below_calls_ = 0;       // background calls in flight below (under below_mu_)
   bool below_held_ = false;   // a re-plumb is relinking (under below_mu_)
   bool below_retired_ = false;
+  bool may_defer_ = false;
 };
 
 // A filter's entry in the registry: what the daemon lists as "installed filters".
@@ -272,6 +363,10 @@ struct FilterInfo {
   // --force`); the image is not open. `image` is its path in the datastore. Returns "" or why
   // not.
   std::function<std::string(const YAML::Node& params, const std::string& image)> discard;
+  // The filter's read and write do nothing after next_ returns (they pass io down unchanged
+  // and return what next_ returned), so a filter below it may defer (see "Deferring"). False
+  // for every built-in filter: replicate and cache work on the result of the layer below.
+  bool passes_deferral = false;
 };
 
 // The datastore's own settings that filters read (the `datastore:` section of the policy

@@ -1,8 +1,10 @@
 // FUSE low-level operations: a passthrough of the backing tree, with image data routed through
 // each image's Disk.
 //
-// Every reply is sent from the operation that received the request; errors become replies in
-// one place (reply_err). Operations that create, remove, rename, change or open run with the
+// Every reply is sent from the operation that received the request, except a read or write of
+// an image that a filter defers (filter.h, "Deferring"): the handler returns without replying,
+// and the reply is sent from the thread that completes it (libfuse's replies may come from any
+// thread). Errors become replies in one place (reply_err). Operations that create, remove, rename, change or open run with the
 // caller's filesystem identity (CallerCreds), so ownership and permissions are the backing
 // filesystem's own.
 #include "fuse_ops.h"
@@ -37,7 +39,7 @@ std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 // The single place a failed Status becomes a FUSE reply.
 void reply_err(fuse_req_t req, Status s, const char* op) {
   if (s.what) spdlog::debug("{}: {} ({})", op, s.what, std::strerror(s.err));
-  fuse_reply_err(req, s.err ? s.err : EIO);
+  fuse_reply_err(req, s.err > 0 ? s.err : EIO);  // (a Deferred status where none may be is EIO)
 }
 
 // An open file. Images go through `disk`; everything else through `fd`.
@@ -119,9 +121,15 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;  // the chain sees every write when it happens
   conn->max_write = 1024 * 1024;
   conn->max_read = 1024 * 1024;
-  // Queue depth 32 from several jobs must not be capped by the kernel's background limit.
-  conn->max_background = 256;
-  conn->congestion_threshold = 192;
+  // The kernel sends at most max_background asynchronous requests (libaio direct I/O, reads
+  // ahead) of the whole mount at a time and queues the rest in one FIFO for every file. A
+  // throttle keeps the requests it holds in flight here (deferred, costing no thread), so with
+  // a low limit this must be far above any one guest's queue depth, or a throttled disk's
+  // held requests would fill it and its neighbours' requests would wait behind them in the
+  // kernel. 4096: 32 guests at queue depth 128. The kernel caps it at
+  // /proc/sys/fs/fuse/max_user_bgreq unless the daemon runs as root.
+  conn->max_background = 4096;
+  conn->congestion_threshold = 3072;
   spdlog::info("mounted {} at {} ({} threads{})", ds.options().backing, ds.options().mountpoint,
                ds.options().threads, ds.options().read_only ? ", read-only" : "");
 }
@@ -443,6 +451,19 @@ void op_fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
   fuse_reply_err(req, (datasync ? ::fdatasync(fh->fd) : ::fsync(fh->fd)) == 0 ? 0 : errno);
 }
 
+// The replies of deferred reads and writes (Disk's Completion), on the completing thread.
+void read_done(void* ctx, Status s, const void* data, size_t len) {
+  auto req = static_cast<fuse_req_t>(ctx);
+  if (!s.ok()) return reply_err(req, s, "read");
+  fuse_reply_buf(req, static_cast<const char*>(data), len);
+}
+
+void write_done(void* ctx, Status s, const void*, size_t len) {
+  auto req = static_cast<fuse_req_t>(ctx);
+  if (!s.ok()) return reply_err(req, s, "write");
+  fuse_reply_write(req, len);
+}
+
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   FileHandle* fh = fh_of(fi);
   if (!fh->disk) {
@@ -456,7 +477,9 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   void* mem = thread_buffer(BufferSlot::Reply, size);
   if (!mem) return (void)fuse_reply_err(req, ENOMEM);
   size_t got = 0;
-  Status s = fh->disk->read(Io{fh->direct}, mem, size, static_cast<uint64_t>(off), &got);
+  const Completion done{read_done, req};
+  Status s = fh->disk->read(Io{fh->direct}, mem, size, static_cast<uint64_t>(off), &got, &done);
+  if (s.deferred()) return;  // read_done replies
   if (!s.ok()) return reply_err(req, s, "read");
   fuse_reply_buf(req, static_cast<const char*>(mem), got);
 }
@@ -487,7 +510,9 @@ void op_write_buf(fuse_req_t req, fuse_ino_t, fuse_bufvec* in, off_t off, fuse_f
     if (n < 0 || static_cast<size_t>(n) != size) return (void)fuse_reply_err(req, n < 0 ? static_cast<int>(-n) : EIO);
     data = mem;
   }
-  Status s = fh->disk->write(Io{fh->direct}, data, size, static_cast<uint64_t>(off));
+  const Completion done{write_done, req};
+  Status s = fh->disk->write(Io{fh->direct}, data, size, static_cast<uint64_t>(off), &done);
+  if (s.deferred()) return;  // write_done replies (the disk copied the data)
   if (!s.ok()) return reply_err(req, s, "write");
   fuse_reply_write(req, size);
 }

@@ -15,10 +15,16 @@ struct [[nodiscard]] Status {
 
   static constexpr Status Ok() { return {}; }
   static constexpr Status Error(int e, const char* w = nullptr) { return {e, w}; }
+  // Not a failure: a filter took the request to finish later (filter.h, Deferred). Only a
+  // caller that offered to take a deferred answer (Io::defer) ever sees it.
+  static constexpr Status Deferred() { return {kDeferredErr, nullptr}; }
   // Wraps a -1/errno system call result.
   static Status FromErrno(const char* w) { return {errno ? errno : EIO, w}; }
 
   constexpr bool ok() const { return err == 0; }
+  constexpr bool deferred() const { return err == kDeferredErr; }
+
+  static constexpr int kDeferredErr = -1;  // never an errno (those are positive)
 };
 
 }  // namespace iofilterfs

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <map>
+#include <thread>
 
 #include "filter.h"
 
@@ -15,6 +16,49 @@ uint64_t monotonic_ns() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * kNsPerSec + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// ---- ResumePool ----
+
+ResumePool& ResumePool::instance() {
+  static ResumePool* p = new ResumePool();  // never destroyed: its threads outlive statics
+  return *p;
+}
+
+void ResumePool::submit(PoolTask* t) {
+  std::lock_guard<std::mutex> l(mu_);
+  t->next_task = nullptr;
+  (tail_ ? tail_->next_task : head_) = t;
+  tail_ = t;
+  ++queued_;
+  if (queued_ > idle_ && threads_ < kMaxThreads) {
+    ++threads_;
+    std::thread([this] { loop(); }).detach();
+  }
+  if (idle_) cv_.notify_one();
+}
+
+unsigned ResumePool::threads() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return threads_;
+}
+
+void ResumePool::loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    while (!head_) {
+      ++idle_;
+      cv_.wait(lk);
+      --idle_;
+    }
+    PoolTask* t = head_;
+    head_ = t->next_task;
+    if (!head_) tail_ = nullptr;
+    --queued_;
+    lk.unlock();
+    t->run();
+    lk.lock();
+  }
 }
 
 // ---- Gate ----

@@ -10,6 +10,12 @@
 // and completions run the scheduler too, inline, so a request that may go at once never sleeps,
 // and a freed slot is handed on without a timer.
 //
+// Deferred requests (filter.h, "Deferring") wait for their stage-1 start time without any
+// thread: the disk's throttle keeps them in its held queue (held.h) and one timer thread per
+// disk sleeps until the earliest start. When a start comes the timer hands the request to the
+// ResumePool below, whose threads carry it through stages 2 and 3 (which may still wait, on
+// the pool's thread then, not a FUSE worker) and down the chain, and complete it.
+//
 // Threads and locks. Each Group has its own mutex (members of other groups, and disks in no
 // group, never touch it); the QoS domain has one mutex for the datastore, taken per request only
 // while the datastore is congested (otherwise a request costs three relaxed atomic operations
@@ -31,6 +37,37 @@ namespace iofilterfs::throttle {
 
 // CLOCK_MONOTONIC in ns: the clock every throttle time is on (steady_clock is the same clock).
 uint64_t monotonic_ns();
+
+// Work for the ResumePool: run() is called once, on a pool thread.
+class PoolTask {
+ public:
+  virtual void run() = 0;
+  PoolTask* next_task = nullptr;  // the pool's
+
+ protected:
+  ~PoolTask() = default;
+};
+
+// The process-wide threads that resume deferred requests. It grows on demand — a task that
+// finds no idle thread starts one, up to kMaxThreads — and its threads stay (idle, asleep on
+// a condition variable) for the process's life. A task may block (a group's round robin, the
+// datastore's QoS, a slow backing store), which is why there is more than one.
+class ResumePool {
+ public:
+  static constexpr unsigned kMaxThreads = 64;
+  static ResumePool& instance();
+  // Queues t (FIFO). Never blocks beyond the pool's mutex.
+  void submit(PoolTask* t);
+  unsigned threads() const;
+
+ private:
+  void loop();
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  PoolTask *head_ = nullptr, *tail_ = nullptr;  // under mu_
+  size_t queued_ = 0;                           // under mu_
+  unsigned threads_ = 0, idle_ = 0;             // under mu_
+};
 
 // One request blocked in a queue-based stage (lives on its thread's stack).
 struct Waiter {

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <new>
 
 namespace iofilterfs {
 
@@ -42,6 +43,15 @@ Status ThrottleFilter::open(const DiskInfo&) {
 }
 
 void ThrottleFilter::close() {
+  release_deferred();  // nothing deferred is left here after this
+  std::thread timer;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    timer_stop_ = true;
+    timer = std::move(timer_);
+  }
+  timer_cv_.notify_all();
+  if (timer.joinable()) timer.join();
   std::shared_ptr<throttle::GroupMember> member;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -78,15 +88,17 @@ bool ThrottleFilter::reconfigure(const YAML::Node& params) {
     }
     params_ = p;
     describe_ = throttle::describe_throttle(p);
-    // As QEMU's throttle_config(): the new limits start with empty buckets. The requests
-    // sleeping here are charged to them again, in their order, and woken to their new times.
+    // As QEMU's throttle_config(): the new limits start with empty buckets. The requests held
+    // here (deferred or sleeping) are charged to them again, in their order; sleepers are woken
+    // to their new times, and the timer to the new earliest one.
     state_ = throttle::ThrottleState(p.group.empty() ? p.limits : throttle::ThrottleConfig{});
     limit_ = throttle::TagClock(p.limit);
     const uint64_t now = monotonic_ns();
-    for (Sleeper* s = sleepers_; s; s = s->next) {
-      s->start = start_for(s->is_write, s->bytes, now);
-      s->cv.notify_one();
+    for (throttle::Held* h = held_.front(); h; h = h->next) {
+      h->start = start_for(h->is_write, h->bytes, now);
+      if (!h->deferred) static_cast<std::condition_variable*>(h->owner)->notify_one();
     }
+    timer_cv_.notify_all();
   }
   const int client = client_.load();
   if (client >= 0) throttle::QosDomain::instance().set(client, {p.shares, p.reservation});
@@ -100,30 +112,118 @@ uint64_t ThrottleFilter::start_for(bool is_write, uint64_t bytes, uint64_t now) 
   return t;
 }
 
-void ThrottleFilter::admit(bool is_write, uint64_t bytes, bool* waited) {
+bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival,
+                            bool* waited) {
+  std::unique_lock<std::mutex> lk(mu_);
+  const uint64_t now = monotonic_ns();
+  const uint64_t start = start_for(is_write, bytes, now);
+  if (start <= now) return false;
+  *waited = true;
+  if (io.defer && may_defer() && !released_ && !timer_stop_) {
+    auto* p = new (std::nothrow) Parked();
+    Deferred* d = p ? io.defer->take() : nullptr;
+    if (d) {
+      p->filter = this;
+      p->request = d;
+      p->direct = io.direct;
+      p->off = off;
+      p->t_arrival = t_arrival;
+      p->held.is_write = is_write;
+      p->held.bytes = bytes;
+      p->held.start = start;
+      p->held.deferred = true;
+      p->held.owner = p;
+      const bool earliest = start < held_.next_due();
+      held_.push(&p->held);
+      queued_.fetch_add(1, std::memory_order_relaxed);
+      if (!timer_.joinable()) timer_ = std::thread([this] { timer_loop(); });
+      else if (earliest) timer_cv_.notify_all();
+      return true;
+    }
+    delete p;  // out of memory: wait on this thread instead
+  }
+  // This thread sleeps until its start (which a reload may move).
+  std::condition_variable cv;
+  throttle::Held h;
+  h.is_write = is_write;
+  h.bytes = bytes;
+  h.start = start;
+  h.owner = &cv;
+  held_.push(&h);
+  queued_.fetch_add(1, std::memory_order_relaxed);
+  while (monotonic_ns() < h.start)
+    cv.wait_until(lk, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(h.start)));
+  queued_.fetch_sub(1, std::memory_order_relaxed);
+  held_.remove(&h);
+  return false;
+}
+
+void ThrottleFilter::timer_loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!timer_stop_) {
+    dispatch_locked(held_.take_due(released_ ? throttle::kNever : monotonic_ns()));
+    const uint64_t next = held_.next_due();
+    if (timer_stop_) break;
+    if (next == throttle::kNever) timer_cv_.wait(lk);
+    else timer_cv_.wait_until(lk, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(next)));
+  }
+}
+
+void ThrottleFilter::dispatch_locked(throttle::Held* list) {
+  while (list) {
+    throttle::Held* h = list;
+    list = h->next;
+    h->next = nullptr;
+    ++resuming_;
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+    throttle::ResumePool::instance().submit(static_cast<Parked*>(h->owner));
+  }
+}
+
+void ThrottleFilter::Parked::run() {
+  ThrottleFilter* f = filter;
+  request->resume(*this);  // stages 2-4 inside the disk, then the answer
+  delete this;
+  std::lock_guard<std::mutex> g(f->mu_);
+  if (--f->resuming_ == 0) f->idle_cv_.notify_all();
+}
+
+Status ThrottleFilter::Parked::run(void* data, size_t* got) {
+  return filter->pass(held.is_write, direct, data, held.bytes, off, got, t_arrival, true);
+}
+
+void ThrottleFilter::release_deferred() {
+  std::unique_lock<std::mutex> lk(mu_);
+  released_ = true;
+  dispatch_locked(held_.take_due(throttle::kNever));
+  idle_cv_.wait(lk, [&] { return resuming_ == 0; });
+}
+
+void ThrottleFilter::defer_again() {
+  std::lock_guard<std::mutex> g(mu_);
+  released_ = false;
+}
+
+Status ThrottleFilter::pass(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got,
+                            uint64_t t_arrival, bool waited) {
   std::shared_ptr<throttle::GroupMember> member;
   {
-    std::unique_lock<std::mutex> lk(mu_);
-    const uint64_t now = monotonic_ns();
-    const uint64_t start = start_for(is_write, bytes, now);
-    if (start > now) {
-      *waited = true;
-      Sleeper s{is_write, bytes, start};
-      s.prev = sleepers_tail_;
-      (sleepers_tail_ ? sleepers_tail_->next : sleepers_) = &s;
-      sleepers_tail_ = &s;
-      queued_.fetch_add(1, std::memory_order_relaxed);
-      while (monotonic_ns() < s.start)
-        s.cv.wait_until(lk, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(s.start)));
-      queued_.fetch_sub(1, std::memory_order_relaxed);
-      (s.prev ? s.prev->next : sleepers_) = s.next;
-      (s.next ? s.next->prev : sleepers_tail_) = s.prev;
-    }
+    std::lock_guard<std::mutex> g(mu_);
     member = member_;
   }
-  if (member && member->group->pass(member->id, is_write, bytes, &queued_)) *waited = true;
+  if (member && member->group->pass(member->id, is_write, len, &queued_)) waited = true;
   const int client = client_.load(std::memory_order_relaxed);
-  if (client >= 0 && throttle::QosDomain::instance().enter(client, &queued_)) *waited = true;
+  if (client >= 0 && throttle::QosDomain::instance().enter(client, &queued_)) waited = true;
+  const uint64_t t1 = monotonic_ns();
+  {
+    std::lock_guard<std::mutex> g(meter_mu_);
+    meter_.add(t1, len);
+  }
+  inflight_.fetch_add(1, std::memory_order_relaxed);
+  const Io down{direct};  // deferral is this filter's business, not the layers' below
+  Status s = is_write ? next_->write(down, buf, len, off) : next_->read(down, buf, len, off, got);
+  done(is_write, len, t1, waited, t_arrival);
+  return s;
 }
 
 void ThrottleFilter::done(bool is_write, uint64_t bytes, uint64_t t_down, bool waited, uint64_t t_arrival) {
@@ -141,31 +241,16 @@ void ThrottleFilter::done(bool is_write, uint64_t bytes, uint64_t t_down, bool w
 Status ThrottleFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   const uint64_t t0 = monotonic_ns();
   bool waited = false;
-  admit(false, len, &waited);
-  const uint64_t t1 = monotonic_ns();
-  {
-    std::lock_guard<std::mutex> g(meter_mu_);
-    meter_.add(t1, len);
-  }
-  inflight_.fetch_add(1, std::memory_order_relaxed);
-  Status s = next_->read(io, buf, len, off, got);
-  done(false, len, t1, waited, t0);
-  return s;
+  if (stage1(io, false, len, off, t0, &waited)) return Status::Deferred();
+  return pass(false, io.direct, buf, len, off, got, t0, waited);
 }
 
 Status ThrottleFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   const uint64_t t0 = monotonic_ns();
   bool waited = false;
-  admit(true, len, &waited);
-  const uint64_t t1 = monotonic_ns();
-  {
-    std::lock_guard<std::mutex> g(meter_mu_);
-    meter_.add(t1, len);
-  }
-  inflight_.fetch_add(1, std::memory_order_relaxed);
-  Status s = next_->write(io, buf, len, off);
-  done(true, len, t1, waited, t0);
-  return s;
+  if (stage1(io, true, len, off, t0, &waited)) return Status::Deferred();
+  // pass() hands buf only to next_->write, which takes it as const.
+  return pass(true, io.direct, const_cast<void*>(buf), len, off, nullptr, t0, waited);
 }
 
 std::string ThrottleFilter::describe() const {

@@ -4,15 +4,26 @@
 // group's round robin), qos.h (mClock and the congestion control), params.h (the keys), with
 // their run-time side in runtime.h.
 //
-// A read or write passes three stages, each of which may hold it (its worker thread sleeps on
-// its own condition variable; other requests, of this disk and of others, go on), then goes
-// down, timed:
+// A read or write passes three stages, each of which may hold it (other requests, of this disk
+// and of others, go on), then goes down, timed:
 //
 //   1. the disk:       its `limit` (mClock's L tag: requests spaced 1/limit apart) and, when it
 //                      is in no group, its own leaky buckets. The start time is known at
-//                      arrival (bucket.h), so the request sleeps until then; a reload that
-//                      changes the limits reschedules the sleepers, in their order.
-//   2. its group:      the group's buckets, round robin over the member disks (group.h).
+//                      arrival (bucket.h). A request that must wait is deferred (filter.h,
+//                      "Deferring"): it goes into the held queue (held.h), its FUSE worker
+//                      returns at once, and the disk's timer thread, asleep until the earliest
+//                      start, hands it to the ResumePool (runtime.h) when its start comes, which
+//                      carries it through stages 2-4 and answers it. No thread is spent on it
+//                      meanwhile, so no depth of queue on a throttled disk can take the workers
+//                      that other disks (or this disk's reads, under separate read and write
+//                      limits) need. Where the chain does not allow deferral (a filter above
+//                      the throttle that works on results: cache, replicate) the worker sleeps
+//                      until the start instead, on its own condition variable, as it did
+//                      before. A reload that changes the limits reschedules both kinds, in
+//                      their arrival order.
+//   2. its group:      the group's buckets, round robin over the member disks (group.h). A
+//                      waiting request blocks the thread that carries it (the worker, or a
+//                      pool thread for a deferred one).
 //   3. the datastore:  while congestion control is on, mClock's dispatch by reservation and
 //                      shares within the window (qos.h); otherwise it passes at once.
 //   4. below:          next_->read/write; the time it takes is the latency that tells the
@@ -24,8 +35,9 @@
 // process-wide QosDomain (runtime.h). Threads: any number of FUSE workers call read/write
 // concurrently; reconfigure(), open() and close() run under the disk's control lock, alongside
 // them. mu_ guards the disk's own scheduling state and is never held while waiting in a group
-// or the datastore, nor while calling the layer below; meter_mu_ guards the rate meter. Lock
-// order: none (no lock here is taken while another is held; the runtime's locks likewise).
+// or the datastore, nor while calling the layer below; meter_mu_ guards the rate meter. The
+// timer thread takes mu_ and, under it, the ResumePool's mutex (a leaf). Lock order: mu_, then
+// the pool's mutex; nothing else here is taken while another lock is held.
 // The counters are atomics, read without a lock by stats_json().
 #pragma once
 
@@ -34,8 +46,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "bucket.h"
+#include "held.h"
 #include "filter.h"
 #include "params.h"
 #include "qos.h"
@@ -60,6 +74,11 @@ class ThrottleFilter : public Filter {
   // limits in their order, a new group is joined for the requests that arrive from now on (the
   // ones queued in the old group are served there), new shares and reservation apply at once.
   bool reconfigure(const YAML::Node& params) override;
+  // The deferred requests go on at once (the timer hands them all to the pool) and new ones
+  // wait on their workers until defer_again(); returns when none is left here. close() does
+  // it too, and stops the timer thread.
+  void release_deferred() override;
+  void defer_again() override;
 
   // {"delayed":N,"wait_ns":N,"wait_us":N,"queued":N,"inflight":N,"reads":N,"writes":N,
   //  "read_bytes":N,"write_bytes":N,"iops":N,"bytes_per_s":N,"mb_per_s":X,"group":S|null,
@@ -70,16 +89,25 @@ class ThrottleFilter : public Filter {
   std::string describe() const override;
 
  private:
-  // One request sleeping at stage 1.
-  struct Sleeper {
-    bool is_write;
-    uint64_t bytes;
-    uint64_t start;  // when it may go on; moved by reconfigure()
-    std::condition_variable cv;
-    Sleeper *prev = nullptr, *next = nullptr;
+  // A deferred request: in held_ until its start, then a task of the ResumePool.
+  struct Parked final : throttle::PoolTask, Continuation {
+    ThrottleFilter* filter = nullptr;
+    Deferred* request = nullptr;
+    throttle::Held held;
+    bool direct = false;
+    uint64_t off = 0, t_arrival = 0;
+    void run() override;                           // PoolTask: on a pool thread
+    Status run(void* data, size_t* got) override;  // Continuation: inside the disk
   };
-  // Stages 1-3; returns when the request may go down. *waited: it was held somewhere.
-  void admit(bool is_write, uint64_t bytes, bool* waited);
+  // Stage 1. Returns true when the request was deferred (the caller returns Deferred); else
+  // it may go on, after sleeping here if it had to (*waited).
+  bool stage1(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival, bool* waited);
+  // Stages 2-4 and the accounting, on whichever thread carries the request.
+  Status pass(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got, uint64_t t_arrival,
+              bool waited);
+  // Hands the listed requests (take_due's answer) to the pool (mu_ held).
+  void dispatch_locked(throttle::Held* list);
+  void timer_loop();
   // Stage 1's start time for a request arriving at now (mu_ held).
   uint64_t start_for(bool is_write, uint64_t bytes, uint64_t now);
   // After the layer below answered.
@@ -90,7 +118,13 @@ class ThrottleFilter : public Filter {
   throttle::ThrottleState state_;                   // under mu_: the disk's own limits (none in a group)
   throttle::TagClock limit_;                        // under mu_
   std::shared_ptr<throttle::GroupMember> member_;   // under mu_: null unless open and in a group
-  Sleeper *sleepers_ = nullptr, *sleepers_tail_ = nullptr;  // under mu_, in arrival order
+  throttle::HeldQueue held_;                        // under mu_: stage 1's deferred and sleeping requests
+  std::condition_variable timer_cv_;                // the timer thread sleeps on it (mu_)
+  std::condition_variable idle_cv_;                 // release_deferred() waits on it (mu_)
+  std::thread timer_;                               // started with the first deferral
+  bool timer_stop_ = false;                         // under mu_
+  bool released_ = false;                           // under mu_: defer nothing (release_deferred)
+  uint64_t resuming_ = 0;                           // under mu_: handed to the pool, not yet answered
   bool opened_ = false;                             // under mu_
   std::string describe_;                            // under mu_
   std::atomic<int> client_{-1};                     // the datastore QoS client while open

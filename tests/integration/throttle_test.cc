@@ -3,7 +3,11 @@
 // about iops-max-length, a group of two disks shared half and half, shares 2:1 and a reservation
 // honoured while the backing store is congested (the fault layer adds 40 ms below every
 // filter), an unthrottled neighbour unaffected — and limits changed by a reload while requests
-// wait, without losing them and without spinning.
+// wait, without losing them and without spinning. Deferral (filter.h, "Deferring"): a disk at
+// queue depth 128 throttled to 100 IOPS holds more requests than the daemon has worker
+// threads, and its neighbour keeps its throughput (this failed before deferral: the held
+// requests took every worker); reloads while writes are deferred lose none; a stop with
+// requests deferred answers them; under a cache the throttle falls back to waiting on workers.
 //
 // Every figure is printed (the machine is small and noisy; the figures are what a report
 // quotes). Runs are as short as still measures honestly: 20 s for the 500 IOPS limit (the
@@ -16,6 +20,7 @@
 
 #include <chrono>
 #include <cinttypes>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -269,7 +274,7 @@ TEST_CASE("an unthrottled neighbour keeps its throughput next to a throttled dis
   const int rc = sh("cd " + q(t.path()) + " && (sleep 2.5; fio --output-format=json --output=slow.json " +
                         fio_opts(4, 32) + " --name=slow --filename=" + q(m.path("slow.raw")) +
                         " > slow.out 2>&1) & cd " + q(t.path()) + " && fio --output-format=json --output=free.json " +
-                        fio_opts(9, 8, "--write_iops_log=free --log_avg_msec=1000") + " --name=free --filename=" +
+                        fio_opts(10, 8, "--write_iops_log=free --log_avg_msec=1000") + " --name=free --filename=" +
                         q(m.path("free.raw")) + "; wait",
                     &out);
   INFO(out << read_file(t / "slow.out"));
@@ -283,7 +288,8 @@ TEST_CASE("an unthrottled neighbour keeps its throughput next to a throttled dis
   std::string shown;
   for (double v : per_second) shown += " " + std::to_string(static_cast<int>(v));
   // Seconds 3-5 (0-based) had the throttled disk beside; 1 and 7-8 did not (0, 2 and 6 are
-  // the start and the switches).
+  // the start and the switches). fio runs 10 s for these 9: a 9 s run sometimes logged only 8
+  // seconds (the last one dropped when the job ends a hair early; seen on main too).
   const double alone = (per_second[1] + per_second[7] + per_second[8]) / 3;
   const double together = (per_second[3] + per_second[4] + per_second[5]) / 3;
   const std::string slow_json = read_file(t / "slow.json");
@@ -350,6 +356,168 @@ TEST_CASE("a reload changes the limits while requests wait: none lost, none spin
   CHECK(json_number(stats, "reads") > reads_before);
   CHECK(get_xattr(m.path("disk.raw"), "user.iofilter.chain") == "throttle(iops=5000)");
   CHECK(read_file(t / "bg.json").find("\"error\" : 0") != std::string::npos);
+  close(fd);
+  CHECK(m.stop() == 0);
+}
+
+// ---- deferral: a held request costs no thread ----
+
+namespace {
+
+// Polls the disk's throttle stats until `key` reaches at least `want` (at most ~15 s); returns
+// the last stats read.
+std::string wait_stat(const Mount& m, const std::string& image, const std::string& key, double want) {
+  std::string stats;
+  for (int i = 0; i < 300; ++i) {
+    stats = get_xattr(m.path(image), "user.iofilter.stats");
+    if (json_number(stats, key) >= want) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return stats;
+}
+
+// Waits (at most ~60 s) until the background fio that writes `rc_file` when it exits has
+// exited; returns its exit status, or -1 if it did not exit.
+int wait_fio(const std::string& rc_file) {
+  for (int i = 0; i < 1200; ++i) {
+    std::string rc = read_file(rc_file);
+    if (!rc.empty()) return std::atoi(rc.c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -1;
+}
+
+// Starts fio in the background in `dir`; its JSON goes to NAME.json, its output to NAME.out,
+// its exit status to NAME.rc.
+void fio_background(const std::string& dir, const std::string& name, const std::string& args) {
+  REQUIRE(sh("cd " + q(dir) + " && rm -f " + name + ".rc && ((fio --output-format=json --output=" + name + ".json " +
+             args + " > " + name + ".out 2>&1; echo $? > " + name + ".rc.tmp; mv " + name + ".rc.tmp " + name +
+             ".rc) > /dev/null 2>&1 &)") == 0);
+}
+
+}  // namespace
+
+TEST_CASE("a throttled disk at queue depth 128 leaves an unthrottled neighbour within 10% of its throughput alone",
+          "[throttle][fio][defer]") {
+  TempDir t;
+  datastore(t, {"slow.raw", "free.raw"},
+            "policies:\n  p: { throttle: { iops: 100 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
+  // The neighbour's backing store takes 2 ms a request, so its throughput is its depth over
+  // that latency, whatever CPU the machine's other tenants leave (as in the test above).
+  const int fd = open(m.path("free.raw").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  REQUIRE(set_xattr(m.path("free.raw"), "user.iofilter.fault", "delay=all:2ms") == 0);
+  const std::string free_job = fio_opts(4, 16) + " --name=free --filename=" + q(m.path("free.raw"));
+  const double alone = fio(t.path(), free_job)[0].rate(4);
+
+  // 128 requests queued at 100 IOPS: each waits up to 1.3 s, far more of them than the
+  // daemon's 64 worker threads.
+  fio_background(t.path(), "slow",
+                 fio_opts(10, 128) + " --name=slow --filename=" + q(m.path("slow.raw")));
+  std::string stats = wait_stat(m, "slow.raw", "queued", 48);
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 48);
+  const double passed_before = json_number(stats, "reads");
+  const double together = fio(t.path(), free_job)[0].rate(4);
+  stats = get_xattr(m.path("slow.raw"), "user.iofilter.stats");
+  std::printf("throttle: neighbour (2 ms below, depth 16) alone %.0f IOPS, next to a disk at depth 128 throttled to "
+              "100 IOPS %.0f IOPS: %+.1f%% (the throttled disk: %g held, %g passed meanwhile)\n",
+              alone, together, 100 * (together - alone) / alone, json_number(stats, "queued"),
+              json_number(stats, "reads") - passed_before);
+  CHECK(together >= 0.9 * alone);
+  REQUIRE(wait_fio(t / "slow.rc") == 0);
+  INFO(read_file(t / "slow.out"));
+  CHECK(read_file(t / "slow.json").find("\"error\" : 0") != std::string::npos);
+  close(fd);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("reloads while writes are deferred lose none: new limits in place, then the throttle removed, fio verify",
+          "[throttle][fio][defer][reload]") {
+  TempDir t;
+  const std::string slow = "policies:\n  p: { throttle: { iops: 20 } }\nrules:\n  - { match: '*', policy: p }\n";
+  datastore(t, {"disk.raw"}, slow);
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const int fd = open(m.path("disk.raw").c_str(), O_RDONLY);  // keeps the disk (and its counters)
+  REQUIRE(fd >= 0);
+  // 512 random 4k writes, 128 at a time, each with a checksum fio reads back afterwards.
+  fio_background(t.path(), "w",
+                 "--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=128 --size=2M --verify=crc32c "
+                 "--verify_fatal=1 --randrepeat=0 --name=w --filename=" +
+                     q(m.path("disk.raw")));
+  std::string stats = wait_stat(m, "disk.raw", "queued", 100);
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 100);
+  // New limits, taken in place: the queue stays, rescheduled.
+  std::string faster = slow;
+  faster.replace(faster.find("iops: 20 "), 9, "iops: 50 ");
+  write_file(t / "ds.yaml", faster);
+  REQUIRE(set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == 0);
+  CHECK(get_xattr(m.path("disk.raw"), "user.iofilter.chain") == "throttle(iops=50)");
+  stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
+  std::printf("throttle: after a reload 20 -> 50 IOPS, %g writes still held\n", json_number(stats, "queued"));
+  CHECK(json_number(stats, "queued") >= 50);
+  // The throttle removed: what it held goes down at once, through the old chain.
+  write_file(t / "ds.yaml", "policies:\n  p:\nrules:\n  - { match: '*', policy: p }\n");
+  REQUIRE(set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == 0);
+  CHECK(get_xattr(m.path("disk.raw"), "user.iofilter.chain") == "(empty)");
+  const int rc = wait_fio(t / "w.rc");
+  INFO(read_file(t / "w.out") << read_file(t / "w.json").substr(0, 3000));
+  CHECK(rc == 0);
+  CHECK(read_file(t / "w.json").find("\"error\" : 0") != std::string::npos);
+  close(fd);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("stopping the daemon with requests deferred answers them and exits cleanly", "[throttle][fio][defer]") {
+  TempDir t;
+  datastore(t, {"disk.raw"}, "policies:\n  p: { throttle: { iops: 5 } }\nrules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  // At 5 IOPS, 128 queued reads would need 25 s; fio would go on for a minute.
+  fio_background(t.path(), "bg", fio_opts(60, 128) + " --name=bg --filename=" + q(m.path("disk.raw")));
+  const std::string stats = wait_stat(m, "disk.raw", "queued", 100);
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 100);
+  // fio keeps the image open, so only a stop (SIGTERM, as systemd's) ends the mount.
+  REQUIRE(kill(m.pid(), SIGTERM) == 0);
+  const int rc = m.stop();
+  const std::string log = m.log();
+  INFO(log.substr(log.size() > 6000 ? log.size() - 6000 : 0));
+  CHECK(rc == 0);
+  CHECK(log.find("unmounted") != std::string::npos);
+  CHECK(log.find("Sanitizer") == std::string::npos);
+  // Every request fio had in flight was answered (the held ones, at the close; later ones with
+  // an error once the mount is gone), so fio ends rather than hanging.
+  CHECK(wait_fio(t / "bg.rc") >= 0);
+}
+
+TEST_CASE("under a cache the throttle cannot defer: its requests wait on their workers and none is lost",
+          "[throttle][fio][defer]") {
+  TempDir t;
+  datastore(t, {"disk.raw"},
+            "policies:\n  p: { cache: { mode: write-around, memory: 16MiB }, throttle: { iops: 50 } }\n"
+            "rules:\n  - { match: '*', policy: p }\n");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const int fd = open(m.path("disk.raw").c_str(), O_RDONLY);  // keeps the disk (and its counters)
+  REQUIRE(fd >= 0);
+  // 100 writes at depth 16 (write-around: every one reaches the throttle), verified.
+  fio_background(t.path(), "w",
+                 "--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --number_ios=100 --size=4M "
+                 "--verify=crc32c --verify_fatal=1 --randrepeat=0 --norandommap --name=w --filename=" +
+                     q(m.path("disk.raw")));
+  const std::string held = wait_stat(m, "disk.raw", "queued", 8);
+  INFO(held);
+  CHECK(json_number(held, "queued") >= 8);
+  CHECK(json_number(held, "deferred") == 0);  // the cache above does not pass deferral
+  const int rc = wait_fio(t / "w.rc");
+  INFO(read_file(t / "w.out"));
+  CHECK(rc == 0);
+  CHECK(read_file(t / "w.json").find("\"error\" : 0") != std::string::npos);
+  const std::string stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
+  INFO(stats);
+  CHECK(json_number(stats, "delayed") > 0);
+  CHECK(json_number(stats, "deferred") == 0);
   close(fd);
   CHECK(m.stop() == 0);
 }

@@ -575,3 +575,156 @@ TEST_CASE("a filter added to an open disk can read the layers below it when it o
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+
+// Defers every write it may: keeps it until the test resumes it (another thread) or the disk
+// releases it.
+class Parker : public Filter {
+ public:
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (io.defer && may_defer()) {
+      if (Deferred* d = io.defer->take()) {
+        std::lock_guard<std::mutex> l(mu);
+        held.push_back({d, len, off});
+        cv.notify_all();
+        return Status::Deferred();
+      }
+    }
+    return next_->write(io, buf, len, off);
+  }
+  void release_deferred() override {
+    ++releases;
+    resume_all();
+  }
+  // Resumes every held write: down the chain from this thread.
+  void resume_all() {
+    std::vector<Held> all;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      all.swap(held);
+    }
+    for (Held& h : all) {
+      struct Down final : Continuation {
+        Parker* p;
+        Held h;
+        Status run(void* data, size_t*) override { return p->next_->write(Io{}, data, h.len, h.off); }
+      } k;
+      k.p = this;
+      k.h = h;
+      h.d->resume(k);
+    }
+  }
+  size_t holding() {
+    std::lock_guard<std::mutex> l(mu);
+    return held.size();
+  }
+  struct Held {
+    Deferred* d;
+    size_t len;
+    uint64_t off;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Held> held;
+  int releases = 0;
+};
+
+struct Answer {
+  std::mutex mu;
+  std::vector<std::pair<int, size_t>> got;  // (errno, bytes)
+  static void fn(void* ctx, Status s, const void*, size_t len) {
+    auto* a = static_cast<Answer*>(ctx);
+    std::lock_guard<std::mutex> l(a->mu);
+    a->got.emplace_back(s.err, len);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("deferral reaches a filter only through filters above it that pass it", "[chain]") {
+  std::vector<std::string> log;
+  Registry r = recording_registry(&log);
+  testing::MemLayer bottom;
+  Chain c;
+  std::string err;
+  REQUIRE(Chain::build(r, {spec("enc"), spec("thr"), spec("rep")}, &bottom, &c, &err).ok());
+  std::vector<bool> may;
+  c.for_each([&](const Filter& f, const FilterInfo&) { may.push_back(f.may_defer()); });
+  // rep is the top (may defer); it does not pass deferral, so nothing below it may.
+  CHECK(may == std::vector<bool>{true, false, false});
+  Registry r2;
+  REQUIRE(r2.add(FilterInfo{"see-through", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr,
+                            [](const YAML::Node&) { return std::make_unique<Filter>(); }, nullptr, nullptr, nullptr,
+                            true}));
+  REQUIRE(r2.add(FilterInfo{"thr", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                            [](const YAML::Node&) { return std::make_unique<Filter>(); }}));
+  REQUIRE(r2.add(FilterInfo{"enc", FilterClass::Encrypt, kFilterApiVersion, "", {}, nullptr,
+                            [](const YAML::Node&) { return std::make_unique<Filter>(); }}));
+  REQUIRE(Chain::build(r2, {spec("enc"), spec("thr"), spec("see-through")}, &bottom, &c, &err).ok());
+  may.clear();
+  c.for_each([&](const Filter& f, const FilterInfo&) { may.push_back(f.may_defer()); });
+  CHECK(may == std::vector<bool>{true, true, false});
+}
+
+TEST_CASE("a deferred write: the disk owns its data, the answer comes from the resuming thread, close waits",
+          "[chain][disk]") {
+  Parker* parker = nullptr;
+  Registry r;
+  REQUIRE(r.add(FilterInfo{"parker", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                           [&parker](const YAML::Node&) {
+                             auto p = std::make_unique<Parker>();
+                             parker = p.get();
+                             return p;
+                           }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("parker")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "park.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->attach(true, false).ok());
+  REQUIRE(parker);
+
+  Answer answer;
+  const Completion done{&Answer::fn, &answer};
+  char data[8] = "first!!";
+  CHECK(disk->write(Io{}, data, 7, 0, &done).deferred());
+  std::memset(data, 'X', sizeof data);  // the worker's buffer is reused at once
+  CHECK(disk->deferred() == 1);
+  CHECK(disk->stats().writes.load() == 0);
+  CHECK(answer.got.empty());
+  // Without a completion nothing is deferred: the write is answered on this thread.
+  REQUIRE(disk->write(Io{}, "plain", 5, 4096).ok());
+  CHECK(disk->stats().writes.load() == 1);
+  // Resumed from another thread: written from the disk's copy, answered there, counted.
+  std::thread([&] { parker->resume_all(); }).join();
+  REQUIRE(answer.got.size() == 1);
+  CHECK(answer.got[0] == std::make_pair(0, size_t(7)));
+  CHECK(disk->deferred() == 0);
+  CHECK(disk->stats().writes.load() == 2);
+  char buf[7];
+  REQUIRE(pread(fd, buf, 7, 0) == 7);
+  CHECK(std::string(buf, 7) == "first!!");
+  CHECK(disk->stats_json().find("\"deferred\":0,") != std::string::npos);
+
+  // Close with two writes held: they are released (go down) and answered before it returns.
+  CHECK(disk->write(Io{}, "second", 6, 100, &done).deferred());
+  CHECK(disk->write(Io{}, "third", 5, 200, &done).deferred());
+  CHECK(parker->holding() == 2);
+  disk->detach();
+  REQUIRE(disk->close().ok());
+  CHECK(parker->releases >= 1);
+  CHECK(answer.got.size() == 3);
+  CHECK(disk->deferred() == 0);
+  REQUIRE(pread(fd, buf, 6, 100) == 6);
+  CHECK(std::string(buf, 6) == "second");
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

@@ -4,6 +4,7 @@
 // leaves an image with no corruption and every fsync'd write in it.
 #include <catch2/catch.hpp>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <set>
 #include <random>
 #include <thread>
 
@@ -137,7 +139,7 @@ TEST_CASE("raw view: fio verify through the view leaves a clean image equal to t
   CHECK(sh("qemu-io -f qcow2 -c 'read -P 0 1M 3M' -c 'read -P 0 20M 1M' " + q(img) + " | grep -q failed") != 0);
 }
 
-TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'd write", "[rawview][crash]") {
+TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and every fsync'd write", "[rawview][crash]") {
   TempDir t;
   must("mkdir -p " + q(t / "b") + " " + q(t / "m"));
   write_policy(t);
@@ -145,8 +147,10 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
   must("qemu-img create -q -f qcow2 -o cluster_size=16k " + q(img) + " 64M");
   constexpr size_t kSlot = 24 * 1024;  // straddles 16k clusters: partial-cluster allocations too
   constexpr int kSlots = (64 << 20) / kSlot;
-  std::map<int, unsigned char> acked;  // slot -> pattern byte, every write an fsync completed
-  for (int round = 0; round < 5; ++round) {
+  // slot -> pattern byte (0: punched, reads as zeros) of every change an fsync completed.
+  std::map<int, unsigned char> acked;
+  std::set<int> used;  // every slot is written once across all rounds (and maybe punched once)
+  for (int round = 0; round < 10; ++round) {
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
     const std::string view = m.path("disk.qcow2.raw");
     std::mt19937 rng(1000 + round);
@@ -155,18 +159,26 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
     std::shuffle(order.begin(), order.end(), rng);
     std::atomic<bool> stop{false};
     std::map<int, unsigned char> round_acked;
+    std::vector<std::pair<int, unsigned char>> since_sync;  // changes no fsync has covered yet
+    std::vector<int> written;  // this round's writes, candidates for a punch
     std::thread writer([&] {
       int fd = ::open(view.c_str(), O_RDWR);
       if (fd < 0) return;
       std::vector<char> buf(kSlot);
-      std::vector<std::pair<int, unsigned char>> since_sync;
       for (int i = 0; i < kSlots && !stop.load(); ++i) {
         int slot = order[i];
-        if (acked.count(slot)) continue;  // every slot is written once across all rounds
+        if (used.count(slot)) continue;
         unsigned char pat = static_cast<unsigned char>(1 + (slot * 7 + round) % 250);
         std::memset(buf.data(), pat, kSlot);
+        since_sync.emplace_back(slot, pat);  // before the call: a crash inside it leaves it in doubt
         if (::pwrite(fd, buf.data(), kSlot, static_cast<off_t>(slot) * kSlot) != static_cast<ssize_t>(kSlot)) break;
-        since_sync.emplace_back(slot, pat);
+        written.push_back(slot);
+        if (i % 8 == 7 && written.size() > 6) {  // discard a slot written a few steps ago: frees clusters
+          int victim = written[written.size() - 6];
+          since_sync.emplace_back(victim, 0);
+          if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(victim) * kSlot, kSlot) != 0)
+            break;
+        }
         if (i % 4 == 3) {
           if (::fsync(fd) != 0) break;
           for (auto& [s, p] : since_sync) round_acked[s] = p;
@@ -175,12 +187,14 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
       }
       ::close(fd);
     });
-    std::this_thread::sleep_for(std::chrono::milliseconds(250 + 100 * round));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200 + 60 * round));
     ::kill(m.pid(), SIGKILL);
     stop = true;
     writer.join();
     m.stop();
+    for (int s : written) used.insert(s);
     for (auto& kv : round_acked) acked[kv.first] = kv.second;
+    for (auto& kv : since_sync) acked.erase(kv.first);  // not covered by an fsync: either state is right
     std::string out;
     int rc = sh("qemu-img check " + q(img), &out);
     INFO("round " << round << ": " << out);
@@ -193,11 +207,13 @@ TEST_CASE("raw view: SIGKILL during writes leaves no corruption and every fsync'
   must("qemu-img convert -O raw " + q(img) + " " + q(t / "after.raw"));
   const std::string after = read_file(t / "after.raw");
   REQUIRE(after.size() == 64u << 20);
-  int missing = 0;
+  int missing = 0, punched = 0;
   for (auto& [slot, pat] : acked) {
     const std::string want(kSlot, static_cast<char>(pat));
+    punched += pat == 0;
     if (after.compare(static_cast<size_t>(slot) * kSlot, kSlot, want) != 0) ++missing;
   }
-  INFO(acked.size() << " fsync'd writes checked");
+  INFO(acked.size() << " fsync'd changes checked, " << punched << " of them punch-holes");
+  CHECK(punched > 0);
   CHECK(missing == 0);
 }

@@ -13,7 +13,6 @@
 #include <chrono>
 #include <cstring>
 #include <map>
-#include <set>
 #include <random>
 #include <thread>
 
@@ -149,7 +148,7 @@ TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and
   constexpr int kSlots = (64 << 20) / kSlot;
   // slot -> pattern byte (0: punched, reads as zeros) of every change an fsync completed.
   std::map<int, unsigned char> acked;
-  std::set<int> used;  // every slot is written once across all rounds (and maybe punched once)
+  int checked = 0, punched = 0;
   for (int round = 0; round < 10; ++round) {
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
     const std::string view = m.path("disk.qcow2.raw");
@@ -160,21 +159,19 @@ TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and
     std::atomic<bool> stop{false};
     std::map<int, unsigned char> round_acked;
     std::vector<std::pair<int, unsigned char>> since_sync;  // changes no fsync has covered yet
-    std::vector<int> written;  // this round's writes, candidates for a punch
     std::thread writer([&] {
       int fd = ::open(view.c_str(), O_RDWR);
       if (fd < 0) return;
       std::vector<char> buf(kSlot);
-      for (int i = 0; i < kSlots && !stop.load(); ++i) {
-        int slot = order[i];
-        if (used.count(slot)) continue;
-        unsigned char pat = static_cast<unsigned char>(1 + (slot * 7 + round) % 250);
+      // Rewrites (in place), fresh allocations, and punch-holes whose clusters are reused.
+      for (uint64_t i = 0; !stop.load(); ++i) {
+        int slot = order[i % kSlots];
+        unsigned char pat = static_cast<unsigned char>(1 + (slot * 7 + round * 13 + i / kSlots) % 250);
         std::memset(buf.data(), pat, kSlot);
         since_sync.emplace_back(slot, pat);  // before the call: a crash inside it leaves it in doubt
         if (::pwrite(fd, buf.data(), kSlot, static_cast<off_t>(slot) * kSlot) != static_cast<ssize_t>(kSlot)) break;
-        written.push_back(slot);
-        if (i % 8 == 7 && written.size() > 6) {  // discard a slot written a few steps ago: frees clusters
-          int victim = written[written.size() - 6];
+        if (i % 8 == 7) {  // discard a slot written a few steps ago
+          int victim = order[(i - 5) % kSlots];
           since_sync.emplace_back(victim, 0);
           if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(victim) * kSlot, kSlot) != 0)
             break;
@@ -192,9 +189,8 @@ TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and
     stop = true;
     writer.join();
     m.stop();
-    for (int s : written) used.insert(s);
     for (auto& kv : round_acked) acked[kv.first] = kv.second;
-    for (auto& kv : since_sync) acked.erase(kv.first);  // not covered by an fsync: either state is right
+    for (auto& kv : since_sync) acked.erase(kv.first);  // not covered by an fsync: any state is right
     std::string out;
     int rc = sh("qemu-img check " + q(img), &out);
     INFO("round " << round << ": " << out);
@@ -202,18 +198,20 @@ TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and
     CHECK((rc == 0 || rc == 3));
     CHECK(out.find("ERROR") == std::string::npos);
     if (rc == 3) must("qemu-img check -q -r leaks " + q(img));
+    // Every change an fsync acknowledged, in this round or before, is in the image.
+    must("qemu-img convert -O raw " + q(img) + " " + q(t / "after.raw"));
+    const std::string after = read_file(t / "after.raw");
+    REQUIRE(after.size() == 64u << 20);
+    int missing = 0;
+    for (auto& [slot, pat] : acked) {
+      const std::string want(kSlot, static_cast<char>(pat));
+      if (after.compare(static_cast<size_t>(slot) * kSlot, kSlot, want) != 0) ++missing;
+    }
+    CHECK(missing == 0);
+    checked += static_cast<int>(round_acked.size());
+    for (auto& kv : round_acked) punched += kv.second == 0;
   }
-  REQUIRE(acked.size() > 20);
-  must("qemu-img convert -O raw " + q(img) + " " + q(t / "after.raw"));
-  const std::string after = read_file(t / "after.raw");
-  REQUIRE(after.size() == 64u << 20);
-  int missing = 0, punched = 0;
-  for (auto& [slot, pat] : acked) {
-    const std::string want(kSlot, static_cast<char>(pat));
-    punched += pat == 0;
-    if (after.compare(static_cast<size_t>(slot) * kSlot, kSlot, want) != 0) ++missing;
-  }
-  INFO(acked.size() << " fsync'd changes checked, " << punched << " of them punch-holes");
-  CHECK(punched > 0);
-  CHECK(missing == 0);
+  INFO(checked << " fsync'd changes, " << punched << " of them punch-holes");
+  CHECK(checked > 100);
+  CHECK(punched > 10);
 }

@@ -865,11 +865,18 @@ Status Qcow2::repair_locked(std::string* why) {
     return true;
   };
   std::vector<uint8_t> l2(cs_);
+  // Snapshots may share L2 tables, each is walked once per L1 that names it: bound the work
+  // (a hostile image could name the same tables from thousands of snapshots).
+  uint64_t walks_left = 4 * nclusters + 4096;
   // One L1 table: its L2 tables and the clusters they point at.
   auto walk_l1 = [&](const std::vector<uint64_t>& l1) -> Status {
     for (uint64_t l1e : l1) {
       const uint64_t l2off = l1e & kOffsetMask;
       if (!l2off) continue;
+      if (walks_left-- == 0) {
+        bad = "the tables name more L2 tables than the file can hold";
+        return Status::Ok();
+      }
       if (l2off % cs_ || l2off < cs_) {
         bad = "an L1 entry points at an unaligned cluster or into the header";
         return Status::Ok();

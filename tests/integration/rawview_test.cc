@@ -138,6 +138,36 @@ TEST_CASE("raw view: fio verify through the view leaves a clean image equal to t
   CHECK(sh("qemu-io -f qcow2 -c 'read -P 0 1M 3M' -c 'read -P 0 20M 1M' " + q(img) + " | grep -q failed") != 0);
 }
 
+TEST_CASE("raw view: an image QEMU left dirty (lazy refcounts) is repaired by the first write", "[rawview]") {
+  TempDir t;
+  must("mkdir -p " + q(t / "b") + " " + q(t / "m"));
+  write_policy(t);
+  const std::string img = t / "b/lazy.qcow2";
+  must("qemu-img create -q -f qcow2 -o lazy_refcounts=on " + q(img) + " 32M");
+  // qemu-io dies with its refcounts unwritten: the dirty bit stays set, qemu-img check finds errors.
+  sh("qemu-io -f qcow2 -c 'write -P 0x71 0 2M' -c 'write -P 0x72 5M 100k' -c 'sigraise 9' " + q(img));
+  must("od -An -tx1 -j79 -N1 " + q(img) + " | grep -q 01");
+  CHECK(sh("qemu-img check " + q(img)) != 0);
+  {
+    Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+    must("qemu-img convert -U -O raw " + q(img) + " " + q(t / "before.raw"));
+    CHECK(sh("cmp " + q(t / "before.raw") + " " + q(m.path("lazy.qcow2.raw"))) == 0);
+    must("dd if=/dev/urandom of=" + q(t / "chunk") + " bs=64k count=3 status=none");
+    must("dd if=" + q(t / "chunk") + " of=" + q(m.path("lazy.qcow2.raw")) +
+         " bs=64k seek=200 conv=notrunc,fsync status=none");
+  }
+  std::string out;
+  int rc = sh("qemu-img check " + q(img), &out);
+  INFO(out);
+  CHECK(rc == 0);
+  CHECK(out.find("No errors were found") != std::string::npos);
+  must("od -An -tx1 -j79 -N1 " + q(img) + " | grep -q 00");
+  must("qemu-io -f qcow2 -c 'read -P 0x71 0 2M' -c 'read -P 0x72 5M 100k' " + q(img) + " | grep -vq failed");
+  CHECK(sh("qemu-io -f qcow2 -c 'read -P 0x71 0 2M' -c 'read -P 0x72 5M 100k' " + q(img) + " | grep -q failed") != 0);
+  must("qemu-img convert -O raw " + q(img) + " " + q(t / "after.raw"));
+  must("cmp -n 196608 -i 13107200:0 " + q(t / "after.raw") + " " + q(t / "chunk"));
+}
+
 TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and every fsync'd write", "[rawview][crash]") {
   TempDir t;
   must("mkdir -p " + q(t / "b") + " " + q(t / "m"));

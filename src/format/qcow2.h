@@ -47,10 +47,12 @@
 // an L2 or refcount entry that points somewhere impossible marks the image corrupt: reads of
 // that region fail with EIO, writes stop, and nothing is written outside the image file.
 //
-// Threads: read/write/... are called concurrently. mu_ guards all metadata (tables, caches,
-// sizes). Reads and in-place writes of clusters that are already allocated map under mu_ and
-// do their data I/O without it (pinned, see above); writes that allocate hold it throughout. The backing chain
-// is read-only and has its own locks. Lock order: this image's mu_, then its backing's.
+// Threads: read/write/... are called concurrently. mu_ (a shared_mutex) guards all metadata
+// (tables, caches, sizes). Reads and in-place writes of private clusters whose L2 table is
+// cached map under a shared lock (nothing changes but atomic LRU stamps and pins), the rest
+// under an exclusive one; data I/O to allocated clusters happens after mu_ is dropped (pinned,
+// see above); writes that allocate hold it throughout. The backing chain is read-only and has
+// its own locks. Lock order: this image's mu_, then its backing's.
 #pragma once
 
 #include <atomic>

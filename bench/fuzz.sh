@@ -16,6 +16,11 @@ for o in compat=0.10 compat=1.1,cluster_size=4k compat=1.1,extended_l2=on compat
   qemu-img create -q -f qcow2 -o "$o" "$f" 4M
   qemu-io -f qcow2 -c 'write -P 0x11 0 64k' -c 'write -z 1M 64k' -c 'write -P 0x22 3M 5k' "$f" >/dev/null
 done
+# A dirty image (lazy refcounts, qemu-io killed): the fuzzer's writes run the repair.
+f="$seeds/qcow2/dirty_lazy.qcow2"
+qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4k "$f" 4M
+qemu-img snapshot -c s "$f"
+qemu-io -f qcow2 -c 'write -P 0x11 0 64k' -c 'write -P 0x22 1M 8k' -c 'sigraise 9' "$f" >/dev/null 2>&1 || true
 head -c 256k /dev/urandom > "$seeds/r.raw" && truncate -s 1M "$seeds/r.raw"
 qemu-img convert -c -O qcow2 -o cluster_size=4k "$seeds/r.raw" "$seeds/qcow2/compressed.qcow2"
 qemu-img snapshot -c s "$seeds/qcow2/compat_1.1_cluster_size_4k.qcow2"

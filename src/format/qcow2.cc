@@ -223,13 +223,15 @@ Status Qcow2::parse(std::string* err) {
   if (incompat & kIncCorrupt) {
     read_only_ = true;
     info_.read_only_reason = "the image is marked corrupt; run qemu-img check -r all";
-  } else if (incompat & kIncDirty) {
-    read_only_ = true;
-    info_.read_only_reason = "the image is dirty (lazy refcounts after a crash); run qemu-img check -r all";
+  } else if ((incompat & kIncDirty) && !read_only_) {
+    repair_pending_ = true;  // refcounts rebuilt before the first change: first_write()
   }
   // Bits we do not understand must be cleared by a writer before it changes anything (bitmaps
   // become invalid, as QEMU intends for a writer that does not maintain them): first_write().
-  autoclear_pending_.store(autoclear != 0);
+  autoclear_set_ = autoclear != 0;
+  incompat_ = incompat;
+  nb_snap_ = nb_snap;
+  first_write_pending_.store(autoclear_set_ || repair_pending_);
 
   // Geometry.
   entry_bytes_ = ext_l2_ ? 16 : 8;
@@ -500,7 +502,7 @@ Status Qcow2::grow_reftable(uint64_t min_entries) {
   Status s = file_->resize(Io{}, file_end_);
   if (!s.ok()) return s;
   // The old table is dropped once the header points at the new one.
-  for (uint32_t i = 0; i < rt_clusters_; ++i) pending_drop_.push_back((rt_off_ >> cluster_bits_) + i);
+  for (uint32_t i = 0; i < rt_clusters_; ++i) pending_drop_.emplace_back((rt_off_ >> cluster_bits_) + i, epoch_);
   rt_.resize(clusters * cs_ / 8, 0);
   rt_off_ = off;
   rt_clusters_ = static_cast<uint32_t>(clusters);
@@ -550,7 +552,60 @@ Status Qcow2::refcount_add(uint64_t hc, int64_t delta) {
   return Status::Ok();
 }
 
-Status Qcow2::alloc(uint64_t n, uint64_t* off) {
+Status Qcow2::find_free(uint64_t* cluster) {
+  *cluster = 0;
+  const uint64_t end = file_end_ >> cluster_bits_;
+  const uint64_t per = 1ull << rb_bits_;
+  const uint32_t bits = 1u << rc_order_;
+  uint64_t c = std::max<uint64_t>(free_hint_, 1);
+  while (c < end) {
+    const uint64_t rti = c >> rb_bits_;
+    const uint64_t block_end = std::min(end, (rti + 1) * per);
+    const uint64_t rboff = rti < rt_.size() ? rt_[rti] & ~0x1ffull : 0;
+    const uint8_t* d = nullptr;
+    if (rboff) {
+      Table* t = nullptr;
+      Status s = load_rb(rboff, &t);
+      if (!s.ok()) return s;
+      d = t->data.data();
+    }
+    for (; c < block_end; ++c) {
+      bool zero;
+      const uint64_t i = c & (per - 1);
+      if (!d) {
+        zero = true;  // no block: nothing in its range is counted
+      } else if (bits < 8) {
+        zero = ((d[i * bits / 8] >> (bits * (i % (8 / bits)))) & ((1u << bits) - 1)) == 0;
+      } else {
+        zero = true;
+        for (uint32_t k = 0; k < bits / 8 && zero; ++k) zero = d[i * (bits / 8) + k] == 0;
+      }
+      // Never hand out something the tables in memory still use (that would be a corrupt image).
+      if (zero && !overlaps_metadata(c << cluster_bits_, cs_)) {
+        free_hint_ = c + 1;
+        *cluster = c;
+        return Status::Ok();
+      }
+    }
+  }
+  free_hint_ = end;
+  return Status::Ok();
+}
+
+Status Qcow2::alloc(uint64_t n, uint64_t* off, bool* zeroed) {
+  if (zeroed) *zeroed = true;
+  if (n == 1 && free_hint_ < (file_end_ >> cluster_bits_)) {
+    uint64_t c = 0;
+    Status s = find_free(&c);
+    if (!s.ok()) return s;
+    if (c) {
+      s = refcount_add(c, 1);
+      if (!s.ok()) return s;
+      if (zeroed) *zeroed = false;  // punched when freed, but the punch may have failed
+      *off = c << cluster_bits_;
+      return Status::Ok();
+    }
+  }
   uint64_t o = file_end_;
   if (o + n * cs_ > kMaxFileOffset) return Status::Error(ENOSPC, "qcow2: image file at its maximum size");
   file_end_ += n * cs_;
@@ -564,12 +619,13 @@ Status Qcow2::alloc(uint64_t n, uint64_t* off) {
     if (!s.ok()) return s;
   }
   *off = o;
+  free_hint_ = std::max(free_hint_, file_end_ >> cluster_bits_) ;
   return Status::Ok();
 }
 
 void Qcow2::drop_ref(uint64_t off, uint64_t len) {
   uint64_t first = off >> cluster_bits_, last = (off + len - 1) >> cluster_bits_;
-  for (uint64_t c = first; c <= last; ++c) pending_drop_.push_back(c);
+  for (uint64_t c = first; c <= last; ++c) pending_drop_.emplace_back(c, epoch_);
 }
 
 void Qcow2::drop_entry_refs(const Entry& e) {
@@ -707,9 +763,18 @@ Status Qcow2::flush_locked() {
     l1_dirty_ = header_dirty_ = false;
   }
   // 4. references dropped.
-  if (!pending_drop_.empty()) {
-    std::vector<uint64_t> drops;
-    drops.swap(pending_drop_);
+  // Only drops that no pinned I/O can still be using (see the header).
+  advance_epoch();
+  std::vector<uint64_t> drops;
+  {
+    size_t keep = 0;
+    for (auto& d : pending_drop_) {
+      if (d.second + 2 <= epoch_) drops.push_back(d.first);
+      else pending_drop_[keep++] = d;
+    }
+    pending_drop_.resize(keep);
+  }
+  if (!drops.empty()) {
     std::vector<uint64_t> freed;
     for (uint64_t c : drops) {
       s = refcount_add(c, -1);
@@ -730,9 +795,18 @@ Status Qcow2::flush_locked() {
         rb_cache_.erase(c << cluster_bits_);
       }
       (void)file_->fallocate(io, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, c << cluster_bits_, cs_);
+      free_hint_ = std::min(free_hint_, c);
     }
   }
   return Status::Ok();
+}
+
+void Qcow2::advance_epoch() {
+  // The counter of the previous epoch drained: nothing pinned before the current epoch is left.
+  for (int k = 0; k < 2; ++k) {
+    if (inflight_[(epoch_ + 1) & 1].load(std::memory_order_acquire) != 0) break;
+    ++epoch_;
+  }
 }
 
 void Qcow2::trim_caches() {
@@ -754,8 +828,217 @@ void Qcow2::trim_caches() {
 }
 
 Status Qcow2::flush() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::shared_mutex> g(mu_);
   return flush_locked();
+}
+
+// ---- repair of a dirty image -------------------------------------------------------------------
+
+// Rebuilds every reference count from what points at clusters (see the header comment for the
+// order of writes). mu_ held; nothing else has changed the image yet (first_write).
+Status Qcow2::repair_locked(std::string* why) {
+  auto fail = [&](const std::string& m) {
+    *why = m;
+    return Status::Error(EINVAL, "qcow2: repair failed");
+  };
+  const uint64_t nclusters = file_end_ >> cluster_bits_;
+  constexpr uint64_t kMaxRepairClusters = 1ull << 26;  // 128 MiB of counts at most
+  if (nclusters > kMaxRepairClusters) return fail("the image file has too many clusters to recount here");
+  const uint32_t bits = 1u << rc_order_;
+  const uint64_t maxv = bits >= 16 ? 0xffff : (1ull << bits) - 1;  // counts are kept in 16 bits
+  std::vector<uint16_t> rc(nclusters, 0);
+  std::string bad;
+  // One reference to each cluster of [off, off+len).
+  auto ref = [&](uint64_t off, uint64_t len, const char* what) {
+    if (!bad.empty()) return false;
+    if (len == 0 || off >= file_end_ || len > file_end_ - off) {
+      bad = std::string(what) + " lies past the end of the file";
+      return false;
+    }
+    for (uint64_t c = off >> cluster_bits_; c <= (off + len - 1) >> cluster_bits_; ++c) {
+      if (rc[c] >= maxv) {
+        bad = std::string("a cluster has more references than refcount_bits can count (") + what + ")";
+        return false;
+      }
+      ++rc[c];
+    }
+    return true;
+  };
+  std::vector<uint8_t> l2(cs_);
+  // Snapshots may share L2 tables, each is walked once per L1 that names it: bound the work
+  // (a hostile image could name the same tables from thousands of snapshots).
+  uint64_t walks_left = 4 * nclusters + 4096;
+  // One L1 table: its L2 tables and the clusters they point at.
+  auto walk_l1 = [&](const std::vector<uint64_t>& l1) -> Status {
+    for (uint64_t l1e : l1) {
+      const uint64_t l2off = l1e & kOffsetMask;
+      if (!l2off) continue;
+      if (walks_left-- == 0) {
+        bad = "the tables name more L2 tables than the file can hold";
+        return Status::Ok();
+      }
+      if (l2off % cs_ || l2off < cs_) {
+        bad = "an L1 entry points at an unaligned cluster or into the header";
+        return Status::Ok();
+      }
+      if (!ref(l2off, cs_, "an L2 table")) return Status::Ok();
+      Status s = read_zero_padded(*file_, l2.data(), cs_, l2off);
+      if (!s.ok()) return s;
+      for (uint64_t i = 0; i < (cs_ / entry_bytes_); ++i) {
+        const uint64_t e = be64(&l2[i * entry_bytes_]);
+        if (e >> 62 & 1) {  // compressed: the sectors it spans
+          const uint64_t coff = e & coffset_mask_;
+          const uint64_t nsec = ((e >> csize_shift_) & csize_mask_) + 1;
+          if (!ref(coff & ~511ull, nsec * 512, "a compressed cluster")) return Status::Ok();
+        } else if (const uint64_t h = e & kOffsetMask) {
+          if (h % cs_ || h < cs_) {
+            bad = "an L2 entry points at an unaligned cluster or into the header";
+            return Status::Ok();
+          }
+          if (!ref(h, cs_, "a data cluster")) return Status::Ok();
+        }
+      }
+    }
+    return Status::Ok();
+  };
+  auto read_l1 = [&](uint64_t off, uint64_t n, std::vector<uint64_t>* out) -> Status {
+    std::vector<uint8_t> raw(n * 8);
+    Status s = read_zero_padded(*file_, raw.data(), raw.size(), off);
+    if (!s.ok()) return s;
+    out->resize(n);
+    for (uint64_t i = 0; i < n; ++i) (*out)[i] = be64(&raw[i * 8]);
+    return Status::Ok();
+  };
+
+  ref(0, cs_, "the header");
+  if (!l1_.empty()) ref(l1_off_, uint64_t{l1_clusters_} * cs_, "the L1 table");
+  Status s = walk_l1(l1_);
+  if (!s.ok()) return s;
+  // Internal snapshots: the table, each snapshot's L1 table and everything under it.
+  if (nb_snap_ && bad.empty()) {
+    uint64_t p = snap_off_;
+    for (uint32_t k = 0; k < nb_snap_ && bad.empty(); ++k) {
+      uint8_t h[40];
+      if (p + 40 > file_end_) return fail("the snapshot table runs past the end of the file");
+      s = read_zero_padded(*file_, h, sizeof h, p);
+      if (!s.ok()) return s;
+      const uint64_t l1off = be64(h);
+      const uint32_t l1n = be32(h + 8);
+      const uint64_t entry = 40ull + be32(h + 36) + (uint32_t{h[12]} << 8 | h[13]) + (uint32_t{h[14]} << 8 | h[15]);
+      if (be32(h + 36) > 65536) return fail("a snapshot's extra data is absurd");
+      p += (entry + 7) & ~7ull;
+      if (uint64_t{l1n} * 8 > kMaxL1Bytes) return fail("a snapshot's L1 table is absurd");
+      if (!l1n) continue;
+      if (l1off % cs_ || l1off < cs_) return fail("a snapshot's L1 table offset is invalid");
+      if (!ref(l1off, uint64_t{l1n} * 8, "a snapshot's L1 table")) break;
+      std::vector<uint64_t> sl1;
+      s = read_l1(l1off, l1n, &sl1);
+      if (!s.ok()) return s;
+      s = walk_l1(sl1);
+      if (!s.ok()) return s;
+    }
+    if (bad.empty()) ref(snap_off_, p - snap_off_, "the snapshot table");
+  }
+  if (!bad.empty()) return fail(bad);
+
+  // COPIED flags of the active tables follow the counts (QEMU's check demands it; a flag on a
+  // shared cluster would let a write change a snapshot).
+  bool l1_changed = false;
+  std::vector<uint64_t> l1 = l1_;
+  for (auto& l1e : l1) {
+    const uint64_t l2off = l1e & kOffsetMask;
+    if (!l2off) continue;
+    const uint64_t want = rc[l2off >> cluster_bits_] == 1 ? kCopied : 0;
+    if ((l1e & kCopied) != want) {
+      l1e = (l1e & ~kCopied) | want;
+      l1_changed = true;
+    }
+    s = read_zero_padded(*file_, l2.data(), cs_, l2off);
+    if (!s.ok()) return s;
+    bool changed = false;
+    for (uint64_t i = 0; i < (cs_ / entry_bytes_); ++i) {
+      uint64_t e = be64(&l2[i * entry_bytes_]);
+      if (e >> 62 & 1) continue;
+      const uint64_t h = e & kOffsetMask;
+      const uint64_t w = h && rc[h >> cluster_bits_] == 1 ? kCopied : 0;
+      if ((e & kCopied) == w) continue;
+      put_be64(&l2[i * entry_bytes_], (e & ~kCopied) | w);
+      changed = true;
+    }
+    if (changed) {
+      l2_cache_.erase(l2off);
+      s = file_->write(Io{}, l2.data(), cs_, l2off);
+      if (!s.ok()) return s;
+    }
+  }
+  if (l1_changed) {
+    std::vector<uint8_t> raw(l1.size() * 8);
+    for (size_t i = 0; i < l1.size(); ++i) put_be64(&raw[i * 8], l1[i]);
+    s = file_->write(Io{}, raw.data(), raw.size(), l1_off_);
+    if (!s.ok()) return s;
+  }
+
+  // A new refcount table and blocks past the end, counting everything including themselves.
+  const uint64_t per = 1ull << rb_bits_;
+  uint64_t blocks = 0, tclusters = 1;
+  for (int k = 0; k < 64; ++k) {
+    uint64_t nb = (nclusters + tclusters + blocks + per - 1) / per;
+    uint64_t nt = (nb * 8 + cs_ - 1) / cs_;
+    if (nb == blocks && nt == tclusters) break;
+    blocks = nb;
+    tclusters = std::max<uint64_t>(nt, 1);
+  }
+  if (tclusters * cs_ > kMaxRefTableBytes) return fail("the refcount table would be too large");
+  const uint64_t total = nclusters + tclusters + blocks;
+  if ((total << cluster_bits_) > kMaxFileOffset) return fail("the image file would be too large");
+  rc.resize(total, 1);  // the new table and blocks: one reference each
+  const uint64_t t_off = nclusters << cluster_bits_;
+  std::vector<uint8_t> blk(cs_);
+  std::vector<uint64_t> table(tclusters * cs_ / 8, 0);
+  for (uint64_t b = 0; b < blocks; ++b) {
+    std::fill(blk.begin(), blk.end(), 0);
+    for (uint64_t i = 0; i < per && b * per + i < total; ++i) {
+      const uint64_t v = rc[b * per + i];
+      if (bits < 8) {
+        blk[i * bits / 8] |= static_cast<uint8_t>(v << (bits * (i % (8 / bits))));
+      } else {
+        for (uint32_t k = 0; k < bits / 8; ++k) blk[i * (bits / 8) + k] = static_cast<uint8_t>(v >> (8 * (bits / 8 - 1 - k)));
+      }
+    }
+    const uint64_t boff = (nclusters + tclusters + b) << cluster_bits_;
+    table[b] = boff;
+    s = file_->write(Io{}, blk.data(), cs_, boff);
+    if (!s.ok()) return s;
+  }
+  {
+    std::vector<uint8_t> raw(tclusters * cs_);
+    for (size_t i = 0; i < table.size(); ++i) put_be64(&raw[i * 8], table[i]);
+    s = file_->write(Io{}, raw.data(), raw.size(), t_off);
+    if (!s.ok()) return s;
+  }
+  s = file_->sync(Io{}, true);
+  if (!s.ok()) return s;
+  // One sector: the refcount table's place and size, and the dirty bit cleared.
+  uint8_t h[32];
+  put_be64(h, t_off);
+  put_be32(h + 8, static_cast<uint32_t>(tclusters));
+  put_be32(h + 12, nb_snap_);
+  put_be64(h + 16, snap_off_);
+  put_be64(h + 24, incompat_ & ~kIncDirty);
+  s = file_->write(Io{}, h, sizeof h, 48);
+  if (!s.ok()) return s;
+  s = file_->sync(Io{}, true);
+  if (!s.ok()) return s;
+  incompat_ &= ~kIncDirty;
+  l1_ = std::move(l1);
+  rt_ = std::move(table);
+  rt_off_ = t_off;
+  rt_clusters_ = static_cast<uint32_t>(tclusters);
+  rt_dirty_ = rt_moved_ = false;
+  rb_cache_.clear();
+  file_end_ = total << cluster_bits_;
+  free_hint_ = 0;
+  return Status::Ok();
 }
 
 // ---- data -------------------------------------------------------------------------------------
@@ -860,48 +1143,77 @@ Status Qcow2::read_cluster(uint64_t cluster, const Entry& e, char* buf, uint32_t
   return Status::Ok();
 }
 
+bool Qcow2::peek_entry(uint64_t cluster, Entry* e) const {
+  *e = Entry{};
+  const uint64_t l1i = cluster >> l2_bits_;
+  if (l1i >= l1_.size()) return true;
+  const uint64_t l2off = l1_[l1i] & kOffsetMask;
+  if (!l2off) return true;
+  auto it = l2_cache_.find(l2off);
+  if (it == l2_cache_.end()) return false;
+  it->second.used.touch(lru_);
+  *e = entry_at(&it->second, static_cast<uint32_t>(cluster & ((1u << l2_bits_) - 1)));
+  return true;
+}
+
+uint64_t Qcow2::in_place_run(uint64_t pos, uint64_t want, bool for_write, uint64_t* host) const {
+  if (ext_l2_ || corrupt_.load(std::memory_order_relaxed)) return 0;
+  auto plain = [&](const Entry& e) {
+    return !e.compressed() && !(e.raw & 0x1ff) && (e.raw & kOffsetMask) >= cs_ && (!for_write || (e.raw & kCopied));
+  };
+  const uint64_t cluster = pos >> cluster_bits_;
+  const uint64_t in_off = pos & (cs_ - 1);
+  Entry e;
+  if (!peek_entry(cluster, &e) || !plain(e)) return 0;
+  const uint64_t h = e.raw & kOffsetMask;
+  uint64_t total = std::min<uint64_t>(cs_ - in_off, want);
+  for (uint64_t k = 1; total < want; ++k) {
+    Entry ne;
+    if (!peek_entry(cluster + k, &ne) || !plain(ne) || (ne.raw & kOffsetMask) != h + (k << cluster_bits_)) break;
+    total += std::min<uint64_t>(cs_, want - total);
+  }
+  // An entry pointing into metadata is a corrupt image: the exclusive path says so.
+  if (for_write && overlaps_metadata(h + in_off, total)) return 0;
+  *host = h + in_off;
+  return total;
+}
+
 Status Qcow2::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) {
   *got = 0;
-  uint64_t size;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    size = size_;
-  }
-  if (off >= size) return Status::Ok();
-  len = static_cast<size_t>(std::min<uint64_t>(len, size - off));
   char* out = static_cast<char*>(buf);
+  {
+    std::shared_lock<std::shared_mutex> g(mu_);
+    if (off >= size_) return Status::Ok();
+    len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  }
   size_t done = 0;
   while (done < len) {
-    uint64_t pos = off + done;
-    uint64_t cluster = pos >> cluster_bits_;
-    uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
-    Entry e;
+    const uint64_t pos = off + done;
+    // Fast path: plain clusters contiguous in the file, tables cached, one read.
     {
-      std::lock_guard<std::mutex> g(mu_);
+      std::shared_lock<std::shared_mutex> g(mu_);
+      uint64_t host = 0;
+      uint64_t total = in_place_run(pos, len - done, false, &host);
+      if (total) {
+        Pin pin = pin_locked();
+        g.unlock();
+        Status s = read_zero_padded(*file_, out + done, total, host, io);
+        if (!s.ok()) return s;
+        done += total;
+        continue;
+      }
+    }
+    const uint64_t cluster = pos >> cluster_bits_;
+    const uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
+    Entry e;
+    Pin pin;
+    {
+      std::lock_guard<std::shared_mutex> g(mu_);
       trim_caches();
       Status s = get_entry(cluster, &e);
       if (!s.ok()) return s;
-    }
-    // Contiguous host clusters read in one go (the common case of a fully allocated image).
-    if (!ext_l2_ && !e.compressed() && !(e.raw & kZero) && (e.raw & kOffsetMask)) {
-      uint64_t host = e.raw & kOffsetMask;
-      uint32_t total = n;
-      while (done + total < len) {
-        Entry ne;
-        std::lock_guard<std::mutex> g(mu_);
-        if (!get_entry(cluster + 1, &ne).ok()) break;
-        uint64_t nh = ne.raw & kOffsetMask;
-        if (ne.compressed() || (ne.raw & kZero) || nh != host + ((cluster + 1 - (pos >> cluster_bits_)) << cluster_bits_))
-          break;
-        ++cluster;
-        total += static_cast<uint32_t>(std::min<uint64_t>(cs_, len - done - total));
-      }
-      if (host < cs_ || (e.raw & 0x1ff)) return mark_corrupt("qcow2: L2 entry points into the header (image corrupt)");
-      Status s = read_zero_padded(*file_, out + done, total, host + in_off, io);
-      if (!s.ok()) return s;
-      done += total;
-      continue;
+      pin = pin_locked();
     }
     Status s = read_cluster(cluster, e, out + done, in_off, n);
     if (!s.ok()) return s;
@@ -913,7 +1225,7 @@ Status Qcow2::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* go
 
 // Writes [in_off, in_off+len) of guest cluster `cluster` (mu_ held for the allocating cases).
 Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, uint32_t len, const Io& io) {
-  std::unique_lock<std::mutex> g(mu_);
+  std::unique_lock<std::shared_mutex> g(mu_);
   trim_caches();
   if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
   Entry e;
@@ -942,6 +1254,7 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
   }
   if (covered && (e.raw & kCopied)) {
     if (overlaps_metadata(host + in_off, len)) return mark_corrupt("qcow2: data cluster overlaps metadata (image corrupt)");
+    Pin pin = pin_locked();
     g.unlock();
     return file_->write(io, buf, len, host + in_off);
   }
@@ -954,11 +1267,11 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
   std::vector<char>& c = scratch(2, cs_);
   const bool full = in_off == 0 && len == cs_;
   uint64_t target = 0;
-  bool fresh = false;
+  bool fresh = false, zeroed = false;
   if (plain && priv) {
     target = host;
   } else {
-    s = alloc(1, &target);
+    s = alloc(1, &target, &zeroed);
     if (!s.ok()) return s;
     fresh = true;
   }
@@ -970,7 +1283,7 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
     // cluster whose old content is all zeros needs only the new bytes (the file is sparse).
     bool zeros_only = !backing_ && !e.compressed() && !host;
     if (!ext_l2_ && (e.raw & kZero) && !host) zeros_only = true;
-    if (zeros_only && fresh) {
+    if (zeros_only && fresh && zeroed) {
       s = file_->write(Io{}, buf, len, target + in_off);
     } else {
       s = read_cluster(cluster, e, c.data(), 0, static_cast<uint32_t>(cs_));
@@ -989,61 +1302,59 @@ Status Qcow2::write_cluster(uint64_t cluster, const char* buf, uint32_t in_off, 
 }
 
 Status Qcow2::first_write() {
-  std::lock_guard<std::mutex> g(mu_);
-  if (!autoclear_pending_.load()) return Status::Ok();
-  uint8_t z[8] = {};
-  Status s = file_->write(Io{}, z, 8, 88);
-  if (s.ok()) s = file_->sync(Io{}, true);
-  if (s.ok()) autoclear_pending_.store(false);
-  return s;
+  std::lock_guard<std::shared_mutex> g(mu_);
+  if (!first_write_pending_.load()) return Status::Ok();
+  if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
+  if (autoclear_set_) {
+    uint8_t z[8] = {};
+    Status s = file_->write(Io{}, z, 8, 88);
+    if (s.ok()) s = file_->sync(Io{}, true);
+    if (!s.ok()) return s;
+    autoclear_set_ = false;
+  }
+  if (repair_pending_) {
+    std::string why;
+    Status s = repair_locked(&why);
+    if (!s.ok()) {
+      // Nothing the image relies on changed (it is still dirty); it stays usable for reads.
+      read_only_ = true;
+      info_.read_only_reason = "the image is dirty and could not be repaired (" + why + "); run qemu-img check -r all";
+      return Status::Error(s.err == EIO ? EIO : EROFS, "qcow2: dirty image could not be repaired");
+    }
+    repair_pending_ = false;
+  }
+  first_write_pending_.store(false);
+  return Status::Ok();
 }
 
 Status Qcow2::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
-  if (autoclear_pending_.load()) {
+  if (first_write_pending_.load()) {
     Status s = first_write();
     if (!s.ok()) return s;
   }
-  uint64_t size;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    size = size_;
-  }
-  if (off > size || len > size - off) return Status::Error(ENOSPC, "qcow2: write past the virtual disk's end");
   const char* in = static_cast<const char*>(buf);
   size_t done = 0;
   while (done < len) {
-    uint64_t pos = off + done;
-    uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
-    uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
-    if (!ext_l2_) {
-      // A run of private, allocated clusters that are contiguous in the file: one write.
-      std::unique_lock<std::mutex> g(mu_);
-      trim_caches();
-      auto in_place = [&](const Entry& e) {
-        return !e.compressed() && (e.raw & kCopied) && !(e.raw & kZero) && !(e.raw & 0x1ff) &&
-               (e.raw & kOffsetMask) >= cs_;
-      };
-      Entry e;
-      if (!corrupt_.load() && get_entry(pos >> cluster_bits_, &e).ok() && in_place(e)) {
-        const uint64_t host = e.raw & kOffsetMask;
-        uint64_t total = n;
-        for (uint64_t k = 1; done + total < len; ++k) {
-          Entry ne;
-          if (!get_entry((pos >> cluster_bits_) + k, &ne).ok() || !in_place(ne) ||
-              (ne.raw & kOffsetMask) != host + (k << cluster_bits_))
-            break;
-          total += std::min<uint64_t>(cs_, len - done - total);
-        }
-        if (!overlaps_metadata(host + in_off, total)) {
-          g.unlock();
-          Status s = file_->write(io, in + done, total, host + in_off);
-          if (!s.ok()) return s;
-          done += total;
-          continue;
-        }
+    const uint64_t pos = off + done;
+    {
+      // Fast path: a run of private, allocated clusters contiguous in the file, one write.
+      std::shared_lock<std::shared_mutex> g(mu_);
+      if (done == 0 && (off > size_ || len > size_ - off))
+        return Status::Error(ENOSPC, "qcow2: write past the virtual disk's end");
+      uint64_t host = 0;
+      uint64_t total = in_place_run(pos, len - done, true, &host);
+      if (total) {
+        Pin pin = pin_locked();
+        g.unlock();
+        Status s = file_->write(io, in + done, total, host);
+        if (!s.ok()) return s;
+        done += total;
+        continue;
       }
     }
+    const uint32_t in_off = static_cast<uint32_t>(pos & (cs_ - 1));
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(cs_ - in_off, len - done));
     Status s = write_cluster(pos >> cluster_bits_, in + done, in_off, n, io);
     if (!s.ok()) return s;
     done += n;
@@ -1059,7 +1370,7 @@ Status Qcow2::sync(const Io&, bool) {
 // Makes a whole guest cluster read as zeros without data: a zero cluster (v3), or unallocated
 // (v2 without a backing file). Returns ENOTSUP when only writing zeros can do it.
 Status Qcow2::zero_cluster(uint64_t cluster, bool) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::shared_mutex> g(mu_);
   trim_caches();
   if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
   if (version_ < 3 && backing_) return Status::Error(ENOTSUP, "");
@@ -1088,7 +1399,7 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
   const bool zero = mode & FALLOC_FL_ZERO_RANGE;
   uint64_t size;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<std::shared_mutex> g(mu_);
     size = size_;
   }
   if (!punch && !zero) {
@@ -1097,7 +1408,7 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
     return Status::Ok();  // reading unallocated space already works; nothing to reserve
   }
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
-  if (autoclear_pending_.load()) {
+  if (first_write_pending_.load()) {
     Status s = first_write();
     if (!s.ok()) return s;
   }
@@ -1123,11 +1434,11 @@ Status Qcow2::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
 
 Status Qcow2::resize(const Io&, uint64_t new_size) {
   if (read_only_) return Status::Error(EROFS, "qcow2: image is read-only");
-  if (autoclear_pending_.load()) {
+  if (first_write_pending_.load()) {
     Status s = first_write();
     if (!s.ok()) return s;
   }
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::shared_mutex> g(mu_);
   if (corrupt_.load()) return Status::Error(EIO, "qcow2: image corrupt, writes refused");
   if (new_size == size_) return Status::Ok();
   if (new_size < size_) return Status::Error(EOPNOTSUPP, "qcow2: shrinking a virtual disk is not supported");
@@ -1161,7 +1472,7 @@ Status Qcow2::resize(const Io&, uint64_t new_size) {
 }
 
 Status Qcow2::seek(const Io&, uint64_t off, int whence, uint64_t* result) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::shared_mutex> g(mu_);
   if (off >= size_) return Status::Error(ENXIO, "qcow2: seek past the end");
   const bool want_data = whence == SEEK_DATA;
   uint64_t pos = off;
@@ -1204,7 +1515,7 @@ Status Qcow2::seek(const Io&, uint64_t off, int whence, uint64_t* result) {
 }
 
 Status Qcow2::size(uint64_t* out) {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::shared_mutex> g(mu_);
   *out = size_;
   return Status::Ok();
 }

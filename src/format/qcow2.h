@@ -20,25 +20,46 @@
 //      subtracted → fdatasync, and clusters that reach zero are punched out of the file.
 //
 // Counts go up before anything points at a cluster and go down only after nothing does, so a
-// crash leaves at worst leaked clusters, never a cluster in use with too low a count. Clusters
-// are allocated only at the end of the file, never reused within a run, so a cluster freed in
-// memory is never rewritten while the file still points at it.
+// crash leaves at worst leaked clusters, never a cluster in use with too low a count.
+//
+// Reuse of freed clusters. A cluster whose count reached zero in step 4 is free: nothing on
+// disk points at it (step 3 was durable first) and its zero count is durable (step 4's
+// fdatasync) before flush returns, so alloc() may hand it out again; it searches for a free
+// cluster from a hint (the lowest cluster that may be free) before growing the file. One more
+// hazard: a read or in-place write maps a cluster under mu_ and does its I/O after dropping
+// it, so a cluster unlinked meanwhile could be reused while that I/O is still in flight. Every
+// such I/O holds a pin on the current epoch (two counters, one per epoch parity); a dropped
+// reference carries the epoch it was dropped in and is only subtracted once two epoch flips
+// have passed, each allowed only when the older counter has drained. In a quiet moment both
+// flips happen in the same flush.
+//
+// Dirty images (lazy refcounts, set by QEMU; an image QEMU was killed on). The L1/L2 and
+// snapshot tables are right, the refcounts may not be. Reads need no counts, so the image opens
+// writable and is repaired before its first change (when the daemon holds the image's exclusive
+// lock): every count is recomputed from the header, the active and snapshot L1/L2 tables and
+// the snapshot table, COPIED flags are set from them, a complete new refcount table and blocks
+// are written past the end of the file, fdatasync, then one header write points at them and
+// clears the dirty bit. Until that write the image stays dirty, so a crash during repair only
+// means repairing again.
 //
 // Untrusted input. Every size and offset from the file is checked before it is used to
 // allocate or to read (tables must lie inside the file, outside the header and each other);
 // an L2 or refcount entry that points somewhere impossible marks the image corrupt: reads of
 // that region fail with EIO, writes stop, and nothing is written outside the image file.
 //
-// Threads: read/write/... are called concurrently. mu_ guards all metadata (tables, caches,
-// sizes). Reads and in-place writes of clusters that are already allocated map under mu_ and
-// do their data I/O without it; writes that allocate hold it throughout. The backing chain
-// is read-only and has its own locks. Lock order: this image's mu_, then its backing's.
+// Threads: read/write/... are called concurrently. mu_ (a shared_mutex) guards all metadata
+// (tables, caches, sizes). Reads and in-place writes of private clusters whose L2 table is
+// cached map under a shared lock (nothing changes but atomic LRU stamps and pins), the rest
+// under an exclusive one; data I/O to allocated clusters happens after mu_ is dropped (pinned,
+// see above); writes that allocate hold it throughout. The backing chain is read-only and has
+// its own locks. Lock order: this image's mu_, then its backing's.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -107,10 +128,26 @@ class Qcow2 final : public Layer {
   Status flush();
 
  private:
+  // An LRU stamp that a reader under the shared lock may refresh.
+  struct Stamp {
+    mutable std::atomic<uint64_t> v{0};
+    Stamp() = default;
+    Stamp(const Stamp& o) : v(o.v.load(std::memory_order_relaxed)) {}
+    Stamp& operator=(const Stamp& o) {
+      v.store(o.v.load(std::memory_order_relaxed), std::memory_order_relaxed);
+      return *this;
+    }
+    Stamp& operator=(uint64_t x) {
+      v.store(x, std::memory_order_relaxed);
+      return *this;
+    }
+    void touch(uint64_t x) const { v.store(x, std::memory_order_relaxed); }
+    operator uint64_t() const { return v.load(std::memory_order_relaxed); }
+  };
   struct Table {
     std::vector<uint8_t> data;  // the on-disk bytes (big-endian entries)
     bool dirty = false;
-    uint64_t used = 0;  // LRU stamp
+    Stamp used;  // LRU stamp
   };
   // One guest cluster's L2 entry, decoded.
   struct Entry {
@@ -128,6 +165,13 @@ class Qcow2 final : public Layer {
   Status load_l2(uint64_t off, Table** t);
   Status load_rb(uint64_t off, Table** t);
   Status get_entry(uint64_t cluster, Entry* e);  // cluster = guest cluster index
+  // As get_entry, but only from a cached table and without changing the cache, so a shared
+  // lock is enough. false: the L2 table is not cached (take mu_ exclusively and get_entry).
+  bool peek_entry(uint64_t cluster, Entry* e) const;
+  // The plain allocated, private (COPIED) clusters from guest offset pos on that lie contiguous
+  // in the file: their host offset for pos and how many of `want` bytes they cover (0: pos is
+  // not such a cluster, or its table is not cached). Shared lock enough.
+  uint64_t in_place_run(uint64_t pos, uint64_t want, bool for_write, uint64_t* host) const;
   // The L2 table for guest cluster `cluster`, made private (refcount 1) and allocated if
   // needed; *idx is the entry's index in it.
   Status writable_l2(uint64_t cluster, Table** t, uint32_t* idx);
@@ -137,7 +181,10 @@ class Qcow2 final : public Layer {
   Status refcount_add(uint64_t host_cluster, int64_t delta);
   Status ensure_refblock(uint64_t host_cluster);
   Status grow_reftable(uint64_t min_entries);
-  Status alloc(uint64_t n, uint64_t* off);  // n contiguous clusters at the end of the file
+  // n contiguous clusters: a free one reused when n == 1, else at the end of the file.
+  // *zeroed: the clusters read as zeros (fresh file space, never written).
+  Status alloc(uint64_t n, uint64_t* off, bool* zeroed = nullptr);
+  Status find_free(uint64_t* cluster);  // a reusable cluster below file_end_, or none (0)
   void drop_ref(uint64_t off, uint64_t len);  // pending decrement of the clusters in [off, off+len)
   void drop_entry_refs(const Entry& e);
   bool overlaps_metadata(uint64_t off, uint64_t len) const;
@@ -145,7 +192,31 @@ class Qcow2 final : public Layer {
   Status write_tables(std::unordered_map<uint64_t, Table>& cache);
   void trim_caches();
   Status mark_corrupt(const char* what);
-  Status first_write();
+  Status first_write();  // clears autoclear bits, repairs a dirty image (once)
+  Status repair_locked(std::string* why);
+  // Pins the current epoch for I/O done after mu_ is dropped (mu_ held to take it).
+  class Pin {
+   public:
+    Pin() = default;
+    explicit Pin(std::atomic<uint32_t>* c) : c_(c) { c_->fetch_add(1, std::memory_order_relaxed); }
+    Pin(Pin&& o) noexcept : c_(o.c_) { o.c_ = nullptr; }
+    Pin& operator=(Pin&& o) noexcept {
+      release();
+      c_ = o.c_;
+      o.c_ = nullptr;
+      return *this;
+    }
+    ~Pin() { release(); }
+    void release() {
+      if (c_) c_->fetch_sub(1, std::memory_order_release);
+      c_ = nullptr;
+    }
+
+   private:
+    std::atomic<uint32_t>* c_ = nullptr;
+  };
+  Pin pin_locked() { return Pin(&inflight_[epoch_ & 1]); }
+  void advance_epoch();  // mu_ held
 
   // Data (no lock needed: entries are values).
   Status read_cluster(uint64_t cluster, const Entry& e, char* buf, uint32_t in_off, uint32_t len);
@@ -160,9 +231,15 @@ class Qcow2 final : public Layer {
   uint64_t backing_size_ = 0;
   Qcow2Options opt_;
   Qcow2Info info_;
-  bool read_only_ = false;
+  std::atomic<bool> read_only_{false};
   std::atomic<bool> corrupt_{false};
-  std::atomic<bool> autoclear_pending_{false};  // autoclear bits to clear before the first change
+  // Work before the first change: clear autoclear bits we do not maintain, repair a dirty image.
+  std::atomic<bool> first_write_pending_{false};
+  bool autoclear_set_ = false;   // under mu_
+  bool repair_pending_ = false;  // under mu_
+  uint64_t incompat_ = 0;        // the header's incompatible features as opened
+  uint32_t nb_snap_ = 0;
+  std::atomic<uint32_t> inflight_[2] = {};  // pins per epoch parity
 
   // Geometry (immutable after open).
   uint32_t version_ = 0;
@@ -179,7 +256,9 @@ class Qcow2 final : public Layer {
   uint64_t csize_mask_ = 0;
   uint64_t coffset_mask_ = 0;
 
-  std::mutex mu_;
+  // Exclusive for any change; shared for the I/O fast paths (in_place_run), which change nothing
+  // but Table::used stamps (atomic) and the pin counters (atomic).
+  mutable std::shared_mutex mu_;
   // Everything below is under mu_.
   uint64_t size_ = 0;
   std::vector<uint64_t> l1_;  // host order, raw entries
@@ -198,7 +277,10 @@ class Qcow2 final : public Layer {
   std::unordered_map<uint64_t, Table> rb_cache_;
   uint64_t lru_ = 0;
   uint64_t trim_tick_ = 0;
-  std::vector<uint64_t> pending_drop_;  // host cluster indices to decrement after L2/L1 are durable
+  // Host cluster indices to decrement after L2/L1 are durable, with the epoch of the drop.
+  std::vector<std::pair<uint64_t, uint64_t>> pending_drop_;
+  uint64_t epoch_ = 0;
+  uint64_t free_hint_ = 0;  // no cluster below it is free
 };
 
 }  // namespace iofilterfs::format

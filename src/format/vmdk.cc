@@ -536,16 +536,55 @@ Status Vmdk::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
 
 Status Vmdk::resize(const Io&, uint64_t size) {
   if (size == size_) return Status::Ok();
-  return Status::Error(EOPNOTSUPP, "vmdk: resizing a VMDK virtual disk is not supported");
+  // The capacity is in the descriptor's extent lines and the sparse header; rewriting those in
+  // a crash-safe way is not done here.
+  return Status::Error(EOPNOTSUPP, "vmdk: resizing a VMDK virtual disk is not supported (convert it to qcow2, "
+                                   "or make a larger VMDK with qemu-img convert)");
 }
 
 Status Vmdk::seek(const Io&, uint64_t off, int whence, uint64_t* result) {
   if (off >= size_) return Status::Error(ENXIO, "vmdk: seek past the end");
-  if (whence == SEEK_DATA) {
-    *result = off;
-  } else {
-    *result = size_;
+  const bool want_data = whence == SEEK_DATA;
+  std::lock_guard<std::mutex> g(mu_);
+  uint64_t pos = off;
+  for (auto& e : extents_) {
+    const uint64_t end = e.start + e.length;
+    if (pos >= end) continue;
+    pos = std::max(pos, e.start);
+    while (pos < end) {
+      bool data = true;  // flat extents: all data (their files may be sparse, but say so is enough)
+      uint64_t unit_end = end;
+      if (e.kind == Extent::Zero) {
+        data = false;
+      } else if (e.kind == Extent::Sparse_) {
+        // Sparse: a grain is data unless unallocated or a zeroed grain; a GD entry of 0 is a
+        // whole grain table's range of holes.
+        Sparse& sp = *e.sparse;
+        const uint64_t gbytes = sp.grain_sectors * 512;
+        const uint64_t grain = (pos - e.start) / gbytes;
+        const uint64_t gdi = grain / sp.gtes;
+        if (gdi < sp.gd.size() && !sp.gd[gdi]) {
+          data = false;
+          unit_end = e.start + (gdi + 1) * sp.gtes * gbytes;
+        } else if (gdi < sp.gd.size()) {
+          std::vector<uint32_t>* gt = nullptr;
+          Status s = load_gt(e, gdi, &gt);
+          if (!s.ok()) return s;
+          const uint32_t gte = (*gt)[grain % sp.gtes];
+          data = !(gte == 0 || (gte == 1 && sp.zero_grains));
+          unit_end = e.start + (grain + 1) * gbytes;
+        }
+        unit_end = std::min(unit_end, end);
+      }
+      if (data == want_data) {
+        *result = pos;
+        return Status::Ok();
+      }
+      pos = unit_end;
+    }
   }
+  if (want_data) return Status::Error(ENXIO, "vmdk: no data after offset");
+  *result = size_;
   return Status::Ok();
 }
 

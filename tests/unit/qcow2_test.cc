@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -349,6 +350,125 @@ TEST_CASE("qcow2 growth moves the L1 table and qemu-io reads the patterns back",
   CHECK(run("qemu-io -f qcow2 -c 'read -P 0xab 4k 8k' -c 'read -P 0xcd 3145724k 4k' " + img + " | grep -q failed") != 0);
 }
 
+// ---- dirty images and cluster reuse -----------------------------------------------------------
+
+namespace {
+
+bool dirty_bit(const std::string& img) {
+  std::string h = slurp(img).substr(0, 80);
+  return h.size() == 80 && (h[79] & 1);
+}
+
+uint64_t file_size(const std::string& p) {
+  struct stat st {};
+  REQUIRE(::stat(p.c_str(), &st) == 0);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+}  // namespace
+
+TEST_CASE("qcow2 left dirty by a killed qemu-io (lazy refcounts) is repaired at the first write", "[qcow2]") {
+  Tmp t;
+  for (const char* opts : {"cluster_size=64k", "cluster_size=4k,refcount_bits=4", "cluster_size=64k,extended_l2=on"}) {
+    DYNAMIC_SECTION(opts) {
+      std::string img = t / "d.qcow2";
+      must("rm -f " + img + " && qemu-img create -q -f qcow2 -o lazy_refcounts=on," + opts + " " + img + " 32M");
+      must("qemu-io -f qcow2 -c 'write -P 0x11 0 1M' " + img + " >/dev/null");
+      must("qemu-img snapshot -c s1 " + img);  // shared clusters: counts of 2 to rebuild
+      // The process dies with its refcount updates unwritten: the image stays dirty.
+      run("qemu-io -f qcow2 -c 'write -P 0x22 512k 1M' -c 'write -P 0x33 9M 300k' -c 'sigraise 9' " + img);
+      REQUIRE(dirty_bit(img));
+      const std::string before = qemu_raw(t, img);
+      {
+        auto q = open_image(img, true);
+        REQUIRE(q);
+        CHECK_FALSE(q->read_only());
+        CHECK(read_all(*q) == before);  // reads need no repair
+        std::string w(8192, '\x44');
+        Status s = q->write(Io{}, w.data(), w.size(), 20u << 20);
+        INFO((s.what ? s.what : "") << " " << q->info().read_only_reason);
+        REQUIRE(s.ok());
+        REQUIRE(q->sync(Io{}, false).ok());
+      }
+      CHECK_FALSE(dirty_bit(img));
+      check_clean(img);
+      must("qemu-io -f qcow2 -c 'read -P 0x11 0 512k' -c 'read -P 0x22 512k 1M' -c 'read -P 0x33 9M 300k' "
+           "-c 'read -P 0x44 20M 8k' " + img + " | grep -vq failed");
+      CHECK(run("qemu-io -f qcow2 -c 'read -P 0x11 0 512k' -c 'read -P 0x22 512k 1M' -c 'read -P 0x33 9M 300k' "
+                "-c 'read -P 0x44 20M 8k' " + img + " | grep -q failed") != 0);
+      // The snapshot still reads as it was taken.
+      must("qemu-img convert -l snapshot.name=s1 -O raw " + img + " " + t / "s1.raw");
+      must("qemu-io -f raw -c 'read -P 0x11 0 1M' -c 'read -P 0 1M 31M' " + t / "s1.raw" + " | grep -vq failed");
+    }
+  }
+}
+
+TEST_CASE("qcow2 dirty image with its refcounts wiped is recounted from its tables", "[qcow2]") {
+  Tmp t;
+  std::string img = t / "w.qcow2";
+  must("qemu-img create -q -f qcow2 -o cluster_size=64k " + img + " 16M");
+  must("qemu-io -f qcow2 -c 'write -P 0x51 0 3M' " + img + " >/dev/null");
+  must("qemu-img snapshot -c s1 " + img);
+  must("qemu-io -f qcow2 -c 'write -P 0x52 1M 64k' " + img + " >/dev/null");
+  // Zero the first refcount block (the table's first entry says where) and set the dirty bit.
+  {
+    std::string b = slurp(img);
+    auto be64 = [&](size_t o) {
+      uint64_t v = 0;
+      for (int i = 0; i < 8; ++i) v = v << 8 | static_cast<uint8_t>(b[o + i]);
+      return v;
+    };
+    uint64_t rt = be64(48), rb = be64(rt);
+    REQUIRE(rb);
+    std::fill(b.begin() + static_cast<long>(rb), b.begin() + static_cast<long>(rb + 65536), '\0');
+    b[79] |= 1;
+    std::ofstream f(img, std::ios::binary | std::ios::trunc);
+    f.write(b.data(), static_cast<std::streamsize>(b.size()));
+  }
+  const std::string before = qemu_raw(t, img);
+  {
+    auto q = open_image(img, true);
+    REQUIRE(q);
+    std::string w(4096, '\x53');
+    REQUIRE(q->write(Io{}, w.data(), w.size(), 0).ok());  // COW of a cluster the snapshot shares
+    std::memcpy(const_cast<char*>(before.data()), w.data(), w.size());
+  }
+  check_clean(img);
+  CHECK(qemu_raw(t, img) == before);
+}
+
+TEST_CASE("qcow2 freed clusters are reused: write, discard, write again does not grow the file", "[qcow2]") {
+  Tmp t;
+  for (const char* opts : {"compat=1.1", "compat=0.10", "extended_l2=on,cluster_size=128k"}) {
+    DYNAMIC_SECTION(opts) {
+      std::string img = t / "r.qcow2";
+      must("rm -f " + img + " && qemu-img create -q -f qcow2 -o " + std::string(opts) + " " + img + " 64M");
+      std::string expect(64u << 20, '\0');
+      {
+        auto q = open_image(img, true);
+        REQUIRE(q);
+        std::string w(4u << 20, '\x61');
+        REQUIRE(q->write(Io{}, w.data(), w.size(), 0).ok());
+        REQUIRE(q->sync(Io{}, false).ok());
+        const uint64_t grown = file_size(img);
+        for (int round = 0; round < 4; ++round) {
+          const uint64_t from = (round % 2 ? 0 : 8ull << 20), to = (round % 2 ? 8ull << 20 : 0);
+          REQUIRE(q->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, from, 4u << 20).ok());
+          REQUIRE(q->sync(Io{}, false).ok());
+          std::string v(4u << 20, static_cast<char>(0x62 + round));
+          REQUIRE(q->write(Io{}, v.data(), v.size() - 1000, to + 1000).ok());  // partial clusters too
+          REQUIRE(q->sync(Io{}, false).ok());
+          std::memset(expect.data() + from, 0, 4u << 20);
+          std::memcpy(expect.data() + to + 1000, v.data(), v.size() - 1000);
+          CHECK(file_size(img) == grown);
+        }
+      }
+      check_clean(img);
+      CHECK(qemu_raw(t, img) == expect);
+    }
+  }
+}
+
 // ---- crafted images ----------------------------------------------------------------------------
 
 namespace {
@@ -503,7 +623,7 @@ TEST_CASE("crafted qcow2 images with bad tables fail their reads, not the proces
     size_t got = 0;
     CHECK(q->read(Io{}, b, sizeof b, 0, &got).err == EIO);
   }
-  SECTION("a dirty image opens read-only with the reason") {
+  SECTION("a dirty image opens writable and is repaired at its first write") {
     std::string img = good_image();
     img[79] = 1;
     std::string p = t / "dirty.qcow2";
@@ -511,11 +631,34 @@ TEST_CASE("crafted qcow2 images with bad tables fail their reads, not the proces
       std::ofstream f(p, std::ios::binary);
       f.write(img.data(), static_cast<std::streamsize>(img.size()));
     }
-    auto q = open_image(p, true);
-    REQUIRE(q);
-    CHECK(q->read_only());
-    CHECK(q->info().read_only_reason.find("dirty") != std::string::npos);
-    char b[512] = {};
-    CHECK(q->write(Io{}, b, sizeof b, 0).err == EROFS);
+    {
+      auto q = open_image(p, true);
+      REQUIRE(q);
+      CHECK_FALSE(q->read_only());
+      char b[512] = {};
+      REQUIRE(q->write(Io{}, b, sizeof b, 0).ok());
+    }
+    CHECK((slurp(p)[79] & 1) == 0);
+    check_clean(p);
   }
+  SECTION("a dirty image whose tables point past the end stays read-only, unchanged") {
+    std::string img = good_image();
+    img[79] = 1;
+    put_be64(img, 256 * 1024 + 8, (1ull << 40) | (1ull << 63));
+    std::string p = t / "dirtybad.qcow2";
+    {
+      std::ofstream f(p, std::ios::binary);
+      f.write(img.data(), static_cast<std::streamsize>(img.size()));
+    }
+    {
+      auto q = open_image(p, true);
+      REQUIRE(q);
+      char b[512] = {};
+      CHECK_FALSE(q->write(Io{}, b, sizeof b, 0).ok());
+      CHECK(q->read_only());
+      CHECK(q->info().read_only_reason.find("past the end") != std::string::npos);
+    }
+    CHECK(slurp(p) == img);
+  }
+
 }

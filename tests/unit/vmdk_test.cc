@@ -115,6 +115,45 @@ TEST_CASE("vmdk subformats read like qemu-img convert", "[vmdk]") {
   }
 }
 
+TEST_CASE("vmdk SEEK_DATA and SEEK_HOLE follow the grain map as qemu-img map does", "[vmdk]") {
+  for (const char* sub : {"monolithicSparse", "twoGbMaxExtentSparse"}) {
+    DYNAMIC_SECTION(sub) {
+      Tmp t;
+      std::string img = t / "m.vmdk";
+      must("qemu-img create -q -f vmdk -o subformat=" + std::string(sub) + " " + img + " 16M");
+      must("qemu-io -f vmdk" + std::string(kFill) + " " + img + " >/dev/null");
+      std::string ours;
+      {
+        Opened o = open_vmdk(img, false);
+        INFO(o.err);
+        REQUIRE(o.v);
+        uint64_t pos = 0, size = o.v->virtual_size();
+        while (pos < size) {
+          uint64_t d = 0, h = 0;
+          Status s = o.v->seek(Io{}, pos, SEEK_DATA, &d);
+          if (s.err == ENXIO) break;
+          REQUIRE(s.ok());
+          REQUIRE(o.v->seek(Io{}, d, SEEK_HOLE, &h).ok());
+          REQUIRE(h > d);
+          ours += std::to_string(d) + "-" + std::to_string(h) + "\n";
+          pos = h;
+        }
+        uint64_t r = 0;
+        CHECK(o.v->seek(Io{}, size, SEEK_DATA, &r).err == ENXIO);
+      }
+      must("qemu-img map -f vmdk --output=json " + img + " > " + t / "map.json");
+      must("python3 -c \"import json; m=json.load(open('" + t / "map.json" + "')); out=[]\n"
+           "for e in m:\n"
+           "  if not e['data'] or e.get('zero'): continue\n"
+           "  if out and out[-1][1]==e['start']: out[-1][1]+=e['length']\n"
+           "  else: out.append([e['start'], e['start']+e['length']])\n"
+           "open('" + t / "map.txt" + "','w').write(''.join('%d-%d\\n'%(a,b) for a,b in out))\"");
+      CHECK(ours == slurp(t / "map.txt"));
+      CHECK(!ours.empty());
+    }
+  }
+}
+
 TEST_CASE("vmdk writes to sparse and flat kinds compare equal and check clean", "[vmdk]") {
   for (const char* sub : {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"}) {
     DYNAMIC_SECTION(sub) {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "mount.h"
 
@@ -470,5 +471,8 @@ TEST_CASE("a reload that drops encrypt from an open disk is refused for that dis
   CHECK(buf == read_file(ds.t / "model"));
   close(fd);
   // Closed, the disk follows the new policy: the container itself (the native view), 2 MiB more.
+  // The kernel sends the release after close(2) returns: wait for it (slow under ASan).
+  for (int i = 0; i < 500 && file_size(ds.mnt("disk.raw")) != 3u << 20; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   CHECK(file_size(ds.mnt("disk.raw")) == 3u << 20);
 }

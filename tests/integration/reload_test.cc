@@ -34,6 +34,9 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
   TempDir t;
   sh("mkdir -p " + q(t / "b") + " " + q(t / "m"));
   write_file(t / "ds.yaml", kWithout);
+  // The image exists at its full size, so fio does not lay it out first (an open, writes and a
+  // close before the job's own open, which the wait below could mistake for the job).
+  sh("truncate -s 48M " + q(t / "b/disk.raw"));
   Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
 
   // fio in the background: random 4k direct writes from two jobs on their own regions, then a
@@ -49,8 +52,12 @@ TEST_CASE("fio verify runs clean while the policy is reloaded 20 times, adding a
   }
   REQUIRE(fio > 0);
   // Wait until the disk is open.
-  for (int i = 0; i < 500 && testing::get_xattr(m.mountpoint(), "user.iofilter.status").find("disk.raw") == std::string::npos; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  auto open_now = [&] {
+    return testing::get_xattr(m.mountpoint(), "user.iofilter.status").find("disk.raw") != std::string::npos;
+  };
+  for (int i = 0; i < 1000 && !open_now(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  REQUIRE(open_now());  // still open: the job's own open, not a passing one
 
   int reloads = 0, with_filter = 0;
   for (int i = 0; i < 20; ++i) {

@@ -134,6 +134,26 @@ void ReplicateFilter::target_failed(const std::string& e) {
   bg_cv_.notify_one();
 }
 
+template <typename Send>
+bool ReplicateFilter::send_or_track(bool attempt, uint64_t r0, uint64_t r1, Send&& send) {
+  bool sent = false;
+  std::string err;
+  if (attempt && connected_.load()) {
+    target_rw_.lock_shared();
+    if (connected_.load() && target_) {
+      err = send(*target_);
+      sent = err.empty();
+    }
+    target_rw_.unlock_shared();
+  }
+  if (!sent) {
+    for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // before leaving: the cleaner re-checks
+    if (!err.empty()) target_failed(err);
+    wake();
+  }
+  return sent;
+}
+
 bool ReplicateFilter::enter(uint64_t r0, uint64_t r1, bool mark_dirty) {
   bool fresh = false;
   for (uint64_t r = r0; r <= r1; ++r) {
@@ -586,24 +606,9 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
       leave(r0, r1);
       return s;
     }
-    bool sent = false;
-    std::string err;
-    if (connected_.load()) {
-      target_rw_.lock_shared();
-      if (connected_.load() && target_) {
-        err = target_->pwrite(tdata, tlen, toff);
-        sent = err.empty();
-      }
-      target_rw_.unlock_shared();
-    }
-    if (!sent) {
-      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // before leaving: the cleaner re-checks
-      if (!err.empty()) target_failed(err);
-      writes_tracked_.fetch_add(1, std::memory_order_relaxed);
-      wake();
-    } else {
-      bytes_sent_.fetch_add(len, std::memory_order_relaxed);
-    }
+    const bool sent = send_or_track(true, r0, r1, [&](rp::Target& t) { return t.pwrite(tdata, tlen, toff); });
+    if (!sent) writes_tracked_.fetch_add(1, std::memory_order_relaxed);
+    else bytes_sent_.fetch_add(len, std::memory_order_relaxed);
     leave(r0, r1);
     if (!sent && fail_on_error_.load(std::memory_order_relaxed)) return kUnreachable;
     return Status::Ok();
@@ -724,22 +729,11 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
     s = next_->fallocate(io, mode, off, len);
     uint64_t after = before;
     if (s.ok()) (void)next_->size(&after);
-    bool sent = false;
-    std::string err;
-    if (s.ok() && connected_.load()) {
-      target_rw_.lock_shared();
-      if (connected_.load() && target_) {
-        err = target_->zero(off, std::min(len, std::max(after, before) > off ? std::max(after, before) - off : 0));
-        if (err.empty() && after != before) err = target_->resize(before, after);
-        sent = err.empty();
-      }
-      target_rw_.unlock_shared();
-    }
-    if (!sent) {
-      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);
-      if (!err.empty()) target_failed(err);
-      wake();
-    }
+    const bool sent = send_or_track(s.ok(), r0, r1, [&](rp::Target& t) {
+      std::string err = t.zero(off, std::min(len, std::max(after, before) > off ? std::max(after, before) - off : 0));
+      if (err.empty() && after != before) err = t.resize(before, after);
+      return err;
+    });
     leave(r0, r1);
     if (s.ok() && !sent && fail_on_error_.load()) return kUnreachable;
     return s;
@@ -815,24 +809,14 @@ Status ReplicateFilter::fallocate_sealed(const Io& io, int mode, uint64_t off, u
     s = next_->fallocate(io, mode, off, len);
     uint64_t after = before;
     if (s.ok()) (void)next_->size(&after);
-    bool sent = false;
-    std::string err;
-    if (s.ok() && connected_.load()) {
-      target_rw_.lock_shared();
-      if (connected_.load() && target_) {
-        if (after > before) err = target_->resize(before, after);
-        for (int i = 0; i < nedges && err.empty(); ++i) err = target_->pwrite(edge[i].data, S, edge[i].off);
-        if (err.empty() && z1 > z0) err = zero_range ? target_sealed_zero(z0, z1 - z0) : target_->zero(z0, z1 - z0);
-        if (err.empty() && after < before) err = target_->resize(before, after);
-        sent = err.empty();
-      }
-      target_rw_.unlock_shared();
-    }
-    if (!sent) {
-      for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);
-      if (!err.empty()) target_failed(err);
-      wake();
-    }
+    const bool sent = send_or_track(s.ok(), r0, r1, [&](rp::Target& t) {
+      std::string err;
+      if (after > before) err = t.resize(before, after);
+      for (int i = 0; i < nedges && err.empty(); ++i) err = t.pwrite(edge[i].data, S, edge[i].off);
+      if (err.empty() && z1 > z0) err = zero_range ? target_sealed_zero(z0, z1 - z0) : t.zero(z0, z1 - z0);
+      if (err.empty() && after < before) err = t.resize(before, after);
+      return err;
+    });
     leave(r0, r1);
     if (s.ok() && !sent && fail_on_error_.load()) return kUnreachable;
     return s;

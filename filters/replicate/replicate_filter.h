@@ -127,6 +127,11 @@ class ReplicateFilter : public Filter {
   bool owner() const;
   void note_error(const std::string& e);
   void target_failed(const std::string& e);
+  // Sync mode: sends one change to the target (send(target) returns "" or the error) when
+  // `attempt` and the target is connected; otherwise, or when it fails, marks regions r0..r1
+  // pending for the resync and wakes the background thread. True when it was sent.
+  template <typename Send>
+  bool send_or_track(bool attempt, uint64_t r0, uint64_t r1, Send&& send);
   void wake();
   uint64_t now_ns() const;
 

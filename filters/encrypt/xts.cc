@@ -82,12 +82,12 @@ std::shared_ptr<XtsKey> XtsKey::create(const SecureBytes& key, Engine engine) {
   if (CRYPTO_memcmp(key.data(), key.data() + key.size() / 2, key.size() / 2) == 0) return nullptr;
   k->key_ = SecureBytes(key.data(), key.size());
   k->id_ = g_next_id.fetch_add(1);
-  if (engine == Engine::kBest && aesni::available()) {
+  if (engine != Engine::kPortable && aesni::available()) {
     k->schedule_mem_.resize(sizeof(aesni::Schedule) + alignof(aesni::Schedule));
     void* p = k->schedule_mem_.data();
     size_t space = k->schedule_mem_.size();
     k->schedule_ = static_cast<aesni::Schedule*>(std::align(alignof(aesni::Schedule), sizeof(aesni::Schedule), p, space));
-    aesni::expand(k->key_.data(), k->key_.size(), k->schedule_);
+    aesni::expand(k->key_.data(), k->key_.size(), engine == Engine::kBest && aesni::wide_available(), k->schedule_);
     return k;
   }
   // Make one pair now, so that a key OpenSSL refuses fails here and not on the first request.

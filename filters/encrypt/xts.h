@@ -49,7 +49,8 @@ class XtsKey : public std::enable_shared_from_this<XtsKey> {
   static constexpr size_t kSector = 512;
 
   enum class Engine {
-    kBest,      // AES-NI when the CPU has it, else portable
+    kBest,      // the widest this CPU runs: VAES (512-bit), else AES-NI, else portable
+    kAesni,     // AES-NI on 128-bit registers when the CPU has it, else portable
     kPortable,  // OpenSSL's AES-ECB and tweaks computed here
   };
   // A key of 32 (AES-128-XTS) or 64 (AES-256-XTS) bytes; null when OpenSSL refuses it.
@@ -80,8 +81,9 @@ class XtsKey : public std::enable_shared_from_this<XtsKey> {
   Pair* acquire();
   void release(Pair* p);
   uint64_t id() const { return id_; }
-  // Whether the AES-NI engine serves this key.
+  // Whether the AES-NI engine serves this key, and whether in its wide (VAES) form.
   bool accelerated() const { return schedule_ != nullptr; }
+  bool wide() const { return schedule_ != nullptr && schedule_->wide; }
   // Contexts created so far (tests check that requests reuse them).
   size_t contexts() const;
 

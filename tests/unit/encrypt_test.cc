@@ -956,17 +956,20 @@ TEST_CASE("encrypt: refuses to leave an open disk", "[encrypt][at-rest]") {
   CHECK(f->removal_refused().find("encrypt cannot leave an open disk") == 0);
 }
 
-TEST_CASE("the data path's XTS (both engines) equals OpenSSL's XTS byte for byte", "[encrypt][luks]") {
+TEST_CASE("the data path's XTS (every engine) equals OpenSSL's XTS byte for byte", "[encrypt][luks]") {
   using Engine = iofilterfs::encrypt::XtsKey::Engine;
   const bool aesni = iofilterfs::encrypt::aesni::available();
+  const bool wide = iofilterfs::encrypt::aesni::wide_available();
   if (!aesni) WARN("this CPU has no AES-NI: only the portable engine is tested");
-  const Engine engine = GENERATE(Engine::kPortable, Engine::kBest);
+  else if (!wide) WARN("this CPU has no 512-bit VAES: the wide form is not tested");
+  const Engine engine = GENERATE(Engine::kPortable, Engine::kAesni, Engine::kBest);
   for (size_t key_bytes : {size_t{32}, size_t{64}}) {
     iofilterfs::encrypt::SecureBytes key(key_bytes);
     REQUIRE(RAND_bytes(key.data(), static_cast<int>(key_bytes)) == 1);
     auto x = iofilterfs::encrypt::XtsKey::create(key, engine);
     REQUIRE(x);
-    CHECK(x->accelerated() == (engine == Engine::kBest && aesni));
+    CHECK(x->accelerated() == (engine != Engine::kPortable && aesni));
+    CHECK(x->wide() == (engine == Engine::kBest && wide));
     for (size_t n : {size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{63}, size_t{64}, size_t{65}, size_t{200}}) {
       for (uint64_t first : {uint64_t{0}, uint64_t{12345}, (uint64_t{1} << 32) - 3, ~uint64_t{0} - 300}) {
         INFO("key " << key_bytes << " sectors " << n << " first " << first);

@@ -4,7 +4,7 @@
 
 using namespace iofilterfs;
 
-TEST_CASE("-o lists set options and refuse unknown ones", "[cli]") {
+TEST_CASE("mount options given with -o are applied, unknown ones refused", "[cli]") {
   MountOptions o;
   CHECK(apply_mount_options("ro,allow_other,threads=8,config=/etc/iofilterfs/ds1.yaml,nosuid,_netdev", &o).empty());
   CHECK(o.read_only);

@@ -91,6 +91,7 @@ Status Vmdk::open(Layer* file, const VmdkOptions& opt, std::unique_ptr<Vmdk>* ou
     std::string text(fsize, '\0');
     s = read_zero_padded(*file, text.data(), fsize, 0);
     if (!s.ok()) return s;
+    text.resize(strnlen(text.data(), text.size()));  // QEMU pads descriptors it rewrites with NULs
     if (text.rfind("# Disk DescriptorFile", 0) != 0) FAIL("neither a sparse extent nor a descriptor");
     s = v->parse_descriptor(text, false, err);
     if (!s.ok()) return s;
@@ -305,7 +306,6 @@ Status Vmdk::parse_descriptor(const std::string& text, bool embedded, std::strin
 
 Vmdk::~Vmdk() {
   if (!read_only_ && !corrupt_.load()) (void)flush();
-  if (desc_lock_fd_ >= 0) ::close(desc_lock_fd_);
 }
 
 bool Vmdk::in_meta(const Sparse& sp, uint64_t off, uint64_t len) const {
@@ -653,7 +653,7 @@ Status Vmdk::resize(const Io&, uint64_t size) {
     need -= bytes;
     extents_.push_back(std::move(e));
   }
-  if (s.ok()) s = replace_descriptor_file(render_descriptor(pos));
+  if (s.ok()) s = rewrite_descriptor_file(render_descriptor(pos));
   if (!s.ok()) {
     // Not committed: the descriptor still lists the old extents (the new files stay, unused).
     extents_.resize(old_count);
@@ -795,7 +795,7 @@ Status Vmdk::add_extent(Extent::Kind kind, uint64_t bytes, Extent* out) {
   int fd = -1;
   std::string name;
   for (size_t i = extents_.size() + 1; fd < 0 && i < extents_.size() + 1000; ++i) {
-    char num[16];
+    char num[24];
     std::snprintf(num, sizeof num, "%03zu", i);
     name = stem + (kind == Extent::Flat ? "-f" : "-s") + num + ".vmdk";
     fd = ::open((dir + "/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -860,35 +860,20 @@ Status Vmdk::add_extent(Extent::Kind kind, uint64_t bytes, Extent* out) {
   return Status::Ok();
 }
 
-Status Vmdk::replace_descriptor_file(const std::string& text) {
-  const std::string tmp = dirname_of(opt_.path) + "/." + basename_of(opt_.path) + ".resize";
-  int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno_status(errno, "vmdk: cannot write a new descriptor");
-  struct stat st {};
-  if (::stat(opt_.path.c_str(), &st) == 0) (void)::fchmod(fd, st.st_mode & 07777);
-  // The rename takes the image lock's inode away; this one holds the lock for the new file.
-  struct flock lk {};
-  lk.l_type = F_WRLCK;
-  lk.l_whence = SEEK_SET;
-  (void)::fcntl(fd, F_OFD_SETLK, &lk);
-  bool ok = ::pwrite(fd, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
-  int e = errno;
-  if (ok && ::rename(tmp.c_str(), opt_.path.c_str()) != 0) {
-    ok = false;
-    e = errno;
-  }
-  if (!ok) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return errno_status(e, "vmdk: cannot write a new descriptor");
-  }
-  int dfd = ::open(dirname_of(opt_.path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
-  if (desc_lock_fd_ >= 0) ::close(desc_lock_fd_);
-  desc_lock_fd_ = fd;
+Status Vmdk::rewrite_descriptor_file(const std::string& text) {
+  // In place, in one write, through the daemon's own descriptor of the file: a new file renamed
+  // over it would leave the daemon's inode (and so the view's writes) on the unlinked old file.
+  // NULs pad a shorter text to the old length (QEMU reads the descriptor as a C string, and so
+  // does open()). A descriptor under 4 KiB is one page, which file systems write whole.
+  uint64_t old = 0;
+  Status s = file_->size(&old);
+  if (!s.ok()) return s;
+  std::string buf = text;
+  if (buf.size() < old) buf.resize(old, '\0');
+  s = file_->write(Io{}, buf.data(), buf.size(), 0);
+  if (!s.ok()) return s;
+  s = file_->sync(Io{}, true);
+  if (!s.ok()) return s;
   // The new lines are the descriptor now.
   std::istringstream in(text);
   std::string line;

@@ -26,8 +26,10 @@
 //     directory's last sector, else a copy of each at the end of the file), then - for an
 //     embedded descriptor - the descriptor's extent line, then the header's capacity and
 //     directory offsets in one sector write, the commit (QEMU sizes a sparse extent by its header);
-//   descriptor file: the extents first (flat files extended, new files made and synced), then a
-//     new descriptor written beside it, synced and renamed over the old one, the directory synced.
+//   descriptor file: the extents first (flat files extended, new files made and synced), then
+//     the descriptor rewritten in place in one write and synced (not a new file renamed over it:
+//     the daemon's inode table and the disk hold the file open, and would be left on the
+//     unlinked old one - writes to the view would land there).
 //
 // Untrusted input: header fields, the GD and every GT/grain offset are checked against the
 // file before use; a bad one fails that request (EIO) and marks the image corrupt.
@@ -119,7 +121,7 @@ class Vmdk final : public Layer {
   Status grow_sparse(Extent& e, uint64_t new_bytes, const std::string* embedded_desc);
   Status add_extent(Extent::Kind kind, uint64_t bytes, Extent* out);
   std::string render_descriptor(uint64_t new_size) const;
-  Status replace_descriptor_file(const std::string& text);
+  Status rewrite_descriptor_file(const std::string& text);
 
   Layer* file_ = nullptr;
   VmdkOptions opt_;
@@ -133,7 +135,6 @@ class Vmdk final : public Layer {
   bool desc_crlf_ = false;
   uint64_t desc_area_ = 0;               // embedded: bytes reserved for it in the sparse file
   uint64_t desc_at_ = 0;                 // embedded: its byte offset
-  int desc_lock_fd_ = -1;                // a rewritten descriptor file, OFD-locked while open
   std::shared_mutex layout_mu_;
   std::mutex mu_;
 };

@@ -463,16 +463,24 @@ TEST_CASE("qcow2 freed clusters are reused: write, discard, write again does not
 
 namespace {
 
-// Where guest offset `guest` lives in the image file, per qemu-img map (-1: nowhere).
-int64_t host_offset(const std::string& img, uint64_t guest) {
+// Where each guest offset lives in the image file, per one qemu-img map (-1: nowhere).
+std::vector<int64_t> host_offsets(const std::string& img, const std::vector<uint64_t>& guests) {
+  std::string list;
+  for (uint64_t g : guests) list += std::to_string(g) + ",";
   std::string out;
   REQUIRE(run("qemu-img map -U --output=json " + img + " | python3 -c \"import json,sys\n"
-              "g=" + std::to_string(guest) + "\n"
-              "print(next((e['offset']+g-e['start'] for e in json.load(sys.stdin)"
-              " if e['start']<=g<e['start']+e['length'] and 'offset' in e), -1))\"",
+              "m=json.load(sys.stdin)\n"
+              "for g in [" + list + "]:\n"
+              "  print(next((e['offset']+g-e['start'] for e in m if e['start']<=g<e['start']+e['length'] and 'offset' in e), -1))\"",
               &out) == 0);
-  return std::stoll(out);
+  std::vector<int64_t> r;
+  std::istringstream in(out);
+  for (int64_t v; in >> v;) r.push_back(v);
+  REQUIRE(r.size() == guests.size());
+  return r;
 }
+
+int64_t host_offset(const std::string& img, uint64_t guest) { return host_offsets(img, {guest})[0]; }
 
 }  // namespace
 
@@ -500,11 +508,10 @@ TEST_CASE("qcow2 allocation after an open starts at the end of the file, old fre
     for (int k = 1; k <= 40; ++k) REQUIRE(q->write(Io{}, w.data(), w.size(), (100u << 20) + k * 4096ull).ok());
     REQUIRE(q->sync(Io{}, false).ok());
   }
+  std::vector<uint64_t> guests;
+  for (int k = 1; k <= 40; ++k) guests.push_back((100u << 20) + k * 4096ull);
   int in_hole = 0;
-  for (int k = 1; k <= 40; ++k) {
-    int64_t h = host_offset(img, (100u << 20) + k * 4096ull);
-    in_hole += h >= hole && h < hole + 65536;
-  }
+  for (int64_t h : host_offsets(img, guests)) in_hole += h >= hole && h < hole + 65536;
   CHECK(in_hole == 16);
   check_clean(img);
   must("qemu-io -f qcow2 -c 'read -P 0x77 100M 164k' -c 'read -P 0x11 0 40M' -c 'read -P 0 40M 64k' " + img +

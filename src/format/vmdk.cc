@@ -617,7 +617,7 @@ Status Vmdk::resize(const Io&, uint64_t size) {
     last.length = last_new;  // for render_descriptor (restored on failure)
     std::string text = render_descriptor(last_new);
     last.length = old_len;
-    s = grow_sparse(last, last_new, &text);
+    s = grow_sparse(last, last_new, desc_area_ ? &text : nullptr);  // a file may have no descriptor
     if (!s.ok()) return s;
     size_ = last.length;
     return Status::Ok();

@@ -88,6 +88,16 @@ void exercise(Image& img, const uint8_t* data, size_t size) {
   (void)img.fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, next() % vsize, 1 + next() % (1 << 20));
   (void)img.sync(Io{}, false);
   (void)img.read(Io{}, buf.data(), std::min<uint64_t>(buf.size(), vsize), 0, &got);
+  // Growth by up to 4 MiB (bounded: the new tables live in memory here), then a write at the
+  // new end and a read across the old one.
+  const uint64_t grown = vsize + (1 + next() % 8192) * 512;
+  if (img.resize(Io{}, grown).ok()) {
+    std::memset(buf.data(), 0x5a, 4096);
+    (void)img.write(Io{}, buf.data(), 4096, grown - 4096);
+    (void)img.read(Io{}, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), grown - vsize + 512)),
+                   vsize > 512 ? vsize - 512 : 0, &got);
+    (void)img.sync(Io{}, false);
+  }
 }
 
 }  // namespace iofilterfs::fuzz

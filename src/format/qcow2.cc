@@ -287,6 +287,8 @@ Status Qcow2::parse(std::string* err) {
   }
   file_end_ = (fsize + cs_ - 1) & ~(cs_ - 1);
   if (file_end_ > kMaxFileOffset) FAIL("qcow2: file too large");
+  free_hint_ = old_end_ = file_end_ >> cluster_bits_;
+  old_scan_ = 1;
 
   info_.version = version_;
   info_.cluster_bits = cluster_bits_;
@@ -381,42 +383,36 @@ Status Qcow2::check_table_offset(uint64_t off, const char* what) {
   return Status::Ok();
 }
 
-Status Qcow2::load_l2(uint64_t off, Table** t) {
-  auto it = l2_cache_.find(off);
-  if (it != l2_cache_.end()) {
+// One cluster-sized table through its cache; `other` is the cache of the other kind, which the
+// table must not overlap.
+Status Qcow2::load_table(std::unordered_map<uint64_t, Table>& cache, const std::unordered_map<uint64_t, Table>& other,
+                         uint64_t off, const char* bad_offset, const char* overlap, Table** t) {
+  auto it = cache.find(off);
+  if (it != cache.end()) {
     it->second.used = ++lru_;
     *t = &it->second;
     return Status::Ok();
   }
-  Status s = check_table_offset(off, "qcow2: L2 table offset is invalid (image corrupt)");
+  Status s = check_table_offset(off, bad_offset);
   if (!s.ok()) return s;
-  if (rb_cache_.count(off)) return mark_corrupt("qcow2: L2 table overlaps a refcount block (image corrupt)");
+  if (other.count(off)) return mark_corrupt(overlap);
   Table nt;
   nt.data.resize(cs_);
   s = read_zero_padded(*file_, nt.data.data(), cs_, off);
   if (!s.ok()) return s;
   nt.used = ++lru_;
-  *t = &(l2_cache_[off] = std::move(nt));
+  *t = &(cache[off] = std::move(nt));
   return Status::Ok();
 }
 
+Status Qcow2::load_l2(uint64_t off, Table** t) {
+  return load_table(l2_cache_, rb_cache_, off, "qcow2: L2 table offset is invalid (image corrupt)",
+                    "qcow2: L2 table overlaps a refcount block (image corrupt)", t);
+}
+
 Status Qcow2::load_rb(uint64_t off, Table** t) {
-  auto it = rb_cache_.find(off);
-  if (it != rb_cache_.end()) {
-    it->second.used = ++lru_;
-    *t = &it->second;
-    return Status::Ok();
-  }
-  Status s = check_table_offset(off, "qcow2: refcount block offset is invalid (image corrupt)");
-  if (!s.ok()) return s;
-  if (l2_cache_.count(off)) return mark_corrupt("qcow2: refcount block overlaps an L2 table (image corrupt)");
-  Table nt;
-  nt.data.resize(cs_);
-  s = read_zero_padded(*file_, nt.data.data(), cs_, off);
-  if (!s.ok()) return s;
-  nt.used = ++lru_;
-  *t = &(rb_cache_[off] = std::move(nt));
-  return Status::Ok();
+  return load_table(rb_cache_, l2_cache_, off, "qcow2: refcount block offset is invalid (image corrupt)",
+                    "qcow2: refcount block overlaps an L2 table (image corrupt)", t);
 }
 
 Qcow2::Entry Qcow2::entry_at(const Table* t, uint32_t idx) const {
@@ -552,15 +548,14 @@ Status Qcow2::refcount_add(uint64_t hc, int64_t delta) {
   return Status::Ok();
 }
 
-Status Qcow2::find_free(uint64_t* cluster) {
+Status Qcow2::scan_free(uint64_t from, uint64_t to, uint64_t* cluster, uint64_t* stop) {
   *cluster = 0;
-  const uint64_t end = file_end_ >> cluster_bits_;
   const uint64_t per = 1ull << rb_bits_;
   const uint32_t bits = 1u << rc_order_;
-  uint64_t c = std::max<uint64_t>(free_hint_, 1);
-  while (c < end) {
+  uint64_t c = std::max<uint64_t>(from, 1);
+  while (c < to) {
     const uint64_t rti = c >> rb_bits_;
-    const uint64_t block_end = std::min(end, (rti + 1) * per);
+    const uint64_t block_end = std::min(to, (rti + 1) * per);
     const uint64_t rboff = rti < rt_.size() ? rt_[rti] & ~0x1ffull : 0;
     const uint8_t* d = nullptr;
     if (rboff) {
@@ -582,19 +577,34 @@ Status Qcow2::find_free(uint64_t* cluster) {
       }
       // Never hand out something the tables in memory still use (that would be a corrupt image).
       if (zero && !overlaps_metadata(c << cluster_bits_, cs_)) {
-        free_hint_ = c + 1;
         *cluster = c;
+        *stop = c + 1;
         return Status::Ok();
       }
     }
   }
-  free_hint_ = end;
+  *stop = std::max(c, to);
   return Status::Ok();
+}
+
+Status Qcow2::find_free(uint64_t* cluster) {
+  *cluster = 0;
+  const uint64_t end = file_end_ >> cluster_bits_;
+  Status s;
+  if (free_hint_ < end) {  // freed in this session, or past the end as opened
+    s = scan_free(free_hint_, end, cluster, &free_hint_);
+    if (!s.ok() || *cluster) return s;
+  }
+  if (old_scan_ < old_end_) {  // free at open: one refcount block's range per call
+    const uint64_t to = std::min(old_end_, ((old_scan_ >> rb_bits_) + 1) << rb_bits_);
+    s = scan_free(old_scan_, to, cluster, &old_scan_);
+  }
+  return s;
 }
 
 Status Qcow2::alloc(uint64_t n, uint64_t* off, bool* zeroed) {
   if (zeroed) *zeroed = true;
-  if (n == 1 && free_hint_ < (file_end_ >> cluster_bits_)) {
+  if (n == 1 && (free_hint_ < (file_end_ >> cluster_bits_) || old_scan_ < old_end_)) {
     uint64_t c = 0;
     Status s = find_free(&c);
     if (!s.ok()) return s;
@@ -795,7 +805,7 @@ Status Qcow2::flush_locked() {
         rb_cache_.erase(c << cluster_bits_);
       }
       (void)file_->fallocate(io, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, c << cluster_bits_, cs_);
-      free_hint_ = std::min(free_hint_, c);
+      if (c < old_scan_ || c >= old_end_) free_hint_ = std::min(free_hint_, c);  // else old_scan_ finds it
     }
   }
   return Status::Ok();
@@ -1037,7 +1047,8 @@ Status Qcow2::repair_locked(std::string* why) {
   rt_dirty_ = rt_moved_ = false;
   rb_cache_.clear();
   file_end_ = total << cluster_bits_;
-  free_hint_ = 0;
+  free_hint_ = 0;  // the counts were all rewritten: look everywhere again
+  old_scan_ = old_end_ = 0;
   return Status::Ok();
 }
 

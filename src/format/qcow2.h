@@ -25,7 +25,10 @@
 // Reuse of freed clusters. A cluster whose count reached zero in step 4 is free: nothing on
 // disk points at it (step 3 was durable first) and its zero count is durable (step 4's
 // fdatasync) before flush returns, so alloc() may hand it out again; it searches for a free
-// cluster from a hint (the lowest cluster that may be free) before growing the file. One more
+// cluster from a hint (the lowest cluster that may be free) before growing the file. The hint
+// starts at the end of the file as opened, so the first write after an open does not walk the
+// refcounts of the whole image; the clusters that were free at open are found by a second
+// cursor that looks at one refcount block's range per allocation (old_scan_ .. old_end_). One more
 // hazard: a read or in-place write maps a cluster under mu_ and does its I/O after dropping
 // it, so a cluster unlinked meanwhile could be reused while that I/O is still in flight. Every
 // such I/O holds a pin on the current epoch (two counters, one per epoch parity); a dropped
@@ -164,6 +167,8 @@ class Qcow2 final : public Layer {
   Status check_table_offset(uint64_t off, const char* what);
   Status load_l2(uint64_t off, Table** t);
   Status load_rb(uint64_t off, Table** t);
+  Status load_table(std::unordered_map<uint64_t, Table>& cache, const std::unordered_map<uint64_t, Table>& other,
+                    uint64_t off, const char* bad_offset, const char* overlap, Table** t);
   Status get_entry(uint64_t cluster, Entry* e);  // cluster = guest cluster index
   // As get_entry, but only from a cached table and without changing the cache, so a shared
   // lock is enough. false: the L2 table is not cached (take mu_ exclusively and get_entry).
@@ -185,6 +190,8 @@ class Qcow2 final : public Layer {
   // *zeroed: the clusters read as zeros (fresh file space, never written).
   Status alloc(uint64_t n, uint64_t* off, bool* zeroed = nullptr);
   Status find_free(uint64_t* cluster);  // a reusable cluster below file_end_, or none (0)
+  // The first free cluster in [from, to), or 0; *stop is where the search ended.
+  Status scan_free(uint64_t from, uint64_t to, uint64_t* cluster, uint64_t* stop);
   void drop_ref(uint64_t off, uint64_t len);  // pending decrement of the clusters in [off, off+len)
   void drop_entry_refs(const Entry& e);
   bool overlaps_metadata(uint64_t off, uint64_t len) const;
@@ -280,7 +287,9 @@ class Qcow2 final : public Layer {
   // Host cluster indices to decrement after L2/L1 are durable, with the epoch of the drop.
   std::vector<std::pair<uint64_t, uint64_t>> pending_drop_;
   uint64_t epoch_ = 0;
-  uint64_t free_hint_ = 0;  // no cluster below it is free
+  uint64_t free_hint_ = 0;  // no cluster below it is free, except in [old_scan_, old_end_)
+  uint64_t old_scan_ = 1;   // clusters of the file as opened not looked at yet: [old_scan_, old_end_)
+  uint64_t old_end_ = 0;
 };
 
 }  // namespace iofilterfs::format

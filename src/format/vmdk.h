@@ -16,16 +16,34 @@
 // grain at the end of the extent file; the GT entries (both copies) change in memory and are
 // written by flush() after the data is durable, so a crash leaves at worst unreferenced grains.
 //
+// Growth (resize to a larger size; shrinking is refused): the last extent grows, and for the
+// twoGbMaxExtent kinds new extent files (2 GiB each at most, named as qemu-img names them) are
+// added; sparse extents get grain tables for every new directory entry, as qemu-img makes them
+// (QEMU cannot write under a directory entry of 0). Each step is durable before the one that
+// makes it visible, so a crash at any point leaves a consistent image of the old or the new
+// size (at worst unreferenced tables or extent files):
+//   sparse extent: new grain tables, then the directories (in place when the entries fit in the
+//     directory's last sector, else a copy of each at the end of the file), then - for an
+//     embedded descriptor - the descriptor's extent line, then the header's capacity and
+//     directory offsets in one sector write, the commit (QEMU sizes a sparse extent by its header);
+//   descriptor file: the extents first (flat files extended, new files made and synced), then
+//     the descriptor rewritten in place in one write and synced (not a new file renamed over it:
+//     the daemon's inode table and the disk hold the file open, and would be left on the
+//     unlinked old one - writes to the view would land there).
+//
 // Untrusted input: header fields, the GD and every GT/grain offset are checked against the
 // file before use; a bad one fails that request (EIO) and marks the image corrupt.
 //
-// Threads: mu_ guards the grain tables; data I/O to allocated grains happens without it.
+// Threads: layout_mu_ guards the extent list and the size: read/write/seek hold it shared,
+// resize exclusive. mu_ guards the grain tables; data I/O to allocated grains happens without
+// it. Lock order: layout_mu_, then mu_.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -84,6 +102,8 @@ class Vmdk final : public Layer {
     Layer* file = nullptr;
     std::unique_ptr<Layer> owned;
     std::unique_ptr<Sparse> sparse;
+    std::string name;      // its file's name as the descriptor gives it
+    int desc_line = -1;    // its line in desc_lines_ (-1: a new extent, not written yet)
   };
 
   Vmdk() = default;
@@ -95,7 +115,13 @@ class Vmdk final : public Layer {
   Status read_extent(Extent& e, char* buf, size_t len, uint64_t ext_off);
   Status write_extent(Extent& e, const char* buf, size_t len, uint64_t ext_off);
   Status flush_locked();
+  template <typename Fn>
+  Status each_piece(uint64_t off, size_t len, size_t* done, Fn fn);
   Status mark_corrupt(const char* what);
+  Status grow_sparse(Extent& e, uint64_t new_bytes, const std::string* embedded_desc);
+  Status add_extent(Extent::Kind kind, uint64_t bytes, Extent* out);
+  std::string render_descriptor(uint64_t new_size) const;
+  Status rewrite_descriptor_file(const std::string& text);
 
   Layer* file_ = nullptr;
   VmdkOptions opt_;
@@ -105,6 +131,11 @@ class Vmdk final : public Layer {
   std::string ro_reason_;
   std::string create_type_;
   std::atomic<bool> corrupt_{false};
+  std::vector<std::string> desc_lines_;  // the descriptor's lines (embedded or in the file)
+  bool desc_crlf_ = false;
+  uint64_t desc_area_ = 0;               // embedded: bytes reserved for it in the sparse file
+  uint64_t desc_at_ = 0;                 // embedded: its byte offset
+  std::shared_mutex layout_mu_;
   std::mutex mu_;
 };
 

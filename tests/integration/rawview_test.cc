@@ -245,3 +245,78 @@ TEST_CASE("raw view: SIGKILL during writes and discards leaves no corruption and
   CHECK(checked > 100);
   CHECK(punched > 10);
 }
+
+TEST_CASE("raw view: truncate grows every writable VMDK kind, and QEMU reads the grown disk", "[rawview][vmdk]") {
+  TempDir t;
+  must("mkdir -p " + q(t / "b") + " " + q(t / "m"));
+  write_policy(t);
+  const std::string b = t / "b";
+  struct Kind {
+    const char* name;
+    const char* sub;
+    uint64_t to;
+  } kinds[] = {
+      {"ms", "monolithicSparse", 6ull << 30},  // its grain directory moves to the end
+      {"mf", "monolithicFlat", 48ull << 20},
+      {"vf", "vmfs", 48ull << 20},
+      {"ts", "twoGbMaxExtentSparse", (2ull << 30) + (8ull << 20)},  // a second extent file
+      {"tf", "twoGbMaxExtentFlat", (2ull << 30) + (8ull << 20)},
+  };
+  for (auto& k : kinds) {
+    const std::string img = b + "/" + k.name + ".vmdk";
+    if (std::string(k.sub) == "vmfs") {  // qemu-img cannot make one; QEMU reads it
+      must("qemu-img create -q -f vmdk -o subformat=monolithicFlat " + q(img) + " 16M");
+      must("sed -i -e 's/\"monolithicFlat\"/\"vmfs\"/' -e 's/ FLAT \\(\"[^\"]*\"\\) 0$/ VMFS \\1/' " + q(img));
+    } else {
+      must("qemu-img create -q -f vmdk -o subformat=" + std::string(k.sub) + " " + q(img) + " 16M");
+    }
+    must("qemu-io -f vmdk -c 'write -P 0x61 1M 64k' -c 'write -P 0x62 16320k 64k' " + q(img) + " >/dev/null");
+  }
+  must("head -c 256k /dev/urandom > " + q(t / "chunk"));
+  {
+    Mount m(b, t / "m", {{"--config", t / "ds.yaml"}});
+    for (auto& k : kinds) {
+      const std::string view = m.path(std::string(k.name) + ".vmdk.raw");
+      INFO(k.sub << "\n" << m.log());
+      CHECK(sh("truncate -s 8M " + q(view)) != 0);  // shrinking is refused
+      must("truncate -s " + std::to_string(k.to) + " " + q(view));
+      struct stat st {};
+      REQUIRE(stat(view.c_str(), &st) == 0);
+      CHECK(static_cast<uint64_t>(st.st_size) == k.to);
+      // Across the old end (16M - 64k .. 16M + 192k), and the last 256k of the new disk.
+      must("dd if=" + q(t / "chunk") + " of=" + q(view) + " bs=64k seek=255 conv=notrunc,fsync status=none");
+      must("dd if=" + q(t / "chunk") + " of=" + q(view) + " bs=64k seek=" + std::to_string(k.to / 65536 - 4) +
+           " conv=notrunc,fsync status=none");
+    }
+  }
+  for (auto& k : kinds) {
+    const std::string img = b + "/" + k.name + ".vmdk";
+    INFO(k.sub);
+    std::string out;
+    int rc = sh("qemu-img check -f vmdk " + q(img), &out);
+    INFO(out);
+    CHECK(rc == 0);
+    must("qemu-img info -f vmdk " + q(img) + " | grep -q '(" + std::to_string(k.to) + " bytes)'");
+    must("qemu-img convert -f vmdk -O raw " + q(img) + " " + q(t / "after.raw"));
+    must("cmp -n 262144 -i 16711680:0 " + q(t / "after.raw") + " " + q(t / "chunk"));
+    must("cmp -n 262144 -i " + std::to_string(k.to - 262144) + ":0 " + q(t / "after.raw") + " " + q(t / "chunk"));
+    must("qemu-io -f vmdk -c 'read -P 0x61 1M 64k' -c 'read -P 0 17M 8M' " + q(img) + " | grep -vq failed");
+    CHECK(sh("qemu-io -f vmdk -c 'read -P 0x61 1M 64k' -c 'read -P 0 17M 8M' " + q(img) + " | grep -q failed") != 0);
+  }
+  // The view, mounted again, reads as QEMU does (the whole disk for the small ones; the start
+  // and the end of the 2 GiB ones).
+  Mount m(b, t / "m", {{"--config", t / "ds.yaml"}});
+  for (auto& k : kinds) {
+    const std::string img = b + "/" + k.name + ".vmdk";
+    const std::string view = m.path(std::string(k.name) + ".vmdk.raw");
+    INFO(k.sub << "\n" << m.log());
+    must("qemu-img convert -U -f vmdk -O raw " + q(img) + " " + q(t / "after.raw"));
+    if (k.to < (1ull << 30)) {
+      must("cmp " + q(t / "after.raw") + " " + q(view));
+    } else {
+      const std::string tail = std::to_string(k.to - (64ull << 20));
+      must("cmp -n 33554432 " + q(t / "after.raw") + " " + q(view));
+      must("cmp -i " + tail + ":" + tail + " " + q(t / "after.raw") + " " + q(view));
+    }
+  }
+}

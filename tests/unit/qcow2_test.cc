@@ -26,16 +26,8 @@ using namespace iofilterfs::format;
 
 namespace {
 
-struct Tmp {
-  std::string path;
-  Tmp() {
-    const char* base = std::getenv("TMPDIR");
-    std::string t = std::string(base && *base ? base : "/tmp") + "/qcow2-test-XXXXXX";
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
-    path = t;
-  }
-  ~Tmp() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string operator/(const std::string& n) const { return path + "/" + n; }
+struct Tmp : unit_shell::TempDir {
+  Tmp() : TempDir("qcow2-test") {}
 };
 
 // Runs a shell command; returns its exit status, output in *out.
@@ -467,6 +459,64 @@ TEST_CASE("qcow2 freed clusters are reused: write, discard, write again does not
       CHECK(qemu_raw(t, img) == expect);
     }
   }
+}
+
+namespace {
+
+// Where each guest offset lives in the image file, per one qemu-img map (-1: nowhere).
+std::vector<int64_t> host_offsets(const std::string& img, const std::vector<uint64_t>& guests) {
+  std::string list;
+  for (uint64_t g : guests) list += std::to_string(g) + ",";
+  std::string out;
+  REQUIRE(run("qemu-img map -U --output=json " + img + " | python3 -c \"import json,sys\n"
+              "m=json.load(sys.stdin)\n"
+              "for g in [" + list + "]:\n"
+              "  print(next((e['offset']+g-e['start'] for e in m if e['start']<=g<e['start']+e['length'] and 'offset' in e), -1))\"",
+              &out) == 0);
+  std::vector<int64_t> r;
+  std::istringstream in(out);
+  for (int64_t v; in >> v;) r.push_back(v);
+  REQUIRE(r.size() == guests.size());
+  return r;
+}
+
+int64_t host_offset(const std::string& img, uint64_t guest) { return host_offsets(img, {guest})[0]; }
+
+}  // namespace
+
+TEST_CASE("qcow2 allocation after an open starts at the end of the file, old free clusters are found a block at a time", "[qcow2]") {
+  // 4 KiB clusters, 16-bit counts: one refcount block covers 2048 clusters (8 MiB of file).
+  Tmp t;
+  std::string img = t / "h.qcow2";
+  must("qemu-img create -q -f qcow2 -o cluster_size=4k " + img + " 128M");
+  must("qemu-io -f qcow2 -c 'write -P 0x11 0 64M' " + img + " >/dev/null");
+  const int64_t hole = host_offset(img, 40u << 20);
+  REQUIRE(hole > (32 << 20));  // five refcount blocks' ranges in: a scan from cluster 1 would find it first
+  must("qemu-io -f qcow2 -c 'discard 40M 64k' " + img + " >/dev/null");
+  check_clean(img);  // the 16 clusters are free (count 0), not leaked
+  const uint64_t end_at_open = file_size(img);
+  {
+    auto q = open_image(img, true);
+    REQUIRE(q);
+    std::string w(4096, '\x77');
+    // The first allocations (an L2 table, a data cluster) go past the end as opened: no walk
+    // of the counts from cluster 1.
+    REQUIRE(q->write(Io{}, w.data(), w.size(), 100u << 20).ok());
+    REQUIRE(q->sync(Io{}, false).ok());
+    CHECK(static_cast<uint64_t>(host_offset(img, 100u << 20)) >= end_at_open);
+    // Each allocation looks at one more block of the old file: the hole is reached and reused.
+    for (int k = 1; k <= 40; ++k) REQUIRE(q->write(Io{}, w.data(), w.size(), (100u << 20) + k * 4096ull).ok());
+    REQUIRE(q->sync(Io{}, false).ok());
+  }
+  std::vector<uint64_t> guests;
+  for (int k = 1; k <= 40; ++k) guests.push_back((100u << 20) + k * 4096ull);
+  int in_hole = 0;
+  for (int64_t h : host_offsets(img, guests)) in_hole += h >= hole && h < hole + 65536;
+  CHECK(in_hole == 16);
+  check_clean(img);
+  must("qemu-io -f qcow2 -c 'read -P 0x77 100M 164k' -c 'read -P 0x11 0 40M' -c 'read -P 0 40M 64k' " + img +
+       " | grep -vq failed");
+  CHECK(run("qemu-io -f qcow2 -c 'read -P 0x77 100M 164k' -c 'read -P 0x11 0 40M' " + img + " | grep -q failed") != 0);
 }
 
 // ---- crafted images ----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 // Unit-test helpers for tests that use real tools (qemu-img, qemu-io) as the reference: run a
-// shell command and capture its output, require that it succeeds, read a file whole.
+// shell command and capture its output, require that it succeeds, read a file whole; a scratch
+// directory removed with everything in it.
 #pragma once
 
 #include <catch2/catch.hpp>
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -39,5 +42,20 @@ inline std::string slurp(const std::string& path) {
   ss << f.rdbuf();
   return ss.str();
 }
+
+// A fresh directory under $TMPDIR (or /tmp), removed with its contents at the end of scope.
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& prefix) {
+    const char* base = std::getenv("TMPDIR");
+    std::string t = std::string(base && *base ? base : "/tmp") + "/" + prefix + "-XXXXXX";
+    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
+    path = t;
+  }
+  ~TempDir() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string operator/(const std::string& n) const { return path + "/" + n; }
+};
 
 }  // namespace unit_shell

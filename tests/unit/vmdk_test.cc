@@ -22,16 +22,8 @@ using namespace iofilterfs::format;
 
 namespace {
 
-struct Tmp {
-  std::string path;
-  Tmp() {
-    const char* base = std::getenv("TMPDIR");
-    std::string t = std::string(base && *base ? base : "/tmp") + "/vmdk-test-XXXXXX";
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
-    path = t;
-  }
-  ~Tmp() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string operator/(const std::string& n) const { return path + "/" + n; }
+struct Tmp : unit_shell::TempDir {
+  Tmp() : TempDir("vmdk-test") {}
 };
 
 using unit_shell::must;
@@ -235,5 +227,189 @@ TEST_CASE("crafted vmdk headers are refused with a reason", "[vmdk]") {
     std::unique_ptr<Vmdk> v;
     CHECK_FALSE(Vmdk::open(f.get(), vo, &v, &err).ok());
     CHECK(err.find("outside the datastore") != std::string::npos);
+  }
+}
+
+namespace {
+
+// The file under a Vmdk that stops taking changes after `budget` of them (writes, resizes,
+// syncs), as if the machine died there: what is on disk is what a crash at that point leaves.
+class DyingFile final : public Layer {
+ public:
+  DyingFile(Layer* below, int budget) : below_(below), budget_(budget) {}
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    return below_->read(io, buf, len, off, got);
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    return spend() ? below_->write(io, buf, len, off) : Status::Error(EIO, "died");
+  }
+  Status sync(const Io& io, bool d) override { return spend() ? below_->sync(io, d) : Status::Error(EIO, "died"); }
+  Status resize(const Io& io, uint64_t s) override {
+    return spend() ? below_->resize(io, s) : Status::Error(EIO, "died");
+  }
+  Status fallocate(const Io& io, int m, uint64_t o, uint64_t l) override {
+    return spend() ? below_->fallocate(io, m, o, l) : Status::Error(EIO, "died");
+  }
+  Status seek(const Io& io, uint64_t off, int w, uint64_t* r) override { return below_->seek(io, off, w, r); }
+  Status size(uint64_t* out) override { return below_->size(out); }
+  bool died() const { return budget_ < 0; }
+
+ private:
+  bool spend() { return --budget_ >= 0; }
+  Layer* below_;
+  int budget_;
+};
+
+// Compares the Vmdk with `qemu-img convert -O raw` of its image, 8 MiB at a time (the grown
+// disks are gigabytes, mostly holes).
+void same_as_qemu(const Tmp& t, const std::string& img, Vmdk& v) {
+  must("qemu-img convert -U -f vmdk -O raw " + img + " " + t / "expect.raw");
+  std::ifstream f(t / "expect.raw", std::ios::binary);
+  uint64_t size = 0;
+  REQUIRE(v.size(&size).ok());
+  std::string a(8 << 20, '\0'), b(8 << 20, '\0');
+  int bad = 0;
+  for (uint64_t off = 0; off < size; off += a.size()) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(a.size(), size - off));
+    size_t got = 0;
+    REQUIRE(v.read(Io{}, a.data(), n, off, &got).ok());
+    REQUIRE(got == n);
+    f.read(b.data(), static_cast<std::streamsize>(n));
+    REQUIRE(static_cast<size_t>(f.gcount()) == n);
+    if (a.compare(0, n, b, 0, n) != 0 && ++bad < 4) FAIL_CHECK("differs in the 8 MiB at " << off);
+  }
+  CHECK(bad == 0);
+  f.close();
+  ::unlink((t / "expect.raw").c_str());
+}
+
+uint64_t qemu_virtual_size(const std::string& img) {
+  std::string out;
+  REQUIRE(run("qemu-img info -U -f vmdk --output=json " + img + " | python3 -c \"import json,sys; "
+              "print(json.load(sys.stdin)['virtual-size'])\"",
+              &out) == 0);
+  return std::stoull(out);
+}
+
+void make_vmdk(const Tmp& t, const std::string& sub, const std::string& img) {
+  if (sub == "vmfs") {  // qemu-img does not make these; qemu reads them: a flat file, a VMFS line
+    must("qemu-img create -q -f vmdk -o subformat=monolithicFlat " + img + " 16M");
+    must("sed -i -e 's/createType=\"monolithicFlat\"/createType=\"vmfs\"/' -e 's/ FLAT \\(\"[^\"]*\"\\) 0$/ VMFS \\1/' " +
+         img);
+    must("grep -q '^RW 32768 VMFS \"' " + img);
+  } else {
+    must("qemu-img create -q -f vmdk -o subformat=" + sub + " " + img + " 16M");
+  }
+  (void)t;
+}
+
+}  // namespace
+
+TEST_CASE("vmdk growth: every writable kind grows as QEMU then reads it", "[vmdk][resize]") {
+  struct Case {
+    const char* sub;
+    uint64_t to;
+    const char* why;
+  } cases[] = {
+      {"monolithicSparse", 1ull << 30, "directory grows in place"},
+      {"monolithicSparse", 4608ull << 20, "directory moves to the end"},
+      {"monolithicFlat", 40ull << 20, "flat file extended"},
+      {"vmfs", 40ull << 20, "flat file extended"},
+      {"twoGbMaxExtentSparse", (2ull << 30) + (40ull << 20), "last extent to 2 GiB, one extent added"},
+      {"twoGbMaxExtentFlat", (2ull << 30) + (40ull << 20), "last extent to 2 GiB, one extent added"},
+  };
+  for (auto& c : cases) {
+    DYNAMIC_SECTION(c.sub << " to " << c.to << ": " << c.why) {
+      Tmp t;
+      std::string img = t / "g.vmdk";
+      make_vmdk(t, c.sub, img);
+      must("qemu-io -f vmdk" + std::string(kFill) + " " + img + " >/dev/null");
+      // (offset, byte) of the writes after growth: across the old end, and near the new end.
+      const std::vector<std::pair<uint64_t, char>> writes{
+          {(16u << 20) - 4096, 'a'}, {(16u << 20) + (1u << 20), 'b'}, {c.to - 200 * 1024, 'c'}};
+      {
+        Opened o = open_vmdk(img, true);
+        INFO(o.err);
+        REQUIRE(o.v);
+        CHECK(o.v->resize(Io{}, 8u << 20).err == EOPNOTSUPP);  // shrinking
+        CHECK(o.v->resize(Io{}, c.to + 100).err == EINVAL);    // not whole sectors
+        REQUIRE(o.v->resize(Io{}, c.to).ok());
+        uint64_t size = 0;
+        REQUIRE(o.v->size(&size).ok());
+        CHECK(size == c.to);
+        std::string buf(100 * 1024, '\0');
+        for (auto& [off, b] : writes) {
+          buf.assign(buf.size(), b);
+          REQUIRE(o.v->write(Io{}, buf.data(), buf.size(), off).ok());
+        }
+        REQUIRE(o.v->sync(Io{}, false).ok());
+        CHECK(o.v->write(Io{}, buf.data(), 512, c.to).err == ENOSPC);
+      }
+      CHECK(qemu_virtual_size(img) == c.to);
+      std::string out;
+      int rc = run("qemu-img check -f vmdk " + img, &out);
+      INFO(out);
+      CHECK(rc == 0);
+      for (auto& [off, b] : writes) {
+        char pat[8];
+        std::snprintf(pat, sizeof pat, "0x%02x", static_cast<unsigned char>(b));
+        must("qemu-io -f vmdk -c 'read -P " + std::string(pat) + " " + std::to_string(off) + " 100k' " + img +
+             " | grep -q 'read 102400/102400'");
+      }
+      // The reopened image (our parser on the new metadata) and QEMU agree on every byte.
+      Opened o = open_vmdk(img, true);
+      INFO(o.err);
+      REQUIRE(o.v);
+      CHECK(o.v->virtual_size() == c.to);
+      same_as_qemu(t, img, *o.v);
+      // And it grows again from there.
+      REQUIRE(o.v->resize(Io{}, c.to + (8u << 20)).ok());
+      o.v.reset();
+      CHECK(qemu_virtual_size(img) == c.to + (8u << 20));
+      CHECK(run("qemu-img check -f vmdk " + img) == 0);
+    }
+  }
+}
+
+TEST_CASE("vmdk growth: a crash at any step leaves the old or the new disk, never a broken one", "[vmdk][resize]") {
+  for (uint64_t to : {1ull << 30, 4608ull << 20}) {
+    DYNAMIC_SECTION("monolithicSparse to " << to) {
+      Tmp t;
+      std::string img = t / "c.vmdk";
+      must("qemu-img create -q -f vmdk " + img + " 16M");
+      must("qemu-io -f vmdk" + std::string(kFill) + " " + img + " >/dev/null");
+      const std::string pristine = slurp(img), before = qemu_raw(t, img);
+      int completed_at = -1;
+      for (int budget = 0; budget < 40 && completed_at < 0; ++budget) {
+        std::ofstream(img, std::ios::binary | std::ios::trunc).write(pristine.data(), static_cast<std::streamsize>(pristine.size()));
+        {
+          std::string err;
+          auto file = FdFile::open(img, true, &err);
+          REQUIRE(file);
+          DyingFile dying(file.get(), budget);
+          VmdkOptions vo;
+          vo.path = img;
+          std::unique_ptr<Vmdk> v;
+          REQUIRE(Vmdk::open(&dying, vo, &v, &err).ok());
+          if (v->resize(Io{}, to).ok()) completed_at = budget;
+        }
+        INFO("crash after " << budget << " changes");
+        std::string out;
+        int rc = run("qemu-img check -f vmdk " + img, &out);
+        INFO(out);
+        CHECK(rc == 0);
+        const uint64_t size = qemu_virtual_size(img);
+        CHECK((size == 16u << 20 || size == to));
+        Opened o = open_vmdk(img, false);
+        INFO(o.err);
+        REQUIRE(o.v);
+        CHECK(o.v->virtual_size() == size);
+        std::string head(16u << 20, '\0');
+        size_t got = 0;
+        REQUIRE(o.v->read(Io{}, head.data(), head.size(), 0, &got).ok());
+        CHECK((head == before));
+      }
+      CHECK(completed_at > 3);  // the steps were each cut short before the one that succeeded
+    }
   }
 }

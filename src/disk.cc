@@ -113,7 +113,8 @@ bool Disk::detach() { return --handles_ == 0; }
 
 // ---- deferred requests (filter.h, "Deferring") ----
 
-// A deferred read or write: its own buffer, its disk (kept alive), the caller's completion.
+// A deferred read or write: its own buffer (the Pending lives at its end: one allocation), its
+// disk (kept alive), the caller's completion.
 class Disk::Pending final : public Deferred {
  public:
   Pending(std::shared_ptr<Disk> d, bool is_write, void* buf, size_t len, uint64_t t0, Completion done)

@@ -113,7 +113,8 @@ bool Disk::detach() { return --handles_ == 0; }
 
 // ---- deferred requests (filter.h, "Deferring") ----
 
-// A deferred read or write: its own buffer, its disk (kept alive), the caller's completion.
+// A deferred read or write: its own buffer (the Pending lives at its end: one allocation), its
+// disk (kept alive), the caller's completion.
 class Disk::Pending final : public Deferred {
  public:
   Pending(std::shared_ptr<Disk> d, bool is_write, void* buf, size_t len, uint64_t t0, Completion done)
@@ -140,8 +141,9 @@ class Disk::Pending final : public Deferred {
     disk_->account(is_write_, s, n, t0_);
     done_.fn(done_.ctx, s, buf_, n);
     std::shared_ptr<Disk> d = std::move(disk_);
-    std::free(buf_);
-    delete this;
+    void* const mem = buf_;  // this Pending lives in the same allocation (Offer::take)
+    this->~Pending();
+    std::free(mem);
     d->deferred_done();  // close() may go on; `d` is not the last reference (see close())
   }
 
@@ -162,14 +164,12 @@ class Disk::Offer final : public Deferrer {
 
   Deferred* take() override {
     if (taken_) return nullptr;  // one filter holds a request at a time
+    // One allocation: the buffer (aligned for O_DIRECT below) with the Pending after it.
+    const size_t at = (len_ + alignof(Pending) - 1) / alignof(Pending) * alignof(Pending);
     void* mem = nullptr;
-    if (posix_memalign(&mem, kBufferAlign, len_ ? len_ : 1) != 0) return nullptr;
+    if (posix_memalign(&mem, kBufferAlign, at + sizeof(Pending)) != 0) return nullptr;
     if (is_write_ && len_) std::memcpy(mem, data_, len_);  // the worker's buffer is reused
-    Pending* p = new (std::nothrow) Pending(d_.shared_from_this(), is_write_, mem, len_, t0_, *done_);
-    if (!p) {
-      std::free(mem);
-      return nullptr;
-    }
+    Pending* p = new (static_cast<char*>(mem) + at) Pending(d_.shared_from_this(), is_write_, mem, len_, t0_, *done_);
     {
       std::lock_guard<std::mutex> g(d_.def_mu_);
       ++d_.deferred_;

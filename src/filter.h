@@ -41,11 +41,13 @@
 // Only requests of read and write are offered (nothing else is worth holding). A filter that
 // does not defer is untouched: it never looks at io.defer, and a filter's default data path
 // passes io down unchanged. may_defer() is true only when every filter above this one in the
-// chain declares FilterInfo::passes_deferral (it does nothing after next_ returns, so it does
-// not mind that a request comes back up "Deferred" before it is done); the chain sets it when
-// it links the filters. The built-in filters above the throttle (replicate, cache) work on the
-// result, so in practice a throttle defers when it is the top of its chain and otherwise
-// blocks its worker as before.
+// chain declares FilterInfo::passes_deferral; the chain sets it when it links the filters. A
+// filter that declares it decides per request: it passes io.defer down only with a request
+// whose result it returns as it is and does nothing with after next_ returns (so it does not
+// mind that the request comes back up "Deferred" before it is done), and sends every other
+// request down with an Io without it (Io{io.direct}), so that nothing below defers that one.
+// The cache does so (it passes a read miss it does not fill; see register_cache); replicate
+// works on every result and does not declare it, so a throttle below it blocks its worker.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the
 // chain first calls release_deferred() on every filter (resume what you hold now, hold nothing
@@ -363,9 +365,10 @@ struct FilterInfo {
   // --force`); the image is not open. `image` is its path in the datastore. Returns "" or why
   // not.
   std::function<std::string(const YAML::Node& params, const std::string& image)> discard;
-  // The filter's read and write do nothing after next_ returns (they pass io down unchanged
-  // and return what next_ returned), so a filter below it may defer (see "Deferring"). False
-  // for every built-in filter: replicate and cache work on the result of the layer below.
+  // A filter below this one may defer (see "Deferring"): on each read and write, this filter
+  // either passes io down unchanged and does nothing after next_ returns but return what it
+  // returned, or passes an Io without defer. The default (false) suits a filter that passes io
+  // down and then works on the result (replicate). The cache declares it.
   bool passes_deferral = false;
 };
 

@@ -308,7 +308,10 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, end - pos));
     size_t g = 0;
-    Status s = read_block(io, b, o, n, dst + (pos - off), bypass, &g);
+    // Deferral (filter.h) reaches below only through a read that is one block's, where
+    // read_block returns below's answer as it is (a miss it does not fill); otherwise this
+    // loop works on the result.
+    Status s = read_block(pos == off && n == end - off ? io : Io{io.direct}, b, o, n, dst + (pos - off), bypass, &g);
     if (!s.ok()) return s;
     *got += g;
     if (g < n) break;  // end of file below
@@ -320,6 +323,10 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
+  // io may carry a Deferrer: it goes below only with a miss that is not filled and returns
+  // below's answer as it is (write-through and write-around); everything else here works on
+  // the result, so it goes below with `plain`.
+  const Io plain{io.direct};
   {
     // A hit: mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot
     // be reused while mu_ is held or the slot pinned; a write racing with this read of the same
@@ -378,7 +385,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     (bypass ? bypasses_ : misses_).fetch_add(1, std::memory_order_relaxed);
     if (!write_back()) return next_->read(io, dst, n, base + o, got);
     size_t g = 0;
-    Status s = read_below(io, dst, n, base + o, &g);
+    Status s = read_below(plain, dst, n, base + o, &g);
     *got = n;  // write-back: clipped to the disk's size already, zeros past below's end
     return s;
   }
@@ -400,7 +407,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     misses_.fetch_add(1, std::memory_order_relaxed);
     if (!write_back()) return next_->read(io, dst, n, base + o, got);
     size_t g = 0;
-    Status s = read_below(io, dst, n, base + o, &g);
+    Status s = read_below(plain, dst, n, base + o, &g);
     *got = n;
     return s;
   }
@@ -439,7 +446,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     return kNoBuffer;
   }
   size_t below = 0;
-  Status s = read_below(io, tmp, span, base + pa * kPage, &below);
+  Status s = read_below(plain, tmp, span, base + pa * kPage, &below);
   if (!s.ok()) {
     unpin();
     return s;
@@ -528,7 +535,9 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    Status s = write_one(io, b, o, n, src + (pos - off), bypass);
+    // Never deferred below: every mode's block write works on its result, and a write that
+    // landed below only later would race with a read that fills the block (see register_cache).
+    Status s = write_one(Io{io.direct}, b, o, n, src + (pos - off), bypass);
     if (!s.ok()) return s;
     pos += n;
   }
@@ -1159,6 +1168,15 @@ void register_cache(Registry& r) {
     if (!cache::parse_cache(params, &p).empty()) return nullptr;
     return std::make_unique<CacheFilter>(p);
   };
+  // Per request (filter.h, "Deferring"): the cache hands the Deferrer down only where it
+  // returns below's answer untouched and keeps nothing of it — everything while it is pass-through
+  // (no store, or after a failover), and a one-block read miss it does not fill (a sequential
+  // bypass, no free slot, a degraded device) in write-through and write-around. Hits, fills,
+  // write-back and every write go below without it, and so wait on their worker behind a
+  // throttle. Writes in particular: a write that defers below a cache that is not pass-through
+  // would leave its block's stripe before its bytes land, and a read miss could then fill the
+  // block from the old bytes and keep them after the write is acknowledged.
+  info.passes_deferral = true;
   info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
     cache::CacheParams p;
     std::string err = cache::parse_cache(params, &p);

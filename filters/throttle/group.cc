@@ -37,6 +37,19 @@ void GroupQueue::arrive(int member, GroupRequest* r) {
   ++waiting_;
 }
 
+void GroupQueue::replace(int member, GroupRequest* r, GroupRequest* with) {
+  Fifo& q = members_[member].q[r->is_write ? 1 : 0];
+  with->is_write = r->is_write;
+  with->bytes = r->bytes;
+  with->seq = r->seq;
+  with->next = r->next;
+  GroupRequest** link = &q.head;
+  while (*link != r) link = &(*link)->next;
+  *link = with;
+  if (q.tail == r) q.tail = with;
+  r->next = nullptr;
+}
+
 GroupRequest* GroupQueue::dispatch(uint64_t now, uint64_t* next_event) {
   GroupRequest *first = nullptr, *last = nullptr;
   const size_t n = members_.size();

@@ -67,6 +67,10 @@ class GroupQueue {
 
   // Queues a request of `member` (the caller keeps *r alive until dispatch hands it back).
   void arrive(int member, GroupRequest* r);
+  // Puts `with` in the place of `r`, a waiting request of `member` (same direction and size):
+  // the caller moves a request from one node to another (its worker's stack to the record of a
+  // deferred request) without losing its turn.
+  void replace(int member, GroupRequest* r, GroupRequest* with);
   // Starts, in round-robin order over the members, every waiting request that may start at
   // now_ns (a value below one seen before counts as the latest one) and returns them as a
   // list linked through `next`, in the order started. *next_event: when the next waiting

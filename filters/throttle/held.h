@@ -19,10 +19,14 @@
 //
 // Nodes are the caller's; nothing here allocates. Pure and clock-free (the time is passed in),
 // not thread-safe: the throttle holds its mutex around it.
+//
+// The throttle's record of a deferred request comes from a Recycler (below): a record given
+// back is reused by the next deferral, so a disk that defers steadily allocates no records.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 
 #include "group.h"  // kNever
 
@@ -57,6 +61,49 @@ class HeldQueue {
  private:
   Held *head_ = nullptr, *tail_ = nullptr;
   size_t size_ = 0, deferred_ = 0;
+};
+
+// A free list of records of type T (which has a `T* next_free`): get() answers one given back
+// before, or a new one (null when out of memory); put() keeps at most `keep` of them and frees
+// the rest. A record from get() holds whatever its last user left: the caller sets every
+// field. Not thread-safe (the throttle's mutex).
+template <typename T>
+class Recycler {
+ public:
+  explicit Recycler(size_t keep) : keep_(keep) {}
+  Recycler(const Recycler&) = delete;
+  Recycler& operator=(const Recycler&) = delete;
+  ~Recycler() {
+    while (T* t = free_) {
+      free_ = t->next_free;
+      delete t;
+    }
+  }
+  T* get() {
+    if (T* t = free_) {
+      free_ = t->next_free;
+      --kept_;
+      return t;
+    }
+    ++made_;
+    return new (std::nothrow) T();
+  }
+  void put(T* t) {
+    if (kept_ >= keep_) {
+      delete t;
+      return;
+    }
+    t->next_free = free_;
+    free_ = t;
+    ++kept_;
+  }
+  size_t kept() const { return kept_; }
+  size_t made() const { return made_; }  // records allocated so far
+
+ private:
+  const size_t keep_;
+  T* free_ = nullptr;
+  size_t kept_ = 0, made_ = 0;
 };
 
 }  // namespace iofilterfs::throttle

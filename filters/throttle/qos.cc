@@ -99,6 +99,18 @@ void QosScheduler::arrive(int client, QosRequest* r) {
   ++waiting_;
 }
 
+void QosScheduler::replace(int client, QosRequest* r, QosRequest* with) {
+  Client& c = clients_[client];
+  with->arrival = r->arrival;
+  with->by_reservation = r->by_reservation;
+  with->next = r->next;
+  QosRequest** link = &c.head;
+  while (*link != r) link = &(*link)->next;
+  *link = with;
+  if (c.tail == r) c.tail = with;
+  r->next = nullptr;
+}
+
 QosRequest* QosScheduler::dispatch(uint64_t now, uint64_t inflight, uint64_t window, uint64_t* next_event) {
   QosRequest *first = nullptr, *last = nullptr;
   uint64_t in = inflight;

@@ -107,6 +107,9 @@ class QosScheduler {
   // Queues a request of `client` arriving at r->arrival (the caller keeps *r alive until
   // dispatch hands it back).
   void arrive(int client, QosRequest* r);
+  // Puts `with` in the place of `r`, a waiting request of `client`, with its tags (see
+  // GroupQueue::replace).
+  void replace(int client, QosRequest* r, QosRequest* with);
   // Dispatches at `now`, given `inflight` requests below the throttle and the window
   // (kUnlimited: dispatch everything). Returns the dispatched requests linked through `next`,
   // in dispatch order; *next_event: the next R tag that falls due (kNever if none), since

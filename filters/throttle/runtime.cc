@@ -76,7 +76,31 @@ void Gate::sleep(std::unique_lock<std::mutex>& lk, Waiter* w) {
 void Gate::set_deadline(uint64_t t) {
   const bool earlier = t < deadline_;
   deadline_ = t;
-  if (earlier && leader_) leader_->cv.notify_one();
+  if (!earlier) return;
+  if (leader_) leader_->cv.notify_one();
+  if (parked_) timer_cv_.notify_one();
+}
+
+void Gate::grant(Waiter* w) {
+  w->granted = true;
+  if (!w->task) {
+    w->cv.notify_one();
+    return;
+  }
+  PoolTask* t = w->task;
+  if (w->queued) w->queued->fetch_sub(1, std::memory_order_relaxed);
+  --parked_;
+  ResumePool::instance().submit(t);  // t may run (and free w) at once
+}
+
+Gate::~Gate() {
+  if (!timer_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> l(*mu_);
+    timer_stop_ = true;
+  }
+  timer_cv_.notify_all();
+  timer_.join();
 }
 
 // ---- groups ----
@@ -138,11 +162,15 @@ size_t Group::waiting() const {
 
 void Group::pump_locked(uint64_t now) {
   uint64_t next = kNever;
-  for (GroupRequest* r = q_.dispatch(now, &next); r; r = r->next) Gate::grant(static_cast<Waiter*>(r->owner));
+  for (GroupRequest* r = q_.dispatch(now, &next); r;) {
+    GroupRequest* n = r->next;  // r may be gone once granted
+    gate_.grant(static_cast<Waiter*>(r->owner));
+    r = n;
+  }
   gate_.set_deadline(next);
 }
 
-bool Group::pass(int member, bool is_write, uint64_t bytes, std::atomic<uint64_t>* queued) {
+Wait Group::pass(int member, bool is_write, uint64_t bytes, std::atomic<uint64_t>* queued, Parker* parker) {
   std::unique_lock<std::mutex> lk(mu_);
   Waiter w;
   GroupRequest r;
@@ -151,10 +179,48 @@ bool Group::pass(int member, bool is_write, uint64_t bytes, std::atomic<uint64_t
   r.owner = &w;
   q_.arrive(member, &r);
   pump_locked(monotonic_ns());
-  if (w.granted) return false;
+  if (w.granted) return Wait::kWent;
+  if (parker) {
+    lk.unlock();  // the take copies a write's data: not under the group's lock
+    ParkedWait* p = parker->park();
+    lk.lock();
+    if (p) {
+      if (w.granted) {  // its turn came meanwhile: on at once, on a pool thread
+        ResumePool::instance().submit(p->waiter.task);
+        return Wait::kParked;
+      }
+      p->waiter.granted = false;
+      p->waiter.queued = queued;
+      p->group.owner = &p->waiter;
+      q_.replace(member, &r, &p->group);
+      queued->fetch_add(1, std::memory_order_relaxed);
+      gate_.park(&mu_, [this](uint64_t now) { pump_locked(now); });
+      return Wait::kParked;
+    }
+    if (w.granted) return Wait::kWent;
+  }
   queued->fetch_add(1, std::memory_order_relaxed);
   gate_.wait(lk, &w, [this](uint64_t now) { pump_locked(now); });
   queued->fetch_sub(1, std::memory_order_relaxed);
+  return Wait::kWaited;
+}
+
+bool Group::park(int member, bool is_write, uint64_t bytes, ParkedWait* p, std::atomic<uint64_t>* queued) {
+  std::lock_guard<std::mutex> lk(mu_);
+  PoolTask* const task = p->waiter.task;
+  p->waiter.task = nullptr;  // granted at once: goes on on this thread, not through the pool
+  p->waiter.granted = false;
+  p->waiter.queued = nullptr;
+  p->group.is_write = is_write;
+  p->group.bytes = bytes;
+  p->group.owner = &p->waiter;
+  q_.arrive(member, &p->group);
+  pump_locked(monotonic_ns());
+  p->waiter.task = task;
+  if (p->waiter.granted) return false;
+  p->waiter.queued = queued;
+  queued->fetch_add(1, std::memory_order_relaxed);
+  gate_.park(&mu_, [this](uint64_t now) { pump_locked(now); });
   return true;
 }
 
@@ -219,30 +285,29 @@ void QosDomain::pump_locked(uint64_t now) {
   }
   uint64_t next = kNever;
   const uint64_t window = cc_.window();
-  uint64_t granted = 0;
-  for (QosRequest* r = sched_.dispatch(now, inflight_.load(std::memory_order_relaxed), window, &next); r;
-       r = r->next) {
-    ++granted;
-    Gate::grant(static_cast<Waiter*>(r->owner));
+  for (QosRequest* r = sched_.dispatch(now, inflight_.load(std::memory_order_relaxed), window, &next); r;) {
+    QosRequest* n = r->next;  // r may be gone once granted
+    inflight_.fetch_add(1, std::memory_order_relaxed);  // before a parked one can go down and leave()
+    gate_.grant(static_cast<Waiter*>(r->owner));
+    r = n;
   }
-  inflight_.fetch_add(granted, std::memory_order_relaxed);
   waiting_.store(sched_.waiting(), std::memory_order_relaxed);
   // While requests wait the leader also keeps the control loop ticking.
   if (sched_.waiting()) next = std::min(next, next_tick_.load(std::memory_order_relaxed));
   gate_.set_deadline(next);
 }
 
-bool QosDomain::enter(int client, std::atomic<uint64_t>* queued) {
+Wait QosDomain::enter(int client, std::atomic<uint64_t>* queued, Parker* parker) {
   const uint64_t now = monotonic_ns();
   maybe_tick(now);
   if (!congested_.load(std::memory_order_acquire)) {
     inflight_.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return Wait::kWent;
   }
   std::unique_lock<std::mutex> lk(mu_);
   if (!cc_.congested()) {
     inflight_.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return Wait::kWent;
   }
   Waiter w;
   QosRequest r;
@@ -250,10 +315,57 @@ bool QosDomain::enter(int client, std::atomic<uint64_t>* queued) {
   r.owner = &w;
   sched_.arrive(client, &r);
   pump_locked(now);
-  if (w.granted) return false;
+  if (w.granted) return Wait::kWent;
+  if (parker) {
+    lk.unlock();  // as in Group::pass
+    ParkedWait* p = parker->park();
+    lk.lock();
+    if (p) {
+      if (w.granted) {
+        ResumePool::instance().submit(p->waiter.task);
+        return Wait::kParked;
+      }
+      p->waiter.granted = false;
+      p->waiter.queued = queued;
+      p->qos.owner = &p->waiter;
+      sched_.replace(client, &r, &p->qos);
+      queued->fetch_add(1, std::memory_order_relaxed);
+      gate_.park(&mu_, [this](uint64_t t) { pump_locked(t); });
+      return Wait::kParked;
+    }
+    if (w.granted) return Wait::kWent;
+  }
   queued->fetch_add(1, std::memory_order_relaxed);
   gate_.wait(lk, &w, [this](uint64_t t) { pump_locked(t); });
   queued->fetch_sub(1, std::memory_order_relaxed);
+  return Wait::kWaited;
+}
+
+bool QosDomain::park(int client, ParkedWait* p, std::atomic<uint64_t>* queued) {
+  const uint64_t now = monotonic_ns();
+  maybe_tick(now);
+  if (!congested_.load(std::memory_order_acquire)) {
+    inflight_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!cc_.congested()) {
+    inflight_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  PoolTask* const task = p->waiter.task;
+  p->waiter.task = nullptr;  // as in Group::park
+  p->waiter.granted = false;
+  p->waiter.queued = nullptr;
+  p->qos.arrival = now;
+  p->qos.owner = &p->waiter;
+  sched_.arrive(client, &p->qos);
+  pump_locked(now);
+  p->waiter.task = task;
+  if (p->waiter.granted) return false;
+  p->waiter.queued = queued;
+  queued->fetch_add(1, std::memory_order_relaxed);
+  gate_.park(&mu_, [this](uint64_t t) { pump_locked(t); });
   return true;
 }
 

@@ -1,34 +1,48 @@
 // The throttle's shared run-time state: throttle groups and the datastore QoS domain, with the
 // threads, clocks and locks that the pure schedulers (group.h, qos.h) leave out.
 //
-// Waiting. A request that must wait blocks its own FUSE worker thread on its own condition
-// variable; nothing spins and nothing polls. A queue-based stage (a group's round robin, the
-// datastore's mClock) decides who goes when the budget frees up, so someone must wake up at the
-// scheduler's next event: one of the waiting threads, the leader, sleeps until then (a timed
-// wait), runs the scheduler and wakes whoever it grants; the others sleep untimed until they
-// are granted. When the leader itself is granted it hands the role to another waiter. Arrivals
-// and completions run the scheduler too, inline, so a request that may go at once never sleeps,
-// and a freed slot is handed on without a timer.
+// Waiting. A request waits in a queue-based stage (a group's round robin, the datastore's
+// mClock) in one of two ways, and nothing spins or polls in either:
 //
-// Deferred requests (filter.h, "Deferring") wait for their stage-1 start time without any
-// thread: the disk's throttle keeps them in its held queue (held.h) and one timer thread per
-// disk sleeps until the earliest start. When a start comes the timer hands the request to the
-// ResumePool below, whose threads carry it through stages 2 and 3 (which may still wait, on
-// the pool's thread then, not a FUSE worker) and down the chain, and complete it.
+//   parked    a deferred request (filter.h, "Deferring") holds no thread: its nodes (a
+//             ParkedWait, in the throttle's record of it) are queued, and when the scheduler
+//             grants it, its task goes to the ResumePool, whose thread carries it on. Each
+//             queue has one timer thread, started by its first parked request, that sleeps
+//             until the scheduler's next event and runs it;
+//   blocked   a request that cannot be deferred (a filter above the throttle that does not pass
+//             deferral, or an out-of-memory take) blocks its thread on its own condition
+//             variable. One of the blocked threads, the leader, sleeps until the scheduler's
+//             next event (a timed wait), runs the scheduler and wakes whoever it grants; the
+//             others sleep untimed until granted. A granted leader hands the role on.
+//
+// Arrivals and completions run the scheduler too, inline, so a request that may go at once
+// never waits, and a freed slot is handed on without a timer. A request that arrives on a FUSE
+// worker and must wait is offered to its Parker first (pass()/enter() below): the queue lets go
+// of its lock, the throttle takes the request from the worker (Deferrer::take, which copies a
+// write's data), and the queue swaps the worker's nodes for the record's in place — the
+// request keeps its turn — or, if it was granted meanwhile, hands the record to the pool at
+// once.
+//
+// The requests a disk's own limits hold (stage 1) wait in the throttle's held queue (held.h)
+// under the disk's own timer thread, and go to the ResumePool from there.
 //
 // Threads and locks. Each Group has its own mutex (members of other groups, and disks in no
 // group, never touch it); the QoS domain has one mutex for the datastore, taken per request only
 // while the datastore is congested (otherwise a request costs three relaxed atomic operations
 // and a clock read there). The group registry's mutex is taken when a disk joins or leaves a
-// group. No lock here is held while another is taken, and none while calling the layer below.
+// group. A grant hands a parked request to the ResumePool under the queue's mutex: the pool's
+// mutex is a leaf, taken last. No other lock here is held while another is taken, and none while
+// calling the layer below.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "group.h"
 #include "qos.h"
@@ -69,33 +83,78 @@ class ResumePool {
   unsigned threads_ = 0, idle_ = 0;             // under mu_
 };
 
-// One request blocked in a queue-based stage (lives on its thread's stack).
+// One request waiting in a queue-based stage: blocked (on its thread's stack), or parked (in a
+// ParkedWait, with `task` set).
 struct Waiter {
   std::condition_variable cv;
   bool granted = false;
-  Waiter *prev = nullptr, *next = nullptr;  // in the Gate's list
+  PoolTask* task = nullptr;                 // parked: submitted to the ResumePool when granted
+  std::atomic<uint64_t>* queued = nullptr;  // parked: counts it until granted
+  Waiter *prev = nullptr, *next = nullptr;  // blocked: in the Gate's list
 };
 
-// Leader/follower waiting for one queue (see above). Every member is under the queue's mutex.
+// The nodes with which a deferred request waits in a group and then in the datastore, without
+// a thread. Lives in the throttle's record of the request; waiter.task is that record.
+struct ParkedWait {
+  Waiter waiter;
+  GroupRequest group;
+  QosRequest qos;
+};
+
+// Offered by a request that arrives on a thread it could give back (a FUSE worker with a
+// Deferrer): park() takes the request and answers the nodes it will wait with, or null when it
+// cannot (then it blocks). Called with no lock of the queue held.
+class Parker {
+ public:
+  virtual ParkedWait* park() = 0;
+
+ protected:
+  ~Parker() = default;
+};
+
+// How a request passed a queue-based stage.
+enum class Wait {
+  kWent,     // at once
+  kWaited,   // after blocking its thread
+  kParked,   // it was parked (or taken and granted meanwhile): its task carries it on
+};
+
+// The waiting side of one queue (see above): leader/follower for blocked waiters, a timer
+// thread for parked ones. Every member is under the queue's mutex, except the thread object,
+// which only park() (under it) and the destructor touch.
 class Gate {
  public:
+  Gate() = default;
+  Gate(const Gate&) = delete;
+  Gate& operator=(const Gate&) = delete;
+  // Stops the timer thread (takes the queue's mutex, which must outlive the Gate).
+  ~Gate();
   // Blocks (lk holds the queue's mutex) until w->granted. pump(now) runs the scheduler: it
   // grants (Gate::grant) and calls set_deadline with the scheduler's next event.
   template <typename Pump>
   void wait(std::unique_lock<std::mutex>& lk, Waiter* w, Pump&& pump);
-  // The scheduler's next event, after a run; wakes the leader when it is earlier than the one
-  // it sleeps for.
+  // A waiter with its task was queued (the scheduler holds it): it waits without a thread; the
+  // timer thread (started here the first time, on the queue's mutex mu) runs pump at the
+  // deadlines while any is parked.
+  template <typename Pump>
+  void park(std::mutex* mu, Pump pump);
+  // The scheduler's next event, after a run; wakes the leader and the timer when it is
+  // earlier than the one they sleep for.
   void set_deadline(uint64_t t);
-  static void grant(Waiter* w) {
-    w->granted = true;
-    w->cv.notify_one();
-  }
+  // w may go: a blocked waiter is woken, a parked one's task goes to the ResumePool (w may be
+  // gone when this returns).
+  void grant(Waiter* w);
 
  private:
   void sleep(std::unique_lock<std::mutex>& lk, Waiter* w);
-  Waiter *head_ = nullptr, *tail_ = nullptr;  // every waiter
+  Waiter *head_ = nullptr, *tail_ = nullptr;  // every blocked waiter
   Waiter* leader_ = nullptr;
   uint64_t deadline_ = kNever;
+  size_t parked_ = 0;
+  std::condition_variable timer_cv_;
+  bool timer_stop_ = false;
+  std::mutex* mu_ = nullptr;  // the queue's, once the timer runs
+  std::thread timer_;
 };
 
 // A throttle group: one GroupQueue behind a mutex, shared by its member disks.
@@ -113,8 +172,12 @@ class Group {
   // New limits: fresh buckets, the queue kept and rescheduled.
   void configure(const ThrottleConfig& limits);
   // Returns when the group's budget lets this request of `member` start (its round-robin
-  // turn); true when it had to wait. *queued counts it while it waits.
-  bool pass(int member, bool is_write, uint64_t bytes, std::atomic<uint64_t>* queued);
+  // turn), or when it was parked through `parker` (see above). *queued counts it while it
+  // waits.
+  Wait pass(int member, bool is_write, uint64_t bytes, std::atomic<uint64_t>* queued, Parker* parker = nullptr);
+  // A deferred request (its nodes in p, p->waiter.task set): false when it may start now;
+  // true when it is queued, and then its task runs when the group grants it.
+  bool park(int member, bool is_write, uint64_t bytes, ParkedWait* p, std::atomic<uint64_t>* queued);
   size_t waiting() const;
 
  private:
@@ -149,9 +212,11 @@ class QosDomain {
   void remove(int client);
 
   // Before a request goes below the throttle: returns at once unless the datastore is
-  // congested, else when the scheduler dispatches it; true when it had to wait. *queued
-  // counts it while it waits.
-  bool enter(int client, std::atomic<uint64_t>* queued);
+  // congested, else when the scheduler dispatches it, or when it was parked through `parker`.
+  // *queued counts it while it waits.
+  Wait enter(int client, std::atomic<uint64_t>* queued, Parker* parker = nullptr);
+  // A deferred request, as Group::park.
+  bool park(int client, ParkedWait* p, std::atomic<uint64_t>* queued);
   // After it came back up, latency_ns after it went down.
   void leave(uint64_t latency_ns);
 
@@ -178,6 +243,26 @@ class QosDomain {
   std::atomic<uint64_t> window_{kUnlimited}, latency_ns_{0}, waiting_{0};
   std::atomic<uint64_t> inflight_{0}, lat_sum_{0}, lat_count_{0}, next_tick_{0};
 };
+
+template <typename Pump>
+void Gate::park(std::mutex* mu, Pump pump) {
+  ++parked_;
+  if (timer_.joinable()) {
+    timer_cv_.notify_one();
+    return;
+  }
+  mu_ = mu;
+  timer_ = std::thread([this, pump]() mutable {
+    std::unique_lock<std::mutex> lk(*mu_);
+    while (!timer_stop_) {
+      if (!parked_ || deadline_ == kNever)
+        timer_cv_.wait(lk);
+      else  // steady_clock is CLOCK_MONOTONIC, the clock of every deadline here
+        timer_cv_.wait_until(lk, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline_)));
+      if (!timer_stop_ && parked_) pump(monotonic_ns());
+    }
+  });
+}
 
 template <typename Pump>
 void Gate::wait(std::unique_lock<std::mutex>& lk, Waiter* w, Pump&& pump) {

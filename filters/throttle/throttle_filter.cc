@@ -112,6 +112,33 @@ uint64_t ThrottleFilter::start_for(bool is_write, uint64_t bytes, uint64_t now) 
   return t;
 }
 
+ThrottleFilter::Parked* ThrottleFilter::take_locked(const Io& io, bool is_write, uint64_t bytes, uint64_t off,
+                                                    uint64_t t_arrival, int stage) {
+  if (!io.defer || !may_defer() || released_) return nullptr;
+  Parked* p = records_.get();  // a record given back, in the steady state
+  Deferred* d = p ? io.defer->take() : nullptr;
+  if (!d) {
+    if (p) records_.put(p);  // out of memory: the request waits on its thread instead
+    return nullptr;
+  }
+  p->filter = this;
+  p->request = d;
+  p->direct = io.direct;
+  p->off = off;
+  p->t_arrival = t_arrival;
+  p->stage = stage;
+  p->held = throttle::Held{};
+  p->held.is_write = is_write;
+  p->held.bytes = bytes;
+  p->held.owner = p;
+  p->member.reset();
+  p->wait.waiter.granted = false;
+  p->wait.waiter.task = p;
+  p->wait.waiter.queued = nullptr;
+  ++outstanding_;
+  return p;
+}
+
 bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival,
                             bool* waited) {
   std::unique_lock<std::mutex> lk(mu_);
@@ -119,20 +146,10 @@ bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_
   const uint64_t start = start_for(is_write, bytes, now);
   if (start <= now) return false;
   *waited = true;
-  if (io.defer && may_defer() && !released_ && !timer_stop_) {
-    auto* p = new (std::nothrow) Parked();
-    Deferred* d = p ? io.defer->take() : nullptr;
-    if (d) {
-      p->filter = this;
-      p->request = d;
-      p->direct = io.direct;
-      p->off = off;
-      p->t_arrival = t_arrival;
-      p->held.is_write = is_write;
-      p->held.bytes = bytes;
+  if (!timer_stop_) {
+    if (Parked* p = take_locked(io, is_write, bytes, off, t_arrival, 2)) {
       p->held.start = start;
       p->held.deferred = true;
-      p->held.owner = p;
       const bool earliest = start < held_.next_due();
       held_.push(&p->held);
       queued_.fetch_add(1, std::memory_order_relaxed);
@@ -140,7 +157,6 @@ bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_
       else if (earliest) timer_cv_.notify_all();
       return true;
     }
-    delete p;  // out of memory: wait on this thread instead
   }
   // This thread sleeps until its start (which a reload may move).
   std::condition_variable cv;
@@ -174,29 +190,50 @@ void ThrottleFilter::dispatch_locked(throttle::Held* list) {
     throttle::Held* h = list;
     list = h->next;
     h->next = nullptr;
-    ++resuming_;
     queued_.fetch_sub(1, std::memory_order_relaxed);
     throttle::ResumePool::instance().submit(static_cast<Parked*>(h->owner));
   }
 }
 
+// On a pool thread: the next stage, or below.
 void ThrottleFilter::Parked::run() {
   ThrottleFilter* f = filter;
-  request->resume(*this);  // stages 2-4 inside the disk, then the answer
-  delete this;
+  if (f->advance(this)) return;  // queued in its group or the datastore: run again when granted
+  request->resume(*this);        // below, inside the disk, then the answer
+  member.reset();                // leaves its group now if the disk did already
   std::lock_guard<std::mutex> g(f->mu_);
-  if (--f->resuming_ == 0) f->idle_cv_.notify_all();
+  f->records_.put(this);
+  if (--f->outstanding_ == 0) f->idle_cv_.notify_all();
 }
 
 Status ThrottleFilter::Parked::run(void* data, size_t* got) {
-  return filter->pass(held.is_write, direct, data, held.bytes, off, got, t_arrival, true);
+  return filter->down(held.is_write, direct, data, held.bytes, off, got, t_arrival, true);
+}
+
+bool ThrottleFilter::advance(Parked* p) {
+  if (p->stage == 2) {
+    p->stage = 3;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      p->member = member_;  // the group it is in now (a reload may have moved the disk)
+    }
+    if (p->member &&
+        p->member->group->park(p->member->id, p->held.is_write, p->held.bytes, &p->wait, &queued_))
+      return true;
+  }
+  if (p->stage == 3) {
+    p->stage = 4;
+    const int client = client_.load(std::memory_order_relaxed);
+    if (client >= 0 && throttle::QosDomain::instance().park(client, &p->wait, &queued_)) return true;
+  }
+  return false;
 }
 
 void ThrottleFilter::release_deferred() {
   std::unique_lock<std::mutex> lk(mu_);
   released_ = true;
   dispatch_locked(held_.take_due(throttle::kNever));
-  idle_cv_.wait(lk, [&] { return resuming_ == 0; });
+  idle_cv_.wait(lk, [&] { return outstanding_ == 0; });
 }
 
 void ThrottleFilter::defer_again() {
@@ -204,24 +241,70 @@ void ThrottleFilter::defer_again() {
   released_ = false;
 }
 
-Status ThrottleFilter::pass(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got,
+// Offers a request that arrived on a worker to the group's or the datastore's queue for
+// parking (runtime.h): it is taken only if it must wait there.
+struct ThrottleFilter::WorkerParker final : throttle::Parker {
+  ThrottleFilter* f;
+  const Io* io;
+  bool is_write;
+  uint64_t bytes, off, t_arrival;
+  int stage = 3;                                                // the next stage once granted
+  const std::shared_ptr<throttle::GroupMember>* member = nullptr;  // the group it waits in
+  throttle::ParkedWait* park() override {
+    std::lock_guard<std::mutex> g(f->mu_);
+    Parked* p = f->take_locked(*io, is_write, bytes, off, t_arrival, stage);
+    if (!p) return nullptr;
+    if (member) p->member = *member;  // kept while it waits there
+    return &p->wait;
+  }
+};
+
+Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, uint64_t off, size_t* got,
                             uint64_t t_arrival, bool waited) {
   std::shared_ptr<throttle::GroupMember> member;
   {
     std::lock_guard<std::mutex> g(mu_);
     member = member_;
   }
-  if (member && member->group->pass(member->id, is_write, len, &queued_)) waited = true;
+  const bool can_park = io.defer && may_defer();
+  WorkerParker parker;
+  parker.f = this;
+  parker.io = &io;
+  parker.is_write = is_write;
+  parker.bytes = len;
+  parker.off = off;
+  parker.t_arrival = t_arrival;
+  if (member) {
+    parker.member = &member;
+    switch (member->group->pass(member->id, is_write, len, &queued_, can_park ? &parker : nullptr)) {
+      case throttle::Wait::kParked: return Status::Deferred();
+      case throttle::Wait::kWaited: waited = true; break;
+      case throttle::Wait::kWent: break;
+    }
+  }
   const int client = client_.load(std::memory_order_relaxed);
-  if (client >= 0 && throttle::QosDomain::instance().enter(client, &queued_)) waited = true;
+  if (client >= 0) {
+    parker.stage = 4;
+    parker.member = nullptr;  // past its group
+    switch (throttle::QosDomain::instance().enter(client, &queued_, can_park ? &parker : nullptr)) {
+      case throttle::Wait::kParked: return Status::Deferred();
+      case throttle::Wait::kWaited: waited = true; break;
+      case throttle::Wait::kWent: break;
+    }
+  }
+  return down(is_write, io.direct, buf, len, off, got, t_arrival, waited);
+}
+
+Status ThrottleFilter::down(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got,
+                            uint64_t t_arrival, bool waited) {
   const uint64_t t1 = monotonic_ns();
   {
     std::lock_guard<std::mutex> g(meter_mu_);
     meter_.add(t1, len);
   }
   inflight_.fetch_add(1, std::memory_order_relaxed);
-  const Io down{direct};  // deferral is this filter's business, not the layers' below
-  Status s = is_write ? next_->write(down, buf, len, off) : next_->read(down, buf, len, off, got);
+  const Io plain{direct};  // deferral is this filter's business, not the layers' below
+  Status s = is_write ? next_->write(plain, buf, len, off) : next_->read(plain, buf, len, off, got);
   done(is_write, len, t1, waited, t_arrival);
   return s;
 }
@@ -242,7 +325,7 @@ Status ThrottleFilter::read(const Io& io, void* buf, size_t len, uint64_t off, s
   const uint64_t t0 = monotonic_ns();
   bool waited = false;
   if (stage1(io, false, len, off, t0, &waited)) return Status::Deferred();
-  return pass(false, io.direct, buf, len, off, got, t0, waited);
+  return pass(io, false, buf, len, off, got, t0, waited);
 }
 
 Status ThrottleFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
@@ -250,7 +333,7 @@ Status ThrottleFilter::write(const Io& io, const void* buf, size_t len, uint64_t
   bool waited = false;
   if (stage1(io, true, len, off, t0, &waited)) return Status::Deferred();
   // pass() hands buf only to next_->write, which takes it as const.
-  return pass(true, io.direct, const_cast<void*>(buf), len, off, nullptr, t0, waited);
+  return pass(io, true, const_cast<void*>(buf), len, off, nullptr, t0, waited);
 }
 
 std::string ThrottleFilter::describe() const {

@@ -9,35 +9,39 @@
 //
 //   1. the disk:       its `limit` (mClock's L tag: requests spaced 1/limit apart) and, when it
 //                      is in no group, its own leaky buckets. The start time is known at
-//                      arrival (bucket.h). A request that must wait is deferred (filter.h,
-//                      "Deferring"): it goes into the held queue (held.h), its FUSE worker
-//                      returns at once, and the disk's timer thread, asleep until the earliest
-//                      start, hands it to the ResumePool (runtime.h) when its start comes, which
-//                      carries it through stages 2-4 and answers it. No thread is spent on it
-//                      meanwhile, so no depth of queue on a throttled disk can take the workers
-//                      that other disks (or this disk's reads, under separate read and write
-//                      limits) need. Where the chain does not allow deferral (a filter above
-//                      the throttle that works on results: cache, replicate) the worker sleeps
-//                      until the start instead, on its own condition variable, as it did
-//                      before. A reload that changes the limits reschedules both kinds, in
-//                      their arrival order.
-//   2. its group:      the group's buckets, round robin over the member disks (group.h). A
-//                      waiting request blocks the thread that carries it (the worker, or a
-//                      pool thread for a deferred one).
+//                      arrival (bucket.h), and a request that must wait goes into the held
+//                      queue (held.h) until then, under the disk's timer thread.
+//   2. its group:      the group's buckets, round robin over the member disks (group.h).
 //   3. the datastore:  while congestion control is on, mClock's dispatch by reservation and
 //                      shares within the window (qos.h); otherwise it passes at once.
 //   4. below:          next_->read/write; the time it takes is the latency that tells the
 //                      datastore's congestion control whether the backing store is congested.
+//
+// Whatever stage makes a request wait, it waits without a thread when it may be deferred
+// (filter.h, "Deferring"): it is taken from its FUSE worker (which returns at once) into a
+// Parked record, which waits in the held queue or is parked in the group's or the datastore's
+// queue (runtime.h); when its time comes, a ResumePool thread carries it to the next stage,
+// where it may be parked again, and finally down, and answers it. No thread is spent on a
+// waiting request, so no depth of queue on a throttled disk (or group, or congested
+// datastore) can take the workers that other disks, or this disk's reads under separate read
+// and write limits, need, nor the pool's threads. A request that goes at once is never taken
+// (no copy, no allocation). Where the chain does not allow deferral (a filter above the
+// throttle that works on results: replicate, or a cache on the requests it does not forward
+// as they are), the worker waits instead: at stage 1 on its own condition variable, at stages
+// 2 and 3 blocked in the queue (runtime.h). A reload that changes the limits reschedules the
+// requests held at stage 1, both kinds, in their arrival order.
 //
 // Every other operation passes through untouched (not charged, as in QEMU).
 //
 // State is per disk (one filter instance per disk's chain), plus the shared Group and the
 // process-wide QosDomain (runtime.h). Threads: any number of FUSE workers call read/write
 // concurrently; reconfigure(), open() and close() run under the disk's control lock, alongside
-// them. mu_ guards the disk's own scheduling state and is never held while waiting in a group
-// or the datastore, nor while calling the layer below; meter_mu_ guards the rate meter. The
-// timer thread takes mu_ and, under it, the ResumePool's mutex (a leaf). Lock order: mu_, then
-// the pool's mutex; nothing else here is taken while another lock is held.
+// them; pool threads carry deferred requests. mu_ guards the disk's own scheduling state and is
+// never held while waiting in a group or the datastore, nor while calling the layer below (nor
+// is it taken under a group's or the datastore's mutex: a worker's request is taken with those
+// let go); meter_mu_ guards the rate meter. The timer thread takes mu_ and, under it, the
+// ResumePool's mutex (a leaf). Lock order: mu_, then the pool's mutex; nothing else here is
+// taken while another lock is held.
 // The counters are atomics, read without a lock by stats_json().
 #pragma once
 
@@ -89,21 +93,38 @@ class ThrottleFilter : public Filter {
   std::string describe() const override;
 
  private:
-  // A deferred request: in held_ until its start, then a task of the ResumePool.
+  // A deferred request (filter.h, "Deferring"), from its take until it is answered: in held_
+  // until its start (stage 1), then carried by pool threads, parked in its group's and the
+  // datastore's queues (runtime.h) while they make it wait.
   struct Parked final : throttle::PoolTask, Continuation {
     ThrottleFilter* filter = nullptr;
     Deferred* request = nullptr;
-    throttle::Held held;
+    throttle::Held held;  // is_write and bytes always; the rest while in held_
     bool direct = false;
     uint64_t off = 0, t_arrival = 0;
+    int stage = 2;  // the next stage it passes: 2 its group, 3 the datastore, 4 below
+    std::shared_ptr<throttle::GroupMember> member;  // its group (kept while it waits there)
+    throttle::ParkedWait wait;                      // wait.waiter.task is this
+    Parked* next_free = nullptr;                    // in records_ (Recycler)
     void run() override;                           // PoolTask: on a pool thread
     Status run(void* data, size_t* got) override;  // Continuation: inside the disk
   };
+  struct WorkerParker;
+  // Takes the request on io.defer into a new Parked that goes on at `stage` (mu_ held), or
+  // null when it cannot be deferred (then it waits on its thread).
+  Parked* take_locked(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival, int stage);
   // Stage 1. Returns true when the request was deferred (the caller returns Deferred); else
   // it may go on, after sleeping here if it had to (*waited).
   bool stage1(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival, bool* waited);
-  // Stages 2-4 and the accounting, on whichever thread carries the request.
-  Status pass(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got, uint64_t t_arrival,
+  // Stages 2-4 on the worker it arrived on: Deferred when it was parked in its group or the
+  // datastore, else its status from below.
+  Status pass(const Io& io, bool is_write, void* buf, size_t len, uint64_t off, size_t* got, uint64_t t_arrival,
+              bool waited);
+  // A deferred request's stages 2 and 3 on a pool thread, from p->stage: true when it was
+  // parked (its task runs again when granted), false when it may go below now.
+  bool advance(Parked* p);
+  // Stage 4: below, timed, and the accounting.
+  Status down(bool is_write, bool direct, void* buf, size_t len, uint64_t off, size_t* got, uint64_t t_arrival,
               bool waited);
   // Hands the listed requests (take_due's answer) to the pool (mu_ held).
   void dispatch_locked(throttle::Held* list);
@@ -119,12 +140,13 @@ class ThrottleFilter : public Filter {
   throttle::TagClock limit_;                        // under mu_
   std::shared_ptr<throttle::GroupMember> member_;   // under mu_: null unless open and in a group
   throttle::HeldQueue held_;                        // under mu_: stage 1's deferred and sleeping requests
+  throttle::Recycler<Parked> records_{256};         // under mu_: Parked records given back
   std::condition_variable timer_cv_;                // the timer thread sleeps on it (mu_)
   std::condition_variable idle_cv_;                 // release_deferred() waits on it (mu_)
   std::thread timer_;                               // started with the first deferral
   bool timer_stop_ = false;                         // under mu_
   bool released_ = false;                           // under mu_: defer nothing (release_deferred)
-  uint64_t resuming_ = 0;                           // under mu_: handed to the pool, not yet answered
+  uint64_t outstanding_ = 0;                        // under mu_: taken (Parked), not yet answered
   bool opened_ = false;                             // under mu_
   std::string describe_;                            // under mu_
   std::atomic<int> client_{-1};                     // the datastore QoS client while open

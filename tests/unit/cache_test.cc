@@ -659,3 +659,69 @@ TEST_CASE("reconfigure in place: mode after a destage, watermarks, sequential cu
   REQUIRE(f->drain().ok());
   CHECK(std::string(below.data.data() + (2 << 20), c.size()) == c);
 }
+
+namespace {
+
+// A memory layer that notes whether each read and write below the cache came with the
+// caller's Deferrer (filter.h, "Deferring").
+struct DeferProbe : testing::MemLayer {
+  std::vector<std::string> seen;  // "read+defer", "read", "write+defer", "write"
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    seen.push_back(io.defer ? "read+defer" : "read");
+    return MemLayer::read(io, buf, len, off, got);
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    seen.push_back(io.defer ? "write+defer" : "write");
+    return MemLayer::write(io, buf, len, off);
+  }
+};
+
+struct NoDeferrer final : iofilterfs::Deferrer {
+  iofilterfs::Deferred* take() override { return nullptr; }
+};
+
+}  // namespace
+
+TEST_CASE("the cache hands deferral below only with a one-block read miss it does not fill", "[cache][filter][defer]") {
+  DeferProbe below;
+  below.data.assign(1 << 20, 'x');
+  NoDeferrer d;
+  Io io;
+  io.defer = &d;
+  char buf[65536 * 2];
+  size_t got = 0;
+  auto seen_after = [&](auto&& op) {
+    below.seen.clear();
+    op();
+    return below.seen;
+  };
+  using V = std::vector<std::string>;
+  SECTION("write-around with a 4 KiB sequential cutoff: every read of 4 KiB and more bypasses") {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-around, memory: 1MiB, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read+defer"});
+    CHECK(got == 4096);
+    // Across two blocks the cache joins the answers: no deferral.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 4096, &got).ok()); }) == V{"read", "read"});
+    // A small read is not bypassed: a miss that fills, then a hit.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{"read"});
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{});
+    // Writes never: the cache must see them land (a fill could race them otherwise).
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 0).ok()); }) == V{"write"});
+  }
+  SECTION("write-through: a miss fills, so it is not deferred") {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 0, &got).ok()); }) == V{"read"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096).ok()); }) == V{"write"});
+  }
+  SECTION("write-back: never, even a bypass (dirty data may lie over what comes up)") {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read"});
+  }
+  CHECK(iofilterfs::Registry::instance().find("cache")->passes_deferral);
+}

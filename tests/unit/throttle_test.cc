@@ -617,6 +617,43 @@ TEST_CASE("a group's new limits apply to the requests already queued, none lost"
   CHECK(q.config() == config("iops: 1000"));
 }
 
+TEST_CASE("a waiting group request moved to another node keeps its turn and its order", "[throttle][group]") {
+  // A worker's request is parked by moving it from the worker's stack to the deferred record
+  // (runtime.h): the queue must serve the new node exactly where the old one was.
+  GroupQueue q(config("iops: 10"));
+  const int a = q.join(), b = q.join();
+  std::vector<GroupRequest> ra(3), rb(3);
+  for (size_t i = 0; i < 3; ++i) {
+    ra[i].owner = &ra[i];
+    rb[i].owner = &rb[i];
+    q.arrive(a, &ra[i]);
+    q.arrive(b, &rb[i]);
+  }
+  uint64_t next = 0;
+  GroupRequest* g = q.dispatch(T0, &next);  // two start at once: a's first, b's first
+  REQUIRE(g == &ra[0]);
+  REQUIRE(g->next == &rb[0]);
+  GroupRequest moved_mid, moved_tail;
+  q.replace(a, &ra[1], &moved_mid);   // in the middle of a's queue, now its head
+  q.replace(b, &rb[2], &moved_tail);  // b's tail
+  CHECK(moved_mid.bytes == ra[1].bytes);
+  std::vector<GroupRequest*> order;
+  for (uint64_t t = T0 + 100 * kMs; order.size() < 4; t += 100 * kMs)
+    for (g = q.dispatch(t, &next); g; g = g->next) order.push_back(g);
+  CHECK(order == std::vector<GroupRequest*>{&moved_mid, &rb[1], &ra[2], &moved_tail});
+  CHECK(next == kNever);
+  CHECK(q.waiting() == 0);
+  // A moved tail is still the tail: a later arrival goes behind it.
+  GroupRequest last, moved_last;
+  q.arrive(a, &last);
+  q.replace(a, &last, &moved_last);
+  GroupRequest after;
+  q.arrive(a, &after);
+  g = q.dispatch(T0 + 10 * kSec, &next);
+  REQUIRE(g == &moved_last);
+  CHECK(g->next == &after);
+}
+
 TEST_CASE("group members join and leave, ids are reused", "[throttle][group]") {
   GroupQueue q(config("iops: 10"));
   CHECK(q.join() == 0);
@@ -830,6 +867,34 @@ TEST_CASE("mClock: a disk that idled earns no credit, and one that was served do
   CHECK(sim.count[0] + sim.count[1] == 400);
   CHECK(sim.count[0] >= 198);
   CHECK(sim.count[0] <= 202);
+}
+
+TEST_CASE("mClock: a waiting request moved to another node keeps its tags and its place", "[throttle][qos]") {
+  QosScheduler s;
+  const int a = s.add(qos(1000)), b = s.add(qos(1000, 100));
+  QosRequest ra[2], rb[2];
+  for (int i = 0; i < 2; ++i) {
+    ra[i].arrival = rb[i].arrival = T0;
+    s.arrive(a, &ra[i]);
+    s.arrive(b, &rb[i]);
+  }
+  QosRequest ma, mb;
+  s.replace(a, &ra[0], &ma);  // a's head (its tags are the client's, not the node's)
+  s.replace(b, &rb[1], &mb);  // b's tail
+  CHECK(ma.arrival == T0);
+  uint64_t next = 0;
+  // Window 0: only the reservation's R tag (due at T0) goes, b's head.
+  QosRequest* r = s.dispatch(T0, 0, 0, &next);
+  REQUIRE(r == &rb[0]);
+  CHECK(r->by_reservation);
+  CHECK(r->next == nullptr);
+  CHECK(next == T0 + 10 * kMs);  // b's next R tag, 1/100 s later: mb's
+  // A wide window: the rest by weight — a's two P tags (1 and 2 in a 1000-share's units)
+  // against mb's (2, its client's second): a tie goes to the first client.
+  std::vector<QosRequest*> order;
+  for (r = s.dispatch(T0 + kMs, 1, 100, &next); r; r = r->next) order.push_back(r);
+  CHECK(order == std::vector<QosRequest*>{&ma, &ra[1], &mb});
+  CHECK(s.waiting() == 0);
 }
 
 TEST_CASE("mClock: shares and reservations change in place, the queue kept", "[throttle][qos]") {
@@ -1135,6 +1200,53 @@ struct FakeRequest final : Deferred, Deferrer {
 
 }  // namespace
 
+namespace {
+
+struct Rec {
+  static int live;
+  int value = 0;
+  Rec* next_free = nullptr;
+  Rec() { ++live; }
+  ~Rec() { --live; }
+};
+int Rec::live = 0;
+
+}  // namespace
+
+TEST_CASE("deferred requests' records are recycled: none allocated in the steady state, at most `keep` kept",
+          "[throttle][held]") {
+  {
+    Recycler<Rec> r(2);
+    Rec* a = r.get();
+    Rec* b = r.get();
+    Rec* c = r.get();
+    CHECK(r.made() == 3);
+    CHECK(Rec::live == 3);
+    a->value = 7;
+    r.put(a);
+    r.put(b);
+    r.put(c);  // over `keep`: freed
+    CHECK(r.kept() == 2);
+    CHECK(Rec::live == 2);
+    // A steady state of two in flight at a time: a thousand deferrals, no new record.
+    for (int i = 0; i < 1000; ++i) {
+      Rec* x = r.get();
+      Rec* y = r.get();
+      CHECK((x == a || x == b));
+      CHECK((y == a || y == b));
+      CHECK(x != y);
+      r.put(y);
+      r.put(x);
+    }
+    CHECK(r.made() == 3);
+    // A record comes back as its last user left it: the caller sets every field.
+    Rec* again = r.get();
+    again->value = 0;
+    r.put(again);
+  }
+  CHECK(Rec::live == 0);  // the kept ones are freed with the recycler
+}
+
 TEST_CASE("a request that must wait is deferred: the caller returns at once, a reload lets it go", "[throttle][filter]") {
   testing::MemLayer bottom;
   bottom.data.assign(4096, 'x');
@@ -1215,4 +1327,48 @@ TEST_CASE("a throttle defers only where the chain allows, and release_deferred l
   CHECK(f.write(io, "z", 1, 0).deferred());
   f.close();  // releases it too, and stops the timer
   CHECK(w4.done);
+}
+
+TEST_CASE("a request that must wait in its group is deferred too: the group's grant answers it from a pool thread",
+          "[throttle][filter][group]") {
+  testing::MemLayer bottom;
+  bottom.data.assign(4096, 'x');
+  ThrottleParams p;
+  REQUIRE(parse_throttle(YAML::Load("{ iops: 1, group: unit-parked }"), &p).empty());
+  ThrottleFilter f(p);
+  f.set_next(&bottom);
+  REQUIRE(f.open(DiskInfo{}).ok());  // joins the group (and the datastore's QoS)
+  f.set_may_defer(true);
+  char buf[16];
+  size_t got = 0;
+  // Within the group's budget: at once, on this thread, not taken.
+  FakeRequest first;
+  Io io;
+  io.defer = &first;
+  REQUIRE(f.read(io, buf, 16, 0, &got).ok());
+  CHECK_FALSE(first.taken);
+  // The group makes the next one wait 0.9 s: the disk has no limit of its own, so it passed
+  // stage 1 at once and was parked in the group, and this thread is free.
+  FakeRequest second, third;
+  io.defer = &second;
+  CHECK(f.read(io, buf, 16, 0, &got).deferred());
+  io.defer = &third;
+  CHECK(f.write(io, "abcdefghijklmnop", 16, 32).deferred());
+  CHECK(second.taken);
+  CHECK(third.taken);
+  CHECK(f.stats_json().find("\"queued\":2,") != std::string::npos);
+  CHECK_FALSE(second.answered(50));
+  // The group's new limits (a reload) let them go: a pool thread carries each down.
+  REQUIRE(f.reconfigure(YAML::Load("{ iops: 100000, group: unit-parked }")));
+  REQUIRE(second.answered(5000));
+  REQUIRE(third.answered(5000));
+  CHECK(second.status.ok());
+  CHECK(second.got == 16);
+  CHECK(std::string(second.buf.data(), 16) == std::string(16, 'x'));
+  CHECK(second.on != std::this_thread::get_id());
+  CHECK(third.status.ok());
+  const std::string stats = f.stats_json();
+  CHECK(stats.find("\"queued\":0,") != std::string::npos);
+  CHECK(stats.find("\"delayed\":2,") != std::string::npos);
+  f.close();
 }

@@ -363,7 +363,8 @@ TEST_CASE("journal file: append, ship point, reopen, torn tail cut, reset", "[re
     std::unique_ptr<Journal> j;
     note.clear();
     REQUIRE(Journal::open(p, &j, &note) == "");
-    CHECK(note == p + ": cut 148 bytes of torn tail (torn record data) after 5 records");
+    CHECK(note == p + ": cut 148 bytes after the last sound record (torn record data; a torn append or an earlier "
+                      "cycle's records) after 5 records");
     CHECK(j->end() == sound);
     CHECK(j->next_seq() == 7);
     REQUIRE(j->reset() == "");
@@ -374,8 +375,29 @@ TEST_CASE("journal file: append, ship point, reopen, torn tail cut, reset", "[re
     std::unique_ptr<Journal> j;
     note.clear();
     REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(note.empty());  // the stale records of the first cycle are no torn tail
     CHECK(j->end() == kJournalHeader);
     CHECK(j->next_seq() == 7);  // sequence numbers continue after a reset
+    // A reset keeps the file's pages: the next cycle overwrites the old records in place, and
+    // a replay stops at the first record of the old cycle.
+    REQUIRE(j->append(RecType::Write, 3, 0, 10, "0123456789", 10) == "");
+    REQUIRE(j->reset() == "");
+    CHECK(slurp(p).size() == kJournalHeader + 48 + 10);
+    REQUIRE(j->append(RecType::Write, 4, 0, 3, "xyz", 3) == "");
+    CHECK(slurp(p).size() == kJournalHeader + 48 + 10);
+  }
+  {
+    std::unique_ptr<Journal> j;
+    note.clear();
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    INFO(note);
+    CHECK(note.find("a torn append or an earlier cycle") != std::string::npos);  // inside the old record's data
+    CHECK(j->end() == kJournalHeader + 48 + 3);
+    CHECK(j->next_seq() == 9);
+    RecordHeader h;
+    std::vector<uint8_t> data;
+    REQUIRE(j->read(kJournalHeader, &h, &data) == "");
+    CHECK(std::string(data.begin(), data.end()) == "xyz");
   }
 }
 

@@ -1124,6 +1124,18 @@ bool ReplicateFilter::ship_some(std::string* err) {
     return false;
   }
   uint64_t sent = 0, seq = shipped_seq_, bytes = 0, last_time = 0;
+  // The copies run at idle priority while nothing waits for them, so shipping uses CPU the
+  // guest's writes leave over: not while a drain waits, the lag is past half of max-lag (before
+  // backpressure can hold writers on it), or the thread stops; drain() and writers held by
+  // backpressure raise it themselves (boost()). Only the copy loop: the thread takes jmu_ and
+  // the bitmap's lock at normal priority, so a writer never waits on an idle holder.
+  const bool idle = may_idle_ && drain_req_.load() <= drain_done_.load() &&
+                    appended_bytes_.load() - shipped_bytes_.load() < max_lag_.load() / 2;
+  if (idle && set_idle(bg_tid_.load(), true)) bg_sched_idle_.store(true);
+  struct Raise {
+    ReplicateFilter* f;
+    ~Raise() { f->boost(); }
+  } raise{this};
   while (pos < end && sent < kShipBatch && !stop_.load()) {
     rp::RecordHeader h;
     // A Write record's data goes from the journal to the target in the kernel when the target
@@ -1145,6 +1157,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
     if (jepoch_.load() != epoch) return true;  // collapsed meanwhile: start over
     if (!e.empty()) {
       spdlog::error("{}: replicate: {}; collapsing the journal into the bitmap", relpath_, e);
+      boost();  // normal priority before jmu_
       std::lock_guard<std::mutex> l(jmu_);
       if (jepoch_.load() == epoch) collapse_locked("a journal record could not be read");
       return true;
@@ -1174,6 +1187,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
     last_time = h.time_ns;
     records_shipped_.fetch_add(1, std::memory_order_relaxed);
   }
+  boost();  // normal priority before jmu_
   if (sent == 0) return !err->empty();
   bytes_sent_.fetch_add(bytes, std::memory_order_relaxed);
   {
@@ -1367,20 +1381,11 @@ bool ReplicateFilter::clean(bool force, std::string* err) {
 void ReplicateFilter::run() {
   uint64_t backoff_us = 100'000;
   clean_gen_.assign(kStripes, 0);
-  // Async: the thread runs at idle priority (SCHED_IDLE) while nothing waits for it, so shipping
-  // uses CPU the guest's writes leave over; it is raised back to normal while a drain waits,
-  // the lag is past half of max-lag (before backpressure can stall writers on it), or it stops.
-  // Only where the process may raise it again (CAP_SYS_NICE).
-  // drain() and writers held by backpressure raise it themselves (boost()), not to wait for an
-  // idle thread to notice them.
-  const bool may_idle = params_.mode == rp::Mode::Async && can_leave_idle();
+  // Async: the thread copies records at idle priority (SCHED_IDLE, see ship_some()) where the
+  // process may raise it again (CAP_SYS_NICE).
+  may_idle_ = params_.mode == rp::Mode::Async && can_leave_idle();
   bg_tid_.store(static_cast<pid_t>(syscall(SYS_gettid)));
   while (!stop_.load()) {
-    if (may_idle) {
-      const bool want = drain_req_.load() <= drain_done_.load() && connected_.load() && !need_reconnect_.load() &&
-                        appended_bytes_.load() - shipped_bytes_.load() < max_lag_.load() / 2;
-      if (want != bg_sched_idle_.load() && set_idle(bg_tid_.load(), want)) bg_sched_idle_.store(want);
-    }
     if (!connected_.load() || need_reconnect_.load()) {
       if (!connect_target()) {
         std::unique_lock<std::mutex> l(bg_mu_);

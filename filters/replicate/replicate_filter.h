@@ -247,6 +247,7 @@ class ReplicateFilter : public Filter {
   std::atomic<bool> bg_idle_{false};
   std::atomic<int> bg_tid_{0};                // the background thread's id (scheduling)
   std::atomic<bool> bg_sched_idle_{false};    // it runs at SCHED_IDLE (async, nothing waits)
+  bool may_idle_ = false;                     // bg thread: it may (see ship_some())
   std::atomic<uint64_t> drain_waiters_{0};
   std::vector<uint8_t> buf_;                 // bg thread's region/record buffer
   std::vector<uint8_t> rec_;                 // bg thread's record data

@@ -154,7 +154,10 @@ namespace {
 // Several rounds of overlapping writes in flight at once (4 jobs at QD 32 on the same 256 KiB,
 // 4-64 KiB each, fresh data per write), each followed by a flush: the replica must end with
 // the image's bytes every time, which it does only if overlapping writes reach the journal or
-// the target in the order they reach the image.
+// the target in the order they reach the image. Note: with the range lock disabled this test
+// still passed here (4 and 6 rounds, also 8 jobs x QD 64 on 64 KiB): the race window is narrow
+// through this mount. The deterministic guard is the unit test "overlapping writes in flight
+// reach the journal in the image's order", which fails without the lock.
 void overlapping_rounds(const std::string& mode) {
   Datastore ds("target: REPLICA, mode: " + mode + (mode == "async" ? ", max-lag: 1GiB" : ""), false);
   sh("sed -i 's|REPLICA|" + ds.t / "replica" + "|' " + q(ds.t / "ds.yaml"));

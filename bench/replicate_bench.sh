@@ -47,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 mkdir -p "$work/fs" "$work/m"
-mount -t tmpfs -o size=6G tmpfs "$work/fs" || { echo "replicate_bench: cannot mount a tmpfs (root?)" >&2; exit 1; }
+mount -t tmpfs -o size=12G tmpfs "$work/fs" || { echo "replicate_bench: cannot mount a tmpfs (root?)" >&2; exit 1; }
 mkdir -p "$work/fs/b" "$work/fs/replica" "$work/fs/state"
 
 cat > "$work/ds.yaml" <<YAML

@@ -122,6 +122,7 @@ ScanResult scan_journal(const ReadAt& read, uint64_t off, uint64_t seq,
     std::string e = check_record(h, data.data(), r.next_seq);
     if (!e.empty()) {
       r.stopped = e;
+      r.stale = h.magic == kRecordMagic && h.seq < r.next_seq;
       return r;
     }
     const uint64_t at = r.end;
@@ -180,9 +181,12 @@ std::string Journal::open(const std::string& path, std::unique_ptr<Journal>* out
       },
       j->hdr_.ship_off, j->hdr_.ship_seq, nullptr);
   if (!::fstat(fd, &st) && static_cast<uint64_t>(st.st_size) > r.end) {
-    if (note->empty())
-      *note = path + ": cut " + std::to_string(static_cast<uint64_t>(st.st_size) - r.end) + " bytes of torn tail (" +
-              r.stopped + ") after " + std::to_string(r.records) + " records";
+    // What follows the last sound record is a torn append, or what is left of the records of
+    // a cycle before the last reset (kept pages): a lower sequence number says the latter.
+    if (note->empty() && !r.stale)
+      *note = path + ": cut " + std::to_string(static_cast<uint64_t>(st.st_size) - r.end) +
+              " bytes after the last sound record (" + r.stopped + "; a torn append or an earlier cycle's records) after " +
+              std::to_string(r.records) + " records";
     if (::ftruncate(fd, static_cast<off_t>(r.end)) != 0) return errtext("cannot truncate", path);
   }
   j->end_.store(r.end);
@@ -359,7 +363,14 @@ std::string Journal::reset() {
   uint8_t head[64];
   encode_journal_header(h, head);
   if (::pwrite(fd_, head, 64, 0) != 64 || ::fdatasync(fd_) != 0) return errtext("cannot write the header of", path_);
-  if (::ftruncate(fd_, kJournalHeader) != 0) return errtext("cannot truncate", path_);
+  // The file keeps up to kKeepBytes: the next records overwrite pages the file already has
+  // (allocating and freeing them for every cycle cost more than writing them, on tmpfs most of
+  // all). What they do not overwrite is stale: those records' sequence numbers are below the
+  // header's ship_seq, so a replay stops at the first of them (and open() cuts it off).
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return errtext("cannot stat", path_);
+  if (static_cast<uint64_t>(st.st_size) > kKeepBytes && ::ftruncate(fd_, static_cast<off_t>(kKeepBytes)) != 0)
+    return errtext("cannot truncate", path_);
   hdr_ = h;
   reserved_ = kJournalHeader;
   {

@@ -61,6 +61,7 @@ static_assert(sizeof(RecordHeader) == 48);
 inline constexpr uint32_t kRecordMagic = 0x31524a52;  // "RJR1"
 inline constexpr uint64_t kJournalHeader = 4096;
 inline constexpr uint32_t kMaxRecordData = 64u << 20;
+inline constexpr uint64_t kKeepBytes = 256u << 20;  // a reset journal keeps this much of its file
 
 // Fills *h for a record of `data` (data_len bytes) and computes its checksum.
 void make_record(RecordHeader* h, RecType type, uint64_t seq, uint64_t time_ns, uint64_t off, uint64_t len,
@@ -85,6 +86,7 @@ struct ScanResult {
   uint64_t next_seq = 0;  // the sequence number the next record gets
   uint64_t records = 0;
   std::string stopped;    // why the scan stopped before the end of the data ("" at a clean end)
+  bool stale = false;     // it stopped at a sound-looking record of an earlier cycle (lower sequence)
 };
 // Walks records from `off` (expecting sequence `seq`), calling on_record for each sound one
 // (its header and data; return false to stop early); stops at the first torn record.
@@ -152,7 +154,9 @@ class Journal {
   std::string headers(uint64_t from, const std::function<void(const RecordHeader&)>& fn);
   // Records the ship point durably (call after the target flushed everything before it).
   std::string set_shipped(uint64_t off, uint64_t seq);
-  // Everything is shipped: cut the file back to its header.
+  // Everything is shipped: start again after the header. The file keeps up to kKeepBytes of
+  // its pages for the next records to overwrite (the stale records there have lower sequence
+  // numbers, so no replay reads past the new ones).
   std::string reset();
   // History before `off` (whose record has sequence `seq`) is no longer kept: the header says
   // so, then the bytes are punched out (the file keeps its offsets).

@@ -1,9 +1,13 @@
 #include "replicate/replicate_filter.h"
 
 #include <fcntl.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <sys/syscall.h>
 #include <sys/file.h>
 #include <linux/falloc.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -79,6 +83,23 @@ bool all_zero(const uint8_t* p, size_t n) {
   return n == 0 || std::memcmp(p, z, n) == 0;
 }
 
+// Whether this process may raise a thread back from SCHED_IDLE (CAP_SYS_NICE, or an RLIMIT_NICE
+// that allows nice 0): without it a thread put to idle would stay there.
+bool can_leave_idle() {
+  struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct data[2] = {};
+  if (syscall(SYS_capget, &hdr, data) == 0 && (data[CAP_SYS_NICE / 32].effective & (1u << (CAP_SYS_NICE % 32))))
+    return true;
+  struct rlimit rl;
+  return getrlimit(RLIMIT_NICE, &rl) == 0 && (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= 20);
+}
+
+// Puts thread `tid` in SCHED_IDLE (idle true) or back in SCHED_OTHER; false if refused.
+bool set_idle(pid_t tid, bool idle) {
+  struct sched_param sp = {};
+  return tid > 0 && sched_setscheduler(tid, idle ? SCHED_IDLE : SCHED_OTHER, &sp) == 0;
+}
+
 }  // namespace
 
 ReplicateFilter::ReplicateFilter(rp::ReplicateParams p)
@@ -118,6 +139,10 @@ bool ReplicateFilter::save_bitmap() {
 void ReplicateFilter::note_error(const std::string& e) {
   std::lock_guard<std::mutex> g(err_mu_);
   last_error_ = e;
+}
+
+void ReplicateFilter::boost() {
+  if (bg_sched_idle_.exchange(false)) (void)set_idle(bg_tid_.load(), false);
 }
 
 void ReplicateFilter::wake() {
@@ -418,6 +443,7 @@ Status ReplicateFilter::open(const DiskInfo& info) {
 void ReplicateFilter::shutdown() {
   if (!bg_.joinable()) return;
   stop_.store(true);
+  boost();
   {
     std::lock_guard<std::mutex> g(bg_mu_);
   }
@@ -577,11 +603,25 @@ void ReplicateFilter::collapse_locked(const char* why) {
   bg_cv_.notify_one();
 }
 
+void ReplicateFilter::lock_range(uint64_t off, uint64_t len, rp::RangeLock::Guard* g) {
+  if (seal_) {
+    // Sealing works on whole sectors: two changes that share a sector are ordered as well.
+    constexpr uint64_t S = AtRest::kSector;
+    const uint64_t end = off + len < off ? UINT64_MAX : off + len;
+    const uint64_t a0 = off / S * S, a1 = end > UINT64_MAX - S ? UINT64_MAX : (end + S - 1) / S * S;
+    ranges_.lock(a0, a1 - a0, g);
+  } else {
+    ranges_.lock(off, len, g);
+  }
+}
+
 Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
   if (!opened_) return kNotOpen;
   if (len == 0) return next_->write(io, buf, len, off);
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
   if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the write is past the bitmap's reach");
+  rp::RangeLock::Guard order;
+  lock_range(off, len, &order);
 
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load(std::memory_order_relaxed) && !connected_.load()) return kUnreachable;
@@ -640,6 +680,7 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
       js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res);
       if (js.err != EAGAIN) break;
       backpressure_waits_.fetch_add(1, std::memory_order_relaxed);
+      boost();
       wake();
       jcv_.wait_for(l, std::chrono::milliseconds(50));
       if (stop_.load()) {
@@ -722,6 +763,10 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
   }
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
   if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: past the bitmap's reach");
+  rp::RangeLock::Guard order;
+  lock_range(off, len, &order);
+  s = next_->size(&before);  // again, under the range: a resize past it is ordered now
+  if (!s.ok()) return s;
   if (seal_) return fallocate_sealed(io, mode, off, len, before);
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
@@ -851,6 +896,12 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
   uint64_t before = 0;
   Status s = next_->size(&before);
   if (!s.ok()) return s;
+  // Ordered against every change at or past the shorter end (a write there races a truncate).
+  rp::RangeLock::Guard order;
+  const uint64_t from = std::min(before, size);
+  lock_range(from, UINT64_MAX - from, &order);
+  s = next_->size(&before);  // again, now that no change past `from` is in flight
+  if (!s.ok()) return s;
   if (params_.mode == rp::Mode::Async) {
     std::lock_guard<std::mutex> l(jmu_);
     Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
@@ -880,6 +931,7 @@ Status ReplicateFilter::drain() {
     while (g < goal && !drain_goal_.compare_exchange_weak(g, goal)) {
     }
   }
+  boost();
   bg_cv_.notify_one();
   std::unique_lock<std::mutex> l(bg_mu_);
   // While the target is unreachable, one fresh connection attempt decides: if it fails too,
@@ -965,7 +1017,8 @@ std::string ReplicateFilter::stats_json() const {
   s += ",\"journaled_bytes\":" + n(journaled_bytes_) + ",\"shipped_bytes\":" + n(shipped_bytes_) +
        ",\"records_shipped\":" + n(records_shipped_);
   s += ",\"writes_tracked\":" + n(writes_tracked_) + ",\"collapses\":" + n(collapses_) +
-       ",\"backpressure_waits\":" + n(backpressure_waits_);
+       ",\"backpressure_waits\":" + n(backpressure_waits_) +
+       ",\"overlap_waits\":" + std::to_string(ranges_.waits());
   s += ",\"target_errors\":" + n(target_errors_) + ",\"reconnects\":" + n(reconnects_);
   s += ",\"bitmap_saves\":" + std::to_string(bitmap_ ? bitmap_->saves() : 0);
   s += ",\"bitmap_pages_written\":" + std::to_string(bitmap_ ? bitmap_->pages_written() : 0);
@@ -1071,19 +1124,49 @@ bool ReplicateFilter::ship_some(std::string* err) {
     return false;
   }
   uint64_t sent = 0, seq = shipped_seq_, bytes = 0, last_time = 0;
+  // The copies run at idle priority while nothing waits for them, so shipping uses CPU the
+  // guest's writes leave over: not while a drain waits, the lag is past half of max-lag (before
+  // backpressure can hold writers on it), or the thread stops; drain() and writers held by
+  // backpressure raise it themselves (boost()). Only the copy loop: the thread takes jmu_ and
+  // the bitmap's lock at normal priority, so a writer never waits on an idle holder.
+  const bool idle = may_idle_ && drain_req_.load() <= drain_done_.load() &&
+                    appended_bytes_.load() - shipped_bytes_.load() < max_lag_.load() / 2;
+  if (idle && set_idle(bg_tid_.load(), true)) bg_sched_idle_.store(true);
+  struct Raise {
+    ReplicateFilter* f;
+    ~Raise() { f->boost(); }
+  } raise{this};
   while (pos < end && sent < kShipBatch && !stop_.load()) {
     rp::RecordHeader h;
-    std::string e = journal_->read(pos, &h, &rec_);
+    // A Write record's data goes from the journal to the target in the kernel when the target
+    // can take it that way (a directory: one copy instead of a read and a write). Records below
+    // end() need no checksum here: this process wrote them, or the scan at open checked them.
+    bool copied = false;
+    std::string e = journal_->read_header(pos, &h);
+    if (e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && h.data_len) {
+      if (jepoch_.load() != epoch) return true;
+      e = target_->copy_from(journal_->fd(), pos + sizeof h, h.data_len, h.off, &copied);
+      // A collapse cut the journal under the copy: what landed is in regions now pending.
+      if (jepoch_.load() != epoch) return true;
+      if (!e.empty()) {
+        *err = e;
+        break;
+      }
+    }
+    if (e.empty() && !copied) e = journal_->read(pos, &h, &rec_);
     if (jepoch_.load() != epoch) return true;  // collapsed meanwhile: start over
     if (!e.empty()) {
       spdlog::error("{}: replicate: {}; collapsing the journal into the bitmap", relpath_, e);
+      boost();  // normal priority before jmu_
       std::lock_guard<std::mutex> l(jmu_);
       if (jepoch_.load() == epoch) collapse_locked("a journal record could not be read");
       return true;
     }
     head_time_ns_.store(h.time_ns);
     switch (static_cast<rp::RecType>(h.type)) {
-      case rp::RecType::Write: e = target_->pwrite(rec_.data(), h.data_len, h.off); break;
+      case rp::RecType::Write:
+        if (!copied) e = target_->pwrite(rec_.data(), h.data_len, h.off);
+        break;
       case rp::RecType::Zero:
         e = seal_ && (h.flags & rp::kZeroSealed) ? target_sealed_zero(h.off, h.len) : target_->zero(h.off, h.len);
         break;
@@ -1104,6 +1187,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
     last_time = h.time_ns;
     records_shipped_.fetch_add(1, std::memory_order_relaxed);
   }
+  boost();  // normal priority before jmu_
   if (sent == 0) return !err->empty();
   bytes_sent_.fetch_add(bytes, std::memory_order_relaxed);
   {
@@ -1297,6 +1381,10 @@ bool ReplicateFilter::clean(bool force, std::string* err) {
 void ReplicateFilter::run() {
   uint64_t backoff_us = 100'000;
   clean_gen_.assign(kStripes, 0);
+  // Async: the thread copies records at idle priority (SCHED_IDLE, see ship_some()) where the
+  // process may raise it again (CAP_SYS_NICE).
+  may_idle_ = params_.mode == rp::Mode::Async && can_leave_idle();
+  bg_tid_.store(static_cast<pid_t>(syscall(SYS_gettid)));
   while (!stop_.load()) {
     if (!connected_.load() || need_reconnect_.load()) {
       if (!connect_target()) {
@@ -1354,6 +1442,7 @@ void ReplicateFilter::run() {
       bg_idle_.store(false);
     }
   }
+  boost();
   // Stopping: leave the target with what it has confirmed, and the files saying so.
   if (connected_.load()) {
     std::string err;

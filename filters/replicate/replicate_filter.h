@@ -48,8 +48,14 @@
 // ranges go as sealed zeros (what the encrypt filter writes), punched ranges as holes.
 // Retention (the history base would be a plaintext copy) is refused under such a policy.
 //
+// Ordering: every change holds its byte range in ranges_ (range_lock.h; under sealing, the whole
+// sectors it covers) from before its local write until it is in the journal (async) or on the
+// target (sync), so two changes to overlapping bytes reach the image and the replica in the same
+// order, while changes to disjoint bytes stay concurrent.
+//
 // Threads: FUSE workers call the data path concurrently; one background thread per disk
-// connects, ships, resyncs and cleans. Locks (lock order: edge_mu_ stripes (ascending), then
+// connects, ships, resyncs and cleans. Locks (lock order: ranges_ (entries, not mutexes: see
+// range_lock.h), then edge_mu_ stripes (ascending), then
 // jmu_, then the Journal's own leaf locks, then target_rw_; save_mu_ inside PersistentBitmap is a
 // leaf; bg_mu_ and err_mu_ are leaves):
 //   edge_mu_    sealing only: the stripes of the partly covered edge sectors of a request, from
@@ -74,6 +80,7 @@
 #include "replicate/history.h"
 #include "replicate/journal.h"
 #include "replicate/params.h"
+#include "replicate/range_lock.h"
 #include "replicate/target.h"
 #include "rwlock.h"
 
@@ -133,6 +140,8 @@ class ReplicateFilter : public Filter {
   template <typename Send>
   bool send_or_track(bool attempt, uint64_t r0, uint64_t r1, Send&& send);
   void wake();
+  // Raises the background thread from idle priority (see run()) for someone who waits for it.
+  void boost();
   uint64_t now_ns() const;
 
   // Async: under jmu_. A Write record with `res` is only reserved (*res set, Ok): the caller
@@ -158,6 +167,8 @@ class ReplicateFilter : public Filter {
     }
   };
   void lock_edges(uint64_t off, uint64_t len, EdgeLocks* l);
+  // Holds [off, off+len) in ranges_ (widened to whole sectors when sealing).
+  void lock_range(uint64_t off, uint64_t len, replicate::RangeLock::Guard* g);
   // The ciphertext of the whole sectors covering [off, off+len) once `buf` (null: zeros) is
   // written there, in this thread's seal buffer: *aoff, *alen its payload range.
   Status seal_range(const void* buf, size_t len, uint64_t off, const uint8_t** out, uint64_t* aoff, size_t* alen);
@@ -186,6 +197,9 @@ class ReplicateFilter : public Filter {
 
   replicate::ReplicateParams params_;
   const uint32_t shift_;
+  // Held by every change from before its local write until it is in the journal or on the
+  // target (range_lock.h): overlapping changes reach both in the same order.
+  replicate::RangeLock ranges_{shift_};
   std::shared_ptr<const AtRest> seal_;  // set by open() when the policy encrypts
   uint64_t header_bytes_ = 0;           // the container's header (sealing)
   static constexpr int kEdgeStripes = 64;
@@ -231,6 +245,9 @@ class ReplicateFilter : public Filter {
   std::condition_variable done_cv_;  // wakes drain()
   std::atomic<bool> stop_{false};
   std::atomic<bool> bg_idle_{false};
+  std::atomic<int> bg_tid_{0};                // the background thread's id (scheduling)
+  std::atomic<bool> bg_sched_idle_{false};    // it runs at SCHED_IDLE (async, nothing waits)
+  bool may_idle_ = false;                     // bg thread: it may (see ship_some())
   std::atomic<uint64_t> drain_waiters_{0};
   std::vector<uint8_t> buf_;                 // bg thread's region/record buffer
   std::vector<uint8_t> rec_;                 // bg thread's record data

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -60,6 +61,26 @@ class DirTarget : public Target {
     }
     return "";
   }
+  std::string copy_from(int src, uint64_t src_off, size_t len, uint64_t off, bool* copied) override {
+    *copied = false;
+    if (no_copy_range_) return "";
+    loff_t in = static_cast<loff_t>(src_off), out = static_cast<loff_t>(off);
+    bool first = true;
+    while (len) {
+      ssize_t n = ::copy_file_range(src, &in, fd_, &out, len, 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && first && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
+        no_copy_range_ = true;  // this kernel or file system pair cannot: read and write
+        return "";
+      }
+      if (n < 0) return sys_err("cannot copy into", path_);
+      if (n == 0) return "the source ended before the copy into " + path_ + " did";
+      first = false;
+      len -= static_cast<size_t>(n);
+    }
+    *copied = true;
+    return "";
+  }
   std::string zero(uint64_t off, uint64_t len) override {
     if (len == 0) return "";
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
@@ -93,6 +114,7 @@ class DirTarget : public Target {
 
  private:
   std::string dir_, path_;
+  std::atomic<bool> no_copy_range_{false};
   int fd_ = -1;
 };
 
@@ -199,6 +221,9 @@ class ContainerTarget : public Target {
   std::string flush() override { return inner_->flush(); }
   std::string pread(void* buf, size_t len, uint64_t off) override { return inner_->pread(buf, len, header_ + off); }
   std::string where() const override { return inner_->where(); }
+  std::string copy_from(int fd, uint64_t src_off, size_t len, uint64_t off, bool* copied) override {
+    return inner_->copy_from(fd, src_off, len, header_ + off, copied);
+  }
   std::string pwrite_header(const void* buf, size_t len, uint64_t off) override {
     if (off > header_ || len > header_ - off) return "a write past the container's header area";
     return inner_->pwrite(buf, len, off);

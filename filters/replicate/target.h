@@ -32,6 +32,13 @@ class Target {
   virtual std::string pread(void* buf, size_t len, uint64_t off) = 0;
   // "dir:/srv/replica/vm1/disk.img" or the URI.
   virtual std::string where() const = 0;
+  // Copies len bytes at src_off of the file `fd` to off, without passing them through user
+  // memory (copy_file_range for a directory target). *copied false (and "") when the target
+  // cannot: the caller reads and writes them itself.
+  virtual std::string copy_from(int, uint64_t, size_t, uint64_t, bool* copied) {
+    *copied = false;
+    return "";
+  }
   // A container target (below): writes into the header area before the payload.
   virtual std::string pwrite_header(const void*, size_t, uint64_t) { return "the target has no header area"; }
 };

@@ -27,6 +27,7 @@
 #include "replicate/history.h"
 #include "replicate/journal.h"
 #include "replicate/params.h"
+#include "replicate/range_lock.h"
 #include "replicate/replicate_filter.h"
 
 using namespace iofilterfs::replicate;
@@ -86,6 +87,23 @@ TEST_CASE("crc32c: the published check value and incremental use", "[replicate]"
   std::string big(100000, 'x');
   CHECK(crc32c(crc32c(0, big.data(), 33333), big.data() + 33333, big.size() - 33333) ==
         crc32c(0, big.data(), big.size()));
+  // The interleaved path (12 KiB blocks and a tail) equals the bytewise definition.
+  auto bitwise = [](uint32_t c, const std::string& d) {
+    c = ~c;
+    for (unsigned char ch : d) {
+      c ^= ch;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    }
+    return ~c;
+  };
+  for (size_t n : {size_t(12287), size_t(12288), size_t(12289), size_t(3 * 12288 + 77), size_t(1) << 20}) {
+    std::string d(n, '\0');
+    std::mt19937 rng(static_cast<unsigned>(n));
+    for (auto& ch : d) ch = static_cast<char>(rng());
+    INFO(n);
+    CHECK(crc32c(0, d.data(), d.size()) == bitwise(0, d));
+    CHECK(crc32c(0x12345678u, d.data(), d.size()) == bitwise(0x12345678u, d));
+  }
 }
 
 TEST_CASE("dirty bits: set, clear, next and count, across chunks", "[replicate]") {
@@ -345,7 +363,8 @@ TEST_CASE("journal file: append, ship point, reopen, torn tail cut, reset", "[re
     std::unique_ptr<Journal> j;
     note.clear();
     REQUIRE(Journal::open(p, &j, &note) == "");
-    CHECK(note == p + ": cut 148 bytes of torn tail (torn record data) after 5 records");
+    CHECK(note == p + ": cut 148 bytes after the last sound record (torn record data; a torn append or an earlier "
+                      "cycle's records) after 5 records");
     CHECK(j->end() == sound);
     CHECK(j->next_seq() == 7);
     REQUIRE(j->reset() == "");
@@ -356,8 +375,29 @@ TEST_CASE("journal file: append, ship point, reopen, torn tail cut, reset", "[re
     std::unique_ptr<Journal> j;
     note.clear();
     REQUIRE(Journal::open(p, &j, &note) == "");
+    CHECK(note.empty());  // the stale records of the first cycle are no torn tail
     CHECK(j->end() == kJournalHeader);
     CHECK(j->next_seq() == 7);  // sequence numbers continue after a reset
+    // A reset keeps the file's pages: the next cycle overwrites the old records in place, and
+    // a replay stops at the first record of the old cycle.
+    REQUIRE(j->append(RecType::Write, 3, 0, 10, "0123456789", 10) == "");
+    REQUIRE(j->reset() == "");
+    CHECK(slurp(p).size() == kJournalHeader + 48 + 10);
+    REQUIRE(j->append(RecType::Write, 4, 0, 3, "xyz", 3) == "");
+    CHECK(slurp(p).size() == kJournalHeader + 48 + 10);
+  }
+  {
+    std::unique_ptr<Journal> j;
+    note.clear();
+    REQUIRE(Journal::open(p, &j, &note) == "");
+    INFO(note);
+    CHECK(note.find("a torn append or an earlier cycle") != std::string::npos);  // inside the old record's data
+    CHECK(j->end() == kJournalHeader + 48 + 3);
+    CHECK(j->next_seq() == 9);
+    RecordHeader h;
+    std::vector<uint8_t> data;
+    REQUIRE(j->read(kJournalHeader, &h, &data) == "");
+    CHECK(std::string(data.begin(), data.end()) == "xyz");
   }
 }
 
@@ -944,4 +984,133 @@ TEST_CASE("replicate refuses retention under a policy that also encrypts, as the
   REQUIRE(s.what);
   CHECK(std::string(s.what).find("retention under a policy that also encrypts") != std::string::npos);
   CHECK(access((tmp / "state").c_str(), F_OK) != 0);  // nothing made on disk
+}
+
+TEST_CASE("range lock: overlapping ranges exclude each other, disjoint ones do not, across buckets", "[replicate]") {
+  RangeLock rl(16);  // 64 KiB granules
+  RangeLock::Guard a, b, c, d, e;
+  REQUIRE(rl.try_lock(0, 4096, &a));
+  CHECK_FALSE(rl.try_lock(4095, 2, &b));    // one byte in common
+  CHECK_FALSE(b.held());
+  CHECK(rl.try_lock(4096, 4096, &b));       // adjacent, same granule: no conflict
+  CHECK(rl.try_lock(1 << 20, 1 << 20, &c)); // 16 granules further on
+  // Spans every bucket (more granules than buckets): conflicts with c only at its bytes.
+  CHECK_FALSE(rl.try_lock(8192, uint64_t(64) << 20, &d));
+  CHECK_FALSE(d.held());
+  c.release();
+  CHECK(rl.try_lock(8192, uint64_t(64) << 20, &d));
+  // Wrapping bucket order: granule 63 and granule 64 (bucket 0).
+  CHECK_FALSE(rl.try_lock((uint64_t(63) << 16), uint64_t(2) << 16, &e));  // d holds these bytes
+  d.release();
+  CHECK(rl.try_lock((uint64_t(63) << 16), uint64_t(2) << 16, &e));
+  CHECK_FALSE(rl.try_lock(0, 1, &c));  // a still there
+  a.release();
+  CHECK(rl.try_lock(0, 1, &c));
+  // A range to the end of the address space (a truncate) conflicts with everything after it.
+  RangeLock::Guard t;
+  CHECK_FALSE(rl.try_lock(4096, UINT64_MAX - 4096, &t));
+  b.release();
+  e.release();
+  CHECK(rl.try_lock(4096, UINT64_MAX - 4096, &t));
+}
+
+TEST_CASE("range lock: a waiter gets the range when the holder leaves, many threads stay consistent", "[replicate]") {
+  RangeLock rl(12);
+  // Each thread adds to counters under the ranges it holds; overlapping holders would race.
+  std::vector<uint64_t> cells(64, 0);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 4; ++t)
+    ts.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 5000; ++i) {
+        const uint64_t a = rng() % 64, n = 1 + rng() % 8;
+        const uint64_t b = std::min<uint64_t>(64, a + n);
+        RangeLock::Guard g;
+        rl.lock(a << 11, (b - a) << 11, &g);  // half-granules: neighbours share buckets
+        for (uint64_t k = a; k < b; ++k) {
+          const uint64_t v = cells[k];
+          std::this_thread::yield();
+          cells[k] = v + 1;
+        }
+      }
+    });
+  for (auto& th : ts) th.join();
+  uint64_t sum = 0;
+  for (uint64_t v : cells) sum += v;
+  // Every increment survived: no two holders of a cell ever overlapped.
+  std::mt19937 r0(0), r1(1), r2(2), r3(3);
+  uint64_t want = 0;
+  for (std::mt19937* r : {&r0, &r1, &r2, &r3})
+    for (int i = 0; i < 5000; ++i) {
+      const uint64_t a = (*r)() % 64, n = 1 + (*r)() % 8;
+      want += std::min<uint64_t>(64, a + n) - a;
+    }
+  CHECK(sum == want);
+}
+
+namespace {
+// A memory layer whose writes starting with 'B' stop at a gate until released.
+struct GateLayer : testing::MemLayer {
+  std::mutex gm;
+  std::condition_variable gcv;
+  bool at_gate = false, open_gate = false;
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (len && static_cast<const char*>(buf)[0] == 'B') {
+      std::unique_lock<std::mutex> l(gm);
+      at_gate = true;
+      gcv.notify_all();
+      gcv.wait(l, [&] { return open_gate; });
+    }
+    return MemLayer::write(io, buf, len, off);
+  }
+};
+}  // namespace
+
+TEST_CASE("replicate async: overlapping writes in flight reach the journal in the image's order", "[replicate][filter]") {
+  // B is journaled and then held before its local write; A, to the same bytes, comes next.
+  // Without ordering A would be journaled after B but written locally before it: the image
+  // would end with B and the replica with A. With it, A waits for B's range.
+  Tmp tmp;
+  GateLayer mem;
+  mem.data.assign(1 << 20, 0);
+  ::mkdir((tmp / "target").c_str(), 0755);
+  ReplicateParams p;
+  REQUIRE(parse_replicate(YAML::Load("target: " + (tmp / "target") + "\njournal: " + (tmp / "state") +
+                                     "\nmode: async\nreconnect-max: 100ms\n"),
+                          &p) == "");
+  auto f = std::make_unique<ReplicateFilter>(p);
+  f->set_next(&mem);
+  REQUIRE(f->open(iofilterfs::DiskInfo{"vm/disk.img", "raw", false}).ok());
+  REQUIRE(f->drain().ok());
+  const std::string b(8192, 'B'), a(4096, 'A');
+  std::thread tb([&] { CHECK(f->write(Io{}, b.data(), b.size(), 4096).ok()); });
+  {
+    std::unique_lock<std::mutex> l(mem.gm);
+    mem.gcv.wait(l, [&] { return mem.at_gate; });
+  }
+  std::atomic<bool> a_done{false};
+  std::thread ta([&] {
+    CHECK(f->write(Io{}, a.data(), a.size(), 8192).ok());
+    a_done = true;
+  });
+  // Until A has either overtaken B (what happens without ordering) or waits for B's range.
+  auto waits = [&] { return YAML::Load(f->stats_json())["overlap_waits"].as<uint64_t>(); };
+  while (!a_done && waits() == 0) std::this_thread::yield();
+  {
+    std::lock_guard<std::mutex> l(mem.gm);
+    mem.open_gate = true;
+  }
+  mem.gcv.notify_all();
+  tb.join();
+  ta.join();
+  REQUIRE(f->drain().ok());
+  std::string local;
+  {
+    std::lock_guard<std::mutex> g(mem.mu);
+    local.assign(mem.data.begin(), mem.data.end());
+  }
+  CHECK(local.substr(8192, 4096) == a);  // A came second, so it is what the image holds
+  CHECK(slurp(tmp / "target/vm/disk.img") == local);
+  f->shutdown();
+  f->close();
 }

@@ -281,6 +281,19 @@ Status ReplicateFilter::seal_range(const void* buf, size_t len, uint64_t off, co
   return seal_->seal(a0, p, p, n);
 }
 
+Status ReplicateFilter::outgoing(const void* buf, size_t len, uint64_t off, EdgeLocks* edges, const void** data,
+                                 uint64_t* doff, size_t* dlen) {
+  *data = buf;
+  *doff = off;
+  *dlen = len;
+  if (!seal_) return Status::Ok();
+  lock_edges(off, len, edges);
+  const uint8_t* sealed = nullptr;
+  Status s = seal_range(buf, len, off, &sealed, doff, dlen);
+  if (s.ok()) *data = sealed;
+  return s;
+}
+
 Status ReplicateFilter::seal_edge(uint64_t sector_off, uint64_t z0, uint64_t z1, uint8_t* out) {
   constexpr uint64_t S = AtRest::kSector;
   size_t got = 0;
@@ -627,18 +640,13 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     if (fail_on_error_.load(std::memory_order_relaxed) && !connected_.load()) return kUnreachable;
     if (!enter(r0, r1, true)) return kBitmapFailed;
     EdgeLocks edges;
-    const void* tdata = buf;
-    uint64_t toff = off;
-    size_t tlen = len;
-    if (seal_) {
-      lock_edges(off, len, &edges);
-      const uint8_t* sealed = nullptr;
-      Status ss = seal_range(buf, len, off, &sealed, &toff, &tlen);
-      if (!ss.ok()) {
-        leave(r0, r1);
-        return ss;
-      }
-      tdata = sealed;
+    const void* tdata;
+    uint64_t toff;
+    size_t tlen;
+    Status ss = outgoing(buf, len, off, &edges, &tdata, &toff, &tlen);
+    if (!ss.ok()) {
+      leave(r0, r1);
+      return ss;
     }
     Status s = next_->write(io, buf, len, off);
     if (!s.ok()) {
@@ -657,18 +665,13 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
   // Async: the journal first, so a crash after the local write can never leave it out.
   if (!enter(r0, r1, false)) return kBitmapFailed;
   EdgeLocks edges;
-  const void* jdata = buf;
-  uint64_t joff = off;
-  size_t jlen = len;
-  if (seal_) {
-    lock_edges(off, len, &edges);
-    const uint8_t* sealed = nullptr;
-    Status ss = seal_range(buf, len, off, &sealed, &joff, &jlen);
-    if (!ss.ok()) {
-      leave(r0, r1);
-      return ss;
-    }
-    jdata = sealed;
+  const void* jdata;
+  uint64_t joff;
+  size_t jlen;
+  Status ss = outgoing(buf, len, off, &edges, &jdata, &joff, &jlen);
+  if (!ss.ok()) {
+    leave(r0, r1);
+    return ss;
   }
   // The checksum of the data before the lock: under it only the header's (journal.h).
   const uint32_t dcrc = rp::crc32c(0, jdata, jlen);

@@ -172,6 +172,10 @@ class ReplicateFilter : public Filter {
   // The ciphertext of the whole sectors covering [off, off+len) once `buf` (null: zeros) is
   // written there, in this thread's seal buffer: *aoff, *alen its payload range.
   Status seal_range(const void* buf, size_t len, uint64_t off, const uint8_t** out, uint64_t* aoff, size_t* alen);
+  // What a write of [off, off+len) sends or journals: buf itself, or under sealing (edges then
+  // locked) the ciphertext of its covering sectors from seal_range().
+  Status outgoing(const void* buf, size_t len, uint64_t off, EdgeLocks* edges, const void** data, uint64_t* doff,
+                  size_t* dlen);
   // The ciphertext of the one sector at `sector_off` with [z0, z1) zeroed, into out (512 bytes).
   Status seal_edge(uint64_t sector_off, uint64_t z0, uint64_t z1, uint8_t* out);
   // Writes the encryption of zeros over [off, off+len) of the target (sector multiples).

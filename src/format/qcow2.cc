@@ -1526,7 +1526,7 @@ Status Qcow2::seek(const Io&, uint64_t off, int whence, uint64_t* result) {
 }
 
 Status Qcow2::size(uint64_t* out) {
-  std::lock_guard<std::shared_mutex> g(mu_);
+  std::shared_lock<std::shared_mutex> g(mu_);  // a reader: resize holds it exclusively
   *out = size_;
   return Status::Ok();
 }

@@ -50,6 +50,33 @@ void GroupQueue::replace(int member, GroupRequest* r, GroupRequest* with) {
   r->next = nullptr;
 }
 
+bool GroupQueue::remove(int member, GroupRequest* r) {
+  if (member < 0 || static_cast<size_t>(member) >= members_.size()) return false;
+  Fifo& q = members_[member].q[r->is_write ? 1 : 0];
+  GroupRequest* prev = nullptr;
+  for (GroupRequest* x = q.head; x; prev = x, x = x->next) {
+    if (x != r) continue;
+    (prev ? prev->next : q.head) = r->next;
+    if (q.tail == r) q.tail = prev;
+    r->next = nullptr;
+    --waiting_;
+    return true;
+  }
+  return false;
+}
+
+GroupRequest* GroupQueue::remove_all(int member) {
+  if (member < 0 || static_cast<size_t>(member) >= members_.size()) return nullptr;
+  GroupRequest *first = nullptr, **link = &first;
+  for (Fifo& q : members_[member].q) {
+    for (GroupRequest* r = q.head; r; r = r->next) --waiting_;
+    *link = q.head;
+    if (q.tail) link = &q.tail->next;
+    q.head = q.tail = nullptr;
+  }
+  return first;
+}
+
 GroupRequest* GroupQueue::dispatch(uint64_t now, uint64_t* next_event) {
   GroupRequest *first = nullptr, *last = nullptr;
   const size_t n = members_.size();

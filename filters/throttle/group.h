@@ -71,6 +71,12 @@ class GroupQueue {
   // the caller moves a request from one node to another (its worker's stack to the record of a
   // deferred request) without losing its turn.
   void replace(int member, GroupRequest* r, GroupRequest* with);
+  // Takes r out of `member`'s queue without starting it (nothing is charged): true when it was
+  // waiting there, false when it is not (dispatched already, or never queued).
+  bool remove(int member, GroupRequest* r);
+  // Takes every waiting request of `member` out, uncharged, and returns them (linked through
+  // next, reads first).
+  GroupRequest* remove_all(int member);
   // Starts, in round-robin order over the members, every waiting request that may start at
   // now_ns (a value below one seen before counts as the latest one) and returns them as a
   // list linked through `next`, in the order started. *next_event: when the next waiting

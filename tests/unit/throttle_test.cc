@@ -654,6 +654,36 @@ TEST_CASE("a waiting group request moved to another node keeps its turn and its 
   CHECK(g->next == &after);
 }
 
+TEST_CASE("a group's waiting requests are taken out uncharged, one or a member's all, the rest keep their turns",
+          "[throttle][group]") {
+  // A disk releasing what it holds (a re-plumb) takes its requests out of the group's queue.
+  GroupQueue q(config("iops: 10"));
+  const int a = q.join(), b = q.join();
+  std::vector<GroupRequest> ra(3), rb(2);
+  for (auto& r : ra) q.arrive(a, &r);
+  for (auto& r : rb) q.arrive(b, &r);
+  uint64_t next = 0;
+  GroupRequest* g = q.dispatch(T0, &next);  // a's and b's first start at once
+  REQUIRE(g == &ra[0]);
+  REQUIRE(g->next == &rb[0]);
+  CHECK(q.waiting() == 3);
+  CHECK_FALSE(q.remove(a, &ra[0]));  // started already
+  CHECK(q.remove(b, &rb[1]));        // b's last
+  CHECK_FALSE(q.remove(b, &rb[1]));
+  CHECK(q.waiting() == 2);
+  GroupRequest* all = q.remove_all(a);
+  REQUIRE(all == &ra[1]);
+  REQUIRE(all->next == &ra[2]);
+  CHECK(ra[2].next == nullptr);
+  CHECK(q.waiting() == 0);
+  CHECK(q.remove_all(b) == nullptr);
+  // Nothing was charged for them: the next arrival starts when the bucket allows one more
+  // after the two that started (the bucket holds 0.1 s of 10 iops: one more at T0 + 100 ms).
+  GroupRequest late;
+  q.arrive(b, &late);
+  CHECK(q.dispatch(T0 + 100 * kMs, &next) == &late);
+}
+
 TEST_CASE("group members join and leave, ids are reused", "[throttle][group]") {
   GroupQueue q(config("iops: 10"));
   CHECK(q.join() == 0);
@@ -894,6 +924,26 @@ TEST_CASE("mClock: a waiting request moved to another node keeps its tags and it
   std::vector<QosRequest*> order;
   for (r = s.dispatch(T0 + kMs, 1, 100, &next); r; r = r->next) order.push_back(r);
   CHECK(order == std::vector<QosRequest*>{&ma, &ra[1], &mb});
+  CHECK(s.waiting() == 0);
+}
+
+TEST_CASE("mClock: a waiting request is taken out without dispatch, the next head gets its tags", "[throttle][qos]") {
+  QosScheduler s;
+  const int a = s.add(qos(1000, 100));
+  QosRequest r[3];
+  for (auto& x : r) {
+    x.arrival = T0;
+    s.arrive(a, &x);
+  }
+  CHECK(s.remove_request(a, &r[1]));  // the middle
+  CHECK_FALSE(s.remove_request(a, &r[1]));
+  CHECK(s.remove_request(a, &r[0]));  // the head: r[2] is the head now, tagged
+  CHECK(s.waiting() == 1);
+  CHECK(s.waiting(a) == 1);
+  uint64_t next = 0;
+  QosRequest* got = nullptr;
+  for (uint64_t t = T0; !got && t < T0 + kSec; t += kMs) got = s.dispatch(t, 0, 0, &next);
+  CHECK(got == &r[2]);  // by its reservation
   CHECK(s.waiting() == 0);
 }
 
@@ -1177,6 +1227,7 @@ struct FakeRequest final : Deferred, Deferrer {
     taken = true;
     return this;
   }
+  void then(Then*) override {}  // the throttle registers no hooks
   void* data() override { return buf.data(); }
   void resume(Continuation& k) override {
     size_t g = 0;

@@ -551,33 +551,38 @@ TEST_CASE("under a cache, held writes take no threads: write-through and write-b
   // The cache passes a one-block write's deferral down and finishes it in a completion hook
   // (filter.h, "Completion hooks"): the block stays marked in flight until the write lands, so
   // the reads running beside the writes (2 KiB, which the cache fills) never keep old bytes.
-  // write-through: every write goes below, and is cached when it lands. write-back with a
-  // 4 KiB sequential cutoff: a 4 KiB write to a block the cache holds is cached dirty, one to
-  // a block it does not hold bypasses it below (deferred).
+  // write-through (in memory): every write goes below, and is cached when it lands.
+  // write-back (a cache file) with a 4 KiB sequential cutoff: a 4 KiB write to a block the
+  // cache holds is cached dirty, one to a block it does not hold bypasses it below (deferred).
   for (const char* mode : {"write-through", "write-back"}) {
     INFO(mode);
     TempDir t;
     const bool wb = std::string(mode) == "write-back";
+    REQUIRE(sh("mkdir -p " + q(t / "c")) == 0);
     datastore(t, {"slow.raw", "free.raw"},
-              std::string("policies:\n  p: { cache: { mode: ") + mode + ", memory: 16MiB" +
-                  (wb ? ", sequential-cutoff: 4KiB" : "") +
+              std::string("policies:\n  p: { cache: { mode: ") + mode +
+                  (wb ? ", device: " + t / "c" + ", size: 16MiB, sequential-cutoff: 4KiB" : ", memory: 16MiB") +
                   " }, throttle: { write-iops: 100 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
     const int fd = open(m.path("free.raw").c_str(), O_RDONLY);
     REQUIRE(fd >= 0);
+    const int slow_fd = open(m.path("slow.raw").c_str(), O_RDONLY);  // keeps the disk and its cache
+    REQUIRE(slow_fd >= 0);
     REQUIRE(set_xattr(m.path("free.raw"), "user.iofilter.fault", "delay=all:2ms") == 0);
     const std::string free_job = fio_opts(4, 16) + " --name=free --filename=" + q(m.path("free.raw"));
     const double alone = fio(t.path(), free_job)[0].rate(4);
     const int threads_before = thread_count(m.pid());
 
     // 1024 random 4 KiB writes (every block of 4 MiB once), 128 at a time, each with a
-    // checksum; 2 KiB random reads of the same 4 MiB beside them, which the cache fills.
+    // checksum; 2 KiB random reads of the same 4 MiB beside them, which the cache fills (at a
+    // modest rate: the neighbour's figure is about threads, not about this job's CPU).
     const std::string writes =
         "--ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=128 --size=4M --verify=crc32c "
         "--verify_fatal=1 --name=w --filename=";
     fio_background(t.path(), "w",
                    writes + q(m.path("slow.raw")) +
-                       " --name=r --rw=randread --bs=2k --iodepth=8 --size=4M --time_based --runtime=10 --filename=" +
+                       " --name=r --rw=randread --bs=2k --iodepth=8 --size=4M --verify=0 --rate_iops=200 --time_based "
+                       "--runtime=10 --filename=" +
                        q(m.path("slow.raw")));
     std::string stats = wait_stat(m, "slow.raw", "queued", 100);
     INFO(stats);
@@ -604,6 +609,7 @@ TEST_CASE("under a cache, held writes take no threads: write-through and write-b
     stats = get_xattr(m.path("slow.raw"), "user.iofilter.stats");
     INFO(stats);
     CHECK(json_number(stats, "hits") > 0);
+    close(slow_fd);
     close(fd);
     CHECK(m.stop() == 0);
     // And the bytes below: the backing file itself (write-back destaged what it held).

@@ -132,11 +132,13 @@ class Disk::Pending final : public Deferred {
     bool last;
     if (is_write_) {
       Modifying in(*disk_);  // as a new write: waits out a quiesce
-      last = completed(k.run(buf_, &got), got);
+      const Status s = k.run(buf_, &got);  // (before reading got: argument order is unspecified)
+      last = completed(s, got);
       if (last) run_hooks();
     } else {
       Inside in(disk_->plumbing_);
-      last = completed(k.run(buf_, &got), got);
+      const Status s = k.run(buf_, &got);
+      last = completed(s, got);
       if (last) run_hooks();
     }
     if (last) answer();

@@ -913,3 +913,88 @@ TEST_CASE("hooks of writes held at close run before the disk closes", "[chain][d
   CHECK(h.answer.got.size() == 1);
   h.closed = true;
 }
+
+namespace {
+
+// Defers every read it may and answers it from a thread of the test's: below, through the
+// continuation, as the throttle does.
+class ReadParker : public Filter {
+ public:
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    if (io.defer && may_defer())
+      if (Deferred* d = io.defer->take()) {
+        held = d;
+        this->len = len;
+        this->off = off;
+        return Status::Deferred();
+      }
+    return next_->read(io, buf, len, off, got);
+  }
+  void resume() {
+    struct Down final : Continuation {
+      ReadParker* p;
+      Status run(void* data, size_t* got) override { return p->next_->read(Io{}, data, p->len, p->off, got); }
+    } k;
+    k.p = this;
+    Deferred* d = held;
+    held = nullptr;
+    d->resume(k);
+  }
+  void release_deferred() override {
+    if (held) resume();
+  }
+  Deferred* held = nullptr;
+  size_t len = 0;
+  uint64_t off = 0;
+};
+
+struct ReadAnswer {
+  std::string data;
+  int err = -1;
+  static void fn(void* ctx, Status s, const void* data, size_t len) {
+    auto* a = static_cast<ReadAnswer*>(ctx);
+    a->err = s.err;
+    a->data.assign(static_cast<const char*>(data), len);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a deferred read is answered with every byte the continuation read", "[chain][disk]") {
+  ReadParker* parker = nullptr;
+  Registry r;
+  REQUIRE(r.add(FilterInfo{"rparker", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                           [&parker](const YAML::Node&) {
+                             auto p = std::make_unique<ReadParker>();
+                             parker = p.get();
+                             return p;
+                           }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  const std::string content(131072, 'r');
+  REQUIRE(pwrite(fd, content.data(), content.size(), 0) == static_cast<ssize_t>(content.size()));
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("rparker")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "rpark.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->attach(false, false).ok());
+  ReadAnswer answer;
+  const Completion done{&ReadAnswer::fn, &answer};
+  std::vector<char> buf(131072);
+  size_t got = 0;
+  REQUIRE(disk->read(Io{}, buf.data(), buf.size(), 0, &got, &done).deferred());
+  std::thread([&] { parker->resume(); }).join();
+  CHECK(answer.err == 0);
+  CHECK(answer.data == content);
+  CHECK(disk->stats().read_bytes.load() == content.size());
+  disk->detach();
+  REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}

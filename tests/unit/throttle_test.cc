@@ -3,6 +3,9 @@
 // control (simulated time, exact counts), the parameter validation table, re-plumbing in
 // place, and the adapter over a memory layer.
 #include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
 #include <yaml-cpp/yaml.h>
 
 #include <chrono>
@@ -682,6 +685,97 @@ TEST_CASE("a group's waiting requests are taken out uncharged, one or a member's
   GroupRequest late;
   q.arrive(b, &late);
   CHECK(q.dispatch(T0 + 100 * kMs, &next) == &late);
+}
+
+namespace {
+
+// A group driven as the runtime drives it under load: each member keeps `depth` requests in
+// flight, and a request that starts comes back (re-arrives) `transit` later — the trip below,
+// the reply, the guest's next submission — plus `pool` when it did not start at its own
+// arrival (then it was parked, and a pool thread has to wake to carry it on). An arrival runs
+// dispatch at once (the worker's pass()); otherwise dispatch runs at its next event plus
+// `late` (a timer thread that wakes late on a busy machine). Counts the starts per member in
+// [from, to).
+struct LateSim {
+  GroupQueue q;
+  struct M {
+    int id;
+    std::vector<GroupRequest> reqs;
+    uint64_t transit;
+    uint64_t started = 0;
+  };
+  std::vector<M> ms;
+  std::multimap<uint64_t, std::pair<size_t, GroupRequest*>> back;  // re-arrivals by time
+  uint64_t late, pool;
+
+  LateSim(const ThrottleConfig& cfg, const std::vector<std::pair<int, uint64_t>>& members, uint64_t late_ns,
+          uint64_t pool_ns)
+      : q(cfg), late(late_ns), pool(pool_ns) {
+    for (auto [depth, transit] : members) ms.push_back(M{q.join(), std::vector<GroupRequest>(depth), transit});
+    for (size_t m = 0; m < ms.size(); ++m)
+      for (GroupRequest& r : ms[m].reqs) {
+        r.bytes = 4096;
+        r.owner = reinterpret_cast<void*>(m);
+        q.arrive(ms[m].id, &r);
+      }
+  }
+  void run(uint64_t from, uint64_t to) {
+    uint64_t now = T0, next = 0;
+    std::vector<GroupRequest*> arrived;  // at this instant
+    for (;;) {
+      for (GroupRequest* r = q.dispatch(now, &next); r;) {
+        GroupRequest* n = r->next;
+        const size_t m = reinterpret_cast<size_t>(r->owner);
+        if (now >= from) ++ms[m].started;
+        const bool own = std::find(arrived.begin(), arrived.end(), r) != arrived.end();
+        back.emplace(now + ms[m].transit + (own ? 0 : pool), std::make_pair(m, r));
+        r = n;
+      }
+      arrived.clear();
+      const uint64_t timer = next == kNever ? kNever : std::max(next, now + 1) + late;
+      const uint64_t arrival = back.empty() ? kNever : back.begin()->first;
+      now = std::min(timer, arrival);
+      if (now >= to) break;
+      while (!back.empty() && back.begin()->first <= now) {
+        auto [m, r] = back.begin()->second;
+        back.erase(back.begin());
+        q.arrive(ms[m].id, r);
+        arrived.push_back(r);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a group stays fair when its timer wakes late and a shallow disk's requests are away between turns",
+          "[throttle][group]") {
+  // A model of the group test's two disks at 1000 IOPS under load: depths 32 and 4, each
+  // request 6 ms away between its start and its next arrival, 3 ms more when a pool thread
+  // must carry it, the timer 2 ms late. The split stays even: arrivals run the scheduler too,
+  // and the round robin's turn lets the shallow disk's request start on arrival. (Kept as a
+  // model of one suspected cause of the drift measured under load, which it does not
+  // reproduce: see the report of issue 6.)
+  LateSim sim(config("iops: 1000"), {{32, 6 * kMs}, {4, 6 * kMs}}, 2 * kMs, 3 * kMs);
+  sim.run(T0 + kSec, T0 + 11 * kSec);
+  const double a = sim.ms[0].started / 10.0, b = sim.ms[1].started / 10.0;
+  INFO(a << " + " << b);
+  CHECK(a + b >= 990);
+  CHECK(a + b <= 1010);
+  CHECK(b >= 450);
+  CHECK(a >= 450);
+}
+
+TEST_CASE("a disk of a group that cannot use its half leaves the rest to the others: the group keeps its budget",
+          "[throttle][group]") {
+  // The shallow disk's requests are away 50 ms (it cannot use half of 1000 IOPS at depth 4):
+  // it gets what it asks for, the deep disk the rest.
+  LateSim sim(config("iops: 1000"), {{32, 5 * kMs}, {4, 50 * kMs}}, 0, 0);
+  sim.run(T0 + kSec, T0 + 11 * kSec);
+  const double a = sim.ms[0].started / 10.0, b = sim.ms[1].started / 10.0;
+  INFO(a << " + " << b);
+  CHECK(a + b >= 990);
+  CHECK(b >= 70);  // its depth over its trip: 80 IOPS at most
 }
 
 TEST_CASE("group members join and leave, ids are reused", "[throttle][group]") {

@@ -581,7 +581,7 @@ TEST_CASE("under a cache, held writes take no threads: write-through and write-b
         "--verify_fatal=1 --name=w --filename=";
     fio_background(t.path(), "w",
                    writes + q(m.path("slow.raw")) +
-                       " --name=r --rw=randread --bs=2k --iodepth=8 --size=4M --verify=0 --rate_iops=200 --time_based "
+                       " --name=r --rw=randread --bs=2k --iodepth=8 --size=4M --verify=0 --rate_iops=100 --time_based "
                        "--runtime=10 --filename=" +
                        q(m.path("slow.raw")));
     std::string stats = wait_stat(m, "slow.raw", "queued", 100);

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -114,7 +115,11 @@ bool Disk::detach() { return --handles_ == 0; }
 // ---- deferred requests (filter.h, "Deferring") ----
 
 // A deferred read or write: its own buffer (the Pending lives at its end: one allocation), its
-// disk (kept alive), the caller's completion.
+// disk (kept alive), the caller's completion, and the filters' completion hooks (filter.h,
+// "Completion hooks"). It completes when two parties are done: the thread that finished it
+// below (resume/finish) and the worker it arrived on, once that is back out of the chain with
+// its Deferred answer (and so has registered every hook). The last of the two runs the hooks,
+// inside the disk, and answers.
 class Disk::Pending final : public Deferred {
  public:
   Pending(std::shared_ptr<Disk> d, bool is_write, void* buf, size_t len, uint64_t t0, Completion done)
@@ -123,21 +128,50 @@ class Disk::Pending final : public Deferred {
   void* data() override { return buf_; }
 
   void resume(Continuation& k) override {
-    Status s;
     size_t got = 0;
+    bool last;
     if (is_write_) {
       Modifying in(*disk_);  // as a new write: waits out a quiesce
-      s = k.run(buf_, &got);
+      const Status s = k.run(buf_, &got);  // (before reading got: argument order is unspecified)
+      last = completed(s, got);
+      if (last) run_hooks();
     } else {
       Inside in(disk_->plumbing_);
-      s = k.run(buf_, &got);
+      const Status s = k.run(buf_, &got);
+      last = completed(s, got);
+      if (last) run_hooks();
     }
-    finish(s, got);
+    if (last) answer();
   }
 
   void finish(Status s, size_t got) override {
+    if (!completed(s, got)) return;
+    if (hooks_) {
+      Inside in(disk_->plumbing_);
+      run_hooks();
+    }
+    answer();
+  }
+
+  // The worker's side: its chain answered Deferred, with these hooks registered (bottom-up).
+  // True when the request had completed already: then the caller, still inside the disk,
+  // runs the hooks (run_hooks) and, once out, answers (answer).
+  bool returned(Then* hooks) {
+    hooks_ = hooks;
+    return parties_.fetch_sub(1, std::memory_order_acq_rel) == 1;
+  }
+  void run_hooks() {
+    for (Then* t = hooks_; t;) {
+      Then* next = t->next_then;  // t may be gone once it ran
+      s_ = t->then(s_, buf_, &got_);
+      t = next;
+    }
+    hooks_ = nullptr;
+  }
+  void answer() {
+    Status s = s_;
     if (s.deferred()) s = Status::Error(EIO, "a filter deferred a request it had resumed");
-    const size_t n = is_write_ ? len_ : got;
+    const size_t n = is_write_ ? len_ : got_;
     disk_->account(is_write_, s, n, t0_);
     done_.fn(done_.ctx, s, buf_, n);
     std::shared_ptr<Disk> d = std::move(disk_);
@@ -148,12 +182,23 @@ class Disk::Pending final : public Deferred {
   }
 
  private:
+  // The finishing thread's side: true when the worker is back already (see returned()).
+  bool completed(Status s, size_t got) {
+    s_ = s;
+    got_ = got;
+    return parties_.fetch_sub(1, std::memory_order_acq_rel) == 1;
+  }
+
   std::shared_ptr<Disk> disk_;
   const bool is_write_;
   void* const buf_;
   const size_t len_;
   const uint64_t t0_;
   const Completion done_;
+  std::atomic<int> parties_{2};  // the finishing thread and the worker
+  Status s_;                     // the answer from below, then from each hook
+  size_t got_ = 0;
+  Then* hooks_ = nullptr;        // set by the worker before its party is done
 };
 
 // Offered to the chain in Io::defer by a read or write that has a completion.
@@ -163,7 +208,7 @@ class Disk::Offer final : public Deferrer {
       : d_(d), is_write_(is_write), data_(data), len_(len), t0_(t0), done_(done) {}
 
   Deferred* take() override {
-    if (taken_) return nullptr;  // one filter holds a request at a time
+    if (pending_) return nullptr;  // one filter holds a request at a time
     // One allocation: the buffer (aligned for O_DIRECT below) with the Pending after it.
     const size_t at = (len_ + alignof(Pending) - 1) / alignof(Pending) * alignof(Pending);
     void* mem = nullptr;
@@ -174,10 +219,35 @@ class Disk::Offer final : public Deferrer {
       std::lock_guard<std::mutex> g(d_.def_mu_);
       ++d_.deferred_;
     }
-    taken_ = true;
+    pending_ = p;
     return p;
   }
-  bool taken() const { return taken_; }
+  void then(Then* t) override {
+    t->next_then = nullptr;
+    (hooks_tail_ ? hooks_tail_->next_then : hooks_) = t;
+    hooks_tail_ = t;
+  }
+  bool taken() const { return pending_ != nullptr; }
+
+  // After the chain answered (inside the disk). `s` Deferred: the worker's party of the
+  // Pending; true when the caller must answer it (answered(), once out of the disk). A hook
+  // registered for a request that was never taken runs now with the error it ends with.
+  bool chain_returned(Status* s) {
+    if (s->deferred() && pending_) {
+      if (!pending_->returned(hooks_)) return false;
+      pending_->run_hooks();
+      return true;
+    }
+    for (Then* t = hooks_; t;) {
+      Then* next = t->next_then;
+      size_t got = 0;
+      *s = t->then(*s, nullptr, &got);
+      t = next;
+    }
+    hooks_ = nullptr;
+    return false;
+  }
+  void answer() { pending_->answer(); }
 
  private:
   Disk& d_;
@@ -186,7 +256,8 @@ class Disk::Offer final : public Deferrer {
   const size_t len_;
   const uint64_t t0_;
   const Completion* const done_;
-  bool taken_ = false;
+  Pending* pending_ = nullptr;
+  Then *hooks_ = nullptr, *hooks_tail_ = nullptr;
 };
 
 void Disk::account(bool is_write, Status s, size_t bytes, uint64_t t0) {
@@ -234,11 +305,14 @@ Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got
   Io req = io;
   req.defer = done && done->fn ? &offer : nullptr;
   Status s;
+  bool answer = false;
   {
     Inside in(plumbing_);
     s = top_->read(req, buf, len, off, got);
     s = checked(s, offer.taken());  // (after the call: argument order is unspecified)
+    answer = offer.chain_returned(&s);
   }
+  if (answer) offer.answer();  // it completed before this thread was back: answered here
   if (s.deferred()) return s;  // counted when it completes
   account(false, s, s.ok() ? *got : 0, t0);
   return s;
@@ -250,11 +324,14 @@ Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off, cons
   Io req = io;
   req.defer = done && done->fn ? &offer : nullptr;
   Status s;
+  bool answer = false;
   {
     Modifying in(*this);
     s = top_->write(req, buf, len, off);
     s = checked(s, offer.taken());
+    answer = offer.chain_returned(&s);
   }
+  if (answer) offer.answer();
   if (s.deferred()) return s;
   account(true, s, len, t0);
   return s;

@@ -33,10 +33,28 @@
 // new request (a write waits out a quiesce; a re-plumb's swap waits for it), runs k.run() on
 // that thread — the rest of the filter's work, typically next_->read/write with a plain Io —
 // and completes the request with its status (the FUSE reply), or Deferred::finish(status) to
-// complete it without going down. Then the Deferred is gone.
+// complete it without going down (from outside the disk: not on a thread inside one of its
+// requests). Then the Deferred is gone.
 //
 //   worker:  Disk::write ─► filter.write: io.defer->take(), park it, return Deferred ─► (free)
 //   timer:   d->resume(k) ─► [disk entered] k.run(data): next_->write(...) ─► reply, stats
+//
+// Completion hooks. A filter that passes io.defer down but has work of its own to finish once
+// the request below is done (a cache that must keep a block marked "write in flight" until a
+// deferred write lands, then update its map, before the write is acknowledged) registers a
+// Then: when next_->read/write(io, ...) answered Status::Deferred(), it calls
+// io.defer->then(t) before it returns Deferred itself. t->then(status, data, &got) runs once,
+// when the request below completes — on the thread that completes it (the resuming one), or
+// on the worker itself if the request completed before the worker was back out of the chain
+// (the framework waits for both, so a hook never runs before it is registered) — inside the
+// disk as a resumed request is, before the answer goes up. Hooks run in the order they were
+// registered, which is bottom-up (a lower filter returns, and registers, first); each gets
+// the status the one below returned and returns the status the request completes with, so a
+// filter may still fail a request whose lower write succeeded, and only the layers above it
+// see that. A filter that registers nothing is untouched.
+//
+//   worker:  cache.write: mark block, next_->write(io) ─► Deferred; io.defer->then(t); return Deferred
+//   timer:   d->resume(k) ─► k.run(): below ─► t->then(s): cache bookkeeping ─► reply, stats
 //
 // Only requests of read and write are offered (nothing else is worth holding). A filter that
 // does not defer is untouched: it never looks at io.defer, and a filter's default data path
@@ -44,9 +62,10 @@
 // chain declares FilterInfo::passes_deferral; the chain sets it when it links the filters. A
 // filter that declares it decides per request: it passes io.defer down only with a request
 // whose result it returns as it is and does nothing with after next_ returns (so it does not
-// mind that the request comes back up "Deferred" before it is done), and sends every other
-// request down with an Io without it (Io{io.direct}), so that nothing below defers that one.
-// The cache does so (it passes a read miss it does not fill; see register_cache); replicate
+// mind that the request comes back up "Deferred" before it is done) — or whose remaining work
+// a completion hook does (below) — and sends every other request down with an Io without it
+// (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss it
+// does not fill; a one-block write, finished by a hook; see register_cache); replicate
 // works on every result and does not declare it, so a throttle below it blocks its worker.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the
@@ -82,7 +101,8 @@ namespace YAML { class Node; }
 
 namespace iofilterfs {
 
-inline constexpr int kFilterApiVersion = 2;  // 2: Io::defer, Deferred, release_deferred()
+// 2: Io::defer, Deferred, release_deferred(); 3: Deferrer::then (completion hooks)
+inline constexpr int kFilterApiVersion = 3;
 
 // Fixed class order, guest side first. The chain is sorted by this, never by YAML key order.
 enum class FilterClass : int { Replicate = 0, Cache = 1, Throttle = 2, Encrypt = 3 };
@@ -126,6 +146,19 @@ class Deferred {
   ~Deferred() = default;
 };
 
+// A filter's own work after a deferred request completes below it (see "Completion hooks").
+class Then {
+ public:
+  // Runs once. s: what the layer below answered; data: the request's buffer (a read's bytes,
+  // *got of them; a write's data, the framework's copy). Returns the status the request
+  // completes with (s, or an error of this filter's; a read may change *got).
+  virtual Status then(Status s, void* data, size_t* got) = 0;
+  Then* next_then = nullptr;  // the framework's
+
+ protected:
+  ~Then() = default;
+};
+
 // Offered in Io::defer by a caller that can take a deferred answer.
 class Deferrer {
  public:
@@ -133,6 +166,11 @@ class Deferrer {
   // Status::Deferred() and later resume or finish it; null (out of memory): it was not taken,
   // and the filter handles the request on the calling thread.
   virtual Deferred* take() = 0;
+  // Registers t for this request (see "Completion hooks"): only after the layer below
+  // answered Status::Deferred() to it, and then the filter returns Status::Deferred() too.
+  // t must stay valid until it has run; it always runs, with an error status if the request
+  // fails (or if nothing below had taken it: a bug of that filter, answered EIO).
+  virtual void then(Then* t) = 0;
 
  protected:
   ~Deferrer() = default;
@@ -367,8 +405,9 @@ struct FilterInfo {
   std::function<std::string(const YAML::Node& params, const std::string& image)> discard;
   // A filter below this one may defer (see "Deferring"): on each read and write, this filter
   // either passes io down unchanged and does nothing after next_ returns but return what it
-  // returned, or passes an Io without defer. The default (false) suits a filter that passes io
-  // down and then works on the result (replicate). The cache declares it.
+  // returned (or, when that is Deferred, register a completion hook that does its remaining
+  // work: see "Completion hooks"), or passes an Io without defer. The default (false) suits a
+  // filter that passes io down and then works on the result (replicate). The cache declares it.
   bool passes_deferral = false;
 };
 

@@ -461,8 +461,9 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
       return kLost;
     }
   }
-  // Keep the pages that came up whole and are not cached yet.
-  if (!degraded_.load(std::memory_order_relaxed)) {
+  // Keep the pages that came up whole and are not cached yet — unless a write of the block is
+  // still in flight below (InFlight): what came up may be the bytes it replaces.
+  if (!degraded_.load(std::memory_order_relaxed) && !in_flight(b)) {
     PageMask fill;
     for (uint32_t p = pa; p < pe; ++p)
       if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
@@ -531,17 +532,23 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   }
   const auto* src = static_cast<const uint8_t*>(buf);
   const uint64_t bs = p_.block;
+  bool deferred = false;
   for (uint64_t pos = off; pos < off + len;) {
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    // Never deferred below: every mode's block write works on its result, and a write that
-    // landed below only later would race with a read that fills the block (see register_cache).
-    Status s = write_one(Io{io.direct}, b, o, n, src + (pos - off), bypass);
+    // Deferral (filter.h) goes below only with a write that is one block's: the block is then
+    // marked in flight until it lands, and InFlight::then finishes it (see InFlight). A
+    // longer write's blocks go below without it (one request is deferred at most once).
+    Status s = write_one(pos == off && n == len ? io : Io{io.direct}, b, o, n, src + (pos - off), bypass);
+    if (s.deferred()) {
+      deferred = true;  // the only block: InFlight::then does the rest of this write's checks
+      break;
+    }
     if (!s.ok()) return s;
     pos += n;
   }
-  if (records_broken_.load()) {
+  if (!deferred && records_broken_.load()) {
     // The device failed a record during this write: acknowledged only once the file is aside.
     Status s = failover();
     if (!s.ok()) return s;
@@ -557,7 +564,67 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     }
     if (high) kick();
   }
-  return Status::Ok();
+  return deferred ? Status::Deferred() : Status::Ok();
+}
+
+// ---- writes in flight below (see InFlight in cache_filter.h) --------------------------------
+
+struct CacheFilter::InFlight final : Then {
+  CacheFilter* f = nullptr;
+  uint64_t block = 0;
+  bool through = false;  // write_block's (then() finishes it); else a write-back bypass
+  uint32_t o = 0, n = 0, slot = kNoSlot;
+  bool cache_it = false, record_failed = false;
+  Status st;
+  uint64_t gen = 0;
+  InFlight* next = nullptr;  // in f->inflight_[stripe], under the stripe
+
+  // On the thread that completed the write below (or its worker): data is the write's bytes
+  // (the framework's copy; this one block's, as only a one-block write is deferred).
+  Status then(Status s, void* data, size_t*) override {
+    CacheFilter* const c = f;
+    const bool was_through = through;
+    {
+      std::lock_guard<std::mutex> sl(c->stripe(block));
+      c->unlist(this);
+      if (through)
+        s = c->write_block_done(s, block, o, n, static_cast<const uint8_t*>(data), slot, cache_it, st, record_failed,
+                                gen);
+    }
+    delete this;
+    // Landed below after the last sync may have cleared the flag: the next sync must sync below.
+    if (!was_through && s.ok()) c->below_unsynced_.store(true, std::memory_order_relaxed);
+    // As write(): a record the device failed meanwhile is set aside before the write is acknowledged.
+    if (s.ok() && c->records_broken_.load()) s = c->failover();
+    return s;
+  }
+};
+
+Status CacheFilter::write_down(const Io& io, InFlight* fl, const uint8_t* src, uint32_t n, uint64_t at) {
+  if (!fl) return next_->write(io, src, n, at);
+  InFlight*& head = inflight_[stripe_index(fl->block)];
+  fl->next = head;
+  head = fl;
+  Status s = next_->write(io, src, n, at);
+  if (s.deferred()) {
+    io.defer->then(fl);  // the write is below: fl is the framework's until it has run
+    return s;
+  }
+  unlist(fl);
+  return s;
+}
+
+bool CacheFilter::in_flight(uint64_t b) const {
+  for (const InFlight* f = inflight_[stripe_index(b)]; f; f = f->next)
+    if (f->block == b) return true;
+  return false;
+}
+
+void CacheFilter::unlist(InFlight* fl) {
+  InFlight** link = &inflight_[stripe_index(fl->block)];
+  while (*link && *link != fl) link = &(*link)->next;
+  if (*link) *link = fl->next;
+  fl->next = nullptr;
 }
 
 Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
@@ -579,6 +646,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   const bool cache_it =
       mode == cache::Mode::WriteThrough && !bypass && fa < fe && !degraded_.load(std::memory_order_relaxed);
   uint32_t slot;
+  uint64_t gen = 0;
   {
     std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
@@ -591,7 +659,7 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
       meta_[slot].valid.clear_range(pa, pe);
       valid_pages_.fetch_sub(dropped, std::memory_order_relaxed);
       if (dropped) invalidations_.fetch_add(1, std::memory_order_relaxed);
-      ++meta_[slot].gen;
+      gen = ++meta_[slot].gen;
       map_->pin(slot);
     } else if (bypass) {
       bypasses_.fetch_add(1, std::memory_order_relaxed);
@@ -601,8 +669,39 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   // record that vouches for the old bytes.
   Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
   bool record_failed = !st.ok();
-  Status s = next_->write(io, src, n, base + o);
-  if (s.ok() && st.ok() && slot != kNoSlot && cache_it) {
+  // With the request's Deferrer the write goes below marked in flight (see InFlight).
+  std::unique_ptr<InFlight> fl(io.defer ? new (std::nothrow) InFlight : nullptr);
+  if (fl) {
+    fl->f = this;
+    fl->block = b;
+    fl->through = true;
+    fl->o = o;
+    fl->n = n;
+    fl->slot = slot;
+    fl->cache_it = cache_it;
+    fl->st = st;
+    fl->record_failed = record_failed;
+    fl->gen = gen;
+  }
+  Status s = write_down(fl ? io : Io{io.direct}, fl.get(), src, n, base + o);
+  if (s.deferred() && fl) {
+    (void)fl.release();  // InFlight::then finishes the write when it has landed
+    return s;
+  }
+  return write_block_done(s, b, o, n, src, slot, cache_it, st, record_failed, gen);
+}
+
+Status CacheFilter::write_block_done(Status s, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, uint32_t slot,
+                                     bool cache_it, Status st, bool record_failed, uint64_t gen) {
+  const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
+  // Fill only while the cache and below agree on the order: no other write of the block is in
+  // flight below (it might land after this one) and none began since (gen), nor a failover.
+  bool fill = s.ok() && st.ok() && slot != kNoSlot && cache_it && !in_flight(b) && !passthrough_.load();
+  if (fill) {
+    std::shared_lock<RwLock> g(mu_);
+    fill = meta_[slot].gen == gen;
+  }
+  if (fill) {
     st = store_->write(slot, b, fa * kPage, src + (fa * kPage - o), size_t(fe - fa) * kPage);
     if (st.ok()) {
       {
@@ -632,13 +731,17 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
 Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src,
                                      bool bypass) {
   const uint64_t base = b * p_.block;
+  const Io plain{io.direct};  // io may carry a Deferrer: only the bypass below passes it on
+  // A write of this block still in flight below (see InFlight) may land after anything this
+  // one would cache: it goes below too (or, if the block has a slot, takes it out of the cache).
+  const bool busy = in_flight(b);
   uint32_t slot;
   bool fresh = false;
   PageMask valid;
   {
     std::lock_guard<RwLock> g(mu_);
     slot = map_->find(b);
-    if (slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
+    if (slot == kNoSlot && !bypass && !busy && !degraded_.load(std::memory_order_relaxed)) {
       slot = alloc_locked(b);
       fresh = slot != kNoSlot;
     }
@@ -651,10 +754,17 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
     // Not cached and no room (or a sequential stream, or a failed device): straight below.
     bypasses_.fetch_add(1, std::memory_order_relaxed);
     below_unsynced_.store(true, std::memory_order_relaxed);
-    return next_->write(io, src, n, base + o);
+    std::unique_ptr<InFlight> fl(io.defer ? new (std::nothrow) InFlight : nullptr);
+    if (fl) {
+      fl->f = this;
+      fl->block = b;
+    }
+    Status s = write_down(fl ? io : plain, fl.get(), src, n, base + o);
+    if (s.deferred() && fl) (void)fl.release();  // InFlight::then when it has landed
+    return s;
   }
   // A degraded device takes nothing new: the block goes below with its dirty pages and leaves.
-  if (degraded_.load(std::memory_order_relaxed)) return evacuate(io, b, slot, o, n, src);
+  if (busy || degraded_.load(std::memory_order_relaxed)) return evacuate(plain, b, slot, o, n, src);
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const size_t span = size_t(pe - pa) * kPage;
   const uint8_t* data = src;
@@ -679,7 +789,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
         s = store_->read(slot, b, p * kPage, at, kPage);
       } else {
         size_t g = 0;
-        s = read_below(io, at, kPage, base + p * kPage, &g);
+        s = read_below(plain, at, kPage, base + p * kPage, &g);
       }
       if (!s.ok()) break;
     }
@@ -687,7 +797,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       // The cached copy of an edge page cannot be read: below gets the block (evacuate reads
       // only its dirty pages, and fails only if one of those cannot be read).
       degrade(std::string("read failed: ") + std::strerror(s.err));
-      return evacuate(io, b, slot, o, n, src);
+      return evacuate(plain, b, slot, o, n, src);
     }
     if (!s.ok()) {
       std::lock_guard<RwLock> g(mu_);
@@ -729,7 +839,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
   }
   if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
   else degrade(std::string("write failed: ") + std::strerror(s.err));
-  return evacuate(io, b, slot, o, n, src);
+  return evacuate(plain, b, slot, o, n, src);
 }
 
 Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src) {
@@ -1168,14 +1278,15 @@ void register_cache(Registry& r) {
     if (!cache::parse_cache(params, &p).empty()) return nullptr;
     return std::make_unique<CacheFilter>(p);
   };
-  // Per request (filter.h, "Deferring"): the cache hands the Deferrer down only where it
-  // returns below's answer untouched and keeps nothing of it — everything while it is pass-through
-  // (no store, or after a failover), and a one-block read miss it does not fill (a sequential
-  // bypass, no free slot, a degraded device) in write-through and write-around. Hits, fills,
-  // write-back and every write go below without it, and so wait on their worker behind a
-  // throttle. Writes in particular: a write that defers below a cache that is not pass-through
-  // would leave its block's stripe before its bytes land, and a read miss could then fill the
-  // block from the old bytes and keep them after the write is acknowledged.
+  // Per request (filter.h, "Deferring"): the cache hands the Deferrer down where it returns
+  // below's answer untouched and keeps nothing of it — everything while it is pass-through (no
+  // store, or after a failover), and a one-block read miss it does not fill (a sequential
+  // bypass, no free slot, a degraded device) in write-through and write-around — and with every
+  // one-block write that goes below (write-through, write-around, a write-back bypass), which
+  // stays marked in flight in its stripe until it has landed, and whose bookkeeping (the fill,
+  // the record, the slot's pin) a completion hook finishes before it is acknowledged
+  // (InFlight). Hits, fills, write-back's cached writes and writes of more than one block go
+  // below without it, and so wait on their worker behind a throttle.
   info.passes_deferral = true;
   info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
     cache::CacheParams p;

@@ -117,7 +117,28 @@ class CacheFilter : public Filter {
     uint64_t gen = 0;  // bumped by every write into the slot
   };
   static constexpr int kStripes = 64;
-  std::mutex& stripe(uint64_t block) { return stripes_[(block * 0x9E3779B97F4A7C15ull) >> 58]; }
+  static size_t stripe_index(uint64_t block) { return (block * 0x9E3779B97F4A7C15ull) >> 58; }
+  std::mutex& stripe(uint64_t block) { return stripes_[stripe_index(block)]; }
+  // A one-block write sent below with the request's Deferrer (filter.h, "Deferring"), from
+  // the moment it goes below until it has landed and the cache has finished with it. While it
+  // is listed in its stripe (inflight_) its block is "write in flight": a read miss does not
+  // fill the block (the bytes below may still be the old ones), a write-back write does not
+  // cache it, and a write-through fill happens only when no other write of the block is in
+  // flight. When the write below was deferred, then() runs when it lands (the framework's
+  // completion hook): it takes the stripe, leaves the list and does what write_block or the
+  // write-back bypass would have done after next_->write returned, before the write is
+  // acknowledged; so a held write keeps no worker thread and no stripe lock while it waits.
+  struct InFlight;
+  // Sends a one-block write below [base+o, +n) with io (which may carry a Deferrer; stripe
+  // held), listed as in flight when it carries one. Deferred: *fl was registered as the
+  // request's hook and runs later; else *fl is null and the caller goes on.
+  Status write_down(const Io& io, InFlight* fl, const uint8_t* src, uint32_t n, uint64_t at);
+  // A write of block b is in flight below (stripe held).
+  bool in_flight(uint64_t b) const;
+  void unlist(InFlight* fl);  // stripe held
+  // write_block's work after the write came back from below with s (stripe held).
+  Status write_block_done(Status s, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, uint32_t slot,
+                          bool cache_it, Status st, bool record_failed, uint64_t gen);
   uint32_t pages() const { return p_.block / cache::kPage; }
   bool write_back() const { return mode_.load(std::memory_order_acquire) == cache::Mode::WriteBack; }
 
@@ -178,6 +199,7 @@ class CacheFilter : public Filter {
   cache::RateMeter rate_;                 // under mu_
   size_t cursor_ = 0;                     // destage scan position, under mu_
   std::array<std::mutex, kStripes> stripes_;
+  std::array<InFlight*, kStripes> inflight_{};  // each under its stripe: its writes in flight below
 
   std::atomic<uint64_t> record_seq_{0};
   std::atomic<uint64_t> size_{0};  // write-back: the disk's size including dirty data past below's end

@@ -52,6 +52,19 @@ struct GroupRequest {
 
 class GroupQueue {
  public:
+  // Holding a turn. A member whose requests all started a moment ago (within kActiveNs) is
+  // usually busy, not idle: its requests are on their way back (below, the reply, the guest's
+  // next submission, a thread's wake-up on a loaded machine). When its turn comes while it has
+  // nothing waiting, dispatch holds the turn for it up to kHoldNs instead of giving the budget
+  // to the next member: the budget stays in the buckets (a hold is far shorter than a bucket's
+  // burst), its request starts the moment it arrives — on its own thread, with no wait for a
+  // timer or a pool thread — and then the others go on at once with what was held. A member
+  // that does not come back within the hold is not held for again until it arrives. Without
+  // it, a disk at a shallow depth loses most turns on a loaded machine (measured 62/38 for
+  // depths 32 and 4 against the 40-60 the issue asks).
+  static constexpr uint64_t kHoldNs = 25'000'000;
+  static constexpr uint64_t kActiveNs = 50'000'000;
+
   explicit GroupQueue(const ThrottleConfig& cfg = {});
 
   // New limits. The buckets start empty, as QEMU's throttle_config() does on a change (the
@@ -71,6 +84,12 @@ class GroupQueue {
   // the caller moves a request from one node to another (its worker's stack to the record of a
   // deferred request) without losing its turn.
   void replace(int member, GroupRequest* r, GroupRequest* with);
+  // Takes r out of `member`'s queue without starting it (nothing is charged): true when it was
+  // waiting there, false when it is not (dispatched already, or never queued).
+  bool remove(int member, GroupRequest* r);
+  // Takes every waiting request of `member` out, uncharged, and returns them (linked through
+  // next, reads first).
+  GroupRequest* remove_all(int member);
   // Starts, in round-robin order over the members, every waiting request that may start at
   // now_ns (a value below one seen before counts as the latest one) and returns them as a
   // list linked through `next`, in the order started. *next_event: when the next waiting
@@ -87,11 +106,16 @@ class GroupQueue {
   struct Member {
     bool used = false;
     Fifo q[2];  // reads, writes
+    uint64_t last_start = 0;  // when a request of it last started
+    bool idle = true;         // not held for (see hold_turn) until it next arrives
   };
+  // Whether dispatch keeps the turn of m, which has nothing waiting, for it (see kHoldNs).
+  bool hold_turn(Member& m, uint64_t now);
 
   ThrottleState state_;
   std::vector<Member> members_;
   size_t turn_ = 0;  // the member whose turn comes first
+  uint64_t turn_since_ = 0;  // when dispatch began to hold turn_'s turn (0: it does not)
   uint64_t seq_ = 0;
   size_t waiting_ = 0;
 };

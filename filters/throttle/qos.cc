@@ -111,6 +111,23 @@ void QosScheduler::replace(int client, QosRequest* r, QosRequest* with) {
   r->next = nullptr;
 }
 
+bool QosScheduler::remove_request(int client, QosRequest* r) {
+  if (client < 0 || static_cast<size_t>(client) >= clients_.size()) return false;
+  Client& c = clients_[client];
+  QosRequest* prev = nullptr;
+  for (QosRequest* x = c.head; x; prev = x, x = x->next) {
+    if (x != r) continue;
+    (prev ? prev->next : c.head) = r->next;
+    if (c.tail == r) c.tail = prev;
+    r->next = nullptr;
+    --c.queued;
+    --waiting_;
+    if (!prev && c.head) tag_head(c);  // a new head
+    return true;
+  }
+  return false;
+}
+
 QosRequest* QosScheduler::dispatch(uint64_t now, uint64_t inflight, uint64_t window, uint64_t* next_event) {
   QosRequest *first = nullptr, *last = nullptr;
   uint64_t in = inflight;

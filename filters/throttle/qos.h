@@ -110,6 +110,9 @@ class QosScheduler {
   // Puts `with` in the place of `r`, a waiting request of `client`, with its tags (see
   // GroupQueue::replace).
   void replace(int client, QosRequest* r, QosRequest* with);
+  // Takes r out of `client`'s queue without dispatching it: true when it was waiting there.
+  // (The tags a head took stay taken, as if it had been served.)
+  bool remove_request(int client, QosRequest* r);
   // Dispatches at `now`, given `inflight` requests below the throttle and the window
   // (kUnlimited: dispatch everything). Returns the dispatched requests linked through `next`,
   // in dispatch order; *next_event: the next R tag that falls due (kNever if none), since

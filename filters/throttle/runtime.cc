@@ -224,6 +224,24 @@ bool Group::park(int member, bool is_write, uint64_t bytes, ParkedWait* p, std::
   return true;
 }
 
+bool Group::unpark(int member, ParkedWait* p) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!p->waiter.task || p->waiter.granted || !q_.remove(member, &p->group)) return false;
+  gate_.grant(&p->waiter);  // to the pool; p may be gone once the lock is let go
+  pump_locked(monotonic_ns());
+  return true;
+}
+
+void Group::release(int member) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (GroupRequest* r = q_.remove_all(member); r;) {
+    GroupRequest* n = r->next;  // r may be gone once granted
+    gate_.grant(static_cast<Waiter*>(r->owner));
+    r = n;
+  }
+  pump_locked(monotonic_ns());
+}
+
 // ---- the datastore's QoS ----
 
 QosDomain& QosDomain::instance() {
@@ -366,6 +384,15 @@ bool QosDomain::park(int client, ParkedWait* p, std::atomic<uint64_t>* queued) {
   p->waiter.queued = queued;
   queued->fetch_add(1, std::memory_order_relaxed);
   gate_.park(&mu_, [this](uint64_t t) { pump_locked(t); });
+  return true;
+}
+
+bool QosDomain::unpark(int client, ParkedWait* p) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!p->waiter.task || p->waiter.granted || !sched_.remove_request(client, &p->qos)) return false;
+  inflight_.fetch_add(1, std::memory_order_relaxed);  // as pump_locked's grants
+  gate_.grant(&p->waiter);
+  waiting_.store(sched_.waiting(), std::memory_order_relaxed);
   return true;
 }
 

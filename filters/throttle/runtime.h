@@ -178,6 +178,12 @@ class Group {
   // A deferred request (its nodes in p, p->waiter.task set): false when it may start now;
   // true when it is queued, and then its task runs when the group grants it.
   bool park(int member, bool is_write, uint64_t bytes, ParkedWait* p, std::atomic<uint64_t>* queued);
+  // A parked request of `member` (see park) goes on now, uncharged: taken out of the queue and
+  // its task handed to the ResumePool. False (nothing done) when it is not parked here.
+  bool unpark(int member, ParkedWait* p);
+  // Every request of `member` waiting here goes on now, uncharged: blocked ones wake, parked
+  // ones go to the pool (a disk releasing what it holds).
+  void release(int member);
   size_t waiting() const;
 
  private:
@@ -217,6 +223,11 @@ class QosDomain {
   Wait enter(int client, std::atomic<uint64_t>* queued, Parker* parker = nullptr);
   // A deferred request, as Group::park.
   bool park(int client, ParkedWait* p, std::atomic<uint64_t>* queued);
+  // As Group::unpark: the request goes below now, counted in flight (leave() follows).
+  bool unpark(int client, ParkedWait* p);
+  // A request that skips the scheduler (its disk is releasing what it holds): counted in
+  // flight, as enter() counts every request (leave() follows).
+  void bypass() { inflight_.fetch_add(1, std::memory_order_relaxed); }
   // After it came back up, latency_ns after it went down.
   void leave(uint64_t latency_ns);
 

@@ -135,6 +135,10 @@ ThrottleFilter::Parked* ThrottleFilter::take_locked(const Io& io, bool is_write,
   p->wait.waiter.granted = false;
   p->wait.waiter.task = p;
   p->wait.waiter.queued = nullptr;
+  p->live_prev = nullptr;
+  p->live_next = live_;
+  if (live_) live_->live_prev = p;
+  live_ = p;
   ++outstanding_;
   return p;
 }
@@ -142,6 +146,7 @@ ThrottleFilter::Parked* ThrottleFilter::take_locked(const Io& io, bool is_write,
 bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_t off, uint64_t t_arrival,
                             bool* waited) {
   std::unique_lock<std::mutex> lk(mu_);
+  if (released_) return false;  // releasing (release_deferred): unthrottled
   const uint64_t now = monotonic_ns();
   const uint64_t start = start_for(is_write, bytes, now);
   if (start <= now) return false;
@@ -167,7 +172,7 @@ bool ThrottleFilter::stage1(const Io& io, bool is_write, uint64_t bytes, uint64_
   h.owner = &cv;
   held_.push(&h);
   queued_.fetch_add(1, std::memory_order_relaxed);
-  while (monotonic_ns() < h.start)
+  while (!released_ && monotonic_ns() < h.start)
     cv.wait_until(lk, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(h.start)));
   queued_.fetch_sub(1, std::memory_order_relaxed);
   held_.remove(&h);
@@ -200,8 +205,11 @@ void ThrottleFilter::Parked::run() {
   ThrottleFilter* f = filter;
   if (f->advance(this)) return;  // queued in its group or the datastore: run again when granted
   request->resume(*this);        // below, inside the disk, then the answer
-  member.reset();                // leaves its group now if the disk did already
-  std::lock_guard<std::mutex> g(f->mu_);
+  std::shared_ptr<throttle::GroupMember> m;  // leaves its group here if the disk did already
+  std::lock_guard<std::mutex> g(f->mu_);     // (after the unlock: m is destroyed last)
+  m = std::move(member);
+  (live_prev ? live_prev->live_next : f->live_) = live_next;
+  if (live_next) live_next->live_prev = live_prev;
   f->records_.put(this);
   if (--f->outstanding_ == 0) f->idle_cv_.notify_all();
 }
@@ -211,29 +219,53 @@ Status ThrottleFilter::Parked::run(void* data, size_t* got) {
 }
 
 bool ThrottleFilter::advance(Parked* p) {
+  bool released;
+  std::shared_ptr<throttle::GroupMember> member;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    released = released_;
+    if (p->stage == 2 && !released) p->member = member_;  // its group now (a reload may have moved the disk)
+    member = p->member;
+  }
+  const int client = client_.load(std::memory_order_relaxed);
+  if (released) {  // release_deferred: the rest of the way unthrottled
+    if (p->stage <= 3 && client >= 0) throttle::QosDomain::instance().bypass();
+    p->stage = 4;
+    return false;
+  }
   if (p->stage == 2) {
     p->stage = 3;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      p->member = member_;  // the group it is in now (a reload may have moved the disk)
-    }
-    if (p->member &&
-        p->member->group->park(p->member->id, p->held.is_write, p->held.bytes, &p->wait, &queued_))
-      return true;
+    if (member && member->group->park(member->id, p->held.is_write, p->held.bytes, &p->wait, &queued_)) return true;
   }
   if (p->stage == 3) {
     p->stage = 4;
-    const int client = client_.load(std::memory_order_relaxed);
     if (client >= 0 && throttle::QosDomain::instance().park(client, &p->wait, &queued_)) return true;
   }
   return false;
+}
+
+void ThrottleFilter::unpark_all_locked() {
+  const int client = client_.load(std::memory_order_relaxed);
+  if (member_) member_->group->release(member_->id);  // parked and blocked ones of its group
+  for (Parked* p = live_; p; p = p->live_next) {  // and those left in a group it was in before
+    // Each queue checks, under its own mutex, whether p waits in it; at most one does.
+    if (p->member && p->member->group->unpark(p->member->id, &p->wait)) continue;
+    if (client >= 0) (void)throttle::QosDomain::instance().unpark(client, &p->wait);
+  }
 }
 
 void ThrottleFilter::release_deferred() {
   std::unique_lock<std::mutex> lk(mu_);
   released_ = true;
   dispatch_locked(held_.take_due(throttle::kNever));
-  idle_cv_.wait(lk, [&] { return outstanding_ == 0; });
+  for (throttle::Held* h = held_.front(); h; h = h->next)  // workers asleep at the limit
+    if (!h->deferred) static_cast<std::condition_variable*>(h->owner)->notify_one();
+  // A request a worker was parking as the release began reaches its queue only after the
+  // sweep: sweep again until none is left (each pass is cheap, and the pool carries the rest).
+  while (outstanding_ > 0) {
+    unpark_all_locked();
+    idle_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return outstanding_ == 0; });
+  }
 }
 
 void ThrottleFilter::defer_again() {
@@ -262,9 +294,15 @@ struct ThrottleFilter::WorkerParker final : throttle::Parker {
 Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, uint64_t off, size_t* got,
                             uint64_t t_arrival, bool waited) {
   std::shared_ptr<throttle::GroupMember> member;
+  bool released;
   {
     std::lock_guard<std::mutex> g(mu_);
     member = member_;
+    released = released_;
+  }
+  if (released) {  // release_deferred: on below unthrottled until defer_again()
+    if (client_.load(std::memory_order_relaxed) >= 0) throttle::QosDomain::instance().bypass();
+    return down(is_write, io.direct, buf, len, off, got, t_arrival, waited);
   }
   const bool can_park = io.defer && may_defer();
   WorkerParker parker;

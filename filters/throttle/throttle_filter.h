@@ -40,8 +40,10 @@
 // never held while waiting in a group or the datastore, nor while calling the layer below (nor
 // is it taken under a group's or the datastore's mutex: a worker's request is taken with those
 // let go); meter_mu_ guards the rate meter. The timer thread takes mu_ and, under it, the
-// ResumePool's mutex (a leaf). Lock order: mu_, then the pool's mutex; nothing else here is
-// taken while another lock is held.
+// ResumePool's mutex (a leaf). release_deferred()'s sweep takes a group's or the datastore's
+// mutex under mu_ (nothing takes mu_ under those). Lock order: mu_, then a group's or the
+// datastore's mutex, then the pool's mutex; nothing else here is taken while another lock is
+// held.
 // The counters are atomics, read without a lock by stats_json().
 #pragma once
 
@@ -78,9 +80,12 @@ class ThrottleFilter : public Filter {
   // limits in their order, a new group is joined for the requests that arrive from now on (the
   // ones queued in the old group are served there), new shares and reservation apply at once.
   bool reconfigure(const YAML::Node& params) override;
-  // The deferred requests go on at once (the timer hands them all to the pool) and new ones
-  // wait on their workers until defer_again(); returns when none is left here. close() does
-  // it too, and stops the timer thread.
+  // Everything this disk holds goes on at once, unthrottled, and so do new requests until
+  // defer_again(): the deferred requests held at the disk go to the pool, the ones parked in
+  // its group's or the datastore's queue are taken out of it (uncharged) and go too, and the
+  // workers sleeping at the disk's limit wake; returns when no deferred request is left here
+  // (a re-plumb thus waits for the requests' trip below, not for their turns at the limit).
+  // close() does it too, and stops the timer thread.
   void release_deferred() override;
   void defer_again() override;
 
@@ -106,6 +111,7 @@ class ThrottleFilter : public Filter {
     std::shared_ptr<throttle::GroupMember> member;  // its group (kept while it waits there)
     throttle::ParkedWait wait;                      // wait.waiter.task is this
     Parked* next_free = nullptr;                    // in records_ (Recycler)
+    Parked *live_prev = nullptr, *live_next = nullptr;  // in live_ (mu_) from take to answer
     void run() override;                           // PoolTask: on a pool thread
     Status run(void* data, size_t* got) override;  // Continuation: inside the disk
   };
@@ -128,6 +134,9 @@ class ThrottleFilter : public Filter {
               bool waited);
   // Hands the listed requests (take_due's answer) to the pool (mu_ held).
   void dispatch_locked(throttle::Held* list);
+  // release_deferred's sweep (mu_ held): every live request parked in a group or the
+  // datastore's queue goes on now.
+  void unpark_all_locked();
   void timer_loop();
   // Stage 1's start time for a request arriving at now (mu_ held).
   uint64_t start_for(bool is_write, uint64_t bytes, uint64_t now);
@@ -141,6 +150,7 @@ class ThrottleFilter : public Filter {
   std::shared_ptr<throttle::GroupMember> member_;   // under mu_: null unless open and in a group
   throttle::HeldQueue held_;                        // under mu_: stage 1's deferred and sleeping requests
   throttle::Recycler<Parked> records_{256};         // under mu_: Parked records given back
+  Parked* live_ = nullptr;                          // under mu_: every Parked taken, not yet answered
   std::condition_variable timer_cv_;                // the timer thread sleeps on it (mu_)
   std::condition_variable idle_cv_;                 // release_deferred() waits on it (mu_)
   std::thread timer_;                               // started with the first deferral

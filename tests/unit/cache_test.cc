@@ -678,6 +678,57 @@ struct DeferProbe : testing::MemLayer {
 
 struct NoDeferrer final : iofilterfs::Deferrer {
   iofilterfs::Deferred* take() override { return nullptr; }
+  void then(iofilterfs::Then*) override {}
+};
+
+// One write as the framework holds it (disk.cc's Pending): the layer below takes it, the test
+// resumes it, and the cache's completion hook runs then, before the answer.
+struct HeldWrite final : iofilterfs::Deferred, iofilterfs::Deferrer {
+  std::vector<char> buf;
+  uint64_t off = 0;
+  iofilterfs::Then* hooks = nullptr;
+  iofilterfs::Status answer = iofilterfs::Status::Deferred();
+  iofilterfs::Deferred* take() override { return this; }
+  void then(iofilterfs::Then* t) override {
+    t->next_then = hooks;
+    hooks = t;
+  }
+  void* data() override { return buf.data(); }
+  void resume(iofilterfs::Continuation& k) override {
+    size_t g = 0;
+    iofilterfs::Status s = k.run(buf.data(), &g);
+    finish(s, g);
+  }
+  void finish(iofilterfs::Status s, size_t g) override {
+    for (iofilterfs::Then* t = hooks; t;) {
+      iofilterfs::Then* n = t->next_then;
+      s = t->then(s, buf.data(), &g);
+      t = n;
+    }
+    answer = s;
+  }
+};
+
+// A memory layer that defers every write offered with a Deferrer until the test resumes it.
+struct DeferringMem : testing::MemLayer {
+  HeldWrite* held = nullptr;
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (!io.defer) return MemLayer::write(io, buf, len, off);
+    held = static_cast<HeldWrite*>(io.defer->take());
+    held->buf.assign(static_cast<const char*>(buf), static_cast<const char*>(buf) + len);
+    held->off = off;
+    return Status::Deferred();
+  }
+  void land() {
+    struct Down final : iofilterfs::Continuation {
+      DeferringMem* m;
+      Status run(void* data, size_t*) override {
+        return m->MemLayer::write(Io{}, data, m->held->buf.size(), m->held->off);
+      }
+    } k;
+    k.m = this;
+    held->resume(k);
+  }
 };
 
 }  // namespace
@@ -707,21 +758,84 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     // A small read is not bypassed: a miss that fills, then a hit.
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{"read"});
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{});
-    // Writes never: the cache must see them land (a fill could race them otherwise).
-    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 0).ok()); }) == V{"write"});
+    // Writes: a one-block write goes below with it (the cache finishes it in a completion
+    // hook), a longer one without.
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 0).ok()); }) == V{"write+defer"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{"write", "write"});
   }
   SECTION("write-through: a miss fills, so it is not deferred") {
     iofilterfs::Status st;
     auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
     REQUIRE(st.ok());
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 0, &got).ok()); }) == V{"read"});
-    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096).ok()); }) == V{"write"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096).ok()); }) == V{"write+defer"});
   }
-  SECTION("write-back: never, even a bypass (dirty data may lie over what comes up)") {
+  SECTION("write-back: no read, even a bypass (dirty data may lie over what comes up); a write that bypasses") {
     iofilterfs::Status st;
     auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
     REQUIRE(st.ok());
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 1 << 19).ok()); }) == V{"write+defer"});
   }
   CHECK(iofilterfs::Registry::instance().find("cache")->passes_deferral);
+}
+
+TEST_CASE("a deferred write keeps its block in flight: no read fills it from the old bytes, the cache fills it when "
+          "it lands, before the answer",
+          "[cache][filter][defer]") {
+  DeferringMem below;
+  below.data.assign(1 << 20, 'o');  // the old bytes
+  iofilterfs::Status st;
+  SECTION("write-through") {
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    HeldWrite w;
+    Io io;
+    io.defer = &w;
+    const std::string fresh(4096, 'N');
+    REQUIRE(f->write(io, fresh.data(), fresh.size(), 8192).deferred());
+    REQUIRE(below.held == &w);
+    CHECK(w.answer.deferred());  // not answered
+    // Meanwhile a read of the block (another page and the written one) misses and must not
+    // keep what it finds below.
+    char buf[4096];
+    size_t got = 0;
+    REQUIRE(f->read(Io{}, buf, 4096, 0, &got).ok());
+    REQUIRE(f->read(Io{}, buf, 4096, 8192, &got).ok());
+    CHECK(std::string(buf, 4096) == std::string(4096, 'o'));  // not landed yet: either answer is right
+    const double misses = counter(f->stats_json(), "misses");
+    REQUIRE(f->read(Io{}, buf, 4096, 8192, &got).ok());
+    CHECK(counter(f->stats_json(), "misses") == misses + 1);  // still a miss: nothing was filled
+    // It lands: the hook caches it, then it is answered.
+    below.land();
+    CHECK(w.answer.ok());
+    CHECK(std::string(below.data.data() + 8192, 4096) == fresh);
+    const double hits = counter(f->stats_json(), "hits");
+    REQUIRE(f->read(Io{}, buf, 4096, 8192, &got).ok());
+    CHECK(std::string(buf, 4096) == fresh);
+    CHECK(counter(f->stats_json(), "hits") == hits + 1);  // filled by the hook
+  }
+  SECTION("write-back: a write that bypasses the cache keeps the block out of it until it lands") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    HeldWrite w;
+    Io io;
+    io.defer = &w;
+    const std::string fresh(4096, 'N');
+    REQUIRE(f->write(io, fresh.data(), fresh.size(), 8192).deferred());  // 4 KiB: past the cutoff
+    char buf[4096];
+    size_t got = 0;
+    REQUIRE(f->read(Io{}, buf, 2048, 8192, &got).ok());  // small: would fill the page
+    // A write-back write to the block meanwhile goes below too, not into the cache.
+    const std::string other(2048, 'W');
+    REQUIRE(f->write(Io{}, other.data(), other.size(), 0).ok());
+    CHECK(f->dirty_bytes() == 0);
+    CHECK(std::string(below.data.data(), 2048) == other);
+    below.land();
+    CHECK(w.answer.ok());
+    REQUIRE(f->read(Io{}, buf, 2048, 8192, &got).ok());
+    CHECK(std::string(buf, 2048) == std::string(2048, 'N'));
+    REQUIRE(f->read(Io{}, buf, 2048, 8192 + 2048, &got).ok());
+    CHECK(std::string(buf, 2048) == std::string(2048, 'N'));
+  }
 }

@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstring>
+#include <functional>
 #include <thread>
 
 #include "chain.h"
@@ -608,7 +610,10 @@ class Parker : public Filter {
       struct Down final : Continuation {
         Parker* p;
         Held h;
-        Status run(void* data, size_t*) override { return p->next_->write(Io{}, data, h.len, h.off); }
+        Status run(void* data, size_t*) override {
+          if (p->fail) return Status::Error(p->fail, "parker: told to fail below");
+          return p->next_->write(Io{}, data, h.len, h.off);
+        }
       } k;
       k.p = this;
       k.h = h;
@@ -628,6 +633,7 @@ class Parker : public Filter {
   std::condition_variable cv;
   std::vector<Held> held;
   int releases = 0;
+  int fail = 0;  // resumed writes fail with this errno instead of going down
 };
 
 struct Answer {
@@ -723,6 +729,270 @@ TEST_CASE("a deferred write: the disk owns its data, the answer comes from the r
   CHECK(disk->deferred() == 0);
   REQUIRE(pread(fd, buf, 6, 100) == 6);
   CHECK(std::string(buf, 6) == "second");
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}
+
+namespace {
+
+// Passes writes down with their Deferrer; when one comes back Deferred it registers a
+// completion hook (filter.h, "Completion hooks") that logs what it saw — the status from below
+// and the bytes the backing file holds then — and may fail the request afterwards.
+class Hooker : public Filter {
+ public:
+  Hooker(std::string name, std::vector<std::string>* log, int backing_fd)
+      : name_(std::move(name)), log_(log), fd_(backing_fd) {}
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    Status s = next_->write(io, buf, len, off);
+    if (!s.deferred()) return s;
+    if (before_register) before_register();
+    io.defer->then(new Hook(this, len, off));
+    log_->push_back(name_ + ":registered");
+    return s;
+  }
+  struct Hook final : Then {
+    Hook(Hooker* f, size_t len, uint64_t off) : f(f), len(len), off(off) {}
+    Status then(Status s, void* data, size_t*) override {
+      std::string landed(len, '\0');
+      if (pread(f->fd_, landed.data(), len, static_cast<off_t>(off)) != static_cast<ssize_t>(len)) landed = "?";
+      f->log_->push_back(f->name_ + ":then<-" + std::to_string(s.err) + " data=" +
+                         std::string(static_cast<const char*>(data), len) + " below=" + landed);
+      f->thread = std::this_thread::get_id();
+      Status out = s.ok() && f->fail_after ? Status::Error(f->fail_after, "hooker: fails after the write below") : s;
+      delete this;
+      return out;
+    }
+    Hooker* f;
+    size_t len;
+    uint64_t off;
+  };
+  std::string name_;
+  std::vector<std::string>* log_;
+  int fd_;
+  int fail_after = 0;                     // the hook fails a request that succeeded below
+  std::function<void()> before_register;  // runs between the Deferred answer and then()
+  std::thread::id thread;                 // where the hook last ran
+};
+
+// A disk over a temporary file: two hooking filters (classes replicate and cache, both passing
+// deferral) above the Parker (class throttle).
+struct HookedDisk {
+  std::vector<std::string> log;
+  Parker* parker = nullptr;
+  Hooker *upper = nullptr, *lower = nullptr;
+  Registry r;
+  char tmpl[32] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = -1, pfd = -1;
+  std::shared_ptr<Disk> disk;
+  Answer answer;
+  Completion done{&Answer::fn, &answer};
+
+  HookedDisk() {
+    fd = mkstemp(tmpl);
+    REQUIRE(fd >= 0);
+    pfd = open(tmpl, O_PATH | O_CLOEXEC);
+    auto hooker = [this](const char* name, FilterClass cls, Hooker** out) {
+      std::string n = name;
+      REQUIRE(r.add(FilterInfo{n, cls, kFilterApiVersion, "", {}, nullptr,
+                               [this, n, out](const YAML::Node&) {
+                                 auto h = std::make_unique<Hooker>(n, &log, fd);
+                                 *out = h.get();
+                                 return h;
+                               },
+                               nullptr, nullptr, nullptr, true}));
+    };
+    hooker("upper", FilterClass::Replicate, &upper);
+    hooker("lower", FilterClass::Cache, &lower);
+    REQUIRE(r.add(FilterInfo{"parker", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                             [this](const YAML::Node&) {
+                               auto p = std::make_unique<Parker>();
+                               parker = p.get();
+                               return p;
+                             }}));
+    DiskOptions opt;
+    opt.registry = &r;
+    opt.filters = {spec("parker"), spec("upper"), spec("lower")};
+    std::string err;
+    REQUIRE(Disk::open(pfd, "hooked.raw", opt, &disk, &err).ok());
+    REQUIRE(disk->attach(true, false).ok());
+    REQUIRE((parker && upper && lower));
+  }
+  bool closed = false;
+  ~HookedDisk() {
+    if (!closed) {
+      disk->detach();
+      (void)disk->close();
+    }
+    disk.reset();
+    close(pfd);
+    close(fd);
+    unlink(tmpl);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("completion hooks run bottom-up after the deferred write landed, before the answer, on the resuming thread",
+          "[chain][disk][hook]") {
+  HookedDisk h;
+  char data[8] = "landed!";
+  REQUIRE(h.disk->write(Io{}, data, 7, 0, &h.done).deferred());
+  std::memset(data, 'X', sizeof data);
+  CHECK(h.log == std::vector<std::string>{"lower:registered", "upper:registered"});
+  CHECK(h.answer.got.empty());
+  std::thread::id resumer;
+  std::thread t([&] {
+    resumer = std::this_thread::get_id();
+    h.parker->resume_all();
+  });
+  t.join();
+  REQUIRE(h.log.size() == 4);
+  // The lower filter's hook first, each seeing the bytes below already.
+  CHECK(h.log[2] == "lower:then<-0 data=landed! below=landed!");
+  CHECK(h.log[3] == "upper:then<-0 data=landed! below=landed!");
+  CHECK(h.lower->thread == resumer);
+  REQUIRE(h.answer.got.size() == 1);
+  CHECK(h.answer.got[0] == std::make_pair(0, size_t(7)));
+  CHECK(h.disk->deferred() == 0);
+  CHECK(h.disk->stats().writes.load() == 1);
+}
+
+TEST_CASE("completion hooks see a failure from below and pass it up", "[chain][disk][hook]") {
+  HookedDisk h;
+  h.parker->fail = ENOSPC;
+  REQUIRE(h.disk->write(Io{}, "nospace", 7, 0, &h.done).deferred());
+  std::thread([&] { h.parker->resume_all(); }).join();
+  REQUIRE(h.log.size() == 4);
+  CHECK(h.log[2].rfind("lower:then<-" + std::to_string(ENOSPC) + " ", 0) == 0);
+  CHECK(h.log[3].rfind("upper:then<-" + std::to_string(ENOSPC) + " ", 0) == 0);
+  REQUIRE(h.answer.got.size() == 1);
+  CHECK(h.answer.got[0].first == ENOSPC);
+  CHECK(h.disk->stats().errors.load() == 1);
+}
+
+TEST_CASE("a filter's hook fails a request after its deferred write landed below: only the filters above see it",
+          "[chain][disk][hook]") {
+  HookedDisk h;
+  h.lower->fail_after = EIO;
+  REQUIRE(h.disk->write(Io{}, "written", 7, 0, &h.done).deferred());
+  std::thread([&] { h.parker->resume_all(); }).join();
+  REQUIRE(h.log.size() == 4);
+  CHECK(h.log[2] == "lower:then<-0 data=written below=written");  // the bytes are below
+  CHECK(h.log[3].rfind("upper:then<-" + std::to_string(EIO) + " ", 0) == 0);
+  REQUIRE(h.answer.got.size() == 1);
+  CHECK(h.answer.got[0].first == EIO);
+}
+
+TEST_CASE("a request that completes before its worker is back runs its hooks and answer on the worker",
+          "[chain][disk][hook]") {
+  HookedDisk h;
+  // The lower hooker has its Deferred answer; before it registers, another thread resumes the
+  // write to the end. Nothing may run before the hooks are registered.
+  h.lower->before_register = [&] {
+    std::thread([&] { h.parker->resume_all(); }).join();
+    CHECK(h.answer.got.empty());
+  };
+  REQUIRE(h.disk->write(Io{}, "raced!!", 7, 0, &h.done).deferred());
+  REQUIRE(h.answer.got.size() == 1);  // answered before write() returned
+  CHECK(h.answer.got[0] == std::make_pair(0, size_t(7)));
+  CHECK(h.lower->thread == std::this_thread::get_id());
+  CHECK(h.log == std::vector<std::string>{"lower:registered", "upper:registered",
+                                          "lower:then<-0 data=raced!! below=raced!!",
+                                          "upper:then<-0 data=raced!! below=raced!!"});
+  CHECK(h.disk->deferred() == 0);
+}
+
+TEST_CASE("hooks of writes held at close run before the disk closes", "[chain][disk][hook]") {
+  HookedDisk h;
+  REQUIRE(h.disk->write(Io{}, "closing", 7, 0, &h.done).deferred());
+  h.disk->detach();
+  REQUIRE(h.disk->close().ok());
+  CHECK(h.log.size() == 4);
+  CHECK(h.answer.got.size() == 1);
+  h.closed = true;
+}
+
+namespace {
+
+// Defers every read it may and answers it from a thread of the test's: below, through the
+// continuation, as the throttle does.
+class ReadParker : public Filter {
+ public:
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    if (io.defer && may_defer())
+      if (Deferred* d = io.defer->take()) {
+        held = d;
+        this->len = len;
+        this->off = off;
+        return Status::Deferred();
+      }
+    return next_->read(io, buf, len, off, got);
+  }
+  void resume() {
+    struct Down final : Continuation {
+      ReadParker* p;
+      Status run(void* data, size_t* got) override { return p->next_->read(Io{}, data, p->len, p->off, got); }
+    } k;
+    k.p = this;
+    Deferred* d = held;
+    held = nullptr;
+    d->resume(k);
+  }
+  void release_deferred() override {
+    if (held) resume();
+  }
+  Deferred* held = nullptr;
+  size_t len = 0;
+  uint64_t off = 0;
+};
+
+struct ReadAnswer {
+  std::string data;
+  int err = -1;
+  static void fn(void* ctx, Status s, const void* data, size_t len) {
+    auto* a = static_cast<ReadAnswer*>(ctx);
+    a->err = s.err;
+    a->data.assign(static_cast<const char*>(data), len);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a deferred read is answered with every byte the continuation read", "[chain][disk]") {
+  ReadParker* parker = nullptr;
+  Registry r;
+  REQUIRE(r.add(FilterInfo{"rparker", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                           [&parker](const YAML::Node&) {
+                             auto p = std::make_unique<ReadParker>();
+                             parker = p.get();
+                             return p;
+                           }}));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  const std::string content(131072, 'r');
+  REQUIRE(pwrite(fd, content.data(), content.size(), 0) == static_cast<ssize_t>(content.size()));
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("rparker")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "rpark.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->attach(false, false).ok());
+  ReadAnswer answer;
+  const Completion done{&ReadAnswer::fn, &answer};
+  std::vector<char> buf(131072);
+  size_t got = 0;
+  REQUIRE(disk->read(Io{}, buf.data(), buf.size(), 0, &got, &done).deferred());
+  std::thread([&] { parker->resume(); }).join();
+  CHECK(answer.err == 0);
+  CHECK(answer.data == content);
+  CHECK(disk->stats().read_bytes.load() == content.size());
+  disk->detach();
+  REQUIRE(disk->close().ok());
   disk.reset();
   close(pfd);
   close(fd);

@@ -7,7 +7,7 @@
 // them to the older record as a piece. So every byte of the disk is referenced by at most one
 // unshipped record, the latest that wrote it (its owner); older records got pieces instead.
 //
-//      journal:  R1 ref [0,8)   ...   P(R1) [4,8) old bytes   W2 ref [4,12)
+//      journal:  R1 ref [0,8)   ...   W2 ref [4,12)   P(R1) [4,8) old bytes
 //      owners:   [0,4) R1   [4,12) W2          R1's pieces: [4,8) -> journal offset of P's bytes
 //
 // Shipping R1: the parts of [0,8) not covered by its pieces are copied from the image, then
@@ -24,6 +24,11 @@
 // record is committed to the journal before the image write, for crash safety): landed() says
 // when it has. After a restart every record in the journal counts as landed (the image holds
 // whatever the crash left, and the preserved pieces found by the scan say the rest).
+//
+// The writer's order: its range locked, the old bytes read, then (under the journal lock) its
+// own record and the Preserve records reserved and add(); both written; the pieces attached;
+// only then the image write, and landed(). A crash before the image write leaves the image with
+// the old bytes, which is what the pieces hold, so replay ships the same either way.
 //
 // Pure: no I/O, no locks (the filter holds its own mutex around every call).
 #pragma once

@@ -652,8 +652,9 @@ ReplicateFilter::Preserved& ReplicateFilter::thread_preserved() {
 
 template <typename Fn>
 void ReplicateFilter::with_refs(Fn&& fn) {
-  // The background thread may be at SCHED_IDLE: a writer must never wait on it for rmu_.
-  const bool idle = std::this_thread::get_id() == bg_.get_id() && bg_sched_idle_.load();
+  // The background thread (the only caller) may be at SCHED_IDLE: a writer must never wait on
+  // it for rmu_.
+  const bool idle = bg_sched_idle_.load();
   if (idle) boost();
   {
     std::lock_guard<std::mutex> g(rmu_);
@@ -938,9 +939,11 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     }
   } landed{this, res && byref ? res->h.seq : 0};
   if (res) {
-    // Returns once this record and every earlier one are in the journal file.
-    std::string e = keep ? preserve_commit(keep) : std::string();
-    std::string e2 = journal_->commit(*res, byref ? nullptr : jdata);
+    // Returns once this record and every earlier one are in the journal file; then the old
+    // bytes' records, reserved after it (commit() goes in reservation order). A crash between
+    // the two leaves this record without the pieces, but also without its image write.
+    std::string e = journal_->commit(*res, byref ? nullptr : jdata);
+    std::string e2 = keep ? preserve_commit(keep) : std::string();
     if (e.empty()) e = e2;
     if (!e.empty()) {
       journal_failed(e);
@@ -1471,7 +1474,8 @@ bool ReplicateFilter::ship_some(std::string* err) {
     sent += sizeof h + (byref ? h.len : h.data_len);
     bytes += byref ? h.len : h.type == static_cast<uint16_t>(rp::RecType::Preserve) ? 0 : h.data_len;
     last_time = h.time_ns;
-    records_shipped_.fetch_add(1, std::memory_order_relaxed);
+    if (h.type != static_cast<uint16_t>(rp::RecType::Preserve))  // part of an earlier record's shipping
+      records_shipped_.fetch_add(1, std::memory_order_relaxed);
   }
   boost();  // normal priority before jmu_
   if (sent == 0) return !err->empty();

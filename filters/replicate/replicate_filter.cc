@@ -1422,7 +1422,12 @@ bool ReplicateFilter::ship_some(std::string* err) {
       bool landed = false;
       with_refs([&] { landed = refs_.is_landed(h.seq); });
       if (!landed) break;  // its writer wakes us
-      e = ship_by_ref(h, epoch, &local);
+      if (by_ref_) {
+        e = ship_by_ref(h, epoch, &local);
+      } else {  // never reached: open() collapses such a journal (sealing must not ship plaintext)
+        e = "a record by reference under a policy that cannot ship it";
+        local = true;
+      }
       if (jepoch_.load() != epoch) return true;
       if (!e.empty() && !local) {
         *err = e;

@@ -112,6 +112,14 @@ e=$(median "${es[@]}"); a=$(median "${as[@]}")
 printf '1 MiB seq write QD8    empty %8.0f MB/s   async->dir %8.0f MB/s   ratio %s (target >= 0.85)   replica %s\n' \
   "$e" "$a" "$(ratio "$a" "$e")" "$same"
 printf '                       runs: empty %s   async %s\n' "$(runs "${es[@]}")" "$(runs "${as[@]}")"
+# How often a write had to copy old bytes first (journal by reference: the shipper was behind).
+getfattr --only-values -n user.iofilter.stats "$work/m/async.raw" 2>/dev/null | python3 -c '
+import json, sys
+j = json.load(sys.stdin); r = j["filters"]["replicate"]
+if r.get("journal_by_reference"):
+    print("                       by reference: %d of %d writes copied old bytes first (%.0f MiB), %.0f MiB journaled in all"
+          % (r["preserves"], j["writes"], r["preserved_bytes"] / 2**20, (r["preserved_bytes"] + r["journaled_bytes"]) / 2**20))
+' 2>/dev/null
 
 es=(); ss=()
 for r in $(seq "$REPEAT"); do

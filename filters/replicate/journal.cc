@@ -30,8 +30,9 @@ uint32_t record_crc(const RecordHeader& h, const void* data) {
 }  // namespace
 
 void make_record(RecordHeader* h, RecType type, uint64_t seq, uint64_t time_ns, uint64_t off, uint64_t len,
-                 const void* data, uint32_t data_len) {
+                 const void* data, uint32_t data_len, uint16_t flags) {
   *h = RecordHeader{};
+  h->flags = flags;
   h->magic = kRecordMagic;
   h->seq = seq;
   h->time_ns = time_ns;
@@ -45,10 +46,17 @@ void make_record(RecordHeader* h, RecType type, uint64_t seq, uint64_t time_ns, 
 std::string check_record(const RecordHeader& h, const void* data, uint64_t seq) {
   if (h.magic != kRecordMagic) return "bad record magic";
   if (h.seq != seq) return "sequence " + std::to_string(h.seq) + " where " + std::to_string(seq) + " was expected";
-  if (h.type < 1 || h.type > 4) return "unknown record type " + std::to_string(h.type);
-  const bool carries = h.type == static_cast<uint16_t>(RecType::Write) || h.type == static_cast<uint16_t>(RecType::Point);
+  if (h.type < 1 || h.type > 5) return "unknown record type " + std::to_string(h.type);
+  const bool byref = h.type == static_cast<uint16_t>(RecType::Write) && (h.flags & kByRef);
+  const bool carries =
+      !byref && (h.type == static_cast<uint16_t>(RecType::Write) || h.type == static_cast<uint16_t>(RecType::Point));
   if (carries && h.data_len != h.len) return "write record length mismatch";
-  if (!carries && h.data_len != 0) return "unexpected record data";
+  if (byref && h.data_len != 0) return "by-reference write record with data";
+  if (h.type == static_cast<uint16_t>(RecType::Preserve)) {
+    if (h.data_len < kPreserveHead || h.data_len - kPreserveHead != h.len) return "preserve record length mismatch";
+  } else if (!carries && h.data_len != 0) {
+    return "unexpected record data";
+  }
   if (record_crc(h, data) != h.crc) return "record checksum mismatch";
   return "";
 }

@@ -19,6 +19,15 @@
 // zeros" (a zero-range), without it "a hole" (a punched range). Offsets and times are not
 // sealed: they are the journal's own metadata, not guest data.
 //
+// The journal by reference (async mode without retention or sealing; refmap.h): a Write record
+// with kByRef in its flags holds no data (data_len 0, length `len`, the checksum covers the
+// header): the shipper reads those bytes from the image. Before a later change overwrites bytes
+// that an unshipped by-reference record still references, their old contents are appended as a
+// Preserve record (type 5): offset and length of the bytes, data = u64 sequence number of the
+// record they belong to, then the bytes (data_len = 8 + len). The shipper ships a by-reference
+// record from the image and its Preserve pieces, and skips Preserve records themselves; replay
+// after a crash finds the pieces by scanning the unshipped records.
+//
 // The header is rewritten in place (one sector) only after the target has flushed everything
 // before ship_off, so a restart resends at most what had not been confirmed; resending is
 // harmless because records are applied in order. Replay stops at the first record that is short,
@@ -41,7 +50,7 @@
 
 namespace iofilterfs::replicate {
 
-enum class RecType : uint16_t { Write = 1, Zero = 2, Resize = 3, Point = 4 };
+enum class RecType : uint16_t { Write = 1, Zero = 2, Resize = 3, Point = 4, Preserve = 5 };
 
 struct RecordHeader {
   uint32_t magic = 0;
@@ -56,6 +65,8 @@ struct RecordHeader {
   uint16_t flags = 0;
 };
 inline constexpr uint16_t kZeroSealed = 1;  // Zero records: write sealed zeros, not a hole
+inline constexpr uint16_t kByRef = 2;       // Write records: no data, the bytes are read from the image
+inline constexpr uint32_t kPreserveHead = 8;  // Preserve records: the owner's sequence before the bytes
 static_assert(sizeof(RecordHeader) == 48);
 
 inline constexpr uint32_t kRecordMagic = 0x31524a52;  // "RJR1"
@@ -65,7 +76,7 @@ inline constexpr uint64_t kKeepBytes = 256u << 20;  // a reset journal keeps thi
 
 // Fills *h for a record of `data` (data_len bytes) and computes its checksum.
 void make_record(RecordHeader* h, RecType type, uint64_t seq, uint64_t time_ns, uint64_t off, uint64_t len,
-                 const void* data, uint32_t data_len);
+                 const void* data, uint32_t data_len, uint16_t flags = 0);
 // "" when h and its data (data_len bytes) form a sound record with sequence `seq`; else why not.
 std::string check_record(const RecordHeader& h, const void* data, uint64_t seq);
 

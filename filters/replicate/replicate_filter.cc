@@ -347,6 +347,8 @@ Status ReplicateFilter::open(const DiskInfo& info) {
                          "base would hold plaintext)");
   seal_ = info.at_rest;
   header_bytes_ = seal_ ? seal_->header_bytes() : 0;
+  // CDP needs the data itself, and sealing the ciphertext as it was: those keep the copying journal.
+  by_ref_ = params_.mode == rp::Mode::Async && !seal_ && !params_.retention_us;
   if (::mkdir(params_.journal.c_str(), 0700) != 0 && errno != EEXIST) {
     spdlog::error("{}: replicate: cannot create the journal directory {}: {}", relpath_, params_.journal,
                   std::strerror(errno));
@@ -438,8 +440,15 @@ Status ReplicateFilter::open(const DiskInfo& info) {
   if (journal_) {
     shipped_pos_.store(journal_->ship_off());
     shipped_seq_ = journal_->ship_seq();
-    // The unshipped tail left by the last run counts as appended (the lag includes it).
-    appended_bytes_.store(journal_->end() - journal_->ship_off());
+    // The unshipped tail left by the last run counts as appended (the lag includes it, records
+    // by reference with their length), and its records by reference and their preserved
+    // pieces are found again (refmap.h).
+    std::lock_guard<std::mutex> l(jmu_);
+    uint64_t unshipped = 0;
+    const bool ok = rebuild_refs(&unshipped);
+    appended_bytes_.store(unshipped);
+    if (!ok)
+      collapse_locked("the journal holds records by reference that this policy (retention or encryption) cannot ship");
   }
   resync_total_.store(pending_.count());
   buf_.resize(region);
@@ -518,7 +527,9 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
     collapse_locked(connected_.load() ? "the journal reached max-lag" : "the journal reached max-lag with the replica unreachable");
   }
   if (jmode_ == JMode::Journal) {
-    const uint32_t dlen = type == rp::RecType::Write ? static_cast<uint32_t>(len) : 0;
+    // A Write record by reference holds no data; it counts for the lag with its length.
+    const bool byref = type == rp::RecType::Write && (flags & rp::kByRef);
+    const uint32_t dlen = type == rp::RecType::Write && !byref ? static_cast<uint32_t>(len) : 0;
     std::string e;
     if (res && type == rp::RecType::Write) {
       // Group commit: only the place is taken here; the caller writes the record unlocked.
@@ -528,7 +539,8 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
     }
     if (e.empty()) {
       journaled_bytes_.fetch_add(dlen, std::memory_order_relaxed);
-      appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + dlen);
+      if (byref) referenced_bytes_.fetch_add(len, std::memory_order_relaxed);
+      appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + (byref ? len : dlen));
       return Status::Ok();
     }
     note_error(e);
@@ -603,6 +615,10 @@ void ReplicateFilter::collapse_locked(const char* why) {
   shipped_bytes_.store(appended_bytes_.load());
   flushed_bytes_.store(appended_bytes_.load());
   head_time_ns_.store(0);
+  {
+    std::lock_guard<std::mutex> r(rmu_);  // nothing unshipped references the image any more
+    refs_.clear();
+  }
   jepoch_.fetch_add(1);
   if (!params_.retention_us) {
     jmode_ = JMode::Bitmap;
@@ -614,6 +630,199 @@ void ReplicateFilter::collapse_locked(const char* why) {
   spdlog::warn("{}: replicate: {}: {} unshipped records collapsed into the dirty bitmap ({} regions to resync)",
                relpath_, why, records, pending_.count());
   bg_cv_.notify_one();
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The journal by reference (refmap.h).
+
+namespace {
+// Pieces larger than this are split (each is one Preserve record, below kMaxRecordData).
+constexpr uint64_t kMaxPiece = 16u << 20;
+// A change whose copy-before-write would exceed this (a shrink or punch over a large unshipped
+// area) collapses the journal into the bitmap instead.
+constexpr uint64_t kMaxPreserve = 64u << 20;
+const Status kPreserveTooBig = Status::Error(EFBIG);
+}  // namespace
+
+ReplicateFilter::Preserved& ReplicateFilter::thread_preserved() {
+  static thread_local Preserved p;
+  return p;
+}
+
+template <typename Fn>
+void ReplicateFilter::with_refs(Fn&& fn) {
+  // The background thread (the only caller) may be at SCHED_IDLE: a writer must never wait on
+  // it for rmu_.
+  const bool idle = bg_sched_idle_.load();
+  if (idle) boost();
+  {
+    std::lock_guard<std::mutex> g(rmu_);
+    fn();
+  }
+  if (idle && set_idle(bg_tid_.load(), true)) bg_sched_idle_.store(true);
+}
+
+Status ReplicateFilter::preserve_read(const Io& io, uint64_t off, uint64_t len, Preserved* p) {
+  p->spans.clear();
+  p->at.clear();
+  p->crc.clear();
+  p->res.clear();
+  {
+    std::lock_guard<std::mutex> g(rmu_);
+    refs_.referenced(off, len, &p->spans);
+  }
+  if (p->spans.empty()) return Status::Ok();
+  // Split into pieces of at most kMaxPiece.
+  uint64_t total = 0;
+  for (size_t i = 0; i < p->spans.size(); ++i) {
+    rp::Span& sp = p->spans[i];
+    if (sp.len > kMaxPiece) {
+      rp::Span rest{sp.off + kMaxPiece, sp.len - kMaxPiece, sp.seq};
+      sp.len = kMaxPiece;
+      p->spans.insert(p->spans.begin() + static_cast<long>(i) + 1, rest);
+    }
+    total += rp::kPreserveHead + p->spans[i].len;
+  }
+  if (total > kMaxPreserve) return kPreserveTooBig;
+  if (p->buf.size() < total) p->buf.resize(total);
+  size_t at = 0;
+  for (const rp::Span& sp : p->spans) {
+    uint8_t* d = p->buf.data() + at;
+    std::memcpy(d, &sp.seq, rp::kPreserveHead);
+    size_t got = 0;
+    Status s = next_->read(io, d + rp::kPreserveHead, static_cast<size_t>(sp.len), sp.off, &got);
+    if (!s.ok()) return s;
+    if (got < sp.len) std::memset(d + rp::kPreserveHead + got, 0, sp.len - got);  // past the end
+    p->at.push_back(at);
+    p->crc.push_back(rp::crc32c(0, d, rp::kPreserveHead + sp.len));
+    at += rp::kPreserveHead + sp.len;
+  }
+  preserves_.fetch_add(p->spans.size(), std::memory_order_relaxed);
+  preserved_bytes_.fetch_add(total, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
+void ReplicateFilter::preserve_reserve_locked(Preserved* p) {
+  for (size_t i = 0; i < p->spans.size(); ++i) {
+    const uint32_t dlen = static_cast<uint32_t>(rp::kPreserveHead + p->spans[i].len);
+    p->res.push_back(journal_->reserve(rp::RecType::Preserve, real_ns(), p->spans[i].off, p->spans[i].len, dlen,
+                                       p->crc[i]));
+    appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + dlen);
+  }
+}
+
+std::string ReplicateFilter::preserve_commit(Preserved* p) {
+  std::string first;
+  for (size_t i = 0; i < p->res.size(); ++i) {
+    std::string e = journal_->commit(p->res[i], p->buf.data() + p->at[i]);
+    if (first.empty()) first = e;
+  }
+  return first;
+}
+
+void ReplicateFilter::preserve_attach(const Preserved& p) {
+  if (p.res.empty()) return;
+  std::lock_guard<std::mutex> g(rmu_);
+  for (size_t i = 0; i < p.res.size(); ++i)
+    (void)refs_.attach(p.spans[i].seq, rp::Piece{p.spans[i].off, p.spans[i].len,
+                                                 p.res[i].at + sizeof(rp::RecordHeader) + rp::kPreserveHead});
+}
+
+Status ReplicateFilter::preserve_changed(const Io& io, uint64_t off, uint64_t len) {
+  if (jmode_ != JMode::Journal) return Status::Ok();
+  Preserved& p = thread_preserved();
+  Status s = preserve_read(io, off, len, &p);
+  if (s.err == EFBIG && !s.what) {
+    collapse_locked("a change over more unshipped bytes than it may copy");
+    return Status::Ok();
+  }
+  if (!s.ok()) return s;
+  if (!p.spans.empty()) {
+    // Rare (zero ranges, shrinks): written under jmu_, before the change's own record.
+    preserve_reserve_locked(&p);
+    std::string e = preserve_commit(&p);
+    if (!e.empty()) {
+      note_error(e);
+      spdlog::error("{}: replicate: {}; tracking changes in the bitmap", relpath_, e);
+      collapse_locked("the journal could not be written");
+      return Status::Ok();
+    }
+    preserve_attach(p);
+  }
+  std::lock_guard<std::mutex> g(rmu_);
+  refs_.drop(off, len);
+  return Status::Ok();
+}
+
+bool ReplicateFilter::rebuild_refs(uint64_t* unshipped) {
+  std::lock_guard<std::mutex> g(rmu_);
+  refs_.clear();
+  bool foreign = false;
+  *unshipped = 0;
+  for (uint64_t pos = journal_->ship_off(); pos < journal_->end();) {
+    rp::RecordHeader h;
+    if (!journal_->read_header(pos, &h).empty()) break;  // the scan at open checked them
+    if (h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef)) {
+      if (!by_ref_) foreign = true;
+      refs_.add(h.seq, h.off, h.len, true);
+      *unshipped += h.len;
+    } else if (h.type == static_cast<uint16_t>(rp::RecType::Preserve)) {
+      uint64_t owner = 0;
+      if (::pread(journal_->fd(), &owner, sizeof owner, static_cast<off_t>(pos + sizeof h)) == sizeof owner)
+        (void)refs_.attach(owner, rp::Piece{h.off, h.len, pos + sizeof h + rp::kPreserveHead});
+    }
+    pos += sizeof h + h.data_len;
+    *unshipped += sizeof h + h.data_len;
+  }
+  return !foreign;
+}
+
+std::string ReplicateFilter::ship_by_ref(const rp::RecordHeader& h, uint64_t epoch, bool* local) {
+  *local = false;
+  pieces_.clear();
+  with_refs([&] { refs_.pieces(h.seq, &pieces_); });
+  // The parts no piece covers, from the image (this record's write has landed there).
+  for (auto [a, n] : rp::gaps(h.off, h.len, pieces_)) {
+    while (n) {
+      const size_t c = static_cast<size_t>(std::min<uint64_t>(n, kShipBatch));
+      if (rec_.size() < c) rec_.resize(c);
+      size_t got = 0;
+      Status s;
+      {
+        BelowGuard b = below();
+        s = b ? b->read(Io{}, rec_.data(), c, a, &got) : Status::Error(ESHUTDOWN, "the filter left the chain");
+      }
+      if (!s.ok()) {
+        *local = true;
+        return std::string("cannot read the image for a journal record: ") + (s.what ? s.what : std::strerror(s.err));
+      }
+      if (got < c) std::memset(rec_.data() + got, 0, c - got);  // cut later (a Resize record follows)
+      if (jepoch_.load() != epoch) return "";
+      std::string e = target_->pwrite(rec_.data(), c, a);
+      if (!e.empty()) return e;
+      a += c;
+      n -= c;
+    }
+  }
+  // Then every piece: one attached while the copy above ran is among them, and wins.
+  pieces_.clear();
+  with_refs([&] { refs_.shipped(h.seq, &pieces_); });
+  for (const rp::Piece& p : pieces_) {
+    if (jepoch_.load() != epoch) return "";
+    bool copied = false;
+    std::string e = target_->copy_from(journal_->fd(), p.at, static_cast<size_t>(p.len), p.off, &copied);
+    if (!e.empty()) return e;
+    if (copied) continue;
+    if (rec_.size() < p.len) rec_.resize(p.len);
+    if (::pread(journal_->fd(), rec_.data(), p.len, static_cast<off_t>(p.at)) != static_cast<ssize_t>(p.len)) {
+      *local = true;
+      return "cannot read preserved bytes from " + journal_->path() + ": " + std::strerror(errno);
+    }
+    e = target_->pwrite(rec_.data(), p.len, p.off);
+    if (!e.empty()) return e;
+  }
+  return "";
 }
 
 void ReplicateFilter::lock_range(uint64_t off, uint64_t len, rp::RangeLock::Guard* g) {
@@ -673,14 +882,31 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     leave(r0, r1);
     return ss;
   }
+  // By reference (journal.h): the record holds no data; what unshipped records still read
+  // from the image in this range is copied into the journal first (copy-before-write: this
+  // thread holds the range, so nothing else changes those bytes meanwhile).
+  const bool byref = by_ref_;
+  Preserved* keep = nullptr;
+  bool too_big = false;
+  if (byref) {
+    keep = &thread_preserved();
+    Status ps = preserve_read(io, off, len, keep);
+    too_big = ps.err == EFBIG && !ps.what;
+    if (!ps.ok() && !too_big) {
+      leave(r0, r1);
+      return ps;
+    }
+  }
   // The checksum of the data before the lock: under it only the header's (journal.h).
-  const uint32_t dcrc = rp::crc32c(0, jdata, jlen);
+  const uint32_t dcrc = byref ? 0 : rp::crc32c(0, jdata, jlen);
+  const uint16_t jflags = byref ? rp::kByRef : 0;
   std::optional<rp::Reservation> res;
   Status js;
   {
     std::unique_lock<std::mutex> l(jmu_);
+    if (too_big && jmode_ == JMode::Journal) collapse_locked("a change over more unshipped bytes than it may copy");
     for (;;) {
-      js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res);
+      js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res, jflags);
       if (js.err != EAGAIN) break;
       backpressure_waits_.fetch_add(1, std::memory_order_relaxed);
       boost();
@@ -689,20 +915,44 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
       if (stop_.load()) {
         js = Status::Ok();
         collapse_locked("stopping with writes held by backpressure");
-        js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res);
+        js = journal_locked(rp::RecType::Write, joff, jlen, jdata, dcrc, &res, jflags);
         break;
       }
     }
+    if (res && byref) {
+      // The old bytes' records go with this one (a collapse meanwhile cleared the references
+      // they were read for: then the records are just skipped by the shipper).
+      preserve_reserve_locked(keep);
+      std::lock_guard<std::mutex> r(rmu_);
+      refs_.add(res->h.seq, off, len);
+    }
   }
+  // A by-reference record is shipped only once its write has landed in the image (or failed:
+  // then the region is pending anyway).
+  struct Landed {
+    ReplicateFilter* f;
+    uint64_t seq;
+    ~Landed() {
+      if (!seq) return;
+      std::lock_guard<std::mutex> r(f->rmu_);
+      f->refs_.landed(seq);
+    }
+  } landed{this, res && byref ? res->h.seq : 0};
   if (res) {
-    // Returns once this record and every earlier one are in the journal file.
-    std::string e = journal_->commit(*res, jdata);
+    // Returns once this record and every earlier one are in the journal file; then the old
+    // bytes' records, reserved after it (commit() goes in reservation order). A crash between
+    // the two leaves this record without the pieces, but also without its image write.
+    std::string e = journal_->commit(*res, byref ? nullptr : jdata);
+    std::string e2 = keep ? preserve_commit(keep) : std::string();
+    if (e.empty()) e = e2;
     if (!e.empty()) {
       journal_failed(e);
       if (!mark_pending(r0, r1)) {  // replay stops before this record: the bitmap has it
         leave(r0, r1);
         return kBitmapFailed;
       }
+    } else if (keep) {
+      preserve_attach(*keep);  // before the image changes (refmap.h)
     }
   } else if (js.err == EINPROGRESS && !save_bitmap()) {
     leave(r0, r1);
@@ -790,6 +1040,15 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
   Status js;
   {
     std::lock_guard<std::mutex> l(jmu_);
+    if (by_ref_ && off < before) {
+      // By reference: the bytes unshipped records still read from the image go to the journal
+      // first (refmap.h); then nothing references the range any more.
+      Status ps = preserve_changed(io, off, std::min(len, before - off));
+      if (!ps.ok()) {
+        leave(r0, r1);
+        return ps;
+      }
+    }
     js = journal_locked(rp::RecType::Zero, off, len, nullptr, 0, nullptr);
     if (js.ok() && !(mode & FALLOC_FL_KEEP_SIZE) && kind == FALLOC_FL_ZERO_RANGE && off + len > before)
       js = journal_locked(rp::RecType::Resize, 0, off + len, nullptr, 0, nullptr);
@@ -907,6 +1166,10 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
   if (!s.ok()) return s;
   if (params_.mode == rp::Mode::Async) {
     std::lock_guard<std::mutex> l(jmu_);
+    if (by_ref_ && size < before) {
+      Status ps = preserve_changed(io, size, before - size);  // a shrink overwrites the tail
+      if (!ps.ok()) return ps;
+    }
     Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
     if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
   } else if (!mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)))) {
@@ -1017,6 +1280,9 @@ std::string ReplicateFilter::stats_json() const {
   s += ",\"resync_total_regions\":" + n(resync_total_) + ",\"resync_done_regions\":" + n(resync_done_);
   s += ",\"bytes_sent\":" + n(bytes_sent_) + ",\"bytes_resent\":" + n(bytes_resent_) +
        ",\"bytes_zeroed\":" + n(bytes_zeroed_);
+  s += ",\"journal_by_reference\":" + std::string(by_ref_ ? "true" : "false") +
+       ",\"referenced_bytes\":" + n(referenced_bytes_) + ",\"preserved_bytes\":" + n(preserved_bytes_) +
+       ",\"preserves\":" + n(preserves_);
   s += ",\"journaled_bytes\":" + n(journaled_bytes_) + ",\"shipped_bytes\":" + n(shipped_bytes_) +
        ",\"records_shipped\":" + n(records_shipped_);
   s += ",\"writes_tracked\":" + n(writes_tracked_) + ",\"collapses\":" + n(collapses_) +
@@ -1132,8 +1398,11 @@ bool ReplicateFilter::ship_some(std::string* err) {
   // backpressure can hold writers on it), or the thread stops; drain() and writers held by
   // backpressure raise it themselves (boost()). Only the copy loop: the thread takes jmu_ and
   // the bitmap's lock at normal priority, so a writer never waits on an idle holder.
-  const bool idle = may_idle_ && drain_req_.load() <= drain_done_.load() &&
-                    appended_bytes_.load() - shipped_bytes_.load() < max_lag_.load() / 2;
+  // By reference, a shipper far behind makes overwrites copy their old bytes first (refmap.h):
+  // it leaves idle priority once the lag passes a quarter of the image.
+  const uint64_t lag = appended_bytes_.load() - shipped_bytes_.load();
+  const bool idle = may_idle_ && drain_req_.load() <= drain_done_.load() && lag < max_lag_.load() / 2 &&
+                    (!by_ref_ || lag < target_size_.load() / 4);
   if (idle && set_idle(bg_tid_.load(), true)) bg_sched_idle_.store(true);
   struct Raise {
     ReplicateFilter* f;
@@ -1141,12 +1410,33 @@ bool ReplicateFilter::ship_some(std::string* err) {
   } raise{this};
   while (pos < end && sent < kShipBatch && !stop_.load()) {
     rp::RecordHeader h;
+    bool local = false;
     // A Write record's data goes from the journal to the target in the kernel when the target
     // can take it that way (a directory: one copy instead of a read and a write). Records below
     // end() need no checksum here: this process wrote them, or the scan at open checked them.
     bool copied = false;
     std::string e = journal_->read_header(pos, &h);
-    if (e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && h.data_len) {
+    const bool byref = e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef);
+    if (byref) {
+      // From the image, once this record's write has landed there (refmap.h).
+      bool landed = false;
+      with_refs([&] { landed = refs_.is_landed(h.seq); });
+      if (!landed) break;  // its writer wakes us
+      if (by_ref_) {
+        e = ship_by_ref(h, epoch, &local);
+      } else {  // never reached: open() collapses such a journal (sealing must not ship plaintext)
+        e = "a record by reference under a policy that cannot ship it";
+        local = true;
+      }
+      if (jepoch_.load() != epoch) return true;
+      if (!e.empty() && !local) {
+        *err = e;
+        break;
+      }
+      copied = true;
+    } else if (e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Preserve)) {
+      copied = true;  // shipped with the record it belongs to
+    } else if (e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && h.data_len) {
       if (jepoch_.load() != epoch) return true;
       e = target_->copy_from(journal_->fd(), pos + sizeof h, h.data_len, h.off, &copied);
       // A collapse cut the journal under the copy: what landed is in regions now pending.
@@ -1177,7 +1467,8 @@ bool ReplicateFilter::ship_some(std::string* err) {
         e = target_->resize(target_size_.load(), h.len);
         if (e.empty()) target_size_.store(h.len);
         break;
-      case rp::RecType::Point: break;
+      case rp::RecType::Point:
+      case rp::RecType::Preserve: break;
     }
     if (!e.empty()) {
       *err = e;
@@ -1185,10 +1476,11 @@ bool ReplicateFilter::ship_some(std::string* err) {
     }
     pos += sizeof h + h.data_len;
     seq = h.seq + 1;
-    sent += sizeof h + h.data_len;
-    bytes += h.data_len;
+    sent += sizeof h + (byref ? h.len : h.data_len);
+    bytes += byref ? h.len : h.type == static_cast<uint16_t>(rp::RecType::Preserve) ? 0 : h.data_len;
     last_time = h.time_ns;
-    records_shipped_.fetch_add(1, std::memory_order_relaxed);
+    if (h.type != static_cast<uint16_t>(rp::RecType::Preserve))  // part of an earlier record's shipping
+      records_shipped_.fetch_add(1, std::memory_order_relaxed);
   }
   boost();  // normal priority before jmu_
   if (sent == 0) return !err->empty();
@@ -1235,10 +1527,18 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
     if (e.empty()) {
       shipped_pos_.store(journal_->end());
       shipped_seq_ = journal_->next_seq();
+      std::lock_guard<std::mutex> r(rmu_);
+      refs_.clear();
       jepoch_.fetch_add(1);
     }
   } else {
     e = journal_->set_shipped(pos, shipped_seq_);
+    if (e.empty()) {
+      // Flushed on the target and past the durable ship point: no replay or reconnect ships
+      // these records again, so their bytes need no preserving any more (refmap.h).
+      std::lock_guard<std::mutex> r(rmu_);
+      refs_.forget_before(shipped_seq_);
+    }
   }
   if (!e.empty()) spdlog::error("{}: replicate: {}", relpath_, e);
   return "";

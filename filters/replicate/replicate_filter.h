@@ -28,7 +28,11 @@
 //   and writes go to both again. A guest flush flushes the target.
 // mode: async — each write is first appended to the journal (one pwritev; durable on the guest's
 //   fsync), then written locally; the background thread ships the records in order, so the
-//   replica is always a crash-consistent past state. Beyond max-lag of unshipped data the
+//   replica is always a crash-consistent past state. Without retention or sealing the journal
+//   is by reference (journal.h, refmap.h): a write's record holds only its offset and length,
+//   the shipper reads the bytes from the image once the write has landed there, and a change
+//   over bytes an unshipped record still references first copies them into the journal
+//   (copy-before-write, under the change's range lock) for that record. Beyond max-lag of unshipped data the
 //   journal collapses into the dirty bitmap (on-overflow: bitmap) or writes wait
 //   (backpressure, while the target is reachable); a collapsed journal resyncs, then journaling
 //   resumes.
@@ -63,6 +67,8 @@
 //   target_rw_  shared around every call on the target, exclusive to (re)connect or close it.
 //   jmu_        the journal's mode (async), record reservation (not the record's write: see
 //               journal.h, group commit), the backpressure wait.
+//   rmu_        refs_ (journal by reference): a leaf, taken inside jmu_ or alone, never at idle
+//               priority by the background thread.
 //   bg_mu_      the background thread's wake-ups and drain's wait.
 #pragma once
 
@@ -81,6 +87,7 @@
 #include "replicate/journal.h"
 #include "replicate/params.h"
 #include "replicate/range_lock.h"
+#include "replicate/refmap.h"
 #include "replicate/target.h"
 #include "rwlock.h"
 
@@ -183,6 +190,39 @@ class ReplicateFilter : public Filter {
   // Copies the container's header to the start of the target.
   std::string copy_header(replicate::Target* t);
 
+  // Journal by reference (by_ref_). A change's copy-before-write: the spans of its range that
+  // unshipped records reference, their old bytes (each a Preserve record's data: the owner's
+  // sequence, then the bytes) and checksums, then their reservations. One per thread, reused.
+  struct Preserved {
+    std::vector<replicate::Span> spans;
+    std::vector<size_t> at;  // each span's record data in buf
+    std::vector<uint32_t> crc;
+    std::vector<replicate::Reservation> res;
+    std::vector<uint8_t> buf;
+  };
+  static Preserved& thread_preserved();  // this thread's, reused
+  // Fills *p for a change of [off, off+len) (reads the old bytes through the layer below).
+  Status preserve_read(const Io& io, uint64_t off, uint64_t len, Preserved* p);
+  // Under jmu_, in journal mode: reserves p's Preserve records.
+  void preserve_reserve_locked(Preserved* p);
+  // Without locks: writes them (every reservation is committed), "" or the first error.
+  std::string preserve_commit(Preserved* p);
+  // Once committed: the pieces go to their records (before the change reaches the image).
+  void preserve_attach(const Preserved& p);
+  // Under jmu_: copy-before-write for a zero-range or shrink of [off, off+len), written at once;
+  // then nothing references that range. Collapses the journal when it cannot.
+  Status preserve_changed(const Io& io, uint64_t off, uint64_t len);
+  // Under jmu_ at open: rebuilds refs_ from the unshipped journal (*unshipped: its bytes as the
+  // lag counts them); false when it holds by-reference records that this policy cannot ship
+  // (then the caller collapses it).
+  bool rebuild_refs(uint64_t* unshipped);
+  // The background thread: ships by-reference record h (image and pieces). *local: the image
+  // could not be read (the caller collapses the journal); else "" or the target's error.
+  std::string ship_by_ref(const replicate::RecordHeader& h, uint64_t epoch, bool* local);
+  // Runs fn under rmu_, the background thread at normal priority meanwhile.
+  template <typename Fn>
+  void with_refs(Fn&& fn);
+
   // Background thread.
   void run();
   bool connect_target();
@@ -222,6 +262,13 @@ class ReplicateFilter : public Filter {
   std::atomic<bool> connected_{false};         // usable for writes
   std::atomic<bool> need_reconnect_{false};
   std::atomic<uint64_t> target_size_{0};       // the size the replica was last given (bg thread)
+
+  // Journal by reference (refmap.h): async without retention or sealing, set by open().
+  bool by_ref_ = false;
+  std::mutex rmu_;
+  replicate::RefMap refs_;  // under rmu_
+  std::atomic<uint64_t> preserves_{0}, preserved_bytes_{0}, referenced_bytes_{0};
+  std::vector<replicate::Piece> pieces_;  // bg thread
 
   // Async journal.
   std::mutex jmu_;

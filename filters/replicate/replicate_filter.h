@@ -46,7 +46,17 @@
 // and seals it again (XTS is deterministic: the same bytes as the backing file's), except that
 // a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there. Zero
 // ranges go as sealed zeros (what the encrypt filter writes), punched ranges as holes.
-// Retention (the history base would be a plaintext copy) is refused under such a policy.
+// With retention the history is the container's bytes too (history.h): a base that is the
+// container (header and sealed payload), records of ciphertext, and a zero-range kept as the
+// ciphertext of zeros (a restore has no key to seal them).
+//
+// Retention (history.h). Async: the journal is the history. Sync: hist_, a journal of the same
+// format that nothing ships; the write path appends each change to it (one pwritev, no fsync:
+// a guest flush syncs it, as async's journal) after taking its range and before the local write,
+// so the history never lacks a change the image has. A record that cannot be written fails the
+// change with EIO before anything is changed locally (the broken tail is cut, the history goes
+// on). Once a second the background thread makes it durable and moves its ship point (the scan
+// at the next open starts there), then compacts.
 //
 // Ordering: every change holds its byte range in ranges_ (range_lock.h; under sealing, the whole
 // sectors it covers) from before its local write until it is in the journal (async) or on the
@@ -63,6 +73,8 @@
 //   target_rw_  shared around every call on the target, exclusive to (re)connect or close it.
 //   jmu_        the journal's mode (async), record reservation (not the record's write: see
 //               journal.h, group commit), the backpressure wait.
+//   hmu_        sync mode's history journal (hist_): record reservation, ship point, compaction's
+//               drop (the same place in the order as jmu_; never both held).
 //   bg_mu_      the background thread's wake-ups and drain's wait.
 #pragma once
 
@@ -198,6 +210,14 @@ class ReplicateFilter : public Filter {
   // background (see history.h).
   std::string start_history();
   void compact();
+  // The journal that holds the history (async: journal_, sync: hist_) and its lock.
+  replicate::Journal* hjournal() const { return params_.mode == replicate::Mode::Async ? journal_.get() : hist_.get(); }
+  std::mutex& hlock() { return params_.mode == replicate::Mode::Async ? jmu_ : hmu_; }
+  // Sync mode with retention: one change into hist_ before it is made locally (see the top).
+  Status history_record(replicate::RecType type, uint64_t off, uint64_t len, const void* data, uint32_t data_len,
+                        uint16_t flags = 0);
+  // ... the encryption of zeros over [off, off+len) (sector multiples), as Write records.
+  Status history_sealed_zero(uint64_t off, uint64_t len);
 
   replicate::ReplicateParams params_;
   const uint32_t shift_;
@@ -272,6 +292,8 @@ class ReplicateFilter : public Filter {
   std::atomic<bool> kick_{false};              // drain() asks for an attempt now
 
   // History (retention only): the files, and the next compaction (bg thread).
+  std::mutex hmu_;
+  std::unique_ptr<replicate::Journal> hist_;  // sync mode's history journal (set at open)
   replicate::HistoryFiles history_;
   uint64_t next_compact_ns_ = 0;
   std::atomic<uint64_t> window_start_ns_{0}, compacted_records_{0}, points_{0};

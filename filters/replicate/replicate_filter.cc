@@ -1369,6 +1369,21 @@ bool ReplicateFilter::resync_some(std::string* err) {
       } else {
         size_t got = 0;
         s = (*below_)->read(Io{}, buf_.data(), static_cast<size_t>(len), off, &got);
+        holes_.clear();
+        if (seal_ && s.ok()) {
+          // The holes inside the region (a punched range): the backing file has zero bytes there,
+          // not the encryption of zeros, and so must the replica (byte-exact). A write that fills
+          // one meanwhile changes the generation, and the region is sent again.
+          for (uint64_t p = off; p < off + got;) {
+            uint64_t h = 0, d = off + got;
+            if (!(*below_)->seek(Io{}, p, SEEK_HOLE, &h).ok() || h >= off + got) break;
+            uint64_t dd = 0;
+            if ((*below_)->seek(Io{}, h, SEEK_DATA, &dd).ok() && dd < d) d = dd;
+            if (d <= h || h < p) break;
+            holes_.push_back({h, d});
+            p = d;
+          }
+        }
         below_.reset();
         if (!s.ok()) {
           pending_.set(r);
@@ -1382,6 +1397,11 @@ bool ReplicateFilter::resync_some(std::string* err) {
           const size_t whole = (got + AtRest::kSector - 1) / AtRest::kSector * AtRest::kSector;
           if (whole > got) std::memset(buf_.data() + got, 0, whole - got);
           s = seal_->seal(off, buf_.data(), buf_.data(), whole);
+          for (const auto& [h0, h1] : holes_) {
+            const uint64_t a = (h0 + AtRest::kSector - 1) / AtRest::kSector * AtRest::kSector;
+            const uint64_t b = std::min<uint64_t>(h1 / AtRest::kSector * AtRest::kSector, off + whole);
+            if (b > a) std::memset(buf_.data() + (a - off), 0, b - a);
+          }
           e = s.ok() ? target_->pwrite(buf_.data(), whole, off)
                      : std::string("cannot seal: ") + (s.what ? s.what : std::strerror(s.err));
           data = whole;

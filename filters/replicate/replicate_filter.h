@@ -44,7 +44,8 @@
 // stripe of edge_mu_, so two unaligned requests that share a sector are ordered the same way in
 // the image and in the journal or on the target. A resync reads plaintext through the chain
 // and seals it again (XTS is deterministic: the same bytes as the backing file's), except that
-// a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there. Zero
+// a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there, and the
+// holes inside a region with data (SEEK_HOLE) go as zero bytes, as they are there. Zero
 // ranges go as sealed zeros (what the encrypt filter writes), punched ranges as holes.
 // With retention the history is the container's bytes too (history.h): a base that is the
 // container (header and sealed payload), records of ciphertext, and a zero-range kept as the
@@ -275,6 +276,7 @@ class ReplicateFilter : public Filter {
   std::atomic<uint64_t> drain_waiters_{0};
   std::vector<uint8_t> buf_;                 // bg thread's region/record buffer
   std::vector<uint8_t> rec_;                 // bg thread's record data
+  std::vector<std::pair<uint64_t, uint64_t>> holes_;  // bg thread: a resynced region's holes (sealing)
   uint64_t clean_after_ns_ = 0;              // bg thread
   uint64_t unflushed_ = 0;                   // bg thread: record bytes shipped since the last flush
   uint64_t last_persist_ns_ = 0;             // bg thread

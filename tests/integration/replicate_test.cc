@@ -528,3 +528,33 @@ TEST_CASE("replicate retention under encrypt: the history holds no plaintext, an
   hold.release();
   CHECK(ds.m->stop() == 0);
 }
+
+TEST_CASE("replicate under encrypt: the initial sync of an image with holes inside its data leaves a byte-exact replica",
+          "[replicate][encrypt]") {
+  Datastore ds("target: REPLICA", false, /*encrypt=*/true);
+  sh("sed -i 's|REPLICA|" + ds.t / "replica" + "|' " + q(ds.t / "ds.yaml"));
+  // First encrypted only: the image is written and holes are punched inside its data.
+  REQUIRE(sh("cp " + q(ds.t / "ds.yaml") + " " + q(ds.t / "ds.full") + " && sed -i '/replicate:/d' " + q(ds.t / "ds.yaml")) == 0);
+  ds.mount();
+  std::string out;
+  REQUIRE(sh("truncate -s 8M " + q(ds.mnt("disk.raw")) + " && dd if=/dev/urandom of=" + q(ds.mnt("disk.raw")) +
+                 " bs=1M count=8 oflag=direct conv=notrunc status=none",
+             &out) == 0);
+  REQUIRE(sh("fallocate -p -o 1052672 -l 65536 " + q(ds.mnt("disk.raw")) + " && fallocate -p -o 3000001 -l 200000 " +
+                 q(ds.mnt("disk.raw")),
+             &out) == 0);
+  INFO(out);
+  CHECK(ds.m->stop() == 0);
+  // Then replicated: the initial sync resends every region, holes as they are in the backing file.
+  REQUIRE(sh("cp " + q(ds.t / "ds.full") + " " + q(ds.t / "ds.yaml")) == 0);
+  ds.mount();
+  Holder hold(ds.mnt("disk.raw"));
+  REQUIRE(ds.flush("disk.raw") == 0);
+  YAML::Node st = ds.stats("disk.raw");
+  INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats") << ds.m->log());
+  CHECK(st["sealed"].as<bool>());
+  CHECK(st["bytes_resent"].as<uint64_t>() >= 8u << 20);
+  CHECK(sh("cmp " + q(ds.t / "replica/disk.raw") + " " + q(ds.back("disk.raw")), &out) == 0);
+  hold.release();
+  CHECK(ds.m->stop() == 0);
+}

@@ -710,6 +710,48 @@ TEST_CASE("replicate retention: history older than the retention is folded into 
   rig.close();
 }
 
+TEST_CASE("replicate retention, mode: sync: the history goes on across a reopen, and goes when retention is turned off",
+          "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  rig.open("mode: sync\nretention: 1h");
+  const std::string at_open = rig.local();
+  rig.write(1000, pattern(5000, 1));
+  const std::string phase_a = rig.local();
+  REQUIRE(rig.f->snapshot("a").ok());
+  rig.close();
+  rig.open("mode: sync\nretention: 1h");  // a daemon restart
+  rig.write(2000, pattern(7000, 2));
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192).ok());
+  REQUIRE(rig.f->resize(Io{}, (1 << 20) + 4096).ok());
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->snapshot("b").ok());
+  REQUIRE(rig.f->drain().ok());
+  CHECK(slurp(rig.replica()) == rig.local());
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  CHECK(info.records == 6);  // write, point a, write, zero, resize, point b
+  REQUIRE(info.points.size() == 2);
+  const std::string out = rig.tmp / "restored";
+  uint64_t applied = 0;
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(slurp(out) == at_open);
+  REQUIRE(restore_history(files, 0, "a", out, &applied) == "");
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "b", out, &applied) == "");
+  CHECK(slurp(out) == phase_b);
+  rig.close();
+  // Without retention the changes are no longer kept: the history files go.
+  rig.open("mode: sync");
+  CHECK(::access(files.meta.c_str(), F_OK) != 0);
+  CHECK(::access(files.base.c_str(), F_OK) != 0);
+  CHECK(::access(files.journal.c_str(), F_OK) != 0);
+  rig.close();
+}
+
 TEST_CASE("replicate reconfigure: tunables in place, a new target or mode means a new instance", "[replicate][filter]") {
   Rig rig;
   rig.open("mode: async\nmax-lag: 1GiB");

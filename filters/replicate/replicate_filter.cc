@@ -976,18 +976,29 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
   lock_range(from, UINT64_MAX - from, &order);
   s = next_->size(&before);  // again, now that no change past `from` is in flight
   if (!s.ok()) return s;
+  const uint64_t q0 = region_of(std::min(before, size)), q1 = region_of(std::max(before, size));
   if (params_.mode == rp::Mode::Async) {
     std::lock_guard<std::mutex> l(jmu_);
     Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
     if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
-  } else if (!mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)))) {
-    return kBitmapFailed;
-  } else if (hist_) {
-    Status hs = history_record(rp::RecType::Resize, 0, size, nullptr, 0);
-    if (!hs.ok()) return hs;
+  } else {
+    // Sync: in flight over the regions the size change touches until it is made, so a resync
+    // that read the old size meanwhile does not count them done (it skips them, or sets them
+    // pending again), and the next pass sends them at the new size.
+    (void)enter(q0, q1, false);
+    Status ts = mark_pending(q0, q1) ? Status::Ok() : kBitmapFailed;
+    if (ts.ok() && hist_) ts = history_record(rp::RecType::Resize, 0, size, nullptr, 0);
+    if (!ts.ok()) {
+      leave(q0, q1);
+      return ts;
+    }
   }
   s = next_->resize(io, size);
-  if (!s.ok() && params_.mode == rp::Mode::Async) (void)mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)));
+  if (params_.mode == rp::Mode::Sync) {
+    for (uint64_t r = q0; r <= q1; ++r) pending_.set(r);  // again, now that the size is the new one
+    leave(q0, q1);
+  }
+  if (!s.ok() && params_.mode == rp::Mode::Async) (void)mark_pending(q0, q1);
   wake();
   return s;
 }
@@ -1179,12 +1190,7 @@ bool ReplicateFilter::connect_target() {
   return true;
 }
 
-std::string ReplicateFilter::sync_target_size() {
-  uint64_t size = 0;
-  {
-    BelowGuard below_ = below();  // the filter's own thread (filter.h)
-    if (!below_ || !below_->size(&size).ok()) return "";
-  }
+std::string ReplicateFilter::sync_target_size(uint64_t size) {
   const uint64_t cur = target_size_.load();
   if (size == cur) return "";
   std::string e = target_->resize(cur, size);
@@ -1320,17 +1326,19 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
 
 bool ReplicateFilter::resync_some(std::string* err) {
   if (pending_.count() == 0) return false;
-  std::string e = sync_target_size();
-  if (!e.empty()) {
-    *err = e;
-    return true;
-  }
   // The filter's own thread: every call below goes through a BelowGuard (filter.h), held for
-  // the reads only, never across the target's network I/O.
+  // the reads only, never across the target's network I/O. The size is read once: the target
+  // is given it and the regions are copied at it (a resize after this marks its regions
+  // pending again, so the next pass resizes the target before it copies them).
   uint64_t size = 0;
   {
     BelowGuard below_ = below();
     if (!below_ || !below_->size(&size).ok()) return false;
+  }
+  std::string e = sync_target_size(size);
+  if (!e.empty()) {
+    *err = e;
+    return true;
   }
   const uint64_t region = uint64_t(1) << shift_;
   bool did = false;
@@ -1427,6 +1435,17 @@ bool ReplicateFilter::resync_some(std::string* err) {
     if (inflight_[st].load() != 0 || gen_[st].load() != g0) pending_.set(r);  // written meanwhile
     else resync_done_.fetch_add(1, std::memory_order_relaxed);
     unflushed_regions_ = true;
+  }
+  {
+    // The image changed size during the pass: the regions between the two sizes may have gone
+    // at the old one, so they go again (the next pass gives the target the new size first).
+    uint64_t now = size;
+    BelowGuard below_ = below();
+    if (below_ && below_->size(&now).ok() && now != size)
+      for (uint64_t r = region_of(std::min(now, size)); r <= region_of(std::max(now, size)); ++r) {
+        bitmap_->set(r);
+        pending_.set(r);
+      }
   }
   if (pending_.count() == 0 && journal_) {
     std::lock_guard<std::mutex> l(jmu_);

@@ -206,7 +206,8 @@ class ReplicateFilter : public Filter {
   bool clean(bool force, std::string* err);
   // Flushes the target and records the ship point durably; cut: reset a fully shipped journal.
   std::string persist_ship_point(bool cut);
-  std::string sync_target_size();
+  // Gives the target `size` (the image's, read by the caller) if it has another.
+  std::string sync_target_size(uint64_t size);
   // Continuous data protection (retention): the base image at open, compaction in the
   // background (see history.h).
   std::string start_history();

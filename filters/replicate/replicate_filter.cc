@@ -1047,6 +1047,7 @@ Status ReplicateFilter::drain() {
 
 Status ReplicateFilter::quiesce() {
   if (journal_ && params_.mode == rp::Mode::Async && !journal_->sync().empty()) return kJournalFailed;
+  if (hist_ && !hist_->sync().empty()) return kHistoryFailed;  // sync mode's history, durable too
   return Status::Ok();
 }
 

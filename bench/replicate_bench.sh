@@ -6,7 +6,8 @@
 #   1. 1 MiB sequential writes (libaio, direct, QD8): async replication to a directory target
 #      vs the empty chain (target: >= 0.85x).
 #   2. 4 KiB writes at QD1 (direct): median completion latency with sync replication to a
-#      directory target vs the empty chain (target: <= 2.2x).
+#      directory target vs the empty chain (target: <= 2.2x), and the same with retention: 1h
+#      (the sync write path also appends each write to the history journal).
 #   3. Lag under a sustained 100 MiB/s write stream (async): the replica_bytes of the dirty
 #      xattr sampled every 0.5 s (max and mean), and how long the flush verb takes at the end.
 #
@@ -59,9 +60,12 @@ policies:
     replicate: { target: $work/fs/replica, mode: async, journal: $work/fs/state, max-lag: 4GiB }
   sync:
     replicate: { target: $work/fs/replica, mode: sync, journal: $work/fs/state }
+  syncret:
+    replicate: { target: $work/fs/replica, mode: sync, journal: $work/fs/state, retention: 1h }
 rules:
   - { match: "empty*", policy: empty }
   - { match: "async*", policy: async }
+  - { match: "syncret*", policy: syncret }
   - { match: "sync*", policy: sync }
 YAML
 
@@ -98,6 +102,7 @@ prepare() {
 prepare empty.raw e
 prepare async.raw a
 prepare sync.raw s
+prepare syncret.raw r
 
 echo "replicate_bench: $(date -u +%F), $(nproc) CPUs, kernel $(uname -r), tmpfs, size $SIZE, seq $SEQ_IO, lat $LAT_IO, stream ${RUNTIME}s"
 es=(); as=()
@@ -121,17 +126,24 @@ if r.get("journal_by_reference"):
           % (r["preserves"], j["writes"], r["preserved_bytes"] / 2**20, (r["preserved_bytes"] + r["journaled_bytes"]) / 2**20))
 ' 2>/dev/null
 
-es=(); ss=()
+es=(); ss=(); rs=()
 for r in $(seq "$REPEAT"); do
   fio_json lat-empty-$r "$work/m/empty.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
   fio_json lat-sync-$r "$work/m/sync.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
+  fio_json lat-syncret-$r "$work/m/syncret.raw" --rw=randwrite --bs=4k --iodepth=1 --io_size="$LAT_IO"
   es+=("$(jq_p50 "$work/lat-empty-$r.json")"); ss+=("$(jq_p50 "$work/lat-sync-$r.json")")
+  rs+=("$(jq_p50 "$work/lat-syncret-$r.json")")
 done
 cmp -s "$work/fs/b/sync.raw" "$work/fs/replica/sync.raw" && same=equal || same=DIFFERENT
 e=$(median "${es[@]}"); s=$(median "${ss[@]}")
 printf '4 KiB write QD1 p50    empty %8.1f us     sync->dir  %8.1f us     ratio %s (target <= 2.2)    replica %s\n' \
   "$e" "$s" "$(ratio "$s" "$e")" "$same"
 printf '                       runs: empty %s   sync %s\n' "$(runs "${es[@]}")" "$(runs "${ss[@]}")"
+cmp -s "$work/fs/b/syncret.raw" "$work/fs/replica/syncret.raw" && same=equal || same=DIFFERENT
+r=$(median "${rs[@]}")
+printf '4 KiB write QD1 p50    empty %8.1f us     sync+ret   %8.1f us     ratio %s (target <= 2.2)    replica %s\n' \
+  "$e" "$r" "$(ratio "$r" "$e")" "$same"
+printf '                       runs: sync with retention %s\n' "$(runs "${rs[@]}")"
 
 # Lag under a sustained 100 MiB/s stream.
 samples="$work/lag.txt"

@@ -76,6 +76,7 @@ void encode_history_meta(const HistoryMeta& m, uint8_t out[64]) {
   std::memcpy(out + 8, &m.window_start_ns, 8);
   std::memcpy(out + 16, &m.history_off, 8);
   std::memcpy(out + 24, &m.history_seq, 8);
+  std::memcpy(out + 40, &m.payload_off, 8);
   const uint32_t crc = crc32c(0, out, 64);
   std::memcpy(out + 32, &crc, 4);
 }
@@ -92,6 +93,7 @@ std::string decode_history_meta(const uint8_t in[64], HistoryMeta* out) {
   std::memcpy(&m.window_start_ns, in + 8, 8);
   std::memcpy(&m.history_off, in + 16, 8);
   std::memcpy(&m.history_seq, in + 24, 8);
+  std::memcpy(&m.payload_off, in + 40, 8);
   if (m.history_off < kJournalHeader || m.history_seq == 0) return "history file out of range";
   *out = m;
   return "";
@@ -196,28 +198,39 @@ std::string restore_history(const HistoryFiles& f, uint64_t at_ns, const std::st
     off = static_cast<uint64_t>(hole);
   }
   // Then the records, in order, up to the moment.
+  // Offsets in the records are the payload's: under encryption they land past the header.
   std::string werr;
+  const uint64_t po = m.payload_off;
   uint64_t cur = size;
   e = walk(f, m, [&](const RecordHeader& h, const uint8_t* data) {
     if (stop_seq ? h.seq >= stop_seq : h.time_ns > at_ns) return false;
     bool ok = true;
+    // Records of the journal by reference (no data; preserved pieces) are never in a history:
+    // retention keeps the copying journal, and turning it off drops the history. Refuse rather
+    // than restore bytes that are not there.
+    if (static_cast<RecType>(h.type) == RecType::Preserve ||
+        (static_cast<RecType>(h.type) == RecType::Write && (h.flags & kByRef))) {
+      werr = "the history holds a record without its data (journal by reference): cannot restore";
+      return false;
+    }
     switch (static_cast<RecType>(h.type)) {
       case RecType::Write:
-        ok = write_all(out.fd, data, h.data_len, h.off);
-        if (h.off + h.len > cur) cur = h.off + h.len;
+        ok = write_all(out.fd, data, h.data_len, po + h.off);
+        if (po + h.off + h.len > cur) cur = po + h.off + h.len;
         break;
       case RecType::Zero: {
-        const uint64_t end = std::min(h.off + h.len, cur);
-        if (end > h.off)
-          ok = ::fallocate(out.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h.off),
-                           static_cast<off_t>(end - h.off)) == 0;
+        const uint64_t end = std::min(po + h.off + h.len, cur);
+        if (end > po + h.off)
+          ok = ::fallocate(out.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(po + h.off),
+                           static_cast<off_t>(end - po - h.off)) == 0;
         break;
       }
       case RecType::Resize:
-        ok = ::ftruncate(out.fd, static_cast<off_t>(h.len)) == 0;
-        cur = h.len;
+        ok = ::ftruncate(out.fd, static_cast<off_t>(po + h.len)) == 0;
+        cur = po + h.len;
         break;
-      case RecType::Point: break;
+      case RecType::Point:
+      case RecType::Preserve: break;  // refused above
     }
     if (!ok) {
       werr = errtext("cannot write", output);

@@ -4,9 +4,18 @@
 //
 //   NAME.cdp-base   a sparse raw copy of the disk at the window's start
 //   NAME.cdp-meta   64 bytes: "IOFRCDP1", u64 window_start (ns since the epoch), u64 history_off,
-//                   u64 history_seq (the first journal record after the base), 32 u32 crc32c
+//                   u64 history_seq (the first journal record after the base), 32 u32 crc32c,
+//                   40 u64 payload_off (0, or under encryption the container's header size)
 //   NAME.journal    records from history_off on (journal.h), with their times; restore points
-//                   are Point records named by the snapshot verb
+//                   are Point records named by the snapshot verb. In mode: async this is the
+//                   shipping journal itself; in mode: sync a journal of the same format that the
+//                   synchronous write path appends to (before the local write) and nothing ships.
+//
+// Under a policy that also encrypts, the history is the backing file's bytes, never plaintext:
+// the base is the whole LUKS container (its header, then the payload's ciphertext) and the
+// records hold ciphertext of whole sectors at payload offsets, which restore and compaction
+// move by payload_off. The restored file is the container as it was, which opens with the key
+// (with the keyslots it had when the history started).
 //
 // Restoring to T copies the base and applies, in order, every record up to T (up to the named
 // Point). Compaction (by the filter, in the background) folds records older than the retention
@@ -28,6 +37,7 @@ struct HistoryMeta {
   uint64_t window_start_ns = 0;
   uint64_t history_off = 0;
   uint64_t history_seq = 0;
+  uint64_t payload_off = 0;  // where record offset 0 is in the base (the container's header size)
 };
 void encode_history_meta(const HistoryMeta& m, uint8_t out[64]);
 std::string decode_history_meta(const uint8_t in[64], HistoryMeta* out);

@@ -124,10 +124,6 @@ std::string parse_replicate(const YAML::Node& params, ReplicateParams* out, YAML
     if (where) where->reset(params["max-lag"]);
     return "'max-lag' applies to mode: async only";
   }
-  if (p.mode == Mode::Sync && seen.count("retention")) {
-    if (where) where->reset(params["retention"]);
-    return "'retention' needs mode: async (the history is the journal)";
-  }
   if (p.mode == Mode::Async && seen.count("on-target-error")) {
     if (where) where->reset(params["on-target-error"]);
     return "'on-target-error' applies to mode: sync only (async always keeps writing and catches up)";

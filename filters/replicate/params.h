@@ -20,8 +20,10 @@
 //                                  or fail the guest's write with EIO.
 //   region-size: SIZE              the bitmap's granularity: a power of two from 4KiB to 64MiB
 //                                  (default 64KiB).
-//   retention: DURATION            async: keep the history of writes this long (continuous data
-//                                  protection; 1s .. 365d), for `iofilterctl restore` (history.h)
+//   retention: DURATION            keep the history of writes this long (continuous data
+//                                  protection; 1s .. 365d), for `iofilterctl restore` (history.h);
+//                                  async: the history is the journal; sync: a history journal
+//                                  the write path appends to before the local write
 //   reconnect-max: DURATION        the longest wait between reconnection attempts (the wait
 //                                  starts at 100ms and doubles; default 5s, 100ms .. 10m).
 #pragma once

@@ -32,6 +32,7 @@ namespace rp = replicate;
 const Status kUnreachable = Status::Error(EIO, "replicate: the replica is unreachable (on-target-error: fail)");
 const Status kBitmapFailed = Status::Error(EIO, "replicate: the dirty bitmap cannot be saved");
 const Status kJournalFailed = Status::Error(EIO, "replicate: the journal cannot be synced");
+const Status kHistoryFailed = Status::Error(EIO, "replicate: the history (retention) cannot be written");
 const Status kNotOpen = Status::Error(EIO, "replicate: the filter is not open");
 const Status kDrainUnreachable =
     Status::Error(EHOSTDOWN, "replicate: the replica is unreachable; the journal and bitmap keep what it lacks");
@@ -339,12 +340,7 @@ std::string ReplicateFilter::copy_header(rp::Target* t) {
 
 Status ReplicateFilter::open(const DiskInfo& info) {
   relpath_ = info.path;
-  // The policy also encrypts: everything kept or sent is sealed (see the header). The history
-  // of retention would start from a plaintext copy of the image, so that is refused.
-  if (info.at_rest && params_.retention_us)
-    return Status::Error(EMEDIUMTYPE,
-                         "replicate: retention under a policy that also encrypts is not supported (the history "
-                         "base would hold plaintext)");
+  // The policy also encrypts: everything kept or sent is sealed, the history too (see the header).
   seal_ = info.at_rest;
   header_bytes_ = seal_ ? seal_->header_bytes() : 0;
   // CDP needs the data itself, and sealing the ciphertext as it was: those keep the copying journal.
@@ -381,10 +377,11 @@ Status ReplicateFilter::open(const DiskInfo& info) {
   if (nreg > rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the image has too many regions");
 
   // A journal left by an earlier run. In async mode it is shipped from its ship point; in sync
-  // mode (a policy that changed) what it holds unshipped is folded into the bitmap.
+  // mode (a policy that changed) what it holds unshipped is folded into the bitmap, and with
+  // retention it goes on as the history journal.
   const std::string jpath = base_ + ".journal";
   std::string jnote;
-  if (params_.mode == rp::Mode::Async || ::access(jpath.c_str(), F_OK) == 0) {
+  if (params_.mode == rp::Mode::Async || params_.retention_us || ::access(jpath.c_str(), F_OK) == 0) {
     e = rp::Journal::open(jpath, &journal_, &jnote);
     if (!e.empty()) {
       spdlog::error("{}: replicate: {}", relpath_, e);
@@ -425,11 +422,29 @@ Status ReplicateFilter::open(const DiskInfo& info) {
       ++folded;
     });
     if (!e.empty()) spdlog::warn("{}: replicate: {}", relpath_, e);
-    journal_.reset();
-    ::unlink(jpath.c_str());
+    if (params_.retention_us) {
+      // The history journal: nothing ships from it; its ship point only says where the scan at
+      // the next open starts.
+      hist_ = std::move(journal_);
+      e = hist_->set_shipped(hist_->end(), hist_->next_seq());
+      if (!e.empty()) {
+        spdlog::error("{}: replicate: {}", relpath_, e);
+        return Status::Error(EIO, "replicate: the history journal cannot be written");
+      }
+    } else {
+      journal_.reset();
+      ::unlink(jpath.c_str());
+    }
     if (folded) spdlog::info("{}: replicate: {} unshipped journal records folded into the bitmap", relpath_, folded);
   }
   if (!save_bitmap()) return kBitmapFailed;
+  if (!params_.retention_us && ::access((base_ + ".cdp-meta").c_str(), F_OK) == 0) {
+    // A history from a run with retention: the changes made from now on are not kept, so it
+    // would restore wrong bytes. It goes (a later run with retention starts a new one).
+    ::unlink((base_ + ".cdp-meta").c_str());
+    ::unlink((base_ + ".cdp-base").c_str());
+    spdlog::warn("{}: replicate: retention is off: the history kept by an earlier run is dropped", relpath_);
+  }
   if (params_.retention_us) {
     e = start_history();
     if (!e.empty()) {
@@ -484,6 +499,7 @@ void ReplicateFilter::close() {
     connected_.store(false);
   }
   if (journal_ && owner()) (void)journal_->sync();
+  if (hist_ && owner()) (void)hist_->sync();
   if (owner()) (void)save_bitmap();
   {
     std::lock_guard<std::mutex> g(g_owner_mu);
@@ -853,6 +869,7 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     uint64_t toff;
     size_t tlen;
     Status ss = outgoing(buf, len, off, &edges, &tdata, &toff, &tlen);
+    if (ss.ok() && hist_) ss = history_record(rp::RecType::Write, toff, tlen, tdata, static_cast<uint32_t>(tlen));
     if (!ss.ok()) {
       leave(r0, r1);
       return ss;
@@ -978,6 +995,13 @@ Status ReplicateFilter::sync(const Io& io, bool datasync) {
       return kJournalFailed;
     }
   }
+  if (hist_) {
+    std::string e = hist_->sync();
+    if (!e.empty()) {
+      note_error(e);
+      return kHistoryFailed;
+    }
+  }
   Status s = next_->sync(io, datasync);
   if (!s.ok() || params_.mode == rp::Mode::Async) return s;
   if (connected_.load()) {
@@ -1010,6 +1034,7 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
         if (js.err == EINPROGRESS) (void)save_bitmap();
       } else {
         (void)mark_pending(region_of(std::min(before, after)), region_of(std::max(before, after)));
+        if (hist_) (void)history_record(rp::RecType::Resize, 0, after, nullptr, 0);  // after it: it may fail
       }
     }
     return s;
@@ -1024,6 +1049,15 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
     if (!enter(r0, r1, true)) return kBitmapFailed;
+    if (hist_) {
+      Status hs = history_record(rp::RecType::Zero, off, len, nullptr, 0);
+      if (hs.ok() && !(mode & FALLOC_FL_KEEP_SIZE) && kind == FALLOC_FL_ZERO_RANGE && off + len > before)
+        hs = history_record(rp::RecType::Resize, 0, off + len, nullptr, 0);
+      if (!hs.ok()) {
+        leave(r0, r1);
+        return hs;
+      }
+    }
     s = next_->fallocate(io, mode, off, len);
     uint64_t after = before;
     if (s.ok()) (void)next_->size(&after);
@@ -1113,6 +1147,18 @@ Status ReplicateFilter::fallocate_sealed(const Io& io, int mode, uint64_t off, u
   if (params_.mode == rp::Mode::Sync) {
     if (fail_on_error_.load() && !connected_.load()) return kUnreachable;
     if (!enter(r0, r1, true)) return kBitmapFailed;
+    if (hist_) {
+      // In the order the target gets them; a zero-range as its ciphertext (history.h).
+      Status hs;
+      if (grows) hs = history_record(rp::RecType::Resize, 0, off + len, nullptr, 0);
+      for (int i = 0; i < nedges && hs.ok(); ++i) hs = history_record(rp::RecType::Write, edge[i].off, S, edge[i].data, S);
+      if (hs.ok() && z1 > z0)
+        hs = zero_range ? history_sealed_zero(z0, z1 - z0) : history_record(rp::RecType::Zero, z0, z1 - z0, nullptr, 0);
+      if (!hs.ok()) {
+        leave(r0, r1);
+        return hs;
+      }
+    }
     s = next_->fallocate(io, mode, off, len);
     uint64_t after = before;
     if (s.ok()) (void)next_->size(&after);
@@ -1140,7 +1186,32 @@ Status ReplicateFilter::fallocate_sealed(const Io& io, int mode, uint64_t off, u
     };
     if (grows) rec(rp::RecType::Resize, 0, off + len, nullptr, 0);
     for (int i = 0; i < nedges; ++i) rec(rp::RecType::Write, edge[i].off, S, edge[i].data, 0);
-    if (z1 > z0) rec(rp::RecType::Zero, z0, z1 - z0, nullptr, zflags);
+    if (z1 > z0 && zero_range && params_.retention_us) {
+      // The journal is the history: a zero-range is kept as its ciphertext (a restore has no
+      // key to seal zeros), in Write records the shipper sends as they are.
+      for (uint64_t o = z0; o < z1 && (js.ok() || js.err == EINPROGRESS);) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(z1 - o, 1u << 20));
+        uint8_t* p = seal_buffer(n);
+        Status ss = p ? Status::Ok() : kNoMemory;
+        if (ss.ok()) {
+          std::memset(p, 0, n);
+          ss = seal_->seal(o, p, p, n);
+        }
+        if (!ss.ok()) {
+          js = ss;
+          break;
+        }
+        rec(rp::RecType::Write, o, n, p, 0);
+        o += n;
+      }
+    } else if (z1 > z0) {
+      rec(rp::RecType::Zero, z0, z1 - z0, nullptr, zflags);
+    }
+  }
+  if (!js.ok() && js.err != EINPROGRESS && js.err != EAGAIN) {
+    (void)mark_pending(r0, r1);  // some records may be in: the resync sends what the image holds
+    leave(r0, r1);
+    return js;
   }
   if (save && !save_bitmap()) {
     leave(r0, r1);
@@ -1164,6 +1235,7 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
   lock_range(from, UINT64_MAX - from, &order);
   s = next_->size(&before);  // again, now that no change past `from` is in flight
   if (!s.ok()) return s;
+  const uint64_t q0 = region_of(std::min(before, size)), q1 = region_of(std::max(before, size));
   if (params_.mode == rp::Mode::Async) {
     std::lock_guard<std::mutex> l(jmu_);
     if (by_ref_ && size < before) {
@@ -1172,11 +1244,24 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
     }
     Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
     if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
-  } else if (!mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)))) {
-    return kBitmapFailed;
+  } else {
+    // Sync: in flight over the regions the size change touches until it is made, so a resync
+    // that read the old size meanwhile does not count them done (it skips them, or sets them
+    // pending again), and the next pass sends them at the new size.
+    (void)enter(q0, q1, false);
+    Status ts = mark_pending(q0, q1) ? Status::Ok() : kBitmapFailed;
+    if (ts.ok() && hist_) ts = history_record(rp::RecType::Resize, 0, size, nullptr, 0);
+    if (!ts.ok()) {
+      leave(q0, q1);
+      return ts;
+    }
   }
   s = next_->resize(io, size);
-  if (!s.ok() && params_.mode == rp::Mode::Async) (void)mark_pending(region_of(std::min(before, size)), region_of(std::max(before, size)));
+  if (params_.mode == rp::Mode::Sync) {
+    for (uint64_t r = q0; r <= q1; ++r) pending_.set(r);  // again, now that the size is the new one
+    leave(q0, q1);
+  }
+  if (!s.ok() && params_.mode == rp::Mode::Async) (void)mark_pending(q0, q1);
   wake();
   return s;
 }
@@ -1225,6 +1310,7 @@ Status ReplicateFilter::drain() {
 
 Status ReplicateFilter::quiesce() {
   if (journal_ && params_.mode == rp::Mode::Async && !journal_->sync().empty()) return kJournalFailed;
+  if (hist_ && !hist_->sync().empty()) return kHistoryFailed;  // sync mode's history, durable too
   return Status::Ok();
 }
 
@@ -1371,12 +1457,7 @@ bool ReplicateFilter::connect_target() {
   return true;
 }
 
-std::string ReplicateFilter::sync_target_size() {
-  uint64_t size = 0;
-  {
-    BelowGuard below_ = below();  // the filter's own thread (filter.h)
-    if (!below_ || !below_->size(&size).ok()) return "";
-  }
+std::string ReplicateFilter::sync_target_size(uint64_t size) {
   const uint64_t cur = target_size_.load();
   if (size == cur) return "";
   std::string e = target_->resize(cur, size);
@@ -1546,17 +1627,19 @@ std::string ReplicateFilter::persist_ship_point(bool cut) {
 
 bool ReplicateFilter::resync_some(std::string* err) {
   if (pending_.count() == 0) return false;
-  std::string e = sync_target_size();
-  if (!e.empty()) {
-    *err = e;
-    return true;
-  }
   // The filter's own thread: every call below goes through a BelowGuard (filter.h), held for
-  // the reads only, never across the target's network I/O.
+  // the reads only, never across the target's network I/O. The size is read once: the target
+  // is given it and the regions are copied at it (a resize after this marks its regions
+  // pending again, so the next pass resizes the target before it copies them).
   uint64_t size = 0;
   {
     BelowGuard below_ = below();
     if (!below_ || !below_->size(&size).ok()) return false;
+  }
+  std::string e = sync_target_size(size);
+  if (!e.empty()) {
+    *err = e;
+    return true;
   }
   const uint64_t region = uint64_t(1) << shift_;
   bool did = false;
@@ -1595,6 +1678,21 @@ bool ReplicateFilter::resync_some(std::string* err) {
       } else {
         size_t got = 0;
         s = (*below_)->read(Io{}, buf_.data(), static_cast<size_t>(len), off, &got);
+        holes_.clear();
+        if (seal_ && s.ok()) {
+          // The holes inside the region (a punched range): the backing file has zero bytes there,
+          // not the encryption of zeros, and so must the replica (byte-exact). A write that fills
+          // one meanwhile changes the generation, and the region is sent again.
+          for (uint64_t p = off; p < off + got;) {
+            uint64_t h = 0, d = off + got;
+            if (!(*below_)->seek(Io{}, p, SEEK_HOLE, &h).ok() || h >= off + got) break;
+            uint64_t dd = 0;
+            if ((*below_)->seek(Io{}, h, SEEK_DATA, &dd).ok() && dd < d) d = dd;
+            if (d <= h || h < p) break;
+            holes_.push_back({h, d});
+            p = d;
+          }
+        }
         below_.reset();
         if (!s.ok()) {
           pending_.set(r);
@@ -1608,6 +1706,11 @@ bool ReplicateFilter::resync_some(std::string* err) {
           const size_t whole = (got + AtRest::kSector - 1) / AtRest::kSector * AtRest::kSector;
           if (whole > got) std::memset(buf_.data() + got, 0, whole - got);
           s = seal_->seal(off, buf_.data(), buf_.data(), whole);
+          for (const auto& [h0, h1] : holes_) {
+            const uint64_t a = (h0 + AtRest::kSector - 1) / AtRest::kSector * AtRest::kSector;
+            const uint64_t b = std::min<uint64_t>(h1 / AtRest::kSector * AtRest::kSector, off + whole);
+            if (b > a) std::memset(buf_.data() + (a - off), 0, b - a);
+          }
           e = s.ok() ? target_->pwrite(buf_.data(), whole, off)
                      : std::string("cannot seal: ") + (s.what ? s.what : std::strerror(s.err));
           data = whole;
@@ -1633,6 +1736,17 @@ bool ReplicateFilter::resync_some(std::string* err) {
     if (inflight_[st].load() != 0 || gen_[st].load() != g0) pending_.set(r);  // written meanwhile
     else resync_done_.fetch_add(1, std::memory_order_relaxed);
     unflushed_regions_ = true;
+  }
+  {
+    // The image changed size during the pass: the regions between the two sizes may have gone
+    // at the old one, so they go again (the next pass gives the target the new size first).
+    uint64_t now = size;
+    BelowGuard below_ = below();
+    if (below_ && below_->size(&now).ok() && now != size)
+      for (uint64_t r = region_of(std::min(now, size)); r <= region_of(std::max(now, size)); ++r) {
+        bitmap_->set(r);
+        pending_.set(r);
+      }
   }
   if (pending_.count() == 0 && journal_) {
     std::lock_guard<std::mutex> l(jmu_);
@@ -1761,24 +1875,44 @@ void ReplicateFilter::run() {
 
 std::string ReplicateFilter::start_history() {
   history_ = rp::HistoryFiles{base_ + ".journal", base_ + ".cdp-base", base_ + ".cdp-meta"};
+  rp::Journal* j = hjournal();
+  const uint64_t po = seal_ ? header_bytes_ : 0;  // where the payload starts in the base
   rp::HistoryMeta m;
   if (rp::read_history_meta(history_.meta, &m).empty()) {
-    window_start_ns_.store(m.window_start_ns);
-    return "";
+    // Kept, unless it is of the other kind (sealed or not) or does not fit the journal.
+    if (m.payload_off == po && m.history_off <= j->end() && m.history_seq <= j->next_seq()) {
+      window_start_ns_.store(m.window_start_ns);
+      return "";
+    }
+    spdlog::warn("{}: replicate: the history kept by an earlier run does not fit this policy or journal; a new one starts",
+                 relpath_);
   }
   // No history yet: the base is the image as it is now, before any write of this open; the
-  // records appended from here on are its history.
+  // records appended from here on are its history. Under encryption it is the container: the
+  // header, then the payload sealed again (XTS: the bytes the backing file holds), holes kept.
+  constexpr uint64_t S = AtRest::kSector;
   const int fd = ::open(history_.base.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return "cannot create " + history_.base + ": " + std::strerror(errno);
   uint64_t size = 0;
   Status s = next_->size(&size);
   std::string err;
-  if (s.ok() && ::ftruncate(fd, static_cast<off_t>(size)) != 0) err = "cannot size " + history_.base;
+  if (s.ok() && ::ftruncate(fd, static_cast<off_t>(po + size)) != 0) err = "cannot size " + history_.base;
   std::vector<uint8_t> buf(1u << 20);
+  if (seal_ && err.empty()) {
+    for (uint64_t o = 0; o < po && err.empty();) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), po - o));
+      Status hs = seal_->read_header(buf.data(), n, o);
+      if (!hs.ok()) err = std::string("cannot read the container's header: ") + (hs.what ? hs.what : std::strerror(hs.err));
+      else if (::pwrite(fd, buf.data(), n, static_cast<off_t>(o)) != static_cast<ssize_t>(n))
+        err = "cannot write " + history_.base + ": " + std::strerror(errno);
+      o += n;
+    }
+  }
   for (uint64_t off = 0; s.ok() && err.empty() && off < size;) {
     uint64_t d = 0;
     Status k = next_->seek(Io{}, off, SEEK_DATA, &d);
     if (!k.ok()) break;  // ENXIO: the rest is a hole
+    if (seal_) d = std::max(off, d / S * S);
     uint64_t h = size;
     if (!next_->seek(Io{}, d, SEEK_HOLE, &h).ok()) h = size;
     if (h <= d) h = std::min(size, d + buf.size());
@@ -1786,22 +1920,30 @@ std::string ReplicateFilter::start_history() {
       size_t got = 0;
       s = next_->read(Io{}, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), h - p)), p, &got);
       if (!s.ok() || got == 0) break;
-      if (::pwrite(fd, buf.data(), got, static_cast<off_t>(p)) != static_cast<ssize_t>(got))
+      size_t put = got;
+      if (seal_) {
+        put = (got + S - 1) / S * S;  // whole sectors (the tail of the last one reads as zeros)
+        std::memset(buf.data() + got, 0, put - got);
+        s = seal_->seal(p, buf.data(), buf.data(), put);
+        if (!s.ok()) break;
+      }
+      if (::pwrite(fd, buf.data(), put, static_cast<off_t>(po + p)) != static_cast<ssize_t>(put))
         err = "cannot write " + history_.base + ": " + std::strerror(errno);
-      p += got;
+      p += put;
     }
-    off = h;
+    off = std::max(h, d + 1);
   }
   if (!s.ok() && err.empty()) err = std::string("cannot read the image: ") + (s.what ? s.what : std::strerror(s.err));
   if (err.empty() && ::fdatasync(fd) != 0) err = "cannot sync " + history_.base;
   ::close(fd);
   if (!err.empty()) return err;
   m.window_start_ns = real_ns();
-  m.history_off = journal_->end();
-  m.history_seq = journal_->next_seq();
+  m.history_off = j->end();
+  m.history_seq = j->next_seq();
+  m.payload_off = po;
   err = rp::write_history_meta(history_.meta, m);
   if (!err.empty()) return err;
-  err = journal_->drop_history(m.history_off, m.history_seq);
+  err = j->drop_history(m.history_off, m.history_seq);
   window_start_ns_.store(m.window_start_ns);
   spdlog::info("{}: replicate: history kept for {}s from now (base {} of {})", relpath_,
                params_.retention_us / 1'000'000, history_.base, format_size(size));
@@ -1819,16 +1961,38 @@ void ReplicateFilter::compact() {
     ::close(lock);
     return;
   }
+  rp::Journal* j = hjournal();
+  std::string e;
+  if (hist_) {
+    // Sync mode: the history journal is made durable and its ship point moved over it, so the
+    // scan at the next open starts there (and only durable records are folded below).
+    uint64_t off = 0, seq = 0;
+    {
+      std::lock_guard<std::mutex> l(hmu_);
+      hist_->wait_idle();  // end() and next_seq() then name the same place
+      off = hist_->end();
+      seq = hist_->next_seq();
+    }
+    if (off > hist_->ship_off()) {
+      e = hist_->sync();
+      if (e.empty()) {
+        std::lock_guard<std::mutex> l(hmu_);
+        e = hist_->set_shipped(off, seq);
+      }
+    }
+  }
   rp::HistoryMeta m;
-  std::string e = rp::read_history_meta(history_.meta, &m);
+  if (e.empty()) e = rp::read_history_meta(history_.meta, &m);
   uint64_t ship_off = 0;
   {
-    std::lock_guard<std::mutex> l(jmu_);
-    ship_off = journal_->ship_off();  // only what the target has confirmed is folded
+    // Async: only what the target has confirmed is folded; sync: what is durable.
+    std::lock_guard<std::mutex> l(hlock());
+    ship_off = j->ship_off();
   }
   // The records to fold: older than the retention, shipped, at most 64 MiB per pass.
   uint64_t new_off = m.history_off, new_seq = m.history_seq, newest = 0, n = 0;
-  const int jfd = journal_->fd();
+  const uint64_t po = m.payload_off;
+  const int jfd = j->fd();
   auto reader = [jfd](uint64_t off, void* buf, size_t len) -> long {
     ssize_t r = ::pread(jfd, buf, len, static_cast<off_t>(off));
     return r < 0 ? -1 : static_cast<long>(r);
@@ -1854,14 +2018,21 @@ void ReplicateFilter::compact() {
       rp::scan_journal(reader, m.history_off, m.history_seq, [&](const rp::RecordHeader& h, const uint8_t* data, uint64_t at) {
         if (at >= new_off) return false;
         bool ok = true;
+        if (h.type == static_cast<uint16_t>(rp::RecType::Preserve) ||
+            (h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef))) {
+          // Never in a history (see history.cc, restore): the base is not folded over it.
+          e = "a record without its data (journal by reference) in the history of " + history_.base;
+          return false;
+        }
         switch (static_cast<rp::RecType>(h.type)) {
-          case rp::RecType::Write: ok = ::pwrite(bfd, data, h.data_len, static_cast<off_t>(h.off)) == h.data_len; break;
+          case rp::RecType::Write: ok = ::pwrite(bfd, data, h.data_len, static_cast<off_t>(po + h.off)) == h.data_len; break;
           case rp::RecType::Zero:
-            ok = ::fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(h.off),
+            ok = ::fallocate(bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(po + h.off),
                              static_cast<off_t>(h.len)) == 0;
             break;
-          case rp::RecType::Resize: ok = ::ftruncate(bfd, static_cast<off_t>(h.len)) == 0; break;
-          case rp::RecType::Point: break;
+          case rp::RecType::Resize: ok = ::ftruncate(bfd, static_cast<off_t>(po + h.len)) == 0; break;
+          case rp::RecType::Point:
+          case rp::RecType::Preserve: break;  // refused above
         }
         if (!ok) e = "cannot write " + history_.base + ": " + std::strerror(errno);
         return ok;
@@ -1876,8 +2047,8 @@ void ReplicateFilter::compact() {
       m2.history_seq = new_seq;
       e = rp::write_history_meta(history_.meta, m2);
       if (e.empty()) {
-        std::lock_guard<std::mutex> l(jmu_);
-        e = journal_->drop_history(new_off, new_seq);
+        std::lock_guard<std::mutex> l(hlock());
+        e = j->drop_history(new_off, new_seq);
       }
       window_start_ns_.store(m2.window_start_ns);
       compacted_records_.fetch_add(n, std::memory_order_relaxed);
@@ -1891,14 +2062,53 @@ void ReplicateFilter::compact() {
   }
 }
 
+Status ReplicateFilter::history_record(rp::RecType type, uint64_t off, uint64_t len, const void* data,
+                                       uint32_t data_len, uint16_t flags) {
+  const uint32_t dcrc = rp::crc32c(0, data, data_len);  // before the lock (journal.h)
+  rp::Reservation res;
+  {
+    std::lock_guard<std::mutex> l(hmu_);
+    res = hist_->reserve(type, real_ns(), off, len, data_len, dcrc, flags);
+  }
+  std::string e = hist_->commit(res, data);
+  if (e.empty()) return Status::Ok();
+  note_error(e);
+  std::lock_guard<std::mutex> l(hmu_);
+  if (hist_->broken()) {
+    // The first to get here cuts the broken tail (every record reserved after it failed too,
+    // and their changes with them), so the history goes on from its last sound record.
+    spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
+    std::string re = hist_->repair();
+    if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
+  }
+  return kHistoryFailed;
+}
+
+Status ReplicateFilter::history_sealed_zero(uint64_t off, uint64_t len) {
+  constexpr size_t kChunk = 1u << 20;
+  while (len) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(len, kChunk));
+    uint8_t* p = seal_buffer(n);
+    if (!p) return kNoMemory;
+    std::memset(p, 0, n);
+    Status st = seal_->seal(off, p, p, n);
+    if (st.ok()) st = history_record(rp::RecType::Write, off, n, p, static_cast<uint32_t>(n));
+    if (!st.ok()) return st;
+    off += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
 Status ReplicateFilter::snapshot(std::string_view name) {
   if (!opened_ || !params_.retention_us) return Status::Ok();
-  std::lock_guard<std::mutex> l(jmu_);
-  std::string e = journal_->append(rp::RecType::Point, real_ns(), 0, name.size(), name.data(),
-                                   static_cast<uint32_t>(name.size()));
+  std::lock_guard<std::mutex> l(hlock());
+  rp::Journal* j = hjournal();
+  std::string e = j->append(rp::RecType::Point, real_ns(), 0, name.size(), name.data(),
+                            static_cast<uint32_t>(name.size()));
   if (e.empty()) {
-    appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + name.size());
-    e = journal_->sync();
+    if (params_.mode == rp::Mode::Async) appended_bytes_.fetch_add(sizeof(rp::RecordHeader) + name.size());
+    e = j->sync();
   }
   if (!e.empty()) {
     note_error(e);

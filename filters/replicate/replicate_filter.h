@@ -48,9 +48,20 @@
 // stripe of edge_mu_, so two unaligned requests that share a sector are ordered the same way in
 // the image and in the journal or on the target. A resync reads plaintext through the chain
 // and seals it again (XTS is deterministic: the same bytes as the backing file's), except that
-// a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there. Zero
+// a region the backing file has no data in (SEEK_DATA) goes as a hole, as it is there, and the
+// holes inside a region with data (SEEK_HOLE) go as zero bytes, as they are there. Zero
 // ranges go as sealed zeros (what the encrypt filter writes), punched ranges as holes.
-// Retention (the history base would be a plaintext copy) is refused under such a policy.
+// With retention the history is the container's bytes too (history.h): a base that is the
+// container (header and sealed payload), records of ciphertext, and a zero-range kept as the
+// ciphertext of zeros (a restore has no key to seal them).
+//
+// Retention (history.h). Async: the journal is the history. Sync: hist_, a journal of the same
+// format that nothing ships; the write path appends each change to it (one pwritev, no fsync:
+// a guest flush syncs it, as async's journal) after taking its range and before the local write,
+// so the history never lacks a change the image has. A record that cannot be written fails the
+// change with EIO before anything is changed locally (the broken tail is cut, the history goes
+// on). Once a second the background thread makes it durable and moves its ship point (the scan
+// at the next open starts there), then compacts.
 //
 // Ordering: every change holds its byte range in ranges_ (range_lock.h; under sealing, the whole
 // sectors it covers) from before its local write until it is in the journal (async) or on the
@@ -69,6 +80,8 @@
 //               journal.h, group commit), the backpressure wait.
 //   rmu_        refs_ (journal by reference): a leaf, taken inside jmu_ or alone, never at idle
 //               priority by the background thread.
+//   hmu_        sync mode's history journal (hist_): record reservation, ship point, compaction's
+//               drop (the same place in the order as jmu_; never both held).
 //   bg_mu_      the background thread's wake-ups and drain's wait.
 #pragma once
 
@@ -233,11 +246,20 @@ class ReplicateFilter : public Filter {
   bool clean(bool force, std::string* err);
   // Flushes the target and records the ship point durably; cut: reset a fully shipped journal.
   std::string persist_ship_point(bool cut);
-  std::string sync_target_size();
+  // Gives the target `size` (the image's, read by the caller) if it has another.
+  std::string sync_target_size(uint64_t size);
   // Continuous data protection (retention): the base image at open, compaction in the
   // background (see history.h).
   std::string start_history();
   void compact();
+  // The journal that holds the history (async: journal_, sync: hist_) and its lock.
+  replicate::Journal* hjournal() const { return params_.mode == replicate::Mode::Async ? journal_.get() : hist_.get(); }
+  std::mutex& hlock() { return params_.mode == replicate::Mode::Async ? jmu_ : hmu_; }
+  // Sync mode with retention: one change into hist_ before it is made locally (see the top).
+  Status history_record(replicate::RecType type, uint64_t off, uint64_t len, const void* data, uint32_t data_len,
+                        uint16_t flags = 0);
+  // ... the encryption of zeros over [off, off+len) (sector multiples), as Write records.
+  Status history_sealed_zero(uint64_t off, uint64_t len);
 
   replicate::ReplicateParams params_;
   const uint32_t shift_;
@@ -302,6 +324,7 @@ class ReplicateFilter : public Filter {
   std::atomic<uint64_t> drain_waiters_{0};
   std::vector<uint8_t> buf_;                 // bg thread's region/record buffer
   std::vector<uint8_t> rec_;                 // bg thread's record data
+  std::vector<std::pair<uint64_t, uint64_t>> holes_;  // bg thread: a resynced region's holes (sealing)
   uint64_t clean_after_ns_ = 0;              // bg thread
   uint64_t unflushed_ = 0;                   // bg thread: record bytes shipped since the last flush
   uint64_t last_persist_ns_ = 0;             // bg thread
@@ -319,6 +342,8 @@ class ReplicateFilter : public Filter {
   std::atomic<bool> kick_{false};              // drain() asks for an attempt now
 
   // History (retention only): the files, and the next compaction (bg thread).
+  std::mutex hmu_;
+  std::unique_ptr<replicate::Journal> hist_;  // sync mode's history journal (set at open)
   replicate::HistoryFiles history_;
   uint64_t next_compact_ns_ = 0;
   std::atomic<uint64_t> window_start_ns_{0}, compacted_records_{0}, points_{0};

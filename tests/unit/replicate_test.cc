@@ -442,7 +442,8 @@ TEST_CASE("replicate parameters: good and bad, with the exact message and the no
       {"target: /t\njournal: /j\nmode:", "'mode' has no value", 2, 0},
       {"target: [a, b]\njournal: /j", "'target' must be a single value, not a list", 0, 8},
       {"target: /t\njournal: /j\nmode: async\nretention: 1h", "", -1, -1},
-      {"target: /t\njournal: /j\nretention: 1h", "'retention' needs mode: async (the history is the journal)", 2, 11},
+      {"target: /t\njournal: /j\nretention: 1h", "", -1, -1},
+      {"target: /t\njournal: /j\nmode: sync\nretention: 30s", "", -1, -1},
       {"target: /t\njournal: /j\nmode: async\nretention: 500ms", "'retention' must be from 1s to 365d, not '500ms'", 3, 11},
   };
   for (const Row& row : rows) {
@@ -624,10 +625,12 @@ TEST_CASE("replicate restart: only the regions changed while the target was away
 }
 
 TEST_CASE("replicate retention: restore at a moment and at a named point rebuilds those bytes", "[replicate][filter][cdp]") {
+  const std::string mode = GENERATE(as<std::string>{}, "mode: async", "mode: sync");
+  INFO(mode);
   Rig rig;
   rig.mem.data.assign(2 << 20, 0);
   std::memcpy(rig.mem.data.data() + 70000, "before the history", 18);
-  rig.open("mode: async\nretention: 1h");
+  rig.open(mode + "\nretention: 1h");
   const std::string at_open = rig.local();
   for (int i = 0; i < 20; ++i) rig.write(uint64_t(i) * 50000, pattern(3000, i));
   const std::string phase_a = rig.local();
@@ -673,9 +676,11 @@ TEST_CASE("replicate retention: restore at a moment and at a named point rebuild
 }
 
 TEST_CASE("replicate retention: history older than the retention is folded into the base", "[replicate][filter][cdp]") {
+  const std::string mode = GENERATE(as<std::string>{}, "mode: async", "mode: sync");
+  INFO(mode);
   Rig rig;
   rig.mem.data.assign(1 << 20, 0);
-  rig.open("mode: async\nretention: 1s");
+  rig.open(mode + "\nretention: 1s");
   for (int i = 0; i < 10; ++i) rig.write(uint64_t(i) * 65536, pattern(5000, 300 + i));
   const std::string phase_a = rig.local();
   REQUIRE(rig.f->drain().ok());
@@ -702,6 +707,54 @@ TEST_CASE("replicate retention: history older than the retention is folded into 
   REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
   CHECK(applied == 1);
   CHECK(slurp(out) == phase_b);
+  rig.close();
+}
+
+TEST_CASE("replicate retention, mode: sync: the history goes on across a reopen, and goes when retention is turned off",
+          "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  rig.open("mode: sync\nretention: 1h");
+  const std::string at_open = rig.local();
+  rig.write(1000, pattern(5000, 1));
+  const std::string phase_a = rig.local();
+  REQUIRE(rig.f->snapshot("a").ok());
+  rig.close();
+  rig.open("mode: sync\nretention: 1h");  // a daemon restart
+  rig.write(2000, pattern(7000, 2));
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192).ok());
+  REQUIRE(rig.f->resize(Io{}, (1 << 20) + 4096).ok());
+  const std::string phase_b = rig.local();
+  REQUIRE(rig.f->snapshot("b").ok());
+  REQUIRE(rig.f->drain().ok());
+  {
+    const std::string r = slurp(rig.replica()), l = rig.local();
+    size_t i = 0;
+    while (i < r.size() && i < l.size() && r[i] == l[i]) ++i;
+    INFO("replica " << r.size() << " local " << l.size() << " first difference at " << i);
+    CHECK(r == l);
+  }
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  HistoryInfo info;
+  REQUIRE(list_history(files, &info) == "");
+  CHECK(info.records == 6);  // write, point a, write, zero, resize, point b
+  REQUIRE(info.points.size() == 2);
+  const std::string out = rig.tmp / "restored";
+  uint64_t applied = 0;
+  REQUIRE(restore_history(files, info.window_start_ns, "", out, &applied) == "");
+  CHECK(slurp(out) == at_open);
+  REQUIRE(restore_history(files, 0, "a", out, &applied) == "");
+  CHECK(slurp(out) == phase_a);
+  REQUIRE(restore_history(files, 0, "b", out, &applied) == "");
+  CHECK(slurp(out) == phase_b);
+  rig.close();
+  // Without retention the changes are no longer kept: the history files go.
+  rig.open("mode: sync");
+  CHECK(::access(files.meta.c_str(), F_OK) != 0);
+  CHECK(::access(files.base.c_str(), F_OK) != 0);
+  CHECK(::access(files.journal.c_str(), F_OK) != 0);
   rig.close();
 }
 
@@ -966,24 +1019,54 @@ TEST_CASE("replicate: a replica made without sealing is not trusted once the pol
   rig.close();
 }
 
-TEST_CASE("replicate refuses retention under a policy that also encrypts, as the history base would be plaintext",
-          "[replicate][seal]") {
-  Tmp tmp;
-  ::mkdir((tmp / "target").c_str(), 0755);
-  ReplicateParams p;
-  REQUIRE(parse_replicate(YAML::Load("target: " + (tmp / "target") + "\njournal: " + (tmp / "state") +
-                                     "\nmode: async\nretention: 1h"),
-                          &p) == "");
-  testing::MemLayer mem;
-  ReplicateFilter f(p);
-  f.set_next(&mem);
-  iofilterfs::DiskInfo info{"vm/disk.img", "raw", false};
-  info.at_rest = std::make_shared<FakeSeal>();
-  iofilterfs::Status s = f.open(info);
-  CHECK(s.err == EMEDIUMTYPE);
-  REQUIRE(s.what);
-  CHECK(std::string(s.what).find("retention under a policy that also encrypts") != std::string::npos);
-  CHECK(access((tmp / "state").c_str(), F_OK) != 0);  // nothing made on disk
+TEST_CASE("replicate retention under a policy that also encrypts: the history is the container's ciphertext and restores it",
+          "[replicate][seal][cdp]") {
+  const std::string mode = GENERATE(as<std::string>{}, "mode: async", "mode: sync");
+  INFO(mode);
+  SealedRig rig;
+  rig.mem.data.assign(1 << 20, 0);
+  const std::string first = marked(300000, 5);
+  std::memcpy(rig.mem.data.data() + 1000, first.data(), first.size());
+  rig.open_sealed(mode + "\nretention: 1h");
+  std::vector<std::pair<std::string, std::string>> phases;  // restore point, plaintext then
+  phases.push_back({"open", rig.local()});
+  REQUIRE(rig.f->snapshot("open").ok());
+  rig.write(4096, marked(8192, 1));   // whole sectors
+  rig.write(70001, marked(3001, 2));  // edges inside sectors
+  phases.push_back({"writes", rig.local()});
+  REQUIRE(rig.f->snapshot("writes").ok());
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_ZERO_RANGE, 100003, 200000).ok());  // sealed zeros, unaligned
+  REQUIRE(rig.f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 512 * 1000, 512 * 20).ok());  // a hole
+  phases.push_back({"zeroed", rig.local()});
+  REQUIRE(rig.f->snapshot("zeroed").ok());
+  REQUIRE(rig.f->resize(Io{}, (1 << 20) + 65536).ok());
+  rig.write((1 << 20) + 1000, marked(5000, 3));
+  phases.push_back({"grown", rig.local()});
+  REQUIRE(rig.f->snapshot("grown").ok());
+  REQUIRE(rig.f->drain().ok());
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  // No plaintext in any file the filter keeps.
+  CHECK_FALSE(contains(slurp(files.journal), kMarker));
+  CHECK_FALSE(contains(slurp(files.base), kMarker));
+  CHECK(slurp(files.base).substr(0, 4096) == FakeSeal::header());
+  const std::string out = rig.tmp / "restored";
+  uint64_t applied = 0;
+  for (const auto& [point, plain] : phases) {
+    INFO(point);
+    REQUIRE(restore_history(files, 0, point, out, &applied) == "");
+    const std::string restored = slurp(out);
+    CHECK_FALSE(contains(restored, kMarker));
+    CHECK(restored.size() == 4096 + plain.size());
+    std::string header;
+    CHECK(unseal_replica(restored, &header) == plain);
+    CHECK(header == FakeSeal::header());
+  }
+  REQUIRE(restore_history(files, ~uint64_t(0), "", out, &applied) == "");
+  std::string header;
+  CHECK(unseal_replica(slurp(out), &header) == rig.local());
+  rig.close();
 }
 
 TEST_CASE("range lock: overlapping ranges exclude each other, disjoint ones do not, across buckets", "[replicate]") {

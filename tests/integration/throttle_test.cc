@@ -490,7 +490,7 @@ TEST_CASE("a re-plumb lets the writes queued in a group go below unthrottled at 
   std::string stats = wait_stat(m, "disk.raw", "queued", 100);
   INFO(stats);
   REQUIRE(json_number(stats, "queued") >= 100);
-  const double before = json_number(stats, "writes");
+  const double before = json_number(stats, "writes"), queued = json_number(stats, "queued");
   // A cache joins the chain (more than limits change): the disk re-plumbs, and what the
   // throttle holds — parked in the group's queue — goes below first, uncharged.
   write_file(t / "ds.yaml", "policies:\n  p: { cache: { mode: write-through, memory: 16MiB }, "
@@ -502,7 +502,7 @@ TEST_CASE("a re-plumb lets the writes queued in a group go below unthrottled at 
   stats = get_xattr(m.path("disk.raw"), "user.iofilter.stats");
   std::printf("throttle: a re-plumb with %g writes queued in a 5 IOPS group returned after %.2f s; %g of them went "
               "below meanwhile\n",
-              json_number(stats, "queued"), secs, json_number(stats, "writes") - before);
+              queued, secs, json_number(stats, "writes") - before);
   CHECK(json_number(stats, "writes") - before >= 100);  // released before the swap, not at 5 IOPS
   const int rc = wait_fio(t / "w.rc");
   INFO(read_file(t / "w.out") << read_file(t / "w.json").substr(0, 3000));

@@ -39,7 +39,9 @@ work=$(mktemp -d /tmp/replicate-bench-XXXXXX)
 daemon_pid=""
 cleanup() {
   if [ -n "$daemon_pid" ]; then
-    fusermount3 -u "$work/m" 2>/dev/null
+    # A disk still held open makes the unmount fail: then the daemon is stopped instead of waited
+    # for forever (SIGTERM: it drains, closes and unmounts).
+    fusermount3 -u "$work/m" 2>/dev/null || kill "$daemon_pid" 2>/dev/null
     wait "$daemon_pid" 2>/dev/null
   fi
   mountpoint -q "$work/m" && fusermount3 -uz "$work/m"
@@ -169,4 +171,4 @@ mean = sum(v) / len(v) if v else 0
 print("async lag at 100 MiB/s  samples %d   max %.1f MiB   mean %.1f MiB   flush after the stream %.3f s   replica %s"
       % (len(v), mx / 2**20, mean / 2**20, float(sys.argv[3]) - float(sys.argv[2]), sys.argv[4]))
 PY
-exec {hold_e}>&- {hold_a}>&- {hold_s}>&-
+exec {hold_e}>&- {hold_a}>&- {hold_s}>&- {hold_r}>&-  # every disk closed, or the unmount is refused

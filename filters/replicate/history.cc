@@ -209,7 +209,7 @@ std::string restore_history(const HistoryFiles& f, uint64_t at_ns, const std::st
     // retention keeps the copying journal, and turning it off drops the history. Refuse rather
     // than restore bytes that are not there.
     if (static_cast<RecType>(h.type) == RecType::Preserve ||
-        (static_cast<RecType>(h.type) == RecType::Write && (h.flags & kByRef))) {
+        by_reference(h)) {
       werr = "the history holds a record without its data (journal by reference): cannot restore";
       return false;
     }

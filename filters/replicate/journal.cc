@@ -47,7 +47,7 @@ std::string check_record(const RecordHeader& h, const void* data, uint64_t seq) 
   if (h.magic != kRecordMagic) return "bad record magic";
   if (h.seq != seq) return "sequence " + std::to_string(h.seq) + " where " + std::to_string(seq) + " was expected";
   if (h.type < 1 || h.type > 5) return "unknown record type " + std::to_string(h.type);
-  const bool byref = h.type == static_cast<uint16_t>(RecType::Write) && (h.flags & kByRef);
+  const bool byref = by_reference(h);
   const bool carries =
       !byref && (h.type == static_cast<uint16_t>(RecType::Write) || h.type == static_cast<uint16_t>(RecType::Point));
   if (carries && h.data_len != h.len) return "write record length mismatch";

@@ -68,6 +68,10 @@ inline constexpr uint16_t kZeroSealed = 1;  // Zero records: write sealed zeros,
 inline constexpr uint16_t kByRef = 2;       // Write records: no data, the bytes are read from the image
 inline constexpr uint32_t kPreserveHead = 8;  // Preserve records: the owner's sequence before the bytes
 static_assert(sizeof(RecordHeader) == 48);
+// A Write record by reference: no data, its bytes are in the image (or in Preserve records).
+inline bool by_reference(const RecordHeader& h) {
+  return h.type == static_cast<uint16_t>(RecType::Write) && (h.flags & kByRef);
+}
 
 inline constexpr uint32_t kRecordMagic = 0x31524a52;  // "RJR1"
 inline constexpr uint64_t kJournalHeader = 4096;

@@ -779,7 +779,7 @@ bool ReplicateFilter::rebuild_refs(uint64_t* unshipped) {
   for (uint64_t pos = journal_->ship_off(); pos < journal_->end();) {
     rp::RecordHeader h;
     if (!journal_->read_header(pos, &h).empty()) break;  // the scan at open checked them
-    if (h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef)) {
+    if (rp::by_reference(h)) {
       if (!by_ref_) foreign = true;
       refs_.add(h.seq, h.off, h.len, true);
       *unshipped += h.len;
@@ -1497,7 +1497,7 @@ bool ReplicateFilter::ship_some(std::string* err) {
     // end() need no checksum here: this process wrote them, or the scan at open checked them.
     bool copied = false;
     std::string e = journal_->read_header(pos, &h);
-    const bool byref = e.empty() && h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef);
+    const bool byref = e.empty() && rp::by_reference(h);
     if (byref) {
       // From the image, once this record's write has landed there (refmap.h).
       bool landed = false;
@@ -2019,7 +2019,7 @@ void ReplicateFilter::compact() {
         if (at >= new_off) return false;
         bool ok = true;
         if (h.type == static_cast<uint16_t>(rp::RecType::Preserve) ||
-            (h.type == static_cast<uint16_t>(rp::RecType::Write) && (h.flags & rp::kByRef))) {
+            rp::by_reference(h)) {
           // Never in a history (see history.cc, restore): the base is not folded over it.
           e = "a record without its data (journal by reference) in the history of " + history_.base;
           return false;

@@ -51,6 +51,12 @@ class Backing final : public Layer {
   Status resize(const Io& io, uint64_t size) override;
   Status seek(const Io& io, uint64_t off, int whence, uint64_t* result) override;
   Status size(uint64_t* out) override;
+  // The image file itself, at the same offsets (the buffered descriptor: the kernel keeps it
+  // coherent with direct writes).
+  int verbatim(uint64_t off, uint64_t /*len*/, uint64_t* file_off) override {
+    *file_off = off;
+    return fd_;
+  }
 
  private:
   Backing() = default;

@@ -193,6 +193,14 @@ struct Layer {
   virtual Status seek(const Io& io, uint64_t off, int whence, uint64_t* result) = 0;
   // The size of the disk as seen by the layer above.
   virtual Status size(uint64_t* out) = 0;
+  // Where bytes [off, off+len) as this layer reads them lie verbatim in a file: its descriptor,
+  // and in *file_off where `off` is, so a background copy (a replica's shipper) may go file to
+  // file with copy_file_range instead of through a buffer. Only a layer whose read of the range
+  // is exactly the file's bytes at that moment answers: the backing file. Everything else —
+  // a format that maps blocks, a filter that transforms, caches or fails requests on the way,
+  // the fault layer — keeps this default, -1 ("read me instead"). The descriptor stays valid
+  // while the caller holds what keeps this layer in place (a filter's BelowGuard).
+  virtual int verbatim(uint64_t /*off*/, uint64_t /*len*/, uint64_t* /*file_off*/) { return -1; }
 };
 
 // At-rest protection that a filter offers the filters above it. The encrypt filter is the only

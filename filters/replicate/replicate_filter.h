@@ -350,6 +350,7 @@ class ReplicateFilter : public Filter {
 
   // Counters.
   std::atomic<uint64_t> bytes_sent_{0}, bytes_resent_{0}, bytes_zeroed_{0}, records_shipped_{0};
+  std::atomic<uint64_t> bytes_copied_{0};  // shipped file to file (copy_file_range), see ship_by_ref
   std::atomic<uint64_t> journaled_bytes_{0}, writes_tracked_{0}, target_errors_{0}, reconnects_{0};
   std::atomic<uint64_t> resync_total_{0}, resync_done_{0}, collapses_{0}, backpressure_waits_{0};
   std::atomic<uint64_t> last_consistent_ns_{0};

@@ -34,7 +34,8 @@ class Target {
   virtual std::string where() const = 0;
   // Copies len bytes at src_off of the file `fd` to off, without passing them through user
   // memory (copy_file_range for a directory target). *copied false (and "") when the target
-  // cannot: the caller reads and writes them itself.
+  // cannot, or the source ends before len bytes: the caller reads and writes them itself (the
+  // bytes this call wrote are written again).
   virtual std::string copy_from(int, uint64_t, size_t, uint64_t, bool* copied) {
     *copied = false;
     return "";

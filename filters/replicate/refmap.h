@@ -31,12 +31,20 @@
 // the old bytes, which is what the pieces hold, so replay ships the same either way.
 //
 // Pure: no I/O, no locks (the filter holds its own mutex around every call).
+//
+// Storage, for the hot path (every write calls add() and landed(), under the filter's mutex):
+// records sit in a ring in sequence order (they are added in that order: the journal hands out
+// sequence numbers under the lock the writer holds for add()), found by binary search and
+// forgotten from the front, so forget_before() costs what it forgets, not what is kept; a slot's
+// piece list keeps its capacity for the next record. The owner extents are a map whose nodes
+// come from a free list. So the steady state allocates nothing.
 #pragma once
 
 #include <cstdint>
 #include <cstddef>
+#include <functional>
 #include <map>
-#include <unordered_map>
+#include <new>
 #include <vector>
 
 namespace iofilterfs::replicate {
@@ -48,6 +56,68 @@ struct Piece {
 // [off, off+len) is still read from the image by unshipped record `seq`.
 struct Span {
   uint64_t off = 0, len = 0, seq = 0;
+};
+
+// Nodes of one size (a std::map's) handed out from, and returned to, a free list. trim() gives
+// the spare ones back to the allocator (after a burst of extents).
+class NodePool {
+ public:
+  NodePool() = default;
+  NodePool(const NodePool&) = delete;
+  NodePool& operator=(const NodePool&) = delete;
+  ~NodePool() { trim(0); }
+  void* get(size_t size) {
+    if (free_ && size == size_) {
+      Free* f = free_;
+      free_ = f->next;
+      --spare_;
+      return f;
+    }
+    if (!size_) size_ = size;
+    return ::operator new(size);
+  }
+  void put(void* p, size_t size) {
+    if (size != size_ || size < sizeof(Free)) return ::operator delete(p);
+    free_ = new (p) Free{free_};
+    ++spare_;
+  }
+  // Keeps at most `keep` spare nodes.
+  void trim(size_t keep) {
+    while (free_ && spare_ > keep) {
+      Free* f = free_;
+      free_ = f->next;
+      --spare_;
+      ::operator delete(f);
+    }
+  }
+  size_t spare() const { return spare_; }
+
+ private:
+  struct Free {
+    Free* next;
+  };
+  Free* free_ = nullptr;
+  size_t size_ = 0, spare_ = 0;
+};
+
+template <class T>
+struct PoolAllocator {
+  using value_type = T;
+  NodePool* pool;
+  explicit PoolAllocator(NodePool* p) : pool(p) {}
+  template <class U>
+  PoolAllocator(const PoolAllocator<U>& o) : pool(o.pool) {}  // NOLINT: rebinding, as allocators do
+  T* allocate(size_t n) {
+    return static_cast<T*>(n == 1 ? pool->get(sizeof(T)) : ::operator new(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) {
+    if (n == 1) pool->put(p, sizeof(T));
+    else ::operator delete(p);
+  }
+  template <class U>
+  bool operator==(const PoolAllocator<U>& o) const { return pool == o.pool; }
+  template <class U>
+  bool operator!=(const PoolAllocator<U>& o) const { return pool != o.pool; }
 };
 
 class RefMap {
@@ -71,7 +141,7 @@ class RefMap {
   // with their references.
   void forget_before(uint64_t seq);
   void clear();
-  size_t records() const { return recs_.size(); }
+  size_t records() const { return count_; }
   size_t extents() const { return owners_.size(); }
 
  private:
@@ -79,15 +149,26 @@ class RefMap {
     uint64_t end = 0, seq = 0;
   };
   struct Rec {
-    uint64_t off = 0, len = 0;
+    uint64_t seq = 0, off = 0, len = 0;
     bool landed = false;
     std::vector<Piece> pieces;
   };
   // Cuts the owner extents at off and at end, removes those inside [off, end) (owned by seq,
   // or by anyone with seq 0).
   void erase(uint64_t off, uint64_t end, uint64_t seq);
-  std::map<uint64_t, Owned> owners_;  // disjoint extents by start
-  std::unordered_map<uint64_t, Rec> recs_;
+  Rec& at(size_t i) { return ring_[(head_ + i) % ring_.size()]; }
+  const Rec& at(size_t i) const { return ring_[(head_ + i) % ring_.size()]; }
+  // The record seq, or null.
+  Rec* find(uint64_t seq);
+  const Rec* find(uint64_t seq) const { return const_cast<RefMap*>(this)->find(seq); }
+  // A slot for seq at its place in sequence order (the back, unless a caller broke the order).
+  Rec& insert(uint64_t seq);
+
+  NodePool pool_;  // before owners_: its nodes are returned to it when the map goes
+  using Owners = std::map<uint64_t, Owned, std::less<uint64_t>, PoolAllocator<std::pair<const uint64_t, Owned>>>;
+  Owners owners_{Owners::key_compare(), Owners::allocator_type(&pool_)};  // disjoint extents by start
+  std::vector<Rec> ring_;  // records in sequence order: count_ of them from head_, wrapping
+  size_t head_ = 0, count_ = 0;
 };
 
 // The parts of [off, off+len) not covered by `pieces` (disjoint, any order), in offset order.

@@ -163,6 +163,81 @@ TEST_CASE("journal by reference: shipped records are shipped again after a rewin
   CHECK(gaps(0, 4, {Piece{0, 4, 0}}).empty());
 }
 
+TEST_CASE("journal by reference: the record ring keeps sequence order across growth, wrap-around, forgetting and an out-of-order add",
+          "[replicate][journal]") {
+  RefMap refs;
+  // Records 1..300 (sequence numbers with gaps, as Preserve records take some), each owning
+  // its own 10 bytes; the ring grows from 64 slots while it wraps, since the front is forgotten
+  // on the way.
+  uint64_t seq = 0;
+  std::vector<uint64_t> seqs;
+  for (int i = 0; i < 300; ++i) {
+    seq += 1 + i % 3;
+    seqs.push_back(seq);
+    refs.add(seq, static_cast<uint64_t>(i) * 10, 10, i % 2 == 0);
+    if (i % 50 == 49) refs.forget_before(seqs[static_cast<size_t>(i) - 20]);
+  }
+  CHECK(refs.records() == 20 + 1);  // the last forget kept the last 21 (i = 279..299)
+  CHECK(refs.extents() == 21);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    INFO("record " << i << " seq " << seqs[i]);
+    const bool kept = i >= 279;
+    CHECK(refs.attach(seqs[i], Piece{i * 10, 1, i}) == kept);
+    // A forgotten record counts as landed (the shipper never waits for it).
+    CHECK(refs.is_landed(seqs[i]) == (!kept || i % 2 == 0));
+  }
+  std::vector<Piece> ps;
+  refs.pieces(seqs[290], &ps);
+  REQUIRE(ps.size() == 1);
+  CHECK((ps[0].off == 2900 && ps[0].at == 290));
+  // A record added out of order still lands at its place: found, and forgotten with its elders.
+  refs.add(seqs[279] + 1, 5000, 10, true);
+  CHECK(refs.records() == 22);
+  CHECK(refs.attach(seqs[279] + 1, Piece{5000, 1, 0}));
+  refs.forget_before(seqs[280]);
+  CHECK(refs.records() == 20);
+  CHECK_FALSE(refs.attach(seqs[279] + 1, Piece{5000, 1, 0}));
+  std::vector<Span> spans;
+  refs.referenced(5000, 10, &spans);
+  CHECK(spans.empty());
+  // landed() of a record that is not there changes nothing; clear() empties everything.
+  refs.landed(1);
+  refs.clear();
+  CHECK(refs.records() == 0);
+  CHECK(refs.extents() == 0);
+  CHECK(refs.is_landed(seqs.back()));
+  refs.add(seq + 1, 0, 4, false);
+  CHECK_FALSE(refs.is_landed(seq + 1));
+  refs.landed(seq + 1);
+  CHECK(refs.is_landed(seq + 1));
+}
+
+TEST_CASE("journal by reference: extent nodes come from a free list that a burst leaves trimmed", "[replicate][journal]") {
+  NodePool pool;
+  void* a = pool.get(48);
+  void* b = pool.get(48);
+  pool.put(a, 48);
+  CHECK(pool.spare() == 1);
+  CHECK(pool.get(48) == a);  // reused, not allocated
+  CHECK(pool.spare() == 0);
+  void* other = pool.get(16);  // another size: not pooled
+  pool.put(other, 16);
+  CHECK(pool.spare() == 0);
+  pool.put(a, 48);
+  pool.put(b, 48);
+  CHECK(pool.spare() == 2);
+  pool.trim(1);
+  CHECK(pool.spare() == 1);
+
+  // Through the map: 5000 disjoint extents, then all forgotten: the spares are cut back.
+  RefMap refs;
+  for (uint64_t s = 1; s <= 5000; ++s) refs.add(s, s * 100, 10, true);
+  CHECK(refs.extents() == 5000);
+  refs.forget_before(5001);
+  CHECK(refs.extents() == 0);
+  CHECK(refs.records() == 0);
+}
+
 TEST_CASE("journal by reference: record format of by-reference writes and preserved bytes", "[replicate][journal]") {
   RecordHeader h;
   make_record(&h, RecType::Write, 5, 0, 4096, 1 << 20, nullptr, 0, kByRef);

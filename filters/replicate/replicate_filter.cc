@@ -1400,7 +1400,8 @@ std::string ReplicateFilter::stats_json() const {
     s += ",\"history\":{\"journal\":" + json_str(history_.journal) + ",\"base\":" + json_str(history_.base) +
          ",\"meta\":" + json_str(history_.meta) + ",\"retention_s\":" + std::to_string(params_.retention_us / 1'000'000) +
          ",\"window_start_ns\":" + n(window_start_ns_) + ",\"compacted_records\":" + n(compacted_records_) +
-         ",\"points\":" + n(points_) + "}";
+         ",\"points\":" + n(points_) + ",\"bytes\":" +
+         std::to_string(hjournal() ? hjournal()->end() - rp::kJournalHeader : 0) + "}";
   } else {
     s += ",\"history\":null";
   }

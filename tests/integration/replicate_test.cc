@@ -350,6 +350,8 @@ void cdp_scenario(const std::string& mode) {
   }
   REQUIRE(ds.flush("disk.raw") == 0);
   CHECK(sum(ds.t / "replica/disk.raw") == sum(ds.back("disk.raw")));
+  // The history's size is reported in either mode: at least the 3 x 2 MiB + 3 x 192 KiB written.
+  CHECK(ds.stats("disk.raw")["history"]["bytes"].as<uint64_t>() >= 3 * ((2u << 20) + (192u << 10)));
   std::string out;
   REQUIRE(sh(q(ctlbin) + " points " + q(ds.mnt("disk.raw")), &out) == 0);
   INFO(out << ds.m->log());

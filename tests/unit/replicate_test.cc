@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <fstream>
 #include <chrono>
@@ -28,6 +29,7 @@
 #include "replicate/journal.h"
 #include "replicate/params.h"
 #include "replicate/range_lock.h"
+#include "replicate/target.h"
 #include "replicate/replicate_filter.h"
 
 using namespace iofilterfs::replicate;
@@ -1067,6 +1069,34 @@ TEST_CASE("replicate retention under a policy that also encrypts: the history is
   std::string header;
   CHECK(unseal_replica(slurp(out), &header) == rig.local());
   rig.close();
+}
+
+TEST_CASE("directory target: copy_from copies file to file, and a source that ends early is left to the caller",
+          "[replicate]") {
+  Tmp t;
+  REQUIRE(::mkdir((t / "replica").c_str(), 0755) == 0);
+  const std::string src(3 << 20, 'x');
+  {
+    std::ofstream f(t / "src", std::ios::binary);
+    f << src.substr(0, 1 << 20) << std::string(1 << 20, 'y') << src.substr(0, 1 << 20);
+  }
+  const int fd = ::open((t / "src").c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  std::unique_ptr<Target> tg = make_target(t / "replica", false);
+  REQUIRE(tg->connect("vm/disk.raw", 4 << 20) == "");
+  bool copied = false;
+  CHECK(tg->copy_from(fd, 1 << 20, 1 << 20, 2 << 20, &copied) == "");  // the y's, to 2 MiB
+  CHECK(copied);
+  std::string got(1 << 20, '\0');
+  REQUIRE(tg->pread(got.data(), got.size(), 2 << 20) == "");
+  CHECK(got == std::string(1 << 20, 'y'));
+  // 1 MiB asked from 2.5 MiB of a 3 MiB file: not copied, no error (the caller reads, pads
+  // and writes the whole range itself).
+  copied = true;
+  CHECK(tg->copy_from(fd, (5 << 20) / 2, 1 << 20, 0, &copied) == "");
+  CHECK_FALSE(copied);
+  ::close(fd);
+  tg->close();
 }
 
 TEST_CASE("range lock: overlapping ranges exclude each other, disjoint ones do not, across buckets", "[replicate]") {

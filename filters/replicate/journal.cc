@@ -200,7 +200,7 @@ std::string Journal::open(const std::string& path, std::unique_ptr<Journal>* out
   j->end_.store(r.end);
   j->reserved_ = j->done_to_ = r.end;
   j->synced_.store(kJournalHeader);
-  j->next_seq_ = r.next_seq;
+  j->next_seq_ = j->end_seq_ = r.next_seq;
   *out = std::move(j);
   return "";
 }
@@ -256,7 +256,10 @@ std::string Journal::commit(const Reservation& r, const void* data) {
   pub_cv_.wait(l, [&] { return done_to_ == r.at; });
   done_to_ = r.at + total;
   if (err) broken_.store(true, std::memory_order_release);
-  if (!broken_.load(std::memory_order_relaxed)) end_.store(done_to_, std::memory_order_release);
+  if (!broken_.load(std::memory_order_relaxed)) {
+    end_.store(done_to_, std::memory_order_release);
+    end_seq_ = r.h.seq + 1;
+  }
   --outstanding_;
   const bool broken = broken_.load(std::memory_order_relaxed);
   l.unlock();
@@ -287,6 +290,7 @@ std::string Journal::repair() {
   const uint64_t e = end_.load(std::memory_order_relaxed);
   if (::ftruncate(fd_, static_cast<off_t>(e)) != 0) return errtext("cannot truncate", path_);
   reserved_ = done_to_ = e;
+  next_seq_ = end_seq_;
   broken_.store(false, std::memory_order_release);
   return "";
 }
@@ -384,6 +388,7 @@ std::string Journal::reset() {
   {
     std::lock_guard<std::mutex> g(pub_mu_);
     done_to_ = kJournalHeader;
+    end_seq_ = next_seq_;
     broken_.store(false, std::memory_order_release);
     end_.store(kJournalHeader, std::memory_order_release);
   }

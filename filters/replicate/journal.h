@@ -158,7 +158,9 @@ class Journal {
   // Under the caller's lock: waits until every reserved record is committed (or failed).
   void wait_idle();
   // Under the caller's lock, after a failed record: cuts the file after the last published
-  // record, so appending can go on there (what was cut its writers tracked elsewhere).
+  // record, so appending can go on there (what was cut its writers tracked elsewhere), with
+  // the sequence number after that record's (a scan stops at a gap in the numbers, so the
+  // records appended after a repair would otherwise never be read again).
   std::string repair();
   bool broken() const { return broken_.load(std::memory_order_acquire); }
   // Reads the header of the record at `at` (below end()); its data follows at at + 48.
@@ -197,6 +199,7 @@ class Journal {
   std::mutex pub_mu_;
   std::condition_variable pub_cv_;
   uint64_t done_to_ = kJournalHeader;  // under pub_mu_: records before it are written or failed
+  uint64_t end_seq_ = 1;               // under pub_mu_: the sequence number of the record at end()
   uint64_t outstanding_ = 0;           // under pub_mu_: reserved, not yet committed
   std::atomic<bool> broken_{false};    // written under pub_mu_
   std::mutex sync_mu_;

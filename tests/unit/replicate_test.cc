@@ -5,11 +5,13 @@
 #include <catch2/catch.hpp>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <csignal>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -757,6 +759,60 @@ TEST_CASE("replicate retention, mode: sync: the history goes on across a reopen,
   CHECK(::access(files.meta.c_str(), F_OK) != 0);
   CHECK(::access(files.base.c_str(), F_OK) != 0);
   CHECK(::access(files.journal.c_str(), F_OK) != 0);
+  rig.close();
+}
+
+TEST_CASE("replicate retention, mode: sync: a history append that fails fails the write with EIO and changes nothing, "
+          "and the history goes on after it",
+          "[replicate][filter][cdp]") {
+  Rig rig;
+  rig.mem.data.assign(256 << 10, 0);
+  rig.open("mode: sync\nretention: 1h");
+  REQUIRE(rig.f->drain().ok());
+  // 320 KiB of history first, so every other file this process writes (the 256 KiB replica,
+  // the bitmap) stays below the file size limit set next.
+  for (int i = 0; i < 80; ++i) rig.write(static_cast<uint64_t>(i % 64) * 4096, pattern(4096, 100 + i));
+  const std::string before = rig.local();
+  YAML::Node h = YAML::Load(rig.f->stats_json())["history"];
+  REQUIRE(h.IsMap());
+  HistoryFiles files{h["journal"].as<std::string>(), h["base"].as<std::string>(), h["meta"].as<std::string>()};
+  struct stat st;
+  REQUIRE(::stat(files.journal.c_str(), &st) == 0);
+  REQUIRE(static_cast<uint64_t>(st.st_size) > (256u << 10));
+  // The history journal cannot grow: its next append fails (EFBIG, as a full disk would ENOSPC).
+  struct rlimit old;
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto* old_handler = ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit lim = old;
+  lim.rlim_cur = static_cast<rlim_t>(st.st_size) + 16;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &lim) == 0);
+  const std::string data = pattern(4096, 7);
+  const iofilterfs::Status s = rig.f->write(Io{}, data.data(), data.size(), 8192);
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &old) == 0);
+  ::signal(SIGXFSZ, old_handler);
+  CHECK(s.err == EIO);
+  CHECK(rig.local() == before);             // not made locally
+  CHECK(slurp(rig.replica()) == before);    // nor on the replica
+  CHECK(rig.f->stats_json().find("cannot append") != std::string::npos);  // last_error says why
+  // The history goes on from its last sound record: the next write is kept, and a restore of
+  // now gives the disk.
+  rig.write(8192, pattern(4096, 8));
+  CHECK(slurp(rig.replica()) == rig.local());
+  REQUIRE(rig.f->sync(Io{}, false).ok());  // the history durable, as a restore from its files reads it
+  uint64_t applied = 0;
+  const std::string out = rig.tmp / "restored";
+  struct timespec ts;
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  REQUIRE(restore_history(files, static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec), "",
+                          out, &applied) == "");
+  {
+    const std::string r = slurp(out), l = rig.local();
+    size_t i = 0;
+    while (i < r.size() && i < l.size() && r[i] == l[i]) ++i;
+    INFO("restored " << r.size() << " local " << l.size() << " first difference at " << i << ", " << applied
+                     << " records applied");
+    CHECK(r == l);
+  }
   rig.close();
 }
 

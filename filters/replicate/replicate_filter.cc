@@ -539,8 +539,14 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
                                        uint32_t data_crc, std::optional<rp::Reservation>* res, uint16_t flags) {
   const uint64_t lag = appended_bytes_.load() - shipped_bytes_.load();
   if (jmode_ == JMode::Journal && lag >= max_lag_.load()) {
-    if (backpressure_.load() && connected_.load()) return Status::Error(EAGAIN);  // the caller waits
-    collapse_locked(connected_.load() ? "the journal reached max-lag" : "the journal reached max-lag with the replica unreachable");
+    if (backpressure_.load() && connected_.load()) {
+      // Backpressure holds guest writes (the caller waits and tries again). Every other change
+      // (a zero-range, a resize, the records of a sealed punch) is journaled over the limit:
+      // it may not be left out, and it carries little or no data.
+      if (res) return Status::Error(EAGAIN);
+    } else {
+      collapse_locked(connected_.load() ? "the journal reached max-lag" : "the journal reached max-lag with the replica unreachable");
+    }
   }
   if (jmode_ == JMode::Journal) {
     // A Write record by reference holds no data; it counts for the lag with its length.
@@ -560,6 +566,14 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
       return Status::Ok();
     }
     note_error(e);
+    if (params_.retention_us) {
+      // The journal is the history: a change it cannot keep is not made (EIO), as in sync mode,
+      // or every restore of a later moment would lack it. The failed record is cut off.
+      spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
+      std::string re = journal_->repair();
+      if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
+      return kHistoryFailed;
+    }
     spdlog::error("{}: replicate: {}; tracking changes in the bitmap", relpath_, e);
     collapse_locked("the journal could not be written");
   }
@@ -981,6 +995,23 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
     std::string e = journal_->commit(*res, byref ? nullptr : jdata);
     std::string e2 = keep ? preserve_commit(keep) : std::string();
     if (e.empty()) e = e2;
+    if (!e.empty() && params_.retention_us) {
+      // The history cannot keep this write: it is not made (see journal_locked), and its
+      // record, cut off below, will never ship (a drain waits for appended_bytes_).
+      note_error(e);
+      appended_bytes_.fetch_sub(sizeof(rp::RecordHeader) + res->h.data_len);
+      journaled_bytes_.fetch_sub(res->h.data_len, std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> l(jmu_);
+        if (journal_->broken()) {  // the first here cuts the broken tail (later records failed too)
+          spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
+          std::string re = journal_->repair();
+          if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
+        }
+      }
+      leave(r0, r1);
+      return kHistoryFailed;
+    }
     if (!e.empty()) {
       journal_failed(e);
       if (!mark_pending(r0, r1)) {  // replay stops before this record: the bitmap has it
@@ -1106,6 +1137,10 @@ Status ReplicateFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t
     if (js.ok() && !(mode & FALLOC_FL_KEEP_SIZE) && kind == FALLOC_FL_ZERO_RANGE && off + len > before)
       js = journal_locked(rp::RecType::Resize, 0, off + len, nullptr, 0, nullptr);
   }
+  if (!js.ok() && js.err != EINPROGRESS) {  // the history cannot keep it (retention): not made
+    leave(r0, r1);
+    return js;
+  }
   if (js.err == EINPROGRESS && !save_bitmap()) {
     leave(r0, r1);
     return kBitmapFailed;
@@ -1227,7 +1262,7 @@ Status ReplicateFilter::fallocate_sealed(const Io& io, int mode, uint64_t off, u
       rec(rp::RecType::Zero, z0, z1 - z0, nullptr, zflags);
     }
   }
-  if (!js.ok() && js.err != EINPROGRESS && js.err != EAGAIN) {
+  if (!js.ok() && js.err != EINPROGRESS) {
     (void)mark_pending(r0, r1);  // some records may be in: the resync sends what the image holds
     leave(r0, r1);
     return js;
@@ -1262,6 +1297,7 @@ Status ReplicateFilter::resize(const Io& io, uint64_t size) {
       if (!ps.ok()) return ps;
     }
     Status js = journal_locked(rp::RecType::Resize, 0, size, nullptr, 0, nullptr);
+    if (!js.ok() && js.err != EINPROGRESS) return js;  // the history cannot keep it (retention): not made
     if (js.err == EINPROGRESS && !save_bitmap()) return kBitmapFailed;
   } else {
     // Sync: in flight over the regions the size change touches until it is made, so a resync
@@ -1848,7 +1884,7 @@ void ReplicateFilter::run() {
         clean_after_ns_ = now + kCleanIntervalNs;
       }
       if (err.empty() && draining && pending_.count() == 0 &&
-          (!journal_ || shipped_bytes_.load() >= drain_goal_.load())) {
+          (!journal_ || shipped_bytes_.load() >= std::min(drain_goal_.load(), appended_bytes_.load()))) {
         err = journal_ ? persist_ship_point(true) : target_->flush();
         if (err.empty()) {
           drain_done_.store(req);

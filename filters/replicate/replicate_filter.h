@@ -165,8 +165,9 @@ class ReplicateFilter : public Filter {
   uint64_t now_ns() const;
 
   // Async: under jmu_. A Write record with `res` is only reserved (*res set, Ok): the caller
-  // commits it without the lock; other records are appended whole. EAGAIN: wait (backpressure);
-  // EINPROGRESS: bitmap mode marked regions, the caller saves the bitmap.
+  // commits it without the lock; other records are appended whole. EAGAIN (only with `res`):
+  // wait (backpressure); EINPROGRESS: bitmap mode marked regions, the caller saves the bitmap;
+  // EIO (with retention): the record could not be written, the change must not be made.
   Status journal_locked(replicate::RecType type, uint64_t off, uint64_t len, const void* data, uint32_t data_crc,
                         std::optional<replicate::Reservation>* res, uint16_t flags = 0);
   void collapse_locked(const char* why);

@@ -489,6 +489,47 @@ TEST_CASE("replicate under encrypt, sync to nbdkit: the export is the LUKS conta
   CHECK(ds.m->stop() == 0);
 }
 
+TEST_CASE("replicate async with backpressure: punches while writes are held at max-lag still reach the replica",
+          "[replicate][nbd][journal]") {
+  TempDir nbd;
+  REQUIRE(sh("truncate -s 8M " + q(nbd / "export")) == 0);
+  // A slow target (every write 2 ms) and a small max-lag: the guest's writes are held most of
+  // the time, and the punches made meanwhile must still be journaled (not left out).
+  Nbdkit server(nbd.path(), nbd / "export", "--filter=delay", "wdelay=2ms");
+  Datastore ds("target: \"" + server.uri() + "\", mode: async, max-lag: 1MiB, on-overflow: backpressure", false);
+  REQUIRE(sh("mkdir -p " + q(ds.back("")) + " && head -c 4M /dev/urandom > " + q(ds.back("disk.raw"))) == 0);
+  ds.mount();
+  Holder hold(ds.mnt("disk.raw"));
+  REQUIRE(ds.flush("disk.raw") == 0);
+  const uint64_t initial = ds.stats("disk.raw")["bytes_resent"].as<uint64_t>();
+  std::string out;
+  std::thread writer([&] {
+    sh("fio --name=held --filename=" + q(ds.mnt("disk.raw")) +
+           " --rw=randwrite --bsrange=4k-64k --size=2M --time_based --runtime=3 --iodepth=16 --ioengine=libaio"
+           " --direct=1 --refill_buffers --randrepeat=0 --output-format=terse",
+       &out);
+  });
+  // The second half of the image: 32 punches of 64 KiB, one every 50 ms, while the writes above
+  // keep the journal at max-lag.
+  int punched = 0;
+  for (int i = 0; i < 32; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    punched += sh("fallocate --punch-hole --offset " + std::to_string((2u << 20) + i * 65536) + " --length 65536 " +
+                  q(ds.mnt("disk.raw"))) == 0;
+  }
+  writer.join();
+  CHECK(punched == 32);
+  REQUIRE(ds.flush("disk.raw") == 0);
+  YAML::Node st = ds.stats("disk.raw");
+  INFO(testing::get_xattr(ds.mnt("disk.raw"), "user.iofilter.stats") << out << ds.m->log());
+  CHECK(sum(nbd / "export", 4u << 20) == sum(ds.back("disk.raw")));
+  CHECK(st["backpressure_waits"].as<uint64_t>() > 0);  // the writes were held
+  CHECK(st["bytes_resent"].as<uint64_t>() == initial);  // no collapse: everything went by the journal
+  CHECK(st["collapses"].as<uint64_t>() == 0);
+  hold.release();
+  CHECK(ds.m->stop() == 0);
+}
+
 TEST_CASE("replicate async by reference: overwrites of unshipped ranges to a slow target, then kill -9 mid-run, the replica equals the source",
           "[replicate][nbd][journal]") {
   TempDir nbd;

@@ -157,6 +157,7 @@ class ThrottleFilter : public Filter {
   bool timer_stop_ = false;                         // under mu_
   bool released_ = false;                           // under mu_: defer nothing (release_deferred)
   uint64_t outstanding_ = 0;                        // under mu_: taken (Parked), not yet answered
+  uint64_t in_queues_ = 0;                          // under mu_: workers in pass() before below
   bool opened_ = false;                             // under mu_
   std::string describe_;                            // under mu_
   std::atomic<int> client_{-1};                     // the datastore QoS client while open

@@ -1397,8 +1397,11 @@ void register_cache(Registry& r) {
   // one-block write that goes below (write-through, write-around, a write-back bypass), which
   // stays marked in flight in its stripe until it has landed, and whose bookkeeping (the fill,
   // the record, the slot's pin) a completion hook finishes before it is acknowledged
-  // (InFlight). Hits, fills, write-back's cached writes and writes of more than one block go
-  // below without it, and so wait on their worker behind a throttle.
+  // (InFlight); a write of several blocks goes below as one request, every block in flight,
+  // one hook for all (MultiFlight), in write-back when none of its blocks is cached or can be.
+  // Fills, reads of several blocks, and write-back's own trips below (an edge page read, an
+  // evacuation, the bypassing blocks of a write with a cached block, a destage on the
+  // requesting thread) go below without it, and so wait on their worker behind a throttle.
   info.passes_deferral = true;
   info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
     cache::CacheParams p;

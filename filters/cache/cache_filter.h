@@ -49,8 +49,9 @@
 //
 // Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
 // Lock order: failover_mu_, then destage_mu_ (one destage pass at a time), then a stripe lock
-// (one at a time, except failover() and reconfigure(), which take all of them in index
-// order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer
+// (one at a time, except failover() and reconfigure(), which take all of them, and a write of
+// several blocks and its hook (MultiFlight), which take its blocks' stripes, each once: always
+// in index order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer
 // lock: a read hit holds it shared only (lookup, mask test, the S3-FIFO counter raised with a relaxed
 // atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
 // that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's

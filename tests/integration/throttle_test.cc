@@ -7,8 +7,11 @@
 // queue depth 128 throttled to 100 IOPS holds more requests than the daemon has worker
 // threads, and its neighbour keeps its throughput (this failed before deferral: the held
 // requests took every worker); reloads while writes are deferred lose none; a stop with
-// requests deferred answers them; under a cache, writes wait on workers while the reads it
-// forwards untouched are deferred; waits in a group hold no thread either. The tests whose
+// requests deferred answers them; under a cache, its writes that go below (of one block or of
+// several: two disks of 256 KiB writes at depth 128) and the reads it forwards untouched are
+// deferred; waits in a group hold no thread either; a re-plumb under congestion wakes the
+// workers blocked in the datastore's queue (under replicate, which does not let the throttle
+// defer) instead of waiting for their turns. The tests whose
 // point is a figure (rates, shares, a neighbour's throughput) are left out of the ASan run
 // by name (scripts/test.sh): keep "unthrottled neighbour" in the names of new ones.
 //

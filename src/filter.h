@@ -65,7 +65,7 @@
 // mind that the request comes back up "Deferred" before it is done) — or whose remaining work
 // a completion hook does (below) — and sends every other request down with an Io without it
 // (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss it
-// does not fill; a one-block write, finished by a hook; see register_cache); replicate
+// does not fill; a write that goes below whole, finished by a hook; see register_cache); replicate
 // works on every result and does not declare it, so a throttle below it blocks its worker.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the

@@ -40,6 +40,20 @@ namespace iofilterfs::cache {
 inline constexpr uint32_t kNoSlot = UINT32_MAX;
 inline constexpr uint64_t kNoBlock = UINT64_MAX;
 
+// The filter's per-block locks are 64 stripes; a block's stripe is a hash of its number, so
+// neighbouring blocks fall in different stripes (and a stripe may hold several blocks of one
+// long request).
+inline constexpr int kStripes = 64;
+inline size_t stripe_of(uint64_t block) { return (block * 0x9E3779B97F4A7C15ull) >> 58; }
+// The stripes of blocks first..last as a bit set (bit i: stripe i), each once however many of
+// the blocks share it: a request that holds several blocks takes these in ascending bit order,
+// the one order every taker of more than one stripe uses (no deadlock).
+inline uint64_t stripe_mask(uint64_t first, uint64_t last) {
+  uint64_t m = 0;
+  for (uint64_t b = first; b <= last && m != ~uint64_t(0); ++b) m |= uint64_t(1) << stripe_of(b);
+  return m;
+}
+
 // block number -> value, fixed capacity (a power of two at least twice the entries it holds).
 class BlockTable {
  public:

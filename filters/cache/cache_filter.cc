@@ -533,13 +533,20 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   const auto* src = static_cast<const uint8_t*>(buf);
   const uint64_t bs = p_.block;
   bool deferred = false;
+  Status whole;
+  if (io.defer && len && off / bs != (off + len - 1) / bs && write_multi(io, src, len, off, bypass, &whole)) {
+    // Below as one request (see MultiFlight), deferred or done.
+    if (whole.deferred()) deferred = true;
+    else if (!whole.ok()) return whole;
+  } else
   for (uint64_t pos = off; pos < off + len;) {
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    // Deferral (filter.h) goes below only with a write that is one block's: the block is then
+    // Deferral (filter.h) goes below with a write that is one block's: the block is then
     // marked in flight until it lands, and InFlight::then finishes it (see InFlight). A
-    // longer write's blocks go below without it (one request is deferred at most once).
+    // longer write that comes here (write_multi could not send it below whole) sends its
+    // blocks below without it (one request is deferred at most once).
     Status s = write_one(pos == off && n == len ? io : Io{io.direct}, b, o, n, src + (pos - off), bypass);
     if (s.deferred()) {
       deferred = true;  // the only block: InFlight::then does the rest of this write's checks
@@ -578,9 +585,10 @@ struct CacheFilter::InFlight final : Then {
   Status st;
   uint64_t gen = 0;
   InFlight* next = nullptr;  // in f->inflight_[stripe], under the stripe
+  size_t at = 0;             // a MultiFlight's: where the block's bytes start in the request's
 
   // On the thread that completed the write below (or its worker): data is the write's bytes
-  // (the framework's copy; this one block's, as only a one-block write is deferred).
+  // (the framework's copy; this one block's: a longer write is a MultiFlight).
   Status then(Status s, void* data, size_t*) override {
     CacheFilter* const c = f;
     const bool was_through = through;
@@ -599,6 +607,107 @@ struct CacheFilter::InFlight final : Then {
     return s;
   }
 };
+
+struct CacheFilter::MultiFlight final : Then {
+  static constexpr size_t kInline = 16;  // 1 MiB of 64 KiB blocks without a second allocation
+  CacheFilter* f = nullptr;
+  uint64_t stripes = 0;  // its blocks' (cache::stripe_mask), taken in ascending order
+  bool through = false;  // write-through/-around blocks (finished as write_block's); else bypasses
+  size_t count = 0;
+  InFlight inline_blocks[kInline];
+  std::unique_ptr<InFlight[]> more;  // when count > kInline
+  InFlight* blocks() { return more ? more.get() : inline_blocks; }
+
+  // As InFlight::then, for every block of the write: data is the whole write's bytes.
+  Status then(Status s, void* data, size_t*) override {
+    CacheFilter* const c = f;
+    const bool was_through = through;
+    {
+      std::array<std::unique_lock<std::mutex>, kStripes> held;
+      c->lock_stripes(stripes, &held);
+      s = c->multi_done(this, s, static_cast<const uint8_t*>(data));
+    }
+    delete this;
+    if (!was_through && s.ok()) c->below_unsynced_.store(true, std::memory_order_relaxed);
+    if (s.ok() && c->records_broken_.load()) s = c->failover();
+    return s;
+  }
+};
+
+void CacheFilter::lock_stripes(uint64_t mask, std::array<std::unique_lock<std::mutex>, kStripes>* held) {
+  for (int i = 0; i < kStripes; ++i)
+    if (mask >> i & 1) (*held)[i] = std::unique_lock<std::mutex>(stripes_[i]);
+}
+
+Status CacheFilter::multi_done(MultiFlight* mf, Status s, const uint8_t* data) {
+  InFlight* const k = mf->blocks();
+  // Out of the lists first: two blocks of this write in one stripe must not keep each other
+  // "in flight" (a fill waits only for other writes).
+  for (size_t i = 0; i < mf->count; ++i) unlist(&k[i]);
+  if (!mf->through) return s;
+  for (size_t i = 0; i < mf->count; ++i)
+    (void)write_block_done(s, k[i].block, k[i].o, k[i].n, data ? data + k[i].at : nullptr, k[i].slot, k[i].cache_it,
+                           k[i].st, k[i].record_failed, k[i].gen);
+  return s;  // as write_block: a cache failure is not the guest's (the data is below)
+}
+
+bool CacheFilter::write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* out) {
+  const uint64_t bs = p_.block, fb = off / bs, lb = (off + len - 1) / bs;
+  const size_t count = static_cast<size_t>(lb - fb + 1);
+  const uint64_t mask = cache::stripe_mask(fb, lb);
+  std::array<std::unique_lock<std::mutex>, kStripes> held;
+  lock_stripes(mask, &held);
+  if (passthrough_.load()) {  // failover() finished meanwhile
+    *out = next_->write(io, src, len, off);
+    return true;
+  }
+  // Read under the stripes, as write_one does: every block of the write in one mode.
+  const cache::Mode mode = mode_.load(std::memory_order_acquire);
+  const bool wb = mode == cache::Mode::WriteBack;
+  if (wb) {
+    // Write-back sends a block below only when it has no slot and gets none (a stream, a
+    // failed device, a write of it in flight, or every slot dirty): whole below only when
+    // that holds for every block; otherwise block by block (see register_cache).
+    std::shared_lock<RwLock> g(mu_);
+    const bool full = map_->dirty_count() >= map_->slots();
+    const bool no_slots = bypass || full || degraded_.load(std::memory_order_relaxed);
+    for (uint64_t b = fb; b <= lb; ++b)
+      if (map_->find(b) != kNoSlot || !(no_slots || in_flight(b))) return false;
+  }
+  std::unique_ptr<MultiFlight> mf(new (std::nothrow) MultiFlight);
+  if (!mf) return false;  // block by block, on this thread
+  if (count > MultiFlight::kInline) {
+    mf->more.reset(new (std::nothrow) InFlight[count]);
+    if (!mf->more) return false;
+  }
+  mf->f = this;
+  mf->stripes = mask;
+  mf->through = !wb;
+  mf->count = count;
+  InFlight* const k = mf->blocks();
+  for (size_t i = 0; i < count; ++i) {
+    const uint64_t b = fb + i, pos = std::max(off, b * bs);
+    k[i].f = this;
+    k[i].block = b;
+    k[i].o = static_cast<uint32_t>(pos - b * bs);
+    k[i].n = static_cast<uint32_t>(std::min<uint64_t>(bs - k[i].o, off + len - pos));
+    k[i].at = static_cast<size_t>(pos - off);
+    if (wb) bypasses_.fetch_add(1, std::memory_order_relaxed);
+    else through_begin(&k[i], bypass, mode);
+    InFlight*& head = inflight_[stripe_index(b)];
+    k[i].next = head;
+    head = &k[i];
+  }
+  if (wb) below_unsynced_.store(true, std::memory_order_relaxed);
+  Status s = next_->write(io, src, len, off);
+  if (s.deferred()) {
+    io.defer->then(mf.release());  // the write is below: the framework's until its hook ran
+    *out = s;
+    return true;
+  }
+  *out = multi_done(mf.get(), s, src);
+  return true;
+}
 
 Status CacheFilter::write_down(const Io& io, InFlight* fl, const uint8_t* src, uint32_t n, uint64_t at) {
   if (!fl) return next_->write(io, src, n, at);
@@ -640,7 +749,25 @@ Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, 
 // write-through and write-around (stripe held)
 Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
                                 cache::Mode mode) {
-  const uint64_t base = b * p_.block;
+  InFlight prep;
+  prep.f = this;
+  prep.block = b;
+  prep.o = o;
+  prep.n = n;
+  through_begin(&prep, bypass, mode);
+  // With the request's Deferrer the write goes below marked in flight (see InFlight).
+  std::unique_ptr<InFlight> fl(io.defer ? new (std::nothrow) InFlight(prep) : nullptr);
+  Status s = write_down(fl ? io : Io{io.direct}, fl.get(), src, n, b * p_.block + o);
+  if (s.deferred() && fl) {
+    (void)fl.release();  // InFlight::then finishes the write when it has landed
+    return s;
+  }
+  return write_block_done(s, b, o, n, src, prep.slot, prep.cache_it, prep.st, prep.record_failed, prep.gen);
+}
+
+void CacheFilter::through_begin(InFlight* fl, bool bypass, cache::Mode mode) {
+  const uint64_t b = fl->block;
+  const uint32_t o = fl->o, n = fl->n;
   const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages covered whole
   const bool cache_it =
@@ -667,28 +794,13 @@ Status CacheFilter::write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n
   }
   // The record says so before the bytes below change: a crash in between must not leave a
   // record that vouches for the old bytes.
-  Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
-  bool record_failed = !st.ok();
-  // With the request's Deferrer the write goes below marked in flight (see InFlight).
-  std::unique_ptr<InFlight> fl(io.defer ? new (std::nothrow) InFlight : nullptr);
-  if (fl) {
-    fl->f = this;
-    fl->block = b;
-    fl->through = true;
-    fl->o = o;
-    fl->n = n;
-    fl->slot = slot;
-    fl->cache_it = cache_it;
-    fl->st = st;
-    fl->record_failed = record_failed;
-    fl->gen = gen;
-  }
-  Status s = write_down(fl ? io : Io{io.direct}, fl.get(), src, n, base + o);
-  if (s.deferred() && fl) {
-    (void)fl.release();  // InFlight::then finishes the write when it has landed
-    return s;
-  }
-  return write_block_done(s, b, o, n, src, slot, cache_it, st, record_failed, gen);
+  const Status st = slot != kNoSlot ? persist(slot) : Status::Ok();
+  fl->through = true;
+  fl->slot = slot;
+  fl->cache_it = cache_it;
+  fl->st = st;
+  fl->record_failed = !st.ok();
+  fl->gen = gen;
 }
 
 Status CacheFilter::write_block_done(Status s, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, uint32_t slot,
@@ -1285,8 +1397,11 @@ void register_cache(Registry& r) {
   // one-block write that goes below (write-through, write-around, a write-back bypass), which
   // stays marked in flight in its stripe until it has landed, and whose bookkeeping (the fill,
   // the record, the slot's pin) a completion hook finishes before it is acknowledged
-  // (InFlight). Hits, fills, write-back's cached writes and writes of more than one block go
-  // below without it, and so wait on their worker behind a throttle.
+  // (InFlight); a write of several blocks goes below as one request, every block in flight,
+  // one hook for all (MultiFlight), in write-back when none of its blocks is cached or can be.
+  // Fills, reads of several blocks, and write-back's own trips below (an edge page read, an
+  // evacuation, the bypassing blocks of a write with a cached block, a destage on the
+  // requesting thread) go below without it, and so wait on their worker behind a throttle.
   info.passes_deferral = true;
   info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
     cache::CacheParams p;

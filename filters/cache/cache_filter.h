@@ -49,8 +49,9 @@
 //
 // Threads and locks: requests on FUSE workers; one destager thread per write-back disk.
 // Lock order: failover_mu_, then destage_mu_ (one destage pass at a time), then a stripe lock
-// (one at a time, except failover() and reconfigure(), which take all of them in index
-// order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer
+// (one at a time, except failover() and reconfigure(), which take all of them, and a write of
+// several blocks and its hook (MultiFlight), which take its blocks' stripes, each once: always
+// in index order), then mu_ (slot map, masks, counters that are not atomic). mu_ is a reader-writer
 // lock: a read hit holds it shared only (lookup, mask test, the S3-FIFO counter raised with a relaxed
 // atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
 // that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
@@ -116,8 +117,8 @@ class CacheFilter : public Filter {
     cache::PageMask valid, dirty;
     uint64_t gen = 0;  // bumped by every write into the slot
   };
-  static constexpr int kStripes = 64;
-  static size_t stripe_index(uint64_t block) { return (block * 0x9E3779B97F4A7C15ull) >> 58; }
+  static constexpr int kStripes = cache::kStripes;
+  static size_t stripe_index(uint64_t block) { return cache::stripe_of(block); }
   std::mutex& stripe(uint64_t block) { return stripes_[stripe_index(block)]; }
   // A one-block write sent below with the request's Deferrer (filter.h, "Deferring"), from
   // the moment it goes below until it has landed and the cache has finished with it. While it
@@ -129,6 +130,25 @@ class CacheFilter : public Filter {
   // write-back bypass would have done after next_->write returned, before the write is
   // acknowledged; so a held write keeps no worker thread and no stripe lock while it waits.
   struct InFlight;
+  // A write of more than one block sent below as ONE request with the request's Deferrer
+  // (write_multi): every block of it is listed in flight (an InFlight each, in its stripe)
+  // from the moment it goes below until it has landed and the cache has finished every block;
+  // its hook takes the write's stripes again (ascending) and does each block's bookkeeping.
+  struct MultiFlight;
+  // A write of more than one block with a Deferrer (see MultiFlight): takes the stripes of
+  // its blocks in ascending order, prepares every block as write_block or the write-back
+  // bypass would, and sends the write below as one request. Returns false (and does nothing)
+  // when the write cannot go below whole — write-back, where a block of it is cached or may
+  // be (the caller then writes block by block) — else true with *s its status.
+  bool write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* s);
+  // write_block's part before the write goes below (stripe held): slot, pages dropped, the
+  // record; into fl's fields (block, o, n, slot, cache_it, st, record_failed, gen).
+  void through_begin(InFlight* fl, bool bypass, cache::Mode mode);
+  // Takes the stripes of mask (cache::stripe_mask) in ascending order.
+  void lock_stripes(uint64_t mask, std::array<std::unique_lock<std::mutex>, cache::kStripes>* held);
+  // A MultiFlight's blocks leave the lists, then each is finished as write_block_done would
+  // (their stripes held); returns s.
+  Status multi_done(MultiFlight* mf, Status s, const uint8_t* data);
   // Sends a one-block write below [base+o, +n) with io (which may carry a Deferrer; stripe
   // held), listed as in flight when it carries one. Deferred: *fl was registered as the
   // request's hook and runs later; else *fl is null and the caller goes on.

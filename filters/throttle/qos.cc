@@ -128,6 +128,16 @@ bool QosScheduler::remove_request(int client, QosRequest* r) {
   return false;
 }
 
+QosRequest* QosScheduler::remove_all(int client) {
+  if (client < 0 || static_cast<size_t>(client) >= clients_.size()) return nullptr;
+  Client& c = clients_[client];
+  QosRequest* const first = c.head;
+  waiting_ -= c.queued;
+  c.queued = 0;
+  c.head = c.tail = nullptr;
+  return first;
+}
+
 QosRequest* QosScheduler::dispatch(uint64_t now, uint64_t inflight, uint64_t window, uint64_t* next_event) {
   QosRequest *first = nullptr, *last = nullptr;
   uint64_t in = inflight;

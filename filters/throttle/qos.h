@@ -113,6 +113,10 @@ class QosScheduler {
   // Takes r out of `client`'s queue without dispatching it: true when it was waiting there.
   // (The tags a head took stay taken, as if it had been served.)
   bool remove_request(int client, QosRequest* r);
+  // Takes every waiting request of `client` out without dispatching it (a disk releasing what
+  // it holds) and returns them linked through `next`, in their order; the other clients'
+  // queues and tags are untouched.
+  QosRequest* remove_all(int client);
   // Dispatches at `now`, given `inflight` requests below the throttle and the window
   // (kUnlimited: dispatch everything). Returns the dispatched requests linked through `next`,
   // in dispatch order; *next_event: the next R tag that falls due (kNever if none), since

@@ -396,6 +396,17 @@ bool QosDomain::unpark(int client, ParkedWait* p) {
   return true;
 }
 
+void QosDomain::release(int client) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (QosRequest* r = sched_.remove_all(client); r;) {
+    QosRequest* n = r->next;  // r may be gone once granted
+    inflight_.fetch_add(1, std::memory_order_relaxed);  // as pump_locked's grants
+    gate_.grant(static_cast<Waiter*>(r->owner));
+    r = n;
+  }
+  waiting_.store(sched_.waiting(), std::memory_order_relaxed);
+}
+
 void QosDomain::leave(uint64_t latency_ns) {
   inflight_.fetch_sub(1, std::memory_order_relaxed);
   lat_sum_.fetch_add(latency_ns, std::memory_order_relaxed);

@@ -225,6 +225,10 @@ class QosDomain {
   bool park(int client, ParkedWait* p, std::atomic<uint64_t>* queued);
   // As Group::unpark: the request goes below now, counted in flight (leave() follows).
   bool unpark(int client, ParkedWait* p);
+  // Every request of `client` waiting in the scheduler goes on now, uncharged and counted in
+  // flight (leave() follows each): blocked ones wake, parked ones go to the pool (a disk
+  // releasing what it holds, as Group::release).
+  void release(int client);
   // A request that skips the scheduler (its disk is releasing what it holds): counted in
   // flight, as enter() counts every request (leave() follows).
   void bypass() { inflight_.fetch_add(1, std::memory_order_relaxed); }

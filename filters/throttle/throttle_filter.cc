@@ -247,6 +247,7 @@ bool ThrottleFilter::advance(Parked* p) {
 void ThrottleFilter::unpark_all_locked() {
   const int client = client_.load(std::memory_order_relaxed);
   if (member_) member_->group->release(member_->id);  // parked and blocked ones of its group
+  if (client >= 0) throttle::QosDomain::instance().release(client);  // and of the datastore
   for (Parked* p = live_; p; p = p->live_next) {  // and those left in a group it was in before
     // Each queue checks, under its own mutex, whether p waits in it; at most one does.
     if (p->member && p->member->group->unpark(p->member->id, &p->wait)) continue;
@@ -262,9 +263,12 @@ void ThrottleFilter::release_deferred() {
     if (!h->deferred) static_cast<std::condition_variable*>(h->owner)->notify_one();
   // A request a worker was parking as the release began reaches its queue only after the
   // sweep: sweep again until none is left (each pass is cheap, and the pool carries the rest).
-  while (outstanding_ > 0) {
+  // Workers blocked in the group's or the datastore's queue (requests that could not be
+  // deferred) are woken by the same sweep, and one that was on its way into a queue as the
+  // release began is swept out by the next pass.
+  while (outstanding_ > 0 || in_queues_ > 0) {
     unpark_all_locked();
-    idle_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return outstanding_ == 0; });
+    idle_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return outstanding_ == 0 && in_queues_ == 0; });
   }
 }
 
@@ -299,11 +303,22 @@ Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, 
     std::lock_guard<std::mutex> g(mu_);
     member = member_;
     released = released_;
+    if (!released) ++in_queues_;  // release_deferred() waits for it to be out of the queues
   }
   if (released) {  // release_deferred: on below unthrottled until defer_again()
     if (client_.load(std::memory_order_relaxed) >= 0) throttle::QosDomain::instance().bypass();
     return down(is_write, io.direct, buf, len, off, got, t_arrival, waited);
   }
+  struct OutOfQueues {
+    ThrottleFilter* f;
+    void reset() {
+      if (!f) return;
+      std::lock_guard<std::mutex> g(f->mu_);
+      if (--f->in_queues_ == 0) f->idle_cv_.notify_all();
+      f = nullptr;
+    }
+    ~OutOfQueues() { reset(); }
+  } in{this};
   const bool can_park = io.defer && may_defer();
   WorkerParker parker;
   parker.f = this;
@@ -321,7 +336,14 @@ Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, 
     }
   }
   const int client = client_.load(std::memory_order_relaxed);
-  if (client >= 0) {
+  if (client >= 0 && member) {
+    // Released while it waited in its group: past the datastore's queue too, unthrottled.
+    std::lock_guard<std::mutex> g(mu_);
+    released = released_;
+  }
+  if (client >= 0 && released) {
+    throttle::QosDomain::instance().bypass();
+  } else if (client >= 0) {
     parker.stage = 4;
     parker.member = nullptr;  // past its group
     switch (throttle::QosDomain::instance().enter(client, &queued_, can_park ? &parker : nullptr)) {
@@ -330,6 +352,7 @@ Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, 
       case throttle::Wait::kWent: break;
     }
   }
+  in.reset();  // out of the queues: release_deferred() need not wait for its trip below
   return down(is_write, io.direct, buf, len, off, got, t_arrival, waited);
 }
 

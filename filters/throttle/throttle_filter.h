@@ -83,7 +83,8 @@ class ThrottleFilter : public Filter {
   // Everything this disk holds goes on at once, unthrottled, and so do new requests until
   // defer_again(): the deferred requests held at the disk go to the pool, the ones parked in
   // its group's or the datastore's queue are taken out of it (uncharged) and go too, and the
-  // workers sleeping at the disk's limit wake; returns when no deferred request is left here
+  // workers sleeping at the disk's limit or blocked in those queues wake; returns when no
+  // deferred request is left here and no worker is in a queue
   // (a re-plumb thus waits for the requests' trip below, not for their turns at the limit).
   // close() does it too, and stops the timer thread.
   void release_deferred() override;
@@ -157,6 +158,7 @@ class ThrottleFilter : public Filter {
   bool timer_stop_ = false;                         // under mu_
   bool released_ = false;                           // under mu_: defer nothing (release_deferred)
   uint64_t outstanding_ = 0;                        // under mu_: taken (Parked), not yet answered
+  uint64_t in_queues_ = 0;                          // under mu_: workers in pass() before below
   bool opened_ = false;                             // under mu_
   std::string describe_;                            // under mu_
   std::atomic<int> client_{-1};                     // the datastore QoS client while open

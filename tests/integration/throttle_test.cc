@@ -7,8 +7,11 @@
 // queue depth 128 throttled to 100 IOPS holds more requests than the daemon has worker
 // threads, and its neighbour keeps its throughput (this failed before deferral: the held
 // requests took every worker); reloads while writes are deferred lose none; a stop with
-// requests deferred answers them; under a cache, writes wait on workers while the reads it
-// forwards untouched are deferred; waits in a group hold no thread either. The tests whose
+// requests deferred answers them; under a cache, its writes that go below (of one block or of
+// several: two disks of 256 KiB writes at depth 128) and the reads it forwards untouched are
+// deferred; waits in a group hold no thread either; a re-plumb under congestion wakes the
+// workers blocked in the datastore's queue (under replicate, which does not let the throttle
+// defer) instead of waiting for their turns. The tests whose
 // point is a figure (rates, shares, a neighbour's throughput) are left out of the ASan run
 // by name (scripts/test.sh): keep "unthrottled neighbour" in the names of new ones.
 //
@@ -512,6 +515,59 @@ TEST_CASE("a re-plumb lets the writes queued in a group go below unthrottled at 
   CHECK(m.stop() == 0);
 }
 
+TEST_CASE("a re-plumb under congestion wakes workers blocked in the datastore queue, returns at once, none lost, "
+          "fio verify",
+          "[throttle][fio][reload][qos]") {
+  // Under replicate (which works on every result, so the throttle below it may not defer) every
+  // request that must wait in the datastore's queue under congestion blocks its worker. A
+  // re-plumb must release them unthrottled, as it does the parked ones: before, it waited
+  // until the datastore's scheduler let them go, a window (4 or 5) per trip below (300 ms).
+  TempDir t;
+  REQUIRE(sh("mkdir -p " + q(t / "replica") + " " + q(t / "state")) == 0);
+  const std::string head = "datastore:\n  congestion-latency: 30ms\npolicies:\n  p: { replicate: { target: " +
+                           t / "replica" + ", mode: async, journal: " + t / "state" + " }, ";
+  const std::string tail = "throttle: { shares: 1000 } }\nrules:\n  - { match: 'disk.raw', policy: p }\n";
+  datastore(t, {"disk.raw"}, head + tail);
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
+  const int fd = open(m.path("disk.raw").c_str(), O_RDONLY);  // keeps the disk and the fault plan
+  REQUIRE(fd >= 0);
+  REQUIRE(set_xattr(m.path("disk.raw"), "user.iofilter.fault", "delay=all:300ms") == 0);  // congested
+  // 64 random 4 KiB writes with checksums at depth 16, beside 4 KiB random reads at depth 32
+  // for 10 s: 48 workers blocked at most, fewer than the daemon's 64, so that the stats and the
+  // reload find one.
+  fio_background(t.path(), "w",
+                 "--ioengine=libaio --direct=1 --name=w --rw=randwrite --bs=4k --iodepth=16 --size=256k "
+                 "--verify=crc32c --verify_fatal=1 --filename=" +
+                     q(m.path("disk.raw")) +
+                     " --name=r --rw=randread --bs=4k --iodepth=32 --time_based --runtime=10 --verify=0 "
+                     "--randrepeat=0 --norandommap --filename=" +
+                     q(m.path("disk.raw")));
+  std::string stats = wait_stat(m, "disk.raw", "queued", 30);
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 30);
+  CHECK(stats.find("\"congested\":true") != std::string::npos);
+  const double queued = json_number(stats, "queued"), deferred = json_number(stats, "deferred");
+  // A cache joins the chain (more than limits change): the disk re-plumbs.
+  write_file(t / "ds.yaml", head + "cache: { mode: write-through, memory: 16MiB }, " + tail);
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(set_xattr(m.mountpoint(), "user.iofilter.reload", "1") == 0);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string chain = get_xattr(m.path("disk.raw"), "user.iofilter.chain");
+  INFO(chain);
+  CHECK(chain.find("cache(") != std::string::npos);
+  std::printf("throttle: a re-plumb under congestion (300 ms below, window %g) with %g requests queued in the "
+              "datastore's scheduler on blocked workers (%g deferred) returned after %.2f s\n",
+              json_number(stats, "window"), queued, deferred, secs);
+  CHECK(deferred == 0);     // under replicate: none parked, every one on its worker
+  CHECK(secs < 1.5);  // the scheduler alone: 30 and more at a window per 300 ms, 2 s and more
+  const int rc = wait_fio(t / "w.rc");
+  INFO(read_file(t / "w.out") << read_file(t / "w.json").substr(0, 3000));
+  CHECK(rc == 0);
+  CHECK(read_file(t / "w.json").find("\"error\" : 0") != std::string::npos);
+  close(fd);
+  CHECK(m.stop() == 0);
+}
+
 TEST_CASE("stopping the daemon with requests deferred answers them and exits cleanly", "[throttle][fio][defer]") {
   TempDir t;
   datastore(t, {"disk.raw"}, "policies:\n  p: { throttle: { iops: 5 } }\nrules:\n  - { match: '*', policy: p }\n");
@@ -617,6 +673,86 @@ TEST_CASE("under a cache, held writes take no threads: write-through and write-b
   }
 }
 
+
+TEST_CASE("multi-block writes under a cache: two disks at 20 write IOPS, 256 KiB writes at depth 128 each held "
+          "without threads, an unthrottled neighbour unaffected, every byte verified through the cache and below",
+          "[throttle][fio][defer][cache]") {
+  // A 256 KiB write covers four 64 KiB cache blocks: the cache sends it below as one request
+  // with every block marked in flight (cache_filter.h, MultiFlight), so the throttle parks it.
+  // Before, its blocks went below one by one on the worker, which the throttle then held: two
+  // such disks at depth 128 took all 64 workers and the neighbour waited.
+  // write-through (in memory): every write goes below, its blocks cached when it lands.
+  // write-back (a cache file) with a 4 KiB sequential cutoff: every 256 KiB write bypasses it.
+  for (const char* mode : {"write-through", "write-back"}) {
+    INFO(mode);
+    TempDir t;
+    const bool wb = std::string(mode) == "write-back";
+    REQUIRE(sh("mkdir -p " + q(t / "c")) == 0);
+    datastore(t, {"a.raw", "b.raw", "free.raw"},
+              std::string("policies:\n  p: { cache: { mode: ") + mode +
+                  (wb ? ", device: " + t / "c" + ", size: 16MiB, sequential-cutoff: 4KiB" : ", memory: 16MiB") +
+                  " }, throttle: { write-iops: 20 } }\nrules:\n  - { match: '[ab].raw', policy: p }\n");
+    Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
+    const int fd = open(m.path("free.raw").c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    const int fa = open(m.path("a.raw").c_str(), O_RDONLY);  // keep the disks and their caches
+    const int fb = open(m.path("b.raw").c_str(), O_RDONLY);
+    REQUIRE(fa >= 0);
+    REQUIRE(fb >= 0);
+    REQUIRE(set_xattr(m.path("free.raw"), "user.iofilter.fault", "delay=all:2ms") == 0);
+    const std::string free_job = fio_opts(4, 16) + " --name=free --filename=" + q(m.path("free.raw"));
+    const double alone = fio(t.path(), free_job)[0].rate(4);
+    const int threads_before = thread_count(m.pid());
+
+    // 128 random 256 KiB writes per disk (every 256 KiB of 32 MiB once), all at once, each
+    // with a checksum: at 20 write IOPS each disk needs 6.4 s.
+    const std::string writes = "--ioengine=libaio --direct=1 --rw=randwrite --bs=256k --iodepth=128 --size=32M "
+                               "--verify=crc32c --verify_fatal=1 ";
+    fio_background(t.path(), "w",
+                   writes + "--name=a --filename=" + q(m.path("a.raw")) + " --name=b --filename=" + q(m.path("b.raw")));
+    const std::string a = wait_stat(m, "a.raw", "queued", 100);
+    const std::string b = wait_stat(m, "b.raw", "queued", 100);
+    INFO(a << "\n" << b);
+    REQUIRE(json_number(a, "queued") >= 100);
+    REQUIRE(json_number(b, "queued") >= 100);
+    const double held = json_number(a, "queued") + json_number(b, "queued");
+    const double deferred = json_number(a, "deferred") + json_number(b, "deferred");
+    const int threads_held = thread_count(m.pid());
+    const double together = fio(t.path(), free_job)[0].rate(4);
+    const int threads_after = thread_count(m.pid());
+    std::printf("throttle: under a %s cache, 256 KiB writes held at 20 write IOPS on two disks: %g queued (%g "
+                "deferred); daemon threads %d before, %d while they are held, %d after the neighbour's run; neighbour "
+                "(2 ms below, depth 16) alone %.0f IOPS, beside them %.0f: %+.1f%%\n",
+                mode, held, deferred, threads_before, threads_held, threads_after, alone, together,
+                100 * (together - alone) / alone);
+    CHECK(deferred >= 200);  // over three times the daemon's 64 workers
+    // The burst of 256 arrivals starts idle FUSE workers (libfuse keeps them), but the held
+    // writes are not on threads: far fewer threads than writes held, none more while they wait.
+    CHECK(threads_held - threads_before < held / 2);
+    CHECK(threads_after <= threads_held + 8);
+    CHECK(together >= 0.9 * alone);
+    const int rc = wait_fio(t / "w.rc");
+    INFO(read_file(t / "w.out") << read_file(t / "w.json").substr(0, 3000));
+    REQUIRE(rc == 0);  // fio's verify pass read every block back through the cache
+    CHECK(read_file(t / "w.json").find("\"error\" : 0") != std::string::npos);
+    // Again through the cache (write-through: now from the blocks it filled); the same jobs in
+    // the same order, so that fio expects the same seeds.
+    std::string out;
+    CHECK(sh("cd " + q(t.path()) + " && fio --verify_only " + writes + "--name=a --filename=" + q(m.path("a.raw")) +
+                 " --name=b --filename=" + q(m.path("b.raw")),
+             &out) == 0);
+    INFO(out);
+    if (!wb) CHECK(json_number(get_xattr(m.path("a.raw"), "user.iofilter.stats"), "hits") > 0);
+    close(fa);
+    close(fb);
+    close(fd);
+    CHECK(m.stop() == 0);
+    // And the bytes below: the backing files themselves.
+    CHECK(sh("cd " + q(t.path()) + " && fio --verify_only " + writes + "--name=a --filename=" + q(t / "b/a.raw") +
+                 " --name=b --filename=" + q(t / "b/b.raw"),
+             &out) == 0);
+  }
+}
 
 TEST_CASE("under a cache, the reads it forwards untouched are deferred: 128 held without threads, an unthrottled "
           "neighbour unaffected",

@@ -759,9 +759,11 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{"read"});
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{});
     // Writes: a one-block write goes below with it (the cache finishes it in a completion
-    // hook), a longer one without.
+    // hook), and so does a longer one, whole (one request, every block in flight).
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 0).ok()); }) == V{"write+defer"});
-    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{"write", "write"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{"write+defer"});
+    // Without a Deferrer, block by block as before.
+    CHECK(seen_after([&] { REQUIRE(f->write(Io{}, buf, 8192, 65536 - 4096).ok()); }) == V{"write", "write"});
   }
   SECTION("write-through: a miss fills, so it is not deferred") {
     iofilterfs::Status st;
@@ -776,8 +778,119 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     REQUIRE(st.ok());
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read"});
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 1 << 19).ok()); }) == V{"write+defer"});
+    // Two blocks, neither cached: below whole.
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, (1 << 19) + 65536 - 4096).ok()); }) == V{"write+defer"});
+  }
+  SECTION("write-back: a longer write with a cached block goes block by block, the cached one into the cache") {
+    iofilterfs::Status st;
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 0}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    // Not a stream and slots free: cached, nothing below (edge pages whole: no read below).
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{});
+    CHECK(f->dirty_bytes() == 8192);
   }
   CHECK(iofilterfs::Registry::instance().find("cache")->passes_deferral);
+}
+
+TEST_CASE("stripe masks: each stripe of a run of blocks once, every stripe for a long run", "[cache][map]") {
+  CHECK(stripe_mask(5, 5) == uint64_t(1) << stripe_of(5));
+  uint64_t want = 0;
+  for (uint64_t b = 100; b < 104; ++b) want |= uint64_t(1) << stripe_of(b);
+  CHECK(stripe_mask(100, 103) == want);
+  // Neighbouring blocks fall in different stripes (the hash spreads them).
+  CHECK(__builtin_popcountll(stripe_mask(0, 15)) >= 12);
+  // Two blocks of one run in one stripe: the stripe once.
+  uint64_t b2 = 1;
+  while (stripe_of(b2) != stripe_of(0)) ++b2;
+  CHECK(stripe_mask(0, b2) == stripe_mask(1, b2));
+  // A run of thousands of blocks takes every stripe (and the walk stops once it has them all).
+  CHECK(stripe_mask(0, 1u << 20) == ~uint64_t(0));
+  for (uint64_t b = 0; b < 1000; ++b) CHECK(stripe_of(b) < size_t(kStripes));
+}
+
+TEST_CASE("a deferred write of several blocks goes below whole: every block in flight until it lands, each filled "
+          "then, and a failure leaves none of them cached",
+          "[cache][filter][defer]") {
+  DeferringMem below;
+  below.data.assign(1 << 20, 'o');  // the old bytes
+  iofilterfs::Status st;
+  // 64 KiB blocks; the write covers the last 8 KiB of block 1, blocks 2 and 3 whole, and the
+  // first 4 KiB of block 4.
+  const uint64_t off = 2 * 65536 - 8192;
+  const std::string fresh = std::string(8192, 'A') + std::string(65536, 'B') + std::string(65536, 'C') +
+                            std::string(4096, 'D');
+  auto reads_meanwhile = [&](CacheFilter& f) {
+    // Every block of the write, read (and filled if it could be) while it is below.
+    char buf[65536];
+    size_t got = 0;
+    for (uint64_t b = 1; b <= 4; ++b) REQUIRE(f.read(Io{}, buf, sizeof buf, b * 65536, &got).ok());
+    for (uint64_t b = 1; b <= 4; ++b) REQUIRE(f.read(Io{}, buf, 2048, b * 65536 + 61440, &got).ok());
+  };
+  SECTION("write-through: filled when it lands") {
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    char buf[65536];
+    size_t got = 0;
+    for (uint64_t b = 1; b <= 4; ++b) REQUIRE(f->read(Io{}, buf, sizeof buf, b * 65536, &got).ok());  // cached old
+    HeldWrite w;
+    Io io;
+    io.defer = &w;
+    REQUIRE(f->write(io, fresh.data(), fresh.size(), off).deferred());
+    REQUIRE(below.held == &w);
+    CHECK(w.buf.size() == fresh.size());  // one request below
+    CHECK(w.answer.deferred());
+    const double misses = counter(f->stats_json(), "misses");
+    reads_meanwhile(*f);
+    // The written pages were dropped, and nothing read meanwhile was kept: every read misses
+    // again (blocks 2 and 3 whole, the written pages of 1 and 4).
+    reads_meanwhile(*f);
+    CHECK(counter(f->stats_json(), "misses") >= misses + 8);
+    below.land();
+    CHECK(w.answer.ok());
+    CHECK(std::string(below.data.data() + off, fresh.size()) == fresh);
+    const double hits = counter(f->stats_json(), "hits");
+    CHECK(read_all(*f, off, fresh.size()) == fresh);
+    CHECK(counter(f->stats_json(), "hits") >= hits + 4);  // each block's part filled by the hook
+    CHECK(read_all(*f, 65536, 4 * 65536) == std::string(65536 - 8192, 'o') + fresh + std::string(61440, 'o'));
+  }
+  SECTION("write-through: a failure below leaves no block with the old bytes in the cache") {
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    CHECK(read_all(*f, 65536, 4 * 65536) == std::string(4 * 65536, 'o'));  // cached
+    HeldWrite w;
+    Io io;
+    io.defer = &w;
+    REQUIRE(f->write(io, fresh.data(), fresh.size(), off).deferred());
+    // Part of it reached the file before the error: what the disk reads must come from below.
+    std::memcpy(below.data.data() + off, fresh.data(), 65536);
+    w.finish(iofilterfs::Status::Error(EIO, "test: the write below failed"), 0);
+    CHECK(w.answer.err == EIO);
+    CHECK(read_all(*f, off, fresh.size()) == std::string(below.data.data() + off, fresh.size()));
+    // Pages the write did not touch stay cached (the head of block 1).
+    const double hits = counter(f->stats_json(), "hits");
+    CHECK(read_all(*f, 65536, 4096) == std::string(4096, 'o'));
+    CHECK(counter(f->stats_json(), "hits") == hits + 1);
+  }
+  SECTION("write-back: a write that bypasses the cache goes below whole, its blocks out of the cache until it lands") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    HeldWrite w;
+    Io io;
+    io.defer = &w;
+    REQUIRE(f->write(io, fresh.data(), fresh.size(), off).deferred());
+    REQUIRE(below.held == &w);
+    CHECK(w.buf.size() == fresh.size());
+    reads_meanwhile(*f);
+    // A small write-back write to a block in flight goes below, not into the cache.
+    const std::string other(2048, 'W');
+    REQUIRE(f->write(Io{}, other.data(), other.size(), 3 * 65536 + 61440 + 2048).ok());
+    CHECK(f->dirty_bytes() == 0);
+    below.land();
+    CHECK(w.answer.ok());
+    // The small write landed first and the big one over it: below is the truth.
+    CHECK(read_all(*f, off, fresh.size()) == std::string(below.data.data() + off, fresh.size()));
+    CHECK(std::string(below.data.data() + off, fresh.size()) == fresh);
+  }
 }
 
 TEST_CASE("a deferred write keeps its block in flight: no read fills it from the old bytes, the cache fills it when "

@@ -1090,6 +1090,40 @@ TEST_CASE("mClock: a waiting request is taken out without dispatch, the next hea
   CHECK(s.waiting() == 0);
 }
 
+TEST_CASE("mClock: a client's waiting requests are all taken out without dispatch, the others keep theirs",
+          "[throttle][qos]") {
+  QosScheduler s;
+  const int a = s.add(qos(1000, 100)), b = s.add(qos(1000, 100));
+  QosRequest ra[3], rb[2];
+  for (auto& x : ra) {
+    x.arrival = T0;
+    s.arrive(a, &x);
+  }
+  for (auto& x : rb) {
+    x.arrival = T0;
+    s.arrive(b, &x);
+  }
+  QosRequest* out = s.remove_all(a);
+  std::vector<QosRequest*> got;
+  for (QosRequest* r = out; r; r = r->next) got.push_back(r);
+  CHECK(got == std::vector<QosRequest*>{&ra[0], &ra[1], &ra[2]});  // in their order
+  CHECK(s.waiting() == 2);
+  CHECK(s.waiting(a) == 0);
+  CHECK(s.remove_all(a) == nullptr);
+  CHECK(s.remove_all(99) == nullptr);  // no such client
+  // b's requests still dispatch (by their reservation), nothing of a's.
+  uint64_t next = 0;
+  std::vector<QosRequest*> rest;
+  for (uint64_t t = T0; rest.size() < 2 && t < T0 + kSec; t += kMs)
+    for (QosRequest* r = s.dispatch(t, 0, 0, &next); r; r = r->next) rest.push_back(r);
+  CHECK(rest == std::vector<QosRequest*>{&rb[0], &rb[1]});
+  CHECK(s.waiting() == 0);
+  // a queues again as a fresh client would.
+  ra[0].arrival = T0 + kSec;
+  s.arrive(a, &ra[0]);
+  CHECK(s.waiting(a) == 1);
+}
+
 TEST_CASE("mClock: shares and reservations change in place, the queue kept", "[throttle][qos]") {
   QosSim sim({qos(1000), qos(1000)}, {16, 16}, 10 * kMs, 4);
   sim.start_client(0, T0);

@@ -566,14 +566,9 @@ Status ReplicateFilter::journal_locked(rp::RecType type, uint64_t off, uint64_t 
       return Status::Ok();
     }
     note_error(e);
-    if (params_.retention_us) {
-      // The journal is the history: a change it cannot keep is not made (EIO), as in sync mode,
-      // or every restore of a later moment would lack it. The failed record is cut off.
-      spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
-      std::string re = journal_->repair();
-      if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
-      return kHistoryFailed;
-    }
+    // With retention the journal is the history: a change it cannot keep is not made (EIO), as
+    // in sync mode, or every restore of a later moment would lack it.
+    if (params_.retention_us) return history_failed_locked(e);
     spdlog::error("{}: replicate: {}; tracking changes in the bitmap", relpath_, e);
     collapse_locked("the journal could not be written");
   }
@@ -1001,16 +996,13 @@ Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_
       note_error(e);
       appended_bytes_.fetch_sub(sizeof(rp::RecordHeader) + res->h.data_len);
       journaled_bytes_.fetch_sub(res->h.data_len, std::memory_order_relaxed);
+      Status hs;
       {
         std::lock_guard<std::mutex> l(jmu_);
-        if (journal_->broken()) {  // the first here cuts the broken tail (later records failed too)
-          spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
-          std::string re = journal_->repair();
-          if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
-        }
+        hs = history_failed_locked(e);
       }
       leave(r0, r1);
-      return kHistoryFailed;
+      return hs;
     }
     if (!e.empty()) {
       journal_failed(e);
@@ -2131,11 +2123,16 @@ Status ReplicateFilter::history_record(rp::RecType type, uint64_t off, uint64_t 
   if (e.empty()) return Status::Ok();
   note_error(e);
   std::lock_guard<std::mutex> l(hmu_);
-  if (hist_->broken()) {
+  return history_failed_locked(e);
+}
+
+Status ReplicateFilter::history_failed_locked(const std::string& e) {
+  rp::Journal* const j = hjournal();
+  if (j->broken()) {
     // The first to get here cuts the broken tail (every record reserved after it failed too,
     // and their changes with them), so the history goes on from its last sound record.
     spdlog::error("{}: replicate: {}; the change fails (EIO) and is not made", relpath_, e);
-    std::string re = hist_->repair();
+    std::string re = j->repair();
     if (!re.empty()) spdlog::error("{}: replicate: {}", relpath_, re);
   }
   return kHistoryFailed;

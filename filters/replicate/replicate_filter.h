@@ -259,6 +259,9 @@ class ReplicateFilter : public Filter {
   // Sync mode with retention: one change into hist_ before it is made locally (see the top).
   Status history_record(replicate::RecType type, uint64_t off, uint64_t len, const void* data, uint32_t data_len,
                         uint16_t flags = 0);
+  // Under hlock(), after a history record failed with `e`: the first caller cuts the broken
+  // tail (journal.h, repair); kHistoryFailed, the change is not made.
+  Status history_failed_locked(const std::string& e);
   // ... the encryption of zeros over [off, off+len) (sector multiples), as Write records.
   Status history_sealed_zero(uint64_t off, uint64_t len);
 

@@ -489,16 +489,36 @@ TEST_CASE("replicate under encrypt, sync to nbdkit: the export is the LUKS conta
   CHECK(ds.m->stop() == 0);
 }
 
+namespace {
+
+// An async datastore whose replica is an 8 MiB nbdkit export behind a delay filter (every write
+// 2 ms), so the journal runs ahead of the replica; disk.raw holds 4 MiB of random bytes, mounted
+// and not yet flushed.
+struct SlowTarget {
+  TempDir nbd;
+  Nbdkit server;
+  Datastore ds;
+  static std::string sized_export(const TempDir& d) {
+    REQUIRE(sh("truncate -s 8M " + q(d / "export")) == 0);
+    return d / "export";
+  }
+  explicit SlowTarget(const std::string& params)
+      : server(nbd.path(), sized_export(nbd), "--filter=delay", "wdelay=2ms"),
+        ds("target: \"" + server.uri() + "\", mode: async" + params, false) {
+    REQUIRE(sh("mkdir -p " + q(ds.back("")) + " && head -c 4M /dev/urandom > " + q(ds.back("disk.raw"))) == 0);
+    ds.mount();
+  }
+};
+
+}  // namespace
+
 TEST_CASE("replicate async with backpressure: punches while writes are held at max-lag still reach the replica",
           "[replicate][nbd][journal]") {
-  TempDir nbd;
-  REQUIRE(sh("truncate -s 8M " + q(nbd / "export")) == 0);
-  // A slow target (every write 2 ms) and a small max-lag: the guest's writes are held most of
-  // the time, and the punches made meanwhile must still be journaled (not left out).
-  Nbdkit server(nbd.path(), nbd / "export", "--filter=delay", "wdelay=2ms");
-  Datastore ds("target: \"" + server.uri() + "\", mode: async, max-lag: 1MiB, on-overflow: backpressure", false);
-  REQUIRE(sh("mkdir -p " + q(ds.back("")) + " && head -c 4M /dev/urandom > " + q(ds.back("disk.raw"))) == 0);
-  ds.mount();
+  // A slow target and a small max-lag: the guest's writes are held most of the time, and the
+  // punches made meanwhile must still be journaled (not left out).
+  SlowTarget slow(", max-lag: 1MiB, on-overflow: backpressure");
+  TempDir& nbd = slow.nbd;
+  Datastore& ds = slow.ds;
   Holder hold(ds.mnt("disk.raw"));
   REQUIRE(ds.flush("disk.raw") == 0);
   const uint64_t initial = ds.stats("disk.raw")["bytes_resent"].as<uint64_t>();
@@ -532,14 +552,11 @@ TEST_CASE("replicate async with backpressure: punches while writes are held at m
 
 TEST_CASE("replicate async by reference: overwrites of unshipped ranges to a slow target, then kill -9 mid-run, the replica equals the source",
           "[replicate][nbd][journal]") {
-  TempDir nbd;
-  REQUIRE(sh("truncate -s 8M " + q(nbd / "export")) == 0);
-  // A slow target (every write 2 ms): the journal runs ahead of the replica, so the writes below
-  // land on bytes that records not shipped yet still read from the image (copy-before-write).
-  Nbdkit server(nbd.path(), nbd / "export", "--filter=delay", "wdelay=2ms");
-  Datastore ds("target: \"" + server.uri() + "\", mode: async", false);
-  REQUIRE(sh("mkdir -p " + q(ds.back("")) + " && head -c 4M /dev/urandom > " + q(ds.back("disk.raw"))) == 0);
-  ds.mount();
+  // A slow target: the journal runs ahead of the replica, so the writes below land on bytes
+  // that records not shipped yet still read from the image (copy-before-write).
+  SlowTarget slow("");
+  TempDir& nbd = slow.nbd;
+  Datastore& ds = slow.ds;
   auto hold = std::make_unique<Holder>(ds.mnt("disk.raw"));
   REQUIRE(ds.flush("disk.raw") == 0);
   CHECK(sum(nbd / "export", 4u << 20) == sum(ds.back("disk.raw")));

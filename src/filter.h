@@ -64,8 +64,8 @@
 // whose result it returns as it is and does nothing with after next_ returns (so it does not
 // mind that the request comes back up "Deferred" before it is done) — or whose remaining work
 // a completion hook does (below) — and sends every other request down with an Io without it
-// (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss it
-// does not fill; a write that goes below whole, finished by a hook; see register_cache); replicate
+// (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss, its
+// fill done by a hook; a write that goes below whole, finished by a hook; see register_cache); replicate
 // works on every result and does not declare it, so a throttle below it blocks its worker.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the

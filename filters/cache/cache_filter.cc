@@ -302,16 +302,20 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     bypass = seq_.observe(off, end - off, now_ns());
   }
   auto* dst = static_cast<uint8_t*>(buf);
+  if (io.defer && end > off) {
+    // Below with the request's Deferrer when it can be (see ReadFlight); else here, block by
+    // block, each working on what comes up.
+    Status s;
+    if (read_deferred(io, dst, end - off, off, bypass, got, &s)) return s;
+  }
+  const Io plain{io.direct};
   const uint64_t bs = p_.block;
   for (uint64_t pos = off; pos < end;) {
     const uint64_t b = pos / bs;
     const uint32_t o = static_cast<uint32_t>(pos % bs);
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, end - pos));
     size_t g = 0;
-    // Deferral (filter.h) reaches below only through a read that is one block's, where
-    // read_block returns below's answer as it is (a miss it does not fill); otherwise this
-    // loop works on the result.
-    Status s = read_block(pos == off && n == end - off ? io : Io{io.direct}, b, o, n, dst + (pos - off), bypass, &g);
+    Status s = read_block(plain, b, o, n, dst + (pos - off), bypass, &g);
     if (!s.ok()) return s;
     *got += g;
     if (g < n) break;  // end of file below
@@ -323,10 +327,8 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
-  // io may carry a Deferrer: it goes below only with a miss that is not filled and returns
-  // below's answer as it is (write-through and write-around); everything else here works on
-  // the result, so it goes below with `plain`.
-  const Io plain{io.direct};
+  // io never carries a Deferrer here (read() offers that to read_deferred only): every read
+  // below is waited for on this thread.
   {
     // A hit: mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot
     // be reused while mu_ is held or the slot pinned; a write racing with this read of the same
@@ -385,7 +387,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     (bypass ? bypasses_ : misses_).fetch_add(1, std::memory_order_relaxed);
     if (!write_back()) return next_->read(io, dst, n, base + o, got);
     size_t g = 0;
-    Status s = read_below(plain, dst, n, base + o, &g);
+    Status s = read_below(io, dst, n, base + o, &g);
     *got = n;  // write-back: clipped to the disk's size already, zeros past below's end
     return s;
   }
@@ -407,7 +409,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     misses_.fetch_add(1, std::memory_order_relaxed);
     if (!write_back()) return next_->read(io, dst, n, base + o, got);
     size_t g = 0;
-    Status s = read_below(plain, dst, n, base + o, &g);
+    Status s = read_below(io, dst, n, base + o, &g);
     *got = n;
     return s;
   }
@@ -446,7 +448,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     return kNoBuffer;
   }
   size_t below = 0;
-  Status s = read_below(plain, tmp, span, base + pa * kPage, &below);
+  Status s = read_below(io, tmp, span, base + pa * kPage, &below);
   if (!s.ok()) {
     unpin();
     return s;
@@ -467,41 +469,7 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
     PageMask fill;
     for (uint32_t p = pa; p < pe; ++p)
       if (!valid.test(p) && (p - pa + 1) * size_t(kPage) <= below) fill.set(p);
-    if (fill.any()) {
-      bool record_failed = false;
-      for (uint32_t p = pa; s.ok() && p < pe;) {
-        if (!fill.test(p)) {
-          ++p;
-          continue;
-        }
-        uint32_t q = p;
-        while (q < pe && fill.test(q)) ++q;
-        s = store_->write(slot, b, p * kPage, tmp + (p - pa) * kPage, size_t(q - p) * kPage);
-        p = q;
-      }
-      if (s.ok()) {
-        {
-          std::lock_guard<RwLock> g(mu_);
-          for (uint32_t p = pa; p < pe; ++p)
-            if (fill.test(p) && !meta_[slot].valid.test(p)) {
-              meta_[slot].valid.set(p);
-              valid_pages_.fetch_add(1, std::memory_order_relaxed);
-            }
-        }
-        s = persist(slot);
-        record_failed = !s.ok();
-      }
-      if (!s.ok()) {
-        if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
-        else degrade(std::string("write failed: ") + std::strerror(s.err));
-        std::lock_guard<RwLock> g(mu_);
-        for (uint32_t p = pa; p < pe; ++p)
-          if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
-            meta_[slot].valid.clear_range(p, p + 1);
-            valid_pages_.fetch_sub(1, std::memory_order_relaxed);
-          }
-      }
-    }
+    if (fill.any()) keep_pages(b, slot, fill, pa, pe, tmp);
   }
   std::memcpy(dst, tmp + (o - pa * kPage), n);
   if (write_back()) {
@@ -512,6 +480,199 @@ Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n,
   }
   unpin();
   return Status::Ok();
+}
+
+void CacheFilter::keep_pages(uint64_t b, uint32_t slot, PageMask fill, uint32_t pa, uint32_t pe,
+                             const uint8_t* bytes) {
+  Status s = Status::Ok();
+  for (uint32_t p = pa; s.ok() && p < pe;) {
+    if (!fill.test(p)) {
+      ++p;
+      continue;
+    }
+    uint32_t q = p;
+    while (q < pe && fill.test(q)) ++q;
+    s = store_->write(slot, b, p * kPage, bytes + size_t(p - pa) * kPage, size_t(q - p) * kPage);
+    p = q;
+  }
+  bool record_failed = false;
+  if (s.ok()) {
+    {
+      std::lock_guard<RwLock> g(mu_);
+      for (uint32_t p = pa; p < pe; ++p)
+        if (fill.test(p) && !meta_[slot].valid.test(p)) {
+          meta_[slot].valid.set(p);
+          valid_pages_.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+    s = persist(slot);
+    record_failed = !s.ok();
+  }
+  if (s.ok()) return;
+  if (record_failed) records_failed(std::string("write failed: ") + std::strerror(s.err));
+  else degrade(std::string("write failed: ") + std::strerror(s.err));
+  std::lock_guard<RwLock> g(mu_);
+  for (uint32_t p = pa; p < pe; ++p)
+    if (fill.test(p) && meta_[slot].valid.test(p) && !meta_[slot].dirty.test(p)) {
+      meta_[slot].valid.clear_range(p, p + 1);
+      valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+    }
+}
+
+// ---- reads sent below with the request's Deferrer (see ReadFlight in cache_filter.h) --------
+
+struct CacheFilter::ReadPart {
+  uint64_t block = 0;
+  uint32_t slot = kNoSlot;  // pinned while the read is below; kNoSlot: the block is not filled
+  bool fresh = false;       // the slot was given to the block for this read
+  bool fill = false;        // no write of the block was in flight below when the read went
+  uint64_t gen = 0;         // the slot's then: a write into the block since has bumped it
+  uint32_t pa = 0, pe = 0;  // the block's pages the read covers (whole: it is page-aligned)
+  size_t at = 0;            // where page pa starts in the request's buffer
+};
+
+struct CacheFilter::ReadFlight final : Then {
+  static constexpr size_t kInline = 16;  // 1 MiB of 64 KiB blocks without a second allocation
+  CacheFilter* f = nullptr;
+  uint64_t stripes = 0;  // its blocks' (cache::stripe_mask), taken in ascending order
+  bool wb = false;       // write-back: zeros past below's end, and the whole length is answered
+  size_t len = 0, count = 0;
+  ReadPart inline_parts[kInline];
+  std::unique_ptr<ReadPart[]> more;  // when count > kInline
+  ReadPart* parts() { return more ? more.get() : inline_parts; }
+
+  // On the thread that completed the read below (or its worker): data is the read's buffer.
+  Status then(Status s, void* data, size_t* got) override {
+    CacheFilter* const c = f;
+    s = c->read_done(this, s, static_cast<uint8_t*>(data), got);
+    delete this;
+    return s;
+  }
+};
+
+bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, size_t* got,
+                                Status* out) {
+  const uint64_t bs = p_.block, fb = off / bs, lb = (off + len - 1) / bs;
+  const size_t count = static_cast<size_t>(lb - fb + 1);
+  auto pages_of = [&](uint64_t b, uint32_t* pa, uint32_t* pe) {
+    const uint64_t base = b * bs, pos = std::max(off, base), stop = std::min(off + len, base + bs);
+    *pa = static_cast<uint32_t>((pos - base) / kPage);
+    *pe = static_cast<uint32_t>((stop - base + kPage - 1) / kPage);
+  };
+  {
+    // All of it cached: a hit, which read_block serves without a stripe lock.
+    std::shared_lock<RwLock> g(mu_);
+    bool all = true;
+    for (uint64_t b = fb; b <= lb && all; ++b) {
+      uint32_t pa, pe;
+      pages_of(b, &pa, &pe);
+      const uint32_t s = map_->find(b);
+      all = s != kNoSlot && meta_[s].valid.all_in(pa, pe);
+    }
+    if (all) return false;
+  }
+  const bool aligned = off % kPage == 0 && len % kPage == 0;
+  std::unique_ptr<ReadFlight> rf(new (std::nothrow) ReadFlight);
+  if (!rf) return false;
+  if (count > ReadFlight::kInline) {
+    rf->more.reset(new (std::nothrow) ReadPart[count]);
+    if (!rf->more) return false;
+  }
+  rf->f = this;
+  rf->stripes = cache::stripe_mask(fb, lb);
+  rf->len = len;
+  rf->count = count;
+  ReadPart* const k = rf->parts();
+  {
+    std::array<std::unique_lock<std::mutex>, kStripes> held;
+    lock_stripes(rf->stripes, &held);
+    if (passthrough_.load()) return false;  // failover() finished meanwhile: read() passes it down
+    rf->wb = write_back();  // under the stripes, which reconfigure() holds to change the mode
+    bool ok = true;
+    {
+      std::lock_guard<RwLock> g(mu_);
+      for (size_t i = 0; i < count && ok; ++i) {
+        ReadPart& p = k[i];
+        p.block = fb + i;
+        pages_of(p.block, &p.pa, &p.pe);
+        p.at = static_cast<size_t>(p.block * bs + p.pa * kPage - off);
+        p.slot = map_->hit(p.block);
+        if (p.slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
+          p.slot = alloc_locked(p.block);
+          p.fresh = p.slot != kNoSlot;
+        }
+        if (p.slot == kNoSlot) continue;
+        map_->pin(p.slot);
+        const Meta& m = meta_[p.slot];
+        for (uint32_t q = p.pa; q < p.pe && ok; ++q) ok = !m.dirty.test(q);
+        ok = ok && aligned;
+        p.gen = m.gen;
+        p.fill = !in_flight(p.block);
+      }
+      if (!ok) {
+        for (size_t i = 0; i < count; ++i) {
+          const ReadPart& p = k[i];
+          if (p.slot == kNoSlot) continue;
+          map_->unpin(p.slot);
+          if (p.fresh && map_->pins(p.slot) == 0) map_->erase(p.block);
+        }
+        return false;
+      }
+    }
+    for (size_t i = 0; i < count; ++i) {
+      ReadPart& p = k[i];
+      (p.slot == kNoSlot && bypass ? bypasses_ : misses_).fetch_add(1, std::memory_order_relaxed);
+      // A reused slot's record still names the block it held: it must name this one (with
+      // nothing valid) before anything is put in it (as in read_block).
+      if (!p.fresh || persist(p.slot).ok()) continue;
+      records_failed("write failed while reusing a slot");
+      std::lock_guard<RwLock> g(mu_);
+      map_->unpin(p.slot);
+      if (map_->pins(p.slot) == 0) map_->erase(p.block);
+      p.slot = kNoSlot;
+    }
+  }
+  Status s = next_->read(io, dst, len, off, got);
+  if (s.deferred()) {
+    io.defer->then(rf.release());  // the read is below: the framework's until its hook ran
+    *out = s;
+    return true;
+  }
+  *out = read_done(rf.get(), s, dst, got);
+  return true;
+}
+
+Status CacheFilter::read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* got) {
+  const size_t below = s.ok() ? *got : 0;
+  if (s.ok() && rf->wb) {
+    // As read_below: the disk's size counts dirty data past below's end (none of it here).
+    if (below < rf->len) std::memset(data + below, 0, rf->len - below);
+    *got = rf->len;
+  }
+  std::array<std::unique_lock<std::mutex>, kStripes> held;
+  lock_stripes(rf->stripes, &held);
+  const bool keep = s.ok() && !degraded_.load(std::memory_order_relaxed) && !passthrough_.load();
+  ReadPart* const k = rf->parts();
+  for (size_t i = 0; i < rf->count; ++i) {
+    const ReadPart& p = k[i];
+    if (p.slot == kNoSlot) continue;
+    if (keep && p.fill) {
+      PageMask fill;
+      {
+        std::shared_lock<RwLock> g(mu_);
+        const Meta& m = meta_[p.slot];
+        if (m.gen == p.gen)
+          for (uint32_t q = p.pa; q < p.pe; ++q)
+            if (!m.valid.test(q) && p.at + size_t(q - p.pa + 1) * kPage <= below) fill.set(q);
+      }
+      if (fill.any()) keep_pages(p.block, p.slot, fill, p.pa, p.pe, data + p.at);
+    }
+    std::lock_guard<RwLock> g(mu_);
+    map_->unpin(p.slot);
+    const Meta& m = meta_[p.slot];
+    if (p.fresh && !m.valid.any() && !m.dirty.any() && map_->pins(p.slot) == 0) map_->erase(p.block);
+  }
+  return s;
 }
 
 // ---- write --------------------------------------------------------------------------------
@@ -1392,16 +1553,18 @@ void register_cache(Registry& r) {
   };
   // Per request (filter.h, "Deferring"): the cache hands the Deferrer down where it returns
   // below's answer untouched and keeps nothing of it — everything while it is pass-through (no
-  // store, or after a failover), and a one-block read miss it does not fill (a sequential
-  // bypass, no free slot, a degraded device) in write-through and write-around — and with every
-  // one-block write that goes below (write-through, write-around, a write-back bypass), which
-  // stays marked in flight in its stripe until it has landed, and whose bookkeeping (the fill,
-  // the record, the slot's pin) a completion hook finishes before it is acknowledged
-  // (InFlight); a write of several blocks goes below as one request, every block in flight,
-  // one hook for all (MultiFlight), in write-back when none of its blocks is cached or can be.
-  // Fills, reads of several blocks, and write-back's own trips below (an edge page read, an
-  // evacuation, the bypassing blocks of a write with a cached block, a destage on the
-  // requesting thread) go below without it, and so wait on their worker behind a throttle.
+  // store, or after a failover) — and with every read that misses, of one block or several,
+  // filled or not, as one request, whose fill and unpinning a completion hook finishes
+  // (ReadFlight), unless a page it reads is dirty in the cache or it is not page-aligned and
+  // would fill; and with every one-block write that goes below (write-through, write-around, a
+  // write-back bypass), which stays marked in flight in its stripe until it has landed, and
+  // whose bookkeeping (the fill, the record, the slot's pin) a completion hook finishes before
+  // it is acknowledged (InFlight); a write of several blocks goes below as one request, every
+  // block in flight, one hook for all (MultiFlight), in write-back when none of its blocks is
+  // cached or can be. Reads over dirty pages, unaligned fills, and write-back's own trips below
+  // (an edge page read, an evacuation, the bypassing blocks of a write with a cached block, a
+  // destage on the requesting thread) go below without it, and so wait on their worker behind
+  // a throttle.
   info.passes_deferral = true;
   info.discard = [](const YAML::Node& params, const std::string& image) -> std::string {
     cache::CacheParams p;

@@ -135,6 +135,26 @@ class CacheFilter : public Filter {
   // from the moment it goes below until it has landed and the cache has finished every block;
   // its hook takes the write's stripes again (ascending) and does each block's bookkeeping.
   struct MultiFlight;
+  // A read sent below with the request's Deferrer (read_deferred), a miss that fills or not,
+  // of one block or several: each block of it that has a slot is pinned (so the slot stays
+  // the block's) and remembers the slot's gen and whether a write of the block was in flight
+  // below; no stripe is held while it is below. When it has come up (its completion hook, or
+  // at once when nothing below deferred it), read_done takes its stripes again (ascending) and
+  // keeps the pages that came up whole — only if no write of the block was in flight when it
+  // went below and none began since (gen), so what came up is still the disk's — then unpins.
+  struct ReadPart;
+  struct ReadFlight;
+  // A read with a Deferrer (see ReadFlight): false (nothing done) when the cache holds all of
+  // it (a hit), when a block of it has dirty pages there (they lie over what comes up), or
+  // when it is not page-aligned and a block of it would be filled (a fill keeps whole pages
+  // only); the caller then reads block by block on this thread. Else true, *s its status.
+  bool read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, size_t* got, Status* s);
+  // A ReadFlight's end: write-back zeros past below's end, pages kept, slots unpinned.
+  Status read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* got);
+  // Puts the pages of fill (within [pa, pe)) from bytes (page pa's) into slot, then marks them
+  // valid and writes the record; a failure degrades (or fails the records) and leaves them
+  // invalid (stripe of b held, slot pinned).
+  void keep_pages(uint64_t b, uint32_t slot, cache::PageMask fill, uint32_t pa, uint32_t pe, const uint8_t* bytes);
   // A write of more than one block with a Deferrer (see MultiFlight): takes the stripes of
   // its blocks in ascending order, prepares every block as write_block or the write-back
   // bypass would, and sends the write below as one request. Returns false (and does nothing)

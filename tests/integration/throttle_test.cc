@@ -8,8 +8,8 @@
 // threads, and its neighbour keeps its throughput (this failed before deferral: the held
 // requests took every worker); reloads while writes are deferred lose none; a stop with
 // requests deferred answers them; under a cache, its writes that go below (of one block or of
-// several: two disks of 256 KiB writes at depth 128) and the reads it forwards untouched are
-// deferred; waits in a group hold no thread either; a re-plumb under congestion wakes the
+// several: two disks of 256 KiB writes at depth 128), the reads it forwards untouched and
+// the reads that fill it (whose pages then read back equal to the image) are deferred; waits in a group hold no thread either; a re-plumb under congestion wakes the
 // workers blocked in the datastore's queue (under replicate, which does not let the throttle
 // defer) instead of waiting for their turns. The tests whose
 // point is a figure (rates, shares, a neighbour's throughput) are left out of the ASan run
@@ -792,6 +792,61 @@ TEST_CASE("under a cache, the reads it forwards untouched are deferred: 128 held
   INFO(read_file(t / "slow.out"));
   CHECK(read_file(t / "slow.json").find("\"error\" : 0") != std::string::npos);
   close(fd);
+  CHECK(m.stop() == 0);
+}
+
+TEST_CASE("under a cache, reads that fill it are deferred too: 128 held without threads, an unthrottled neighbour "
+          "unaffected, and what they kept reads back equal to the image",
+          "[throttle][fio][defer][cache]") {
+  TempDir t;
+  // No sequential cutoff: every read miss fills the cache, which is what it now hands below
+  // with its Deferrer and finishes in a completion hook.
+  datastore(t, {"slow.raw", "free.raw"},
+            "policies:\n  p: { cache: { mode: write-through, memory: 16MiB, sequential-cutoff: 0 }, "
+            "throttle: { iops: 100 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
+  REQUIRE(sh("head -c 4M /dev/urandom > " + q(t / "b/slow.raw")) == 0);  // 64 blocks of data
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
+  const int fd = open(m.path("free.raw").c_str(), O_RDONLY);  // the fault layer is the open disk's
+  REQUIRE(fd >= 0);
+  REQUIRE(set_xattr(m.path("free.raw"), "user.iofilter.fault", "delay=all:2ms") == 0);
+  const std::string free_job = fio_opts(4, 16) + " --name=free --filename=" + q(m.path("free.raw"));
+  const double alone = fio(t.path(), free_job)[0].rate(4);
+  const int threads_before = thread_count(m.pid());
+  const int keep = open(m.path("slow.raw").c_str(), O_RDONLY);  // the cache lives while the disk is open
+  REQUIRE(keep >= 0);
+
+  fio_background(t.path(), "slow", fio_opts(10, 128) + " --name=slow --filename=" + q(m.path("slow.raw")));
+  std::string stats = wait_stat(m, "slow.raw", "queued", 100);
+  INFO(stats);
+  REQUIRE(json_number(stats, "queued") >= 100);
+  const int threads_held = thread_count(m.pid());
+  const double together = fio(t.path(), free_job)[0].rate(4);
+  close(fd);
+  stats = get_xattr(m.path("slow.raw"), "user.iofilter.stats");
+  std::printf("throttle: under a cache (reads fill it), %g reads held at 100 IOPS; daemon threads %d before, %d "
+              "while they are held; neighbour (2 ms below, depth 16) alone %.0f IOPS, beside them %.0f: %+.1f%%\n",
+              json_number(stats, "queued"), threads_before, threads_held, alone, together,
+              100 * (together - alone) / alone);
+  CHECK(json_number(stats, "deferred") >= 64);
+  CHECK(threads_held < threads_before + 32);
+  CHECK(together >= 0.9 * alone);
+  REQUIRE(wait_fio(t / "slow.rc") == 0);
+  INFO(read_file(t / "slow.out"));
+  CHECK(read_file(t / "slow.json").find("\"error\" : 0") != std::string::npos);
+  // The held reads filled the cache (later ones hit what earlier ones kept), and what they kept
+  // is the image's: read it all back through the mount, twice (the second time from the cache).
+  stats = get_xattr(m.path("slow.raw"), "user.iofilter.stats");
+  INFO(stats);
+  std::printf("%s\n", stats.c_str());
+  std::printf("throttle: under a cache, after the held reads: %g hits, %g misses\n", json_number(stats, "hits"),
+              json_number(stats, "misses"));
+  CHECK(json_number(stats, "hits") > 0);
+  CHECK(json_number(stats, "misses") > 0);
+  CHECK(sh("cmp " + q(m.path("slow.raw")) + " " + q(t / "b/slow.raw")) == 0);
+  const double hits = json_number(get_xattr(m.path("slow.raw"), "user.iofilter.stats"), "hits");
+  CHECK(sh("cmp " + q(m.path("slow.raw")) + " " + q(t / "b/slow.raw")) == 0);
+  CHECK(json_number(get_xattr(m.path("slow.raw"), "user.iofilter.stats"), "hits") > hits);
+  close(keep);
   CHECK(m.stop() == 0);
 }
 

@@ -686,8 +686,11 @@ struct NoDeferrer final : iofilterfs::Deferrer {
 struct HeldWrite final : iofilterfs::Deferred, iofilterfs::Deferrer {
   std::vector<char> buf;
   uint64_t off = 0;
+  bool read = false;  // a read: buf (its length) holds what was below when it was taken
+  size_t came_up = 0;  // a read's bytes below then (its answer waits for the test)
   iofilterfs::Then* hooks = nullptr;
   iofilterfs::Status answer = iofilterfs::Status::Deferred();
+  size_t got = 0;  // a read's, as answered
   iofilterfs::Deferred* take() override { return this; }
   void then(iofilterfs::Then* t) override {
     t->next_then = hooks;
@@ -706,12 +709,16 @@ struct HeldWrite final : iofilterfs::Deferred, iofilterfs::Deferrer {
       t = n;
     }
     answer = s;
+    got = g;
   }
 };
 
-// A memory layer that defers every write offered with a Deferrer until the test resumes it.
+// A memory layer that defers every write offered with a Deferrer until the test resumes it,
+// and with defer_reads every such read: it reads at once and answers when the test resumes it
+// (so what it answers may be older than a write made meanwhile, as a read racing a write may).
 struct DeferringMem : testing::MemLayer {
-  HeldWrite* held = nullptr;
+  HeldWrite* held = nullptr;  // the last one taken
+  bool defer_reads = false;
   Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
     if (!io.defer) return MemLayer::write(io, buf, len, off);
     held = static_cast<HeldWrite*>(io.defer->take());
@@ -719,21 +726,39 @@ struct DeferringMem : testing::MemLayer {
     held->off = off;
     return Status::Deferred();
   }
-  void land() {
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    if (!io.defer || !defer_reads) return MemLayer::read(io, buf, len, off, got);
+    held = static_cast<HeldWrite*>(io.defer->take());
+    held->buf.assign(len, '\0');
+    size_t g = 0;
+    REQUIRE(MemLayer::read(Io{}, held->buf.data(), len, off, &g).ok());
+    held->came_up = g;
+    held->off = off;
+    held->read = true;
+    return Status::Deferred();
+  }
+  void land(HeldWrite* w = nullptr) {
     struct Down final : iofilterfs::Continuation {
       DeferringMem* m;
-      Status run(void* data, size_t*) override {
-        return m->MemLayer::write(Io{}, data, m->held->buf.size(), m->held->off);
+      HeldWrite* w;
+      Status run(void* data, size_t* got) override {
+        if (w->read) {
+          *got = w->came_up;
+          return Status::Ok();
+        }
+        return m->MemLayer::write(Io{}, data, w->buf.size(), w->off);
       }
     } k;
     k.m = this;
-    held->resume(k);
+    k.w = w ? w : held;
+    k.w->resume(k);
   }
 };
 
 }  // namespace
 
-TEST_CASE("the cache hands deferral below only with a one-block read miss it does not fill", "[cache][filter][defer]") {
+TEST_CASE("the cache hands deferral below with every read it can finish in a hook and every write it sends whole",
+          "[cache][filter][defer]") {
   DeferProbe below;
   below.data.assign(1 << 20, 'x');
   NoDeferrer d;
@@ -753,9 +778,10 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     REQUIRE(st.ok());
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read+defer"});
     CHECK(got == 4096);
-    // Across two blocks the cache joins the answers: no deferral.
-    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 4096, &got).ok()); }) == V{"read", "read"});
-    // A small read is not bypassed: a miss that fills, then a hit.
+    // Across two blocks: one request below.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 4096, &got).ok()); }) == V{"read+defer"});
+    // A small read is not bypassed and fills; not page-aligned, it is read here (a fill keeps
+    // whole pages only); then a hit.
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{"read"});
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 512, 1 << 19, &got).ok()); }) == V{});
     // Writes: a one-block write goes below with it (the cache finishes it in a completion
@@ -764,19 +790,27 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{"write+defer"});
     // Without a Deferrer, block by block as before.
     CHECK(seen_after([&] { REQUIRE(f->write(Io{}, buf, 8192, 65536 - 4096).ok()); }) == V{"write", "write"});
+    CHECK(seen_after([&] { REQUIRE(f->read(Io{}, buf, 8192, 65536 - 4096, &got).ok()); }) == V{"read", "read"});
   }
-  SECTION("write-through: a miss fills, so it is not deferred") {
+  SECTION("write-through: a miss that fills goes below with it, of one block or two, and then hits") {
     iofilterfs::Status st;
     auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
     REQUIRE(st.ok());
-    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 0, &got).ok()); }) == V{"read"});
-    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096).ok()); }) == V{"write+defer"});
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 0, &got).ok()); }) == V{"read+defer"});
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 0, &got).ok()); }) == V{});
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 16384, 65536 * 3 - 8192, &got).ok()); }) == V{"read+defer"});
+    CHECK(got == 16384);
+    CHECK(std::string(buf, 16384) == std::string(16384, 'x'));
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 16384, 65536 * 3 - 8192, &got).ok()); }) == V{});
+    // Partly cached: the whole read below, once.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 0, &got).ok()); }) == V{"read+defer"});
+    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096 * 5).ok()); }) == V{"write+defer"});
   }
-  SECTION("write-back: no read, even a bypass (dirty data may lie over what comes up); a write that bypasses") {
+  SECTION("write-back: a read with no dirty page goes below with it; one with a dirty page is read here") {
     iofilterfs::Status st;
     auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
     REQUIRE(st.ok());
-    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read"});
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 4096, 8192, &got).ok()); }) == V{"read+defer"});
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 1 << 19).ok()); }) == V{"write+defer"});
     // Two blocks, neither cached: below whole.
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, (1 << 19) + 65536 - 4096).ok()); }) == V{"write+defer"});
@@ -786,8 +820,13 @@ TEST_CASE("the cache hands deferral below only with a one-block read miss it doe
     auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 0}", &below, "d.raw", &st);
     REQUIRE(st.ok());
     // Not a stream and slots free: cached, nothing below (edge pages whole: no read below).
-    CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 8192, 65536 - 4096).ok()); }) == V{});
+    const std::string dirty(8192, 'D');
+    CHECK(seen_after([&] { REQUIRE(f->write(io, dirty.data(), 8192, 65536 - 4096).ok()); }) == V{});
     CHECK(f->dirty_bytes() == 8192);
+    // A read over a dirty page and a page not cached: read here, the dirty page laid over.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 8192, &got).ok()); }) == V{"read"});
+    CHECK(std::string(buf, 4096) == std::string(4096, 'x'));
+    CHECK(std::string(buf + 4096, 4096) == std::string(4096, 'D'));
   }
   CHECK(iofilterfs::Registry::instance().find("cache")->passes_deferral);
 }
@@ -950,5 +989,89 @@ TEST_CASE("a deferred write keeps its block in flight: no read fills it from the
     CHECK(std::string(buf, 2048) == std::string(2048, 'N'));
     REQUIRE(f->read(Io{}, buf, 2048, 8192 + 2048, &got).ok());
     CHECK(std::string(buf, 2048) == std::string(2048, 'N'));
+  }
+}
+
+TEST_CASE("a deferred read fills the cache when it comes up, unless a write of its block began or was in flight "
+          "meanwhile",
+          "[cache][filter][defer]") {
+  DeferringMem below;
+  below.defer_reads = true;
+  below.data.assign(1 << 20, 'o');  // the old bytes
+  iofilterfs::Status st;
+  char buf[8192];
+  size_t got = 0;
+  auto held_read = [&](CacheFilter& f, HeldWrite& r, size_t len, uint64_t off) {
+    Io io;
+    io.defer = &r;
+    REQUIRE(f.read(io, buf, len, off, &got).deferred());
+    REQUIRE(below.held == &r);
+    CHECK(r.answer.deferred());
+  };
+  SECTION("write-through: it lands, the hook keeps its pages (one block and two), then they hit") {
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    std::memset(below.data.data() + 65536 - 4096, 'a', 8192);
+    HeldWrite r;
+    held_read(*f, r, 8192, 65536 - 4096);
+    below.land();
+    REQUIRE(r.answer.ok());
+    CHECK(r.got == 8192);
+    CHECK(std::string(r.buf.data(), 8192) == std::string(8192, 'a'));
+    const double hits = counter(f->stats_json(), "hits");
+    REQUIRE(f->read(Io{}, buf, 8192, 65536 - 4096, &got).ok());
+    CHECK(counter(f->stats_json(), "hits") == hits + 2);  // one per block
+    CHECK(std::string(buf, 8192) == std::string(8192, 'a'));
+    // At the end of the disk: a short answer, and only what came up is kept.
+    HeldWrite e;
+    held_read(*f, e, 8192, (1 << 20) - 4096);
+    below.land();
+    REQUIRE(e.answer.ok());
+    CHECK(e.got == 4096);
+  }
+  SECTION("write-around: a write that lands while the read is below keeps the read's old bytes out of the cache") {
+    auto f = make("{mode: write-around, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    HeldWrite r;
+    held_read(*f, r, 8192, 0);  // took the old bytes
+    const std::string fresh(4096, 'N');
+    REQUIRE(f->write(Io{}, fresh.data(), fresh.size(), 0).ok());
+    below.land(&r);
+    REQUIRE(r.answer.ok());
+    CHECK(std::string(r.buf.data(), 8192) == std::string(8192, 'o'));  // raced the write: either is right
+    REQUIRE(f->read(Io{}, buf, 4096, 0, &got).ok());
+    CHECK(std::string(buf, 4096) == fresh);  // not the read's old bytes
+  }
+  SECTION("write-around: a write in flight when the read went below, landing first, is not undone by the fill") {
+    auto f = make("{mode: write-around, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    HeldWrite w;
+    Io wio;
+    wio.defer = &w;
+    const std::string fresh(4096, 'N');
+    REQUIRE(f->write(wio, fresh.data(), fresh.size(), 0).deferred());
+    HeldWrite r;
+    held_read(*f, r, 8192, 0);  // the old bytes: the write has not landed
+    below.land(&w);
+    REQUIRE(w.answer.ok());
+    below.land(&r);
+    REQUIRE(r.answer.ok());
+    REQUIRE(f->read(Io{}, buf, 4096, 0, &got).ok());
+    CHECK(std::string(buf, 4096) == fresh);
+  }
+  SECTION("write-back: zeros past below's end up to the disk's size, which dirty data set") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    const std::string d(4096, 'D');
+    REQUIRE(f->write(Io{}, d.data(), d.size(), (1 << 20) + 65536).ok());  // past below's end
+    HeldWrite r;
+    held_read(*f, r, 8192, (1 << 20) - 4096);
+    below.land();
+    REQUIRE(r.answer.ok());
+    CHECK(r.got == 8192);
+    CHECK(std::string(r.buf.data(), 4096) == std::string(4096, 'o'));
+    CHECK(std::string(r.buf.data() + 4096, 4096) == std::string(4096, '\0'));
+    REQUIRE(f->read(Io{}, buf, 4096, (1 << 20) + 65536, &got).ok());
+    CHECK(std::string(buf, 4096) == d);
   }
 }

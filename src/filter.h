@@ -65,8 +65,9 @@
 // mind that the request comes back up "Deferred" before it is done) — or whose remaining work
 // a completion hook does (below) — and sends every other request down with an Io without it
 // (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss, its
-// fill done by a hook; a write that goes below whole, finished by a hook; see register_cache); replicate
-// works on every result and does not declare it, so a throttle below it blocks its worker.
+// fill done by a hook; a write that goes below whole, finished by a hook; see register_cache);
+// replicate passes a read through untouched and works on every write's result, so it sends its
+// writes down without it, and a throttle below blocks the worker of each.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the
 // chain first calls release_deferred() on every filter (resume what you hold now, hold nothing
@@ -415,7 +416,8 @@ struct FilterInfo {
   // either passes io down unchanged and does nothing after next_ returns but return what it
   // returned (or, when that is Deferred, register a completion hook that does its remaining
   // work: see "Completion hooks"), or passes an Io without defer. The default (false) suits a
-  // filter that passes io down and then works on the result (replicate). The cache declares it.
+  // filter that passes io down and then works on every result. The cache and replicate (whose
+  // writes go down without it) declare it.
   bool passes_deferral = false;
 };
 

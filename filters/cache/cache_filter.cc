@@ -303,10 +303,14 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
   }
   auto* dst = static_cast<uint8_t*>(buf);
   if (io.defer && end > off) {
-    // Below with the request's Deferrer when it can be (see ReadFlight); else here, block by
-    // block, each working on what comes up.
+    // A hit of one block as read_block serves it; else below with the request's Deferrer when
+    // it can be (see ReadFlight); else here, block by block, each working on what comes up.
+    const uint64_t b = off / p_.block;
+    const bool one = b == (end - 1) / p_.block;
+    if (one && try_hit(b, static_cast<uint32_t>(off % p_.block), static_cast<uint32_t>(end - off), dst, got))
+      return Status::Ok();
     Status s;
-    if (read_deferred(io, dst, end - off, off, bypass, got, &s)) return s;
+    if (read_deferred(io, dst, end - off, off, bypass, !one, got, &s)) return s;
   }
   const Io plain{io.direct};
   const uint64_t bs = p_.block;
@@ -324,48 +328,45 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
   return Status::Ok();
 }
 
+bool CacheFilter::try_hit(uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, size_t* got) {
+  // mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot be reused
+  // while mu_ is held or the slot pinned; a write racing with this read of the same bytes may
+  // show either version, as a disk would). RAM copies under the lock; a cache file pins the
+  // slot and reads it after.
+  const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+  uint32_t slot = kNoSlot;
+  {
+    std::shared_lock<RwLock> g(mu_);
+    const uint32_t s = map_->find(b);
+    if (s == kNoSlot || !meta_[s].valid.all_in(pa, pe)) return false;
+    map_->touch(s);
+    if (!store_->persistent()) {
+      (void)store_->read(s, b, o, dst, n);  // memcpy
+      hits_.fetch_add(1, std::memory_order_relaxed);
+      *got = n;
+      return true;
+    }
+    map_->pin(s);
+    slot = s;
+  }
+  const bool aligned = o % kPage == 0 && n % kPage == 0;
+  const size_t span = size_t(pe - pa) * kPage;
+  uint8_t* tmp = aligned ? dst : scratch(0, span);
+  Status s = tmp ? store_->read(slot, b, pa * kPage, tmp, span) : kNoBuffer;
+  map_->unpin(slot);
+  if (!s.ok()) return false;  // a failed read: read_block's slow path decides (degrade, or below)
+  if (!aligned) std::memcpy(dst, tmp + (o - pa * kPage), n);
+  hits_.fetch_add(1, std::memory_order_relaxed);
+  *got = n;
+  return true;
+}
+
 Status CacheFilter::read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass,
                                size_t* got) {
   const uint64_t base = b * p_.block;
   // io never carries a Deferrer here (read() offers that to read_deferred only): every read
   // below is waited for on this thread.
-  {
-    // A hit: mu_ held shared only, so hits run side by side; no stripe lock (the slot cannot
-    // be reused while mu_ is held or the slot pinned; a write racing with this read of the same
-    // bytes may show either version, as a disk would). RAM copies under the lock; a cache
-    // file pins the slot and reads it after.
-    const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
-    uint32_t slot = kNoSlot;
-    {
-      std::shared_lock<RwLock> g(mu_);
-      const uint32_t s = map_->find(b);
-      if (s != kNoSlot && meta_[s].valid.all_in(pa, pe)) {
-        map_->touch(s);
-        if (!store_->persistent()) {
-          (void)store_->read(s, b, o, dst, n);  // memcpy
-          hits_.fetch_add(1, std::memory_order_relaxed);
-          *got = n;
-          return Status::Ok();
-        }
-        map_->pin(s);
-        slot = s;
-      }
-    }
-    if (slot != kNoSlot) {
-      const bool aligned = o % kPage == 0 && n % kPage == 0;
-      const size_t span = size_t(pe - pa) * kPage;
-      uint8_t* tmp = aligned ? dst : scratch(0, span);
-      Status s = tmp ? store_->read(slot, b, pa * kPage, tmp, span) : kNoBuffer;
-      map_->unpin(slot);
-      if (s.ok()) {
-        if (!aligned) std::memcpy(dst, tmp + (o - pa * kPage), n);
-        hits_.fetch_add(1, std::memory_order_relaxed);
-        *got = n;
-        return Status::Ok();
-      }
-      // A failed read: the slow path below decides (degrade, or the bytes from below).
-    }
-  }
+  if (try_hit(b, o, n, dst, got)) return Status::Ok();
   std::lock_guard<std::mutex> sl(stripe(b));
   uint32_t slot;
   PageMask valid, dirty;
@@ -529,6 +530,9 @@ struct CacheFilter::ReadPart {
   uint64_t gen = 0;         // the slot's then: a write into the block since has bumped it
   uint32_t pa = 0, pe = 0;  // the block's pages the read covers (whole: it is page-aligned)
   size_t at = 0;            // where page pa starts in the request's buffer
+  // Its pages that were dirty when the read went below: newer than what comes up, laid over
+  // it from the slot (which holds them, or newer bytes, while pinned: destaged pages stay).
+  PageMask dirty;
 };
 
 struct CacheFilter::ReadFlight final : Then {
@@ -550,8 +554,8 @@ struct CacheFilter::ReadFlight final : Then {
   }
 };
 
-bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, size_t* got,
-                                Status* out) {
+bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, bool check_hit,
+                                size_t* got, Status* out) {
   const uint64_t bs = p_.block, fb = off / bs, lb = (off + len - 1) / bs;
   const size_t count = static_cast<size_t>(lb - fb + 1);
   auto pages_of = [&](uint64_t b, uint32_t* pa, uint32_t* pe) {
@@ -559,7 +563,7 @@ bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t
     *pa = static_cast<uint32_t>((pos - base) / kPage);
     *pe = static_cast<uint32_t>((stop - base + kPage - 1) / kPage);
   };
-  {
+  if (check_hit) {
     // All of it cached: a hit, which read_block serves without a stripe lock.
     std::shared_lock<RwLock> g(mu_);
     bool all = true;
@@ -604,8 +608,9 @@ bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t
         if (p.slot == kNoSlot) continue;
         map_->pin(p.slot);
         const Meta& m = meta_[p.slot];
-        for (uint32_t q = p.pa; q < p.pe && ok; ++q) ok = !m.dirty.test(q);
-        ok = ok && aligned;
+        for (uint32_t q = p.pa; q < p.pe; ++q)
+          if (m.dirty.test(q)) p.dirty.set(q);
+        ok = aligned;
         p.gen = m.gen;
         p.fill = !in_flight(p.block);
       }
@@ -651,8 +656,20 @@ Status CacheFilter::read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* g
   }
   std::array<std::unique_lock<std::mutex>, kStripes> held;
   lock_stripes(rf->stripes, &held);
-  const bool keep = s.ok() && !degraded_.load(std::memory_order_relaxed) && !passthrough_.load();
   ReadPart* const k = rf->parts();
+  for (size_t i = 0; i < rf->count; ++i) {
+    const ReadPart& p = k[i];
+    if (p.slot == kNoSlot || !s.ok()) continue;
+    for (uint32_t q = p.pa; q < p.pe; ++q) {
+      if (!p.dirty.test(q)) continue;
+      const Status r = store_->read(p.slot, p.block, q * kPage, data + p.at + size_t(q - p.pa) * kPage, kPage);
+      if (r.ok()) continue;
+      degrade(std::string("read failed: ") + std::strerror(r.err));
+      s = kLost;
+      break;
+    }
+  }
+  const bool keep = s.ok() && !degraded_.load(std::memory_order_relaxed) && !passthrough_.load();
   for (size_t i = 0; i < rf->count; ++i) {
     const ReadPart& p = k[i];
     if (p.slot == kNoSlot) continue;
@@ -1554,14 +1571,13 @@ void register_cache(Registry& r) {
   // Per request (filter.h, "Deferring"): the cache hands the Deferrer down where it returns
   // below's answer untouched and keeps nothing of it — everything while it is pass-through (no
   // store, or after a failover) — and with every read that misses, of one block or several,
-  // filled or not, as one request, whose fill and unpinning a completion hook finishes
-  // (ReadFlight), unless a page it reads is dirty in the cache or it is not page-aligned and
-  // would fill; and with every one-block write that goes below (write-through, write-around, a
+  // filled or not, as one request, whose dirty overlay, fill and unpinning a completion hook
+  // finishes (ReadFlight), unless it is not page-aligned and a block of it has a slot; and with every one-block write that goes below (write-through, write-around, a
   // write-back bypass), which stays marked in flight in its stripe until it has landed, and
   // whose bookkeeping (the fill, the record, the slot's pin) a completion hook finishes before
   // it is acknowledged (InFlight); a write of several blocks goes below as one request, every
   // block in flight, one hook for all (MultiFlight), in write-back when none of its blocks is
-  // cached or can be. Reads over dirty pages, unaligned fills, and write-back's own trips below
+  // cached or can be. Unaligned reads of cached blocks, and write-back's own trips below
   // (an edge page read, an evacuation, the bypassing blocks of a write with a cached block, a
   // destage on the requesting thread) go below without it, and so wait on their worker behind
   // a throttle.

@@ -138,18 +138,22 @@ class CacheFilter : public Filter {
   // A read sent below with the request's Deferrer (read_deferred), a miss that fills or not,
   // of one block or several: each block of it that has a slot is pinned (so the slot stays
   // the block's) and remembers the slot's gen and whether a write of the block was in flight
-  // below; no stripe is held while it is below. When it has come up (its completion hook, or
-  // at once when nothing below deferred it), read_done takes its stripes again (ascending) and
+  // below, and which of its pages were dirty; no stripe is held while it is below. When it has
+  // come up (its completion hook, or at once when nothing below deferred it), read_done takes
+  // its stripes again (ascending), lays those dirty pages over what came up from the slot, and
   // keeps the pages that came up whole — only if no write of the block was in flight when it
   // went below and none began since (gen), so what came up is still the disk's — then unpins.
   struct ReadPart;
   struct ReadFlight;
   // A read with a Deferrer (see ReadFlight): false (nothing done) when the cache holds all of
-  // it (a hit), when a block of it has dirty pages there (they lie over what comes up), or
-  // when it is not page-aligned and a block of it would be filled (a fill keeps whole pages
-  // only); the caller then reads block by block on this thread. Else true, *s its status.
-  bool read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, size_t* got, Status* s);
-  // A ReadFlight's end: write-back zeros past below's end, pages kept, slots unpinned.
+  // it (a hit), or when it is not page-aligned and a block of it has a slot (a fill keeps, and
+  // the dirty overlay lays, whole pages only); the caller then reads block by block on this
+  // thread. Else true, *s its status.
+  // check_hit: look for a hit first (the caller has not).
+  bool read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, bool check_hit, size_t* got,
+                     Status* s);
+  // A ReadFlight's end: write-back zeros past below's end, dirty pages laid over, pages kept,
+  // slots unpinned.
   Status read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* got);
   // Puts the pages of fill (within [pa, pe)) from bytes (page pa's) into slot, then marks them
   // valid and writes the record; a failure degrades (or fails the records) and leaves them
@@ -182,6 +186,8 @@ class CacheFilter : public Filter {
   uint32_t pages() const { return p_.block / cache::kPage; }
   bool write_back() const { return mode_.load(std::memory_order_acquire) == cache::Mode::WriteBack; }
 
+  // A hit of [o, o+n) of block b, served without a stripe lock; false when it is not one.
+  bool try_hit(uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, size_t* got);
   Status read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass, size_t* got);
   // One block's part of a write: takes the block's stripe, then by the mode:
   Status write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);

@@ -881,7 +881,10 @@ void ReplicateFilter::lock_range(uint64_t off, uint64_t len, rp::RangeLock::Guar
   }
 }
 
-Status ReplicateFilter::write(const Io& io, const void* buf, size_t len, uint64_t off) {
+Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64_t off) {
+  // Never with the request's Deferrer: the work after the local write (the send, the bitmap,
+  // the range) is done here on its return (see register_replicate).
+  const Io io{req.direct};
   if (!opened_) return kNotOpen;
   if (len == 0) return next_->write(io, buf, len, off);
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
@@ -2191,6 +2194,11 @@ void register_replicate(Registry& r) {
     if (!rp::parse_replicate(params, &p).empty()) return nullptr;
     return std::make_unique<ReplicateFilter>(p);
   };
+  // Per request (filter.h, "Deferring"): a guest's read passes through untouched (the default
+  // Filter::read), so it goes below with the request's Deferrer and a throttle below may park
+  // it. A write does not: replicate works on its result (the send, the bitmap, the range lock
+  // it holds until then), so write() sends it below without one and it waits on its worker.
+  info.passes_deferral = true;
   r.add(std::move(info));
 }
 

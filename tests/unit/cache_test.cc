@@ -469,35 +469,66 @@ TEST_CASE("write-back: destaging between the watermarks, evictions, and a full c
   CHECK(read_all(*f, 0, 17 * 16384) == model.substr(0, 17 * 16384));
 }
 
+namespace {
+
+// Random writes and reads in one mode agree with a model, before and after a drain. Every
+// request goes with io (which may offer a Deferrer); with `aligned`, every other one is
+// page-aligned (what the cache hands below with a Deferrer), the rest anywhere.
+void agree_with_model(const char* mode, const Io& io, bool aligned) {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(2 << 20, 0);
+  iofilterfs::Status st;
+  auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path +
+                    ", size: 256KiB, block: 16KiB, sequential-cutoff: 0}",
+                &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  std::string model(2 << 20, '\0');
+  std::mt19937_64 rng(11);
+  for (int i = 0; i < 3000; ++i) {
+    INFO(mode << " op " << i);
+    size_t len = 1 + rng() % 40000;
+    uint64_t off = rng() % (model.size() - len);
+    if (aligned && i % 2) {
+      len = (len + 4095) & ~size_t(4095);
+      off = std::min<uint64_t>(off & ~uint64_t(4095), model.size() - len);
+    }
+    if (rng() % 2) {
+      const std::string d = pattern(len, i);
+      REQUIRE(f->write(io, d.data(), len, off).ok());
+      model.replace(off, len, d);
+    } else {
+      std::string r(len, '\0');
+      size_t got = 0;
+      REQUIRE(f->read(io, r.data(), len, off, &got).ok());
+      REQUIRE(got == len);
+      REQUIRE(r == model.substr(off, len));
+    }
+  }
+  REQUIRE(f->drain().ok());
+  CHECK(std::string(below.data.data(), model.size()) == model);
+  CHECK(read_all(*f, 0, model.size()) == model);
+}
+
+struct NoDeferrer final : iofilterfs::Deferrer {
+  iofilterfs::Deferred* take() override { return nullptr; }
+  void then(iofilterfs::Then*) override {}
+};
+
+}  // namespace
+
 TEST_CASE("every mode: random unaligned writes and reads agree with a model, before and after a drain",
           "[cache][filter]") {
-  for (const char* mode : {"write-through", "write-around", "write-back"}) {
-    TmpDir dir;
-    testing::MemLayer below;
-    below.data.assign(2 << 20, 0);
-    iofilterfs::Status st;
-    auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path +
-                      ", size: 256KiB, block: 16KiB, sequential-cutoff: 0}",
-                  &below, "d.raw", &st);
-    REQUIRE(st.ok());
-    std::string model(2 << 20, '\0');
-    std::mt19937_64 rng(11);
-    for (int i = 0; i < 3000; ++i) {
-      INFO(mode << " op " << i);
-      const size_t len = 1 + rng() % 40000;
-      const uint64_t off = rng() % (model.size() - len);
-      if (rng() % 2) {
-        const std::string d = pattern(len, i);
-        REQUIRE(f->write(Io{}, d.data(), len, off).ok());
-        model.replace(off, len, d);
-      } else {
-        REQUIRE(read_all(*f, off, len) == model.substr(off, len));
-      }
-    }
-    REQUIRE(f->drain().ok());
-    CHECK(std::string(below.data.data(), model.size()) == model);
-    CHECK(read_all(*f, 0, model.size()) == model);
-  }
+  for (const char* mode : {"write-through", "write-around", "write-back"}) agree_with_model(mode, Io{}, false);
+}
+
+TEST_CASE("every mode, a Deferrer offered (nothing below defers): random writes and reads, half page-aligned, agree "
+          "with a model",
+          "[cache][filter][defer]") {
+  NoDeferrer d;
+  Io io;
+  io.defer = &d;
+  for (const char* mode : {"write-through", "write-around", "write-back"}) agree_with_model(mode, io, true);
 }
 
 TEST_CASE("punch-hole, truncate and grow drain first and drop the cached pages", "[cache][filter]") {
@@ -676,11 +707,6 @@ struct DeferProbe : testing::MemLayer {
   }
 };
 
-struct NoDeferrer final : iofilterfs::Deferrer {
-  iofilterfs::Deferred* take() override { return nullptr; }
-  void then(iofilterfs::Then*) override {}
-};
-
 // One write as the framework holds it (disk.cc's Pending): the layer below takes it, the test
 // resumes it, and the cache's completion hook runs then, before the answer.
 struct HeldWrite final : iofilterfs::Deferred, iofilterfs::Deferrer {
@@ -806,7 +832,7 @@ TEST_CASE("the cache hands deferral below with every read it can finish in a hoo
     CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 0, &got).ok()); }) == V{"read+defer"});
     CHECK(seen_after([&] { REQUIRE(f->write(io, buf, 4096, 4096 * 5).ok()); }) == V{"write+defer"});
   }
-  SECTION("write-back: a read with no dirty page goes below with it; one with a dirty page is read here") {
+  SECTION("write-back: a read that misses goes below with it") {
     iofilterfs::Status st;
     auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 4KiB}", &below, "d.raw", &st);
     REQUIRE(st.ok());
@@ -823,8 +849,8 @@ TEST_CASE("the cache hands deferral below with every read it can finish in a hoo
     const std::string dirty(8192, 'D');
     CHECK(seen_after([&] { REQUIRE(f->write(io, dirty.data(), 8192, 65536 - 4096).ok()); }) == V{});
     CHECK(f->dirty_bytes() == 8192);
-    // A read over a dirty page and a page not cached: read here, the dirty page laid over.
-    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 8192, &got).ok()); }) == V{"read"});
+    // A read over a dirty page and a page not cached: below with it, the dirty page laid over.
+    CHECK(seen_after([&] { REQUIRE(f->read(io, buf, 8192, 65536 - 8192, &got).ok()); }) == V{"read+defer"});
     CHECK(std::string(buf, 4096) == std::string(4096, 'x'));
     CHECK(std::string(buf + 4096, 4096) == std::string(4096, 'D'));
   }
@@ -1058,6 +1084,24 @@ TEST_CASE("a deferred read fills the cache when it comes up, unless a write of i
     REQUIRE(r.answer.ok());
     REQUIRE(f->read(Io{}, buf, 4096, 0, &got).ok());
     CHECK(std::string(buf, 4096) == fresh);
+  }
+  SECTION("write-back: the dirty pages it reads are laid over what came up, even if destaged meanwhile") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    const std::string d(4096, 'D');
+    REQUIRE(f->write(Io{}, d.data(), d.size(), 4096).ok());  // page 1 dirty, page 0 not cached
+    HeldWrite r;
+    held_read(*f, r, 8192, 0);  // took what was below: 'o' 'o'
+    CHECK(f->destage_once() == 1);  // page 1 below and clean now
+    CHECK(std::string(below.data.data() + 4096, 4096) == d);
+    below.land(&r);
+    REQUIRE(r.answer.ok());
+    CHECK(std::string(r.buf.data(), 4096) == std::string(4096, 'o'));
+    CHECK(std::string(r.buf.data() + 4096, 4096) == d);  // acknowledged before the read: never the old bytes
+    const double hits = counter(f->stats_json(), "hits");
+    REQUIRE(f->read(Io{}, buf, 8192, 0, &got).ok());
+    CHECK(counter(f->stats_json(), "hits") == hits + 1);  // page 0 was kept
+    CHECK(std::string(buf + 4096, 4096) == d);
   }
   SECTION("write-back: zeros past below's end up to the disk's size, which dirty data set") {
     auto f = make("{mode: write-back, memory: 1MiB, unsafe: true}", &below, "d.raw", &st);

@@ -474,9 +474,10 @@ TEST_CASE("replicate parameters: good and bad, with the exact message and the no
 
 namespace {
 
-struct Rig {
+template <class Below = testing::MemLayer>
+struct RigOver {
   Tmp tmp;
-  testing::MemLayer mem;
+  Below mem;
   std::unique_ptr<ReplicateFilter> f;
   std::string target() const { return tmp / "target"; }
   std::string replica() const { return tmp / "target/vm/disk.img"; }
@@ -506,6 +507,8 @@ struct Rig {
     return s[key].as<uint64_t>();
   }
 };
+
+using Rig = RigOver<>;
 
 std::string pattern(size_t n, int seed) {
   std::mt19937 rng(seed);
@@ -1286,4 +1289,60 @@ TEST_CASE("replicate async: overlapping writes in flight reach the journal in th
   CHECK(slurp(tmp / "target/vm/disk.img") == local);
   f->shutdown();
   f->close();
+}
+
+namespace {
+
+// Notes whether each guest read and write reached it with the caller's Deferrer.
+struct DeferSeen : testing::MemLayer {
+  std::vector<std::string> seen;  // under mu
+  iofilterfs::Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    if (io.defer) {
+      std::lock_guard<std::mutex> g(mu);
+      seen.push_back("read+defer");
+    }
+    return MemLayer::read(io, buf, len, off, got);
+  }
+  iofilterfs::Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      seen.push_back(io.defer ? "write+defer" : "write");
+    }
+    return MemLayer::write(io, buf, len, off);
+  }
+};
+
+struct NoDeferrer final : iofilterfs::Deferrer {
+  iofilterfs::Deferred* take() override { return nullptr; }
+  void then(iofilterfs::Then*) override {}
+};
+
+}  // namespace
+
+TEST_CASE("replicate hands the Deferrer down with reads, which it passes through, and never with writes",
+          "[replicate][filter][defer]") {
+  for (const char* mode : {"mode: sync", "mode: async"}) {
+    INFO(mode);
+    RigOver<DeferSeen> rig;
+    rig.mem.data.assign(1 << 20, 0);
+    rig.open(mode);
+    REQUIRE(rig.f->drain().ok());  // the initial sync
+    NoDeferrer d;
+    Io io;
+    io.defer = &d;
+    rig.mem.seen.clear();
+    char buf[8192];
+    size_t got = 0;
+    REQUIRE(rig.f->read(io, buf, sizeof buf, 4096, &got).ok());
+    const std::string data = pattern(8192, 3);
+    REQUIRE(rig.f->write(io, data.data(), data.size(), 4096).ok());
+    {
+      std::lock_guard<std::mutex> g(rig.mem.mu);
+      CHECK(rig.mem.seen == std::vector<std::string>{"read+defer", "write"});
+    }
+    REQUIRE(rig.f->drain().ok());
+    CHECK(slurp(rig.replica()) == rig.local());
+    rig.close();
+  }
+  CHECK(iofilterfs::Registry::instance().find("replicate")->passes_deferral);
 }

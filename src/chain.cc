@@ -248,10 +248,12 @@ void Chain::commit(ChainPlan&& plan, Layer* bottom, std::vector<std::unique_ptr<
   top_ = below;
   // Deferral reaches a filter only through filters that pass it (filter.h, "Deferring").
   bool above_pass = true;
+  defers_ = false;
   for (int c = 0; c < kFilterClassCount; ++c) {
     if (!slots_[c].filter) continue;
     slots_[c].filter->set_may_defer(above_pass);
     above_pass = above_pass && slots_[c].info->passes_deferral;
+    defers_ = defers_ || slots_[c].info->defers;
   }
   for (size_t i = first_removed; i < removed->size(); ++i) (*removed)[i]->release_below(true);
   for (Slot& s : slots_)

@@ -104,6 +104,8 @@ class Chain {
 
   // The layer requests enter: the first filter, or the bottom when the chain is empty.
   Layer* top() const { return top_; }
+  // A filter of the chain declares FilterInfo::defers: requests are offered a Deferrer.
+  bool defers() const { return defers_; }
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
 
@@ -130,6 +132,7 @@ class Chain {
   };
   std::array<Slot, kFilterClassCount> slots_{};
   Layer* top_ = nullptr;
+  bool defers_ = false;
   size_t count_ = 0;
 };
 

@@ -81,6 +81,7 @@ Status Disk::open(int path_fd, const std::string& relpath, const DiskOptions& op
   s = Chain::build(opt.registry ? *opt.registry : Registry::instance(), opt.filters, bottom, &d->chain_, err);
   if (!s.ok()) return s;
   d->top_ = d->chain_.top();
+  d->offer_ = d->chain_.defers();
 
   d->info_ = DiskInfo{relpath, d->format_ ? std::string("raw") : d->image_.format,
                       opt.read_only || d->format_read_only_};
@@ -303,11 +304,11 @@ Status Disk::read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got
   uint64_t t0 = now_ns();
   Offer offer(*this, false, nullptr, len, t0, done);
   Io req = io;
-  req.defer = done && done->fn ? &offer : nullptr;
   Status s;
   bool answer = false;
   {
     Inside in(plumbing_);
+    req.defer = done && done->fn && offer_ ? &offer : nullptr;
     s = top_->read(req, buf, len, off, got);
     s = checked(s, offer.taken());  // (after the call: argument order is unspecified)
     answer = offer.chain_returned(&s);
@@ -322,11 +323,11 @@ Status Disk::write(const Io& io, const void* buf, size_t len, uint64_t off, cons
   uint64_t t0 = now_ns();
   Offer offer(*this, true, buf, len, t0, done);
   Io req = io;
-  req.defer = done && done->fn ? &offer : nullptr;
   Status s;
   bool answer = false;
   {
     Modifying in(*this);
+    req.defer = done && done->fn && offer_ ? &offer : nullptr;
     s = top_->write(req, buf, len, off);
     s = checked(s, offer.taken());
     answer = offer.chain_returned(&s);
@@ -422,6 +423,7 @@ Status Disk::replumb(const std::string& policy, const std::vector<FilterSpec>& f
     }
     chain_.commit(std::move(plan), bottom_, &removed);
     top_ = chain_.top();
+    offer_ = chain_.defers();
     policy_ = policy;
   }
   defer_again();  // the filters of the new chain

@@ -168,6 +168,7 @@ class Disk : public std::enable_shared_from_this<Disk> {
   Chain chain_;
   Layer* bottom_ = nullptr;  // the layer under the chain: the fault layer or the backing file
   Layer* top_ = nullptr;     // under plumbing_
+  bool offer_ = false;       // under plumbing_: the chain defers (Chain::defers), so requests offer a Deferrer
   IoStats stats_;
   RwLock plumbing_;
 

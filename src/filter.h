@@ -56,7 +56,8 @@
 //   worker:  cache.write: mark block, next_->write(io) ─► Deferred; io.defer->then(t); return Deferred
 //   timer:   d->resume(k) ─► k.run(): below ─► t->then(s): cache bookkeeping ─► reply, stats
 //
-// Only requests of read and write are offered (nothing else is worth holding). A filter that
+// Only requests of read and write are offered (nothing else is worth holding), and only in a
+// chain that holds a filter declaring FilterInfo::defers. A filter that
 // does not defer is untouched: it never looks at io.defer, and a filter's default data path
 // passes io down unchanged. may_defer() is true only when every filter above this one in the
 // chain declares FilterInfo::passes_deferral; the chain sets it when it links the filters. A
@@ -102,8 +103,9 @@ namespace YAML { class Node; }
 
 namespace iofilterfs {
 
-// 2: Io::defer, Deferred, release_deferred(); 3: Deferrer::then (completion hooks)
-inline constexpr int kFilterApiVersion = 3;
+// 2: Io::defer, Deferred, release_deferred(); 3: Deferrer::then (completion hooks);
+// 4: FilterInfo::defers (a Deferrer is offered only to a chain with a filter that defers)
+inline constexpr int kFilterApiVersion = 4;
 
 // Fixed class order, guest side first. The chain is sorted by this, never by YAML key order.
 enum class FilterClass : int { Replicate = 0, Cache = 1, Throttle = 2, Encrypt = 3 };
@@ -419,6 +421,11 @@ struct FilterInfo {
   // filter that passes io down and then works on every result. The cache and replicate (whose
   // writes go down without it) declare it.
   bool passes_deferral = false;
+  // This filter may itself take a request and answer it later (io.defer->take(): the
+  // throttle). The framework offers a Deferrer only to a chain that holds such a filter, so
+  // that a filter passing deferral (a cache finishing its fills and writes in completion hooks)
+  // pays nothing for it in a chain where nothing would defer.
+  bool defers = false;
 };
 
 // The datastore's own settings that filters read (the `datastore:` section of the policy

@@ -536,7 +536,7 @@ struct CacheFilter::ReadPart {
 };
 
 struct CacheFilter::ReadFlight final : Then {
-  static constexpr size_t kInline = 16;  // 1 MiB of 64 KiB blocks without a second allocation
+  static constexpr size_t kInline = 8;  // a read of up to 8 blocks without a second allocation
   CacheFilter* f = nullptr;
   uint64_t stripes = 0;  // its blocks' (cache::stripe_mask), taken in ascending order
   bool wb = false;       // write-back: zeros past below's end, and the whole length is answered
@@ -670,9 +670,26 @@ Status CacheFilter::read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* g
     }
   }
   const bool keep = s.ok() && !degraded_.load(std::memory_order_relaxed) && !passthrough_.load();
+  const bool ram = !store_->persistent();
   for (size_t i = 0; i < rf->count; ++i) {
     const ReadPart& p = k[i];
     if (p.slot == kNoSlot) continue;
+    if (keep && p.fill && ram) {
+      // In RAM the pages go in under the one exclusive hold that also unpins (a copy, as a
+      // hit's under the shared one): a miss then takes mu_ as often as read_block's does.
+      std::lock_guard<RwLock> g(mu_);
+      Meta& m = meta_[p.slot];
+      if (m.gen == p.gen)
+        for (uint32_t q = p.pa; q < p.pe; ++q) {
+          if (m.valid.test(q) || p.at + size_t(q - p.pa + 1) * kPage > below) continue;
+          (void)store_->write(p.slot, p.block, q * kPage, data + p.at + size_t(q - p.pa) * kPage, kPage);  // memcpy
+          m.valid.set(q);
+          valid_pages_.fetch_add(1, std::memory_order_relaxed);
+        }
+      map_->unpin(p.slot);
+      if (p.fresh && !m.valid.any() && !m.dirty.any() && map_->pins(p.slot) == 0) map_->erase(p.block);
+      continue;
+    }
     if (keep && p.fill) {
       PageMask fill;
       {

@@ -438,7 +438,7 @@ std::string ThrottleFilter::stats_json() const {
 }
 
 void register_throttle(Registry& r) {
-  r.add(FilterInfo{
+  FilterInfo info{
       "throttle", FilterClass::Throttle, kFilterApiVersion,
       "per-disk IOPS and bandwidth limits with bursts (QEMU's throttling semantics), shared groups, and datastore "
       "QoS by shares, reservations and limits under congestion (SIOC/mClock)",
@@ -455,7 +455,9 @@ void register_throttle(Registry& r) {
       },
       [](const std::vector<std::pair<std::string, YAML::Node>>& uses, YAML::Node* where) {
         return throttle::validate_throttle_policies(uses, where);
-      }});
+      }};
+  info.defers = true;  // a request that must wait is parked, not held on its worker (filter.h, "Deferring")
+  r.add(std::move(info));
 }
 
 }  // namespace iofilterfs

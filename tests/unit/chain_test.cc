@@ -682,7 +682,8 @@ TEST_CASE("a deferred write: the disk owns its data, the answer comes from the r
                              auto p = std::make_unique<Parker>();
                              parker = p.get();
                              return p;
-                           }}));
+                           },
+                           nullptr, nullptr, nullptr, false, /*defers=*/true}));
   char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
   int fd = mkstemp(tmpl);
   REQUIRE(fd >= 0);
@@ -729,6 +730,73 @@ TEST_CASE("a deferred write: the disk owns its data, the answer comes from the r
   CHECK(disk->deferred() == 0);
   REQUIRE(pread(fd, buf, 6, 100) == 6);
   CHECK(std::string(buf, 6) == "second");
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}
+
+namespace {
+
+// Notes whether each read and write reached it with a Deferrer, and passes it on.
+class Noter : public Filter {
+ public:
+  std::vector<bool> offered;
+  Status read(const Io& io, void* buf, size_t len, uint64_t off, size_t* got) override {
+    offered.push_back(io.defer != nullptr);
+    return next_->read(io, buf, len, off, got);
+  }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    offered.push_back(io.defer != nullptr);
+    return next_->write(io, buf, len, off);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a Deferrer is offered only while the chain holds a filter that declares it defers", "[chain][disk]") {
+  Noter* noter = nullptr;
+  Registry r;
+  FilterInfo note{"note", FilterClass::Cache, kFilterApiVersion, "", {}, nullptr, [&noter](const YAML::Node&) {
+                    auto n = std::make_unique<Noter>();
+                    noter = n.get();
+                    return n;
+                  }};
+  note.passes_deferral = true;
+  REQUIRE(r.add(std::move(note)));
+  // Declares that it defers, and never does: what matters is the declaration.
+  FilterInfo lazy{"lazy", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                  [](const YAML::Node&) { return std::make_unique<Filter>(); }};
+  lazy.defers = true;
+  REQUIRE(r.add(std::move(lazy)));
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("note")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "note.raw", opt, &disk, &err).ok());
+  Answer answer;
+  const Completion done{&Answer::fn, &answer};
+  char buf[8] = "abcdefg";
+  size_t got = 0;
+  REQUIRE(disk->write(Io{}, buf, 7, 0, &done).ok());
+  REQUIRE(disk->read(Io{}, buf, 7, 0, &got, &done).ok());
+  CHECK(noter->offered == std::vector<bool>{false, false});  // nothing below would defer
+  REQUIRE(disk->replumb("p", {spec("note"), spec("lazy")}, r, &err).ok());
+  noter->offered.clear();
+  REQUIRE(disk->write(Io{}, buf, 7, 0, &done).ok());
+  REQUIRE(disk->read(Io{}, buf, 7, 0, &got, &done).ok());
+  REQUIRE(disk->write(Io{}, buf, 7, 0).ok());  // no completion: never
+  CHECK(noter->offered == std::vector<bool>{true, true, false});
+  REQUIRE(disk->replumb("q", {spec("note")}, r, &err).ok());
+  noter->offered.clear();
+  REQUIRE(disk->write(Io{}, buf, 7, 0, &done).ok());
+  CHECK(noter->offered == std::vector<bool>{false});
+  REQUIRE(disk->close().ok());
   disk.reset();
   close(pfd);
   close(fd);
@@ -810,7 +878,8 @@ struct HookedDisk {
                                auto p = std::make_unique<Parker>();
                                parker = p.get();
                                return p;
-                             }}));
+                             },
+                             nullptr, nullptr, nullptr, false, /*defers=*/true}));
     DiskOptions opt;
     opt.registry = &r;
     opt.filters = {spec("parker"), spec("upper"), spec("lower")};
@@ -968,7 +1037,8 @@ TEST_CASE("a deferred read is answered with every byte the continuation read", "
                              auto p = std::make_unique<ReadParker>();
                              parker = p.get();
                              return p;
-                           }}));
+                           },
+                           nullptr, nullptr, nullptr, false, /*defers=*/true}));
   char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
   int fd = mkstemp(tmpl);
   REQUIRE(fd >= 0);

@@ -510,11 +510,6 @@ void agree_with_model(const char* mode, const Io& io, bool aligned) {
   CHECK(read_all(*f, 0, model.size()) == model);
 }
 
-struct NoDeferrer final : iofilterfs::Deferrer {
-  iofilterfs::Deferred* take() override { return nullptr; }
-  void then(iofilterfs::Then*) override {}
-};
-
 }  // namespace
 
 TEST_CASE("every mode: random unaligned writes and reads agree with a model, before and after a drain",
@@ -525,7 +520,7 @@ TEST_CASE("every mode: random unaligned writes and reads agree with a model, bef
 TEST_CASE("every mode, a Deferrer offered (nothing below defers): random writes and reads, half page-aligned, agree "
           "with a model",
           "[cache][filter][defer]") {
-  NoDeferrer d;
+  testing::NoDeferrer d;
   Io io;
   io.defer = &d;
   for (const char* mode : {"write-through", "write-around", "write-back"}) agree_with_model(mode, io, true);
@@ -787,7 +782,7 @@ TEST_CASE("the cache hands deferral below with every read it can finish in a hoo
           "[cache][filter][defer]") {
   DeferProbe below;
   below.data.assign(1 << 20, 'x');
-  NoDeferrer d;
+  testing::NoDeferrer d;
   Io io;
   io.defer = &d;
   char buf[65536 * 2];

@@ -72,4 +72,11 @@ class MemLayer : public iofilterfs::Layer {
   }
 };
 
+// A caller's Deferrer that never takes a request: a filter under test sees one offered (and
+// takes its deferral paths) while the layer below answers at once.
+struct NoDeferrer final : iofilterfs::Deferrer {
+  iofilterfs::Deferred* take() override { return nullptr; }
+  void then(iofilterfs::Then*) override {}
+};
+
 }  // namespace testing

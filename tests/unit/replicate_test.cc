@@ -1312,11 +1312,6 @@ struct DeferSeen : testing::MemLayer {
   }
 };
 
-struct NoDeferrer final : iofilterfs::Deferrer {
-  iofilterfs::Deferred* take() override { return nullptr; }
-  void then(iofilterfs::Then*) override {}
-};
-
 }  // namespace
 
 TEST_CASE("replicate hands the Deferrer down with reads, which it passes through, and never with writes",
@@ -1327,7 +1322,7 @@ TEST_CASE("replicate hands the Deferrer down with reads, which it passes through
     rig.mem.data.assign(1 << 20, 0);
     rig.open(mode);
     REQUIRE(rig.f->drain().ok());  // the initial sync
-    NoDeferrer d;
+    testing::NoDeferrer d;
     Io io;
     io.defer = &d;
     rig.mem.seen.clear();

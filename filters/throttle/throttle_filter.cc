@@ -266,10 +266,12 @@ void ThrottleFilter::release_deferred() {
   // Workers blocked in the group's or the datastore's queue (requests that could not be
   // deferred) are woken by the same sweep, and one that was on its way into a queue as the
   // release began is swept out by the next pass.
-  while (outstanding_ > 0 || in_queues_ > 0) {
+  releasing_.store(true);
+  while (outstanding_ > 0 || in_queues_.load() > 0) {
     unpark_all_locked();
-    idle_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return outstanding_ == 0 && in_queues_ == 0; });
+    idle_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return outstanding_ == 0 && in_queues_.load() == 0; });
   }
+  releasing_.store(false);
 }
 
 void ThrottleFilter::defer_again() {
@@ -313,8 +315,12 @@ Status ThrottleFilter::pass(const Io& io, bool is_write, void* buf, size_t len, 
     ThrottleFilter* f;
     void reset() {
       if (!f) return;
-      std::lock_guard<std::mutex> g(f->mu_);
-      if (--f->in_queues_ == 0) f->idle_cv_.notify_all();
+      // Without mu_ (a second hold per request otherwise), unless a release waits for the 0:
+      // it set releasing_ before it read the count, so one of the two sees the other.
+      if (f->in_queues_.fetch_sub(1) == 1 && f->releasing_.load()) {
+        std::lock_guard<std::mutex> g(f->mu_);
+        f->idle_cv_.notify_all();
+      }
       f = nullptr;
     }
     ~OutOfQueues() { reset(); }

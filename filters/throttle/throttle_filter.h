@@ -158,7 +158,11 @@ class ThrottleFilter : public Filter {
   bool timer_stop_ = false;                         // under mu_
   bool released_ = false;                           // under mu_: defer nothing (release_deferred)
   uint64_t outstanding_ = 0;                        // under mu_: taken (Parked), not yet answered
-  uint64_t in_queues_ = 0;                          // under mu_: workers in pass() before below
+  // Workers in pass() before below: raised under mu_ (with released_ read), lowered without
+  // it; release_deferred() waits for it to be 0, and while it does (releasing_) the worker that
+  // lowers it to 0 wakes it under mu_.
+  std::atomic<uint64_t> in_queues_{0};
+  std::atomic<bool> releasing_{false};
   bool opened_ = false;                             // under mu_
   std::string describe_;                            // under mu_
   std::atomic<int> client_{-1};                     // the datastore QoS client while open

@@ -601,7 +601,15 @@ bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t
         pages_of(p.block, &p.pa, &p.pe);
         p.at = static_cast<size_t>(p.block * bs + p.pa * kPage - off);
         p.slot = map_->hit(p.block);
-        if (p.slot == kNoSlot && !bypass && !degraded_.load(std::memory_order_relaxed)) {
+        const bool slot_wanted = !bypass && !degraded_.load(std::memory_order_relaxed);
+        if (!aligned && (p.slot != kNoSlot || slot_wanted)) {
+          // Decided before any slot is given (a slot given and dropped unrecorded would leave
+          // its record naming the block it held), so nothing here is pinned yet.
+          p.slot = kNoSlot;
+          ok = false;
+          break;
+        }
+        if (p.slot == kNoSlot && slot_wanted) {
           p.slot = alloc_locked(p.block);
           p.fresh = p.slot != kNoSlot;
         }
@@ -610,19 +618,10 @@ bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t
         const Meta& m = meta_[p.slot];
         for (uint32_t q = p.pa; q < p.pe; ++q)
           if (m.dirty.test(q)) p.dirty.set(q);
-        ok = aligned;
         p.gen = m.gen;
         p.fill = !in_flight(p.block);
       }
-      if (!ok) {
-        for (size_t i = 0; i < count; ++i) {
-          const ReadPart& p = k[i];
-          if (p.slot == kNoSlot) continue;
-          map_->unpin(p.slot);
-          if (p.fresh && map_->pins(p.slot) == 0) map_->erase(p.block);
-        }
-        return false;
-      }
+      if (!ok) return false;  // unaligned: no part before this one has a slot
     }
     for (size_t i = 0; i < count; ++i) {
       ReadPart& p = k[i];

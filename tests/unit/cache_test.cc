@@ -1114,3 +1114,39 @@ TEST_CASE("a deferred read fills the cache when it comes up, unless a write of i
     CHECK(std::string(buf, 4096) == d);
   }
 }
+
+TEST_CASE("an unaligned read offered deferral gives no slot without recording it: after a reopen no evicted block's "
+          "old record is served",
+          "[cache][filter][defer][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(4 << 20, 'o');
+  const std::string yaml = "{mode: write-around, device: " + dir.path + ", size: 1MiB, block: 64KiB, "
+                           "sequential-cutoff: 0}";
+  const std::string fresh(65536, 'N');
+  {
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    for (int b = 0; b < 16; ++b) CHECK(read_all(*f, uint64_t(b) * 65536, 65536) == std::string(65536, 'o'));
+    // Every slot holds a clean block: a read of another block that fills evicts one of them.
+    // Unaligned, it is read on this thread (read_block), which records the slot it takes.
+    testing::NoDeferrer d;
+    Io io;
+    io.defer = &d;
+    char buf[512];
+    size_t got = 0;
+    REQUIRE(f->read(io, buf, sizeof buf, 20 * 65536 + 100, &got).ok());
+    // Every block written again: a cached one drops its pages (recorded), the evicted one has
+    // no slot and goes below only.
+    for (int b = 0; b < 16; ++b) REQUIRE(f->write(Io{}, fresh.data(), fresh.size(), uint64_t(b) * 65536).ok());
+    f->close();
+  }
+  iofilterfs::Status st;
+  auto f = make(yaml, &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  for (int b = 0; b < 16; ++b) {
+    INFO("block " << b);
+    CHECK(read_all(*f, uint64_t(b) * 65536, 65536) == fresh);
+  }
+}

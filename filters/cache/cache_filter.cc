@@ -670,39 +670,40 @@ Status CacheFilter::read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* g
   }
   const bool keep = s.ok() && !degraded_.load(std::memory_order_relaxed) && !passthrough_.load();
   const bool ram = !store_->persistent();
+  // The pages of p to keep (mu_ held): those that came up whole and are not cached yet, and
+  // none when a write of the block began since the read went below.
+  auto fill_of = [&](const ReadPart& p, const Meta& m) {
+    PageMask fill;
+    if (m.gen != p.gen) return fill;
+    for (uint32_t q = p.pa; q < p.pe; ++q)
+      if (!m.valid.test(q) && p.at + size_t(q - p.pa + 1) * kPage <= below) fill.set(q);
+    return fill;
+  };
   for (size_t i = 0; i < rf->count; ++i) {
     const ReadPart& p = k[i];
     if (p.slot == kNoSlot) continue;
-    if (keep && p.fill && ram) {
-      // In RAM the pages go in under the one exclusive hold that also unpins (a copy, as a
-      // hit's under the shared one): a miss then takes mu_ as often as read_block's does.
-      std::lock_guard<RwLock> g(mu_);
-      Meta& m = meta_[p.slot];
-      if (m.gen == p.gen)
-        for (uint32_t q = p.pa; q < p.pe; ++q) {
-          if (m.valid.test(q) || p.at + size_t(q - p.pa + 1) * kPage > below) continue;
-          (void)store_->write(p.slot, p.block, q * kPage, data + p.at + size_t(q - p.pa) * kPage, kPage);  // memcpy
-          m.valid.set(q);
-          valid_pages_.fetch_add(1, std::memory_order_relaxed);
-        }
-      map_->unpin(p.slot);
-      if (p.fresh && !m.valid.any() && !m.dirty.any() && map_->pins(p.slot) == 0) map_->erase(p.block);
-      continue;
-    }
-    if (keep && p.fill) {
+    if (keep && p.fill && !ram) {
       PageMask fill;
       {
         std::shared_lock<RwLock> g(mu_);
-        const Meta& m = meta_[p.slot];
-        if (m.gen == p.gen)
-          for (uint32_t q = p.pa; q < p.pe; ++q)
-            if (!m.valid.test(q) && p.at + size_t(q - p.pa + 1) * kPage <= below) fill.set(q);
+        fill = fill_of(p, meta_[p.slot]);
       }
       if (fill.any()) keep_pages(p.block, p.slot, fill, p.pa, p.pe, data + p.at);
     }
     std::lock_guard<RwLock> g(mu_);
+    Meta& m = meta_[p.slot];
+    if (keep && p.fill && ram) {
+      // In RAM the pages go in under the one exclusive hold that also unpins (a copy, as a
+      // hit's under the shared one): a miss then takes mu_ as often as read_block's does.
+      const PageMask fill = fill_of(p, m);
+      for (uint32_t q = p.pa; q < p.pe; ++q) {
+        if (!fill.test(q)) continue;
+        (void)store_->write(p.slot, p.block, q * kPage, data + p.at + size_t(q - p.pa) * kPage, kPage);  // memcpy
+        m.valid.set(q);
+        valid_pages_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
     map_->unpin(p.slot);
-    const Meta& m = meta_[p.slot];
     if (p.fresh && !m.valid.any() && !m.dirty.any() && map_->pins(p.slot) == 0) map_->erase(p.block);
   }
   return s;

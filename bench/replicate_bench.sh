@@ -10,6 +10,10 @@
 #      (the sync write path also appends each write to the history journal).
 #   3. Lag under a sustained 100 MiB/s write stream (async): the replica_bytes of the dirty
 #      xattr sampled every 0.5 s (max and mean), and how long the flush verb takes at the end.
+#   4. 4 KiB random writes at QD32 (async): under a throttle whose limit is far above the rate
+#      (iops: 10000000) vs without one. Under a throttle every write is carried on replicate's
+#      own threads (src/offload.h) so that a held one keeps no FUSE worker: this is that
+#      hand-off's cost, and the throttle's, when nothing is held (target: >= 0.85x).
 #
 #   bench/replicate_bench.sh            (~1 min)
 #   bench/replicate_bench.sh --quick    (3 s runs)
@@ -64,7 +68,11 @@ policies:
     replicate: { target: $work/fs/replica, mode: sync, journal: $work/fs/state }
   syncret:
     replicate: { target: $work/fs/replica, mode: sync, journal: $work/fs/state, retention: 1h }
+  carried:
+    replicate: { target: $work/fs/replica, mode: async, journal: $work/fs/state, max-lag: 4GiB }
+    throttle: { iops: 10000000 }
 rules:
+  - { match: "carried*", policy: carried }
   - { match: "empty*", policy: empty }
   - { match: "async*", policy: async }
   - { match: "syncret*", policy: syncret }
@@ -88,6 +96,7 @@ fio_json() {
     { echo "replicate_bench: fio $name failed" >&2; exit 1; }
 }
 jq_bw() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["jobs"][0]["write"]["bw_bytes"]/1e6)' "$1"; }
+jq_iops() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["jobs"][0]["write"]["iops"])' "$1"; }
 jq_p50() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["jobs"][0]["write"]["clat_ns"]["percentile"]["50.000000"]/1e3)' "$1"; }
 ratio() { python3 -c "import sys; print('%.2f' % (float(sys.argv[1]) / float(sys.argv[2])))" "$1" "$2"; }
 median() { python3 -c "import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
@@ -105,6 +114,7 @@ prepare empty.raw e
 prepare async.raw a
 prepare sync.raw s
 prepare syncret.raw r
+prepare carried.raw c
 
 echo "replicate_bench: $(date -u +%F), $(nproc) CPUs, kernel $(uname -r), tmpfs, size $SIZE, seq $SEQ_IO, lat $LAT_IO, stream ${RUNTIME}s"
 es=(); as=()
@@ -171,4 +181,20 @@ mean = sum(v) / len(v) if v else 0
 print("async lag at 100 MiB/s  samples %d   max %.1f MiB   mean %.1f MiB   flush after the stream %.3f s   replica %s"
       % (len(v), mx / 2**20, mean / 2**20, float(sys.argv[3]) - float(sys.argv[2]), sys.argv[4]))
 PY
-exec {hold_e}>&- {hold_a}>&- {hold_s}>&- {hold_r}>&-  # every disk closed, or the unmount is refused
+# Writes carried on replicate's threads under a throttle that holds none of them.
+as=(); cs=()
+for r in $(seq "$REPEAT"); do
+  fio_json rnd-async-$r "$work/m/async.raw" --rw=randwrite --bs=4k --iodepth=32 --io_size="$LAT_IO"
+  fio_json rnd-carried-$r "$work/m/carried.raw" --rw=randwrite --bs=4k --iodepth=32 --io_size="$LAT_IO"
+  as+=("$(jq_iops "$work/rnd-async-$r.json")"); cs+=("$(jq_iops "$work/rnd-carried-$r.json")")
+done
+offloaded=$(getfattr --only-values -n user.iofilter.stats "$work/m/carried.raw" 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["filters"]["replicate"]["requests_offloaded"])' 2>/dev/null)
+a=$(median "${as[@]}"); c=$(median "${cs[@]}")
+printf '4 KiB rand write QD32   async %8.0f IOPS   +throttle  %8.0f IOPS   ratio %s (target >= 0.85)   carried %s
+' \
+  "$a" "$c" "$(ratio "$c" "$a")" "${offloaded:-?}"
+printf '                       runs: async %s   async under a throttle %s
+' "$(runs "${as[@]}")" "$(runs "${cs[@]}")"
+
+exec {hold_e}>&- {hold_a}>&- {hold_s}>&- {hold_r}>&- {hold_c}>&-  # every disk closed, or the unmount is refused

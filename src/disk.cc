@@ -282,7 +282,9 @@ uint64_t Disk::deferred() const {
 }
 
 void Disk::release_deferred() {
-  chain_.for_each([](Filter& f, const FilterInfo&) { f.release_deferred(); });
+  // Bottom up: a filter that carries its requests on threads of its own (offload.h) sends them
+  // into the filters below it, which by then let everything through at once.
+  chain_.for_each_bottom_up([](Filter& f, const FilterInfo&) { f.release_deferred(); });
 }
 
 void Disk::defer_again() {

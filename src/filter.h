@@ -67,8 +67,11 @@
 // a completion hook does (below) — and sends every other request down with an Io without it
 // (Io{io.direct}), so that nothing below defers that one. The cache does so (a read miss, its
 // fill done by a hook; a write that goes below whole, finished by a hook; see register_cache);
-// replicate passes a read through untouched and works on every write's result, so it sends its
-// writes down without it, and a throttle below blocks the worker of each.
+// replicate passes a read through untouched. A filter whose work around a request needs a
+// thread from start to end (replicate's writes; a cache's writes and reads that complete part
+// of a page from below) takes the request itself and carries it on threads of its own
+// (offload.h), where it goes below without the Deferrer: a throttle below then holds that
+// filter's thread, never a FUSE worker that other disks need.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the
 // chain first calls release_deferred() on every filter (resume what you hold now, hold nothing
@@ -417,9 +420,9 @@ struct FilterInfo {
   // A filter below this one may defer (see "Deferring"): on each read and write, this filter
   // either passes io down unchanged and does nothing after next_ returns but return what it
   // returned (or, when that is Deferred, register a completion hook that does its remaining
-  // work: see "Completion hooks"), or passes an Io without defer. The default (false) suits a
-  // filter that passes io down and then works on every result. The cache and replicate (whose
-  // writes go down without it) declare it.
+  // work: see "Completion hooks"), or takes the request itself (offload.h) and sends it down
+  // with an Io without defer. The default (false) suits a filter that passes io down and then
+  // works on every result. The cache and replicate declare it.
   bool passes_deferral = false;
   // This filter may itself take a request and answer it later (io.defer->take(): the
   // throttle). The framework offers a Deferrer only to a chain that holds such a filter, so

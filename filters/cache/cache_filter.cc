@@ -27,14 +27,15 @@ uint64_t now_ns() {
 }
 
 // Per-thread scratch, apart from the buffers of the filters below (encrypt uses
-// BufferSlot::Filter while we hold ours).
+// BufferSlot::Filter while we hold ours): 0 read_block's, 1 write_back_block's, 2 a carried
+// read's whole pages (carried()).
 uint8_t* scratch(int which, size_t len) {
   struct Buf {
     uint8_t* p = nullptr;
     size_t n = 0;
     ~Buf() { std::free(p); }
   };
-  thread_local Buf b[2];
+  thread_local Buf b[3];
   Buf& x = b[which];
   if (x.n < len) {
     std::free(x.p);
@@ -57,7 +58,10 @@ CacheFilter::CacheFilter(cache::CacheParams p)
       seq_(p_.sequential_cutoff),
       marks_(p_.high_watermark, p_.low_watermark) {}
 
-CacheFilter::~CacheFilter() { close(); }
+CacheFilter::~CacheFilter() {
+  offload_.stop();  // none is left after a close (the disk released them): its idle threads
+  close();
+}
 
 void CacheFilter::degrade(const std::string& why) {
   std::lock_guard<std::mutex> g(health_mu_);
@@ -304,15 +308,22 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
   auto* dst = static_cast<uint8_t*>(buf);
   if (io.defer && end > off) {
     // A hit of one block as read_block serves it; else below with the request's Deferrer when
-    // it can be (see ReadFlight); else here, block by block, each working on what comes up.
+    // it can be (see ReadFlight); else, when it would wait below, on this filter's own threads
+    // (offload.h); else here, block by block, each working on what comes up.
     const uint64_t b = off / p_.block;
     const bool one = b == (end - 1) / p_.block;
     if (one && try_hit(b, static_cast<uint32_t>(off % p_.block), static_cast<uint32_t>(end - off), dst, got))
       return Status::Ok();
     Status s;
-    if (read_deferred(io, dst, end - off, off, bypass, !one, got, &s)) return s;
+    bool carry = false;
+    if (read_deferred(io, dst, end - off, off, bypass, !one, got, &s, &carry)) return s;
+    if (carry && may_defer() && offload_.take(io, false, end - off, off, bypass ? kBypassTag : 0))
+      return Status::Deferred();
   }
-  const Io plain{io.direct};
+  return read_blocks(Io{io.direct}, dst, off, end, bypass, got);
+}
+
+Status CacheFilter::read_blocks(const Io& plain, uint8_t* dst, uint64_t off, uint64_t end, bool bypass, size_t* got) {
   const uint64_t bs = p_.block;
   for (uint64_t pos = off; pos < end;) {
     const uint64_t b = pos / bs;
@@ -326,6 +337,52 @@ Status CacheFilter::read(const Io& io, void* buf, size_t len, uint64_t off, size
     pos += n;
   }
   return Status::Ok();
+}
+
+Status CacheFilter::carried(bool is_write, const Io& plain, void* data, size_t len, uint64_t off, uint32_t tag,
+                            size_t* got) {
+  // On this filter's thread, and still without a block lock held across a wait below where
+  // the deferrable paths' order allows it (read_deferred locks, goes below unlocked, then
+  // locks again to finish): so that requests of the same blocks on the mount's workers, and
+  // the completion hooks of deferred ones, do not wait behind this one's turn below.
+  const bool bypass = tag & kBypassTag;
+  auto* p = static_cast<uint8_t*>(data);
+  const uint64_t a0 = off / kPage * kPage, a1 = (off + len + kPage - 1) / kPage * kPage;
+  if (is_write) {
+    if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->write(plain, data, len, off);
+    if (write_back() && (a0 != off || a1 != off + len)) {
+      // The edge pages the write covers in part, read into the cache first as a read of them
+      // would be, so that write_back_block finds them valid (if they were evicted meanwhile,
+      // it reads them below itself, as before).
+      uint64_t edges[2];
+      int ne = 0;
+      if (a0 != off) edges[ne++] = a0;
+      if (a1 != off + len && (ne == 0 || a1 - kPage != a0)) edges[ne++] = a1 - kPage;
+      uint8_t* page = scratch(2, kPage);
+      for (int e = 0; e < ne && page; ++e) {
+        size_t g = 0;
+        Status s;
+        bool ignored = false;
+        (void)read_deferred(plain, page, kPage, edges[e], bypass, true, &g, &s, &ignored);
+      }
+    }
+    return write_blocks(plain, p, len, off, bypass);
+  }
+  *got = 0;
+  if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->read(plain, data, len, off, got);
+  // Unaligned: read as the whole pages that cover it, which read_deferred fills and overlays.
+  uint8_t* pages = scratch(2, a1 - a0);
+  Status s;
+  size_t g = 0;
+  bool ignored = false;
+  if (pages && read_deferred(plain, pages, a1 - a0, a0, bypass, true, &g, &s, &ignored)) {
+    if (!s.ok()) return s;
+    const size_t skip = off - a0;
+    *got = g > skip ? std::min<size_t>(len, g - skip) : 0;
+    std::memcpy(p, pages + skip, *got);
+    return Status::Ok();
+  }
+  return read_blocks(plain, p, off, off + len, bypass, got);  // all of it cached (or no memory)
 }
 
 bool CacheFilter::try_hit(uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, size_t* got) {
@@ -555,7 +612,7 @@ struct CacheFilter::ReadFlight final : Then {
 };
 
 bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, bool check_hit,
-                                size_t* got, Status* out) {
+                                size_t* got, Status* out, bool* carry) {
   const uint64_t bs = p_.block, fb = off / bs, lb = (off + len - 1) / bs;
   const size_t count = static_cast<size_t>(lb - fb + 1);
   auto pages_of = [&](uint64_t b, uint32_t* pa, uint32_t* pe) {
@@ -607,6 +664,7 @@ bool CacheFilter::read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t
           // its record naming the block it held), so nothing here is pinned yet.
           p.slot = kNoSlot;
           ok = false;
+          *carry = true;  // read_block reads the rest of its edge pages from below
           break;
         }
         if (p.slot == kNoSlot && slot_wanted) {
@@ -725,30 +783,47 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
     std::lock_guard<std::mutex> g(seq_mu_);
     bypass = seq_.observe(off, len, now_ns());
   }
-  const auto* src = static_cast<const uint8_t*>(buf);
+  return write_blocks(io, static_cast<const uint8_t*>(buf), len, off, bypass);
+}
+
+Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass) {
   const uint64_t bs = p_.block;
+  const Io plain{io.direct};
+  const uint32_t tag = bypass ? kBypassTag : 0;
   bool deferred = false;
   Status whole;
-  if (io.defer && len && off / bs != (off + len - 1) / bs && write_multi(io, src, len, off, bypass, &whole)) {
+  bool carry = false;
+  if (io.defer && len && off / bs != (off + len - 1) / bs && write_multi(io, src, len, off, bypass, &whole, &carry)) {
     // Below as one request (see MultiFlight), deferred or done.
     if (whole.deferred()) deferred = true;
     else if (!whole.ok()) return whole;
-  } else
-  for (uint64_t pos = off; pos < off + len;) {
-    const uint64_t b = pos / bs;
-    const uint32_t o = static_cast<uint32_t>(pos % bs);
-    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
-    // Deferral (filter.h) goes below with a write that is one block's: the block is then
-    // marked in flight until it lands, and InFlight::then finishes it (see InFlight). A
-    // longer write that comes here (write_multi could not send it below whole) sends its
-    // blocks below without it (one request is deferred at most once).
-    Status s = write_one(pos == off && n == len ? io : Io{io.direct}, b, o, n, src + (pos - off), bypass);
-    if (s.deferred()) {
-      deferred = true;  // the only block: InFlight::then does the rest of this write's checks
-      break;
+  } else {
+    // A block of it would wait below: carried on this filter's threads.
+    if (carry && may_defer() && offload_.take(io, true, len, off, tag)) return Status::Deferred();
+    for (uint64_t pos = off; pos < off + len;) {
+      const uint64_t b = pos / bs;
+      const uint32_t o = static_cast<uint32_t>(pos % bs);
+      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos));
+      // Deferral (filter.h) goes below with a write that is one block's: the block is then
+      // marked in flight until it lands, and InFlight::then finishes it (see InFlight). A
+      // longer write that comes here (write_multi could not send it below whole) sends its
+      // blocks below without it (one request is deferred at most once). A one-block write that
+      // would wait below on this thread (write-back: an edge page read from below, a block sent
+      // below with its dirty pages) is carried on this filter's threads instead.
+      const bool single = pos == off && n == len && io.defer;
+      Status s = write_one(single ? io : plain, b, o, n, src + (pos - off), bypass, single ? &carry : nullptr);
+      if (carry) {
+        carry = false;
+        if (offload_.take(io, true, len, off, tag)) return Status::Deferred();
+        s = write_one(plain, b, o, n, src + (pos - off), bypass);  // (out of memory) here after all
+      }
+      if (s.deferred()) {
+        deferred = true;  // the only block: InFlight::then does the rest of this write's checks
+        break;
+      }
+      if (!s.ok()) return s;
+      pos += n;
     }
-    if (!s.ok()) return s;
-    pos += n;
   }
   if (!deferred && records_broken_.load()) {
     // The device failed a record during this write: acknowledged only once the file is aside.
@@ -846,7 +921,8 @@ Status CacheFilter::multi_done(MultiFlight* mf, Status s, const uint8_t* data) {
   return s;  // as write_block: a cache failure is not the guest's (the data is below)
 }
 
-bool CacheFilter::write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* out) {
+bool CacheFilter::write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* out,
+                              bool* carry) {
   const uint64_t bs = p_.block, fb = off / bs, lb = (off + len - 1) / bs;
   const size_t count = static_cast<size_t>(lb - fb + 1);
   const uint64_t mask = cache::stripe_mask(fb, lb);
@@ -866,8 +942,20 @@ bool CacheFilter::write_multi(const Io& io, const uint8_t* src, size_t len, uint
     std::shared_lock<RwLock> g(mu_);
     const bool full = map_->dirty_count() >= map_->slots();
     const bool no_slots = bypass || full || degraded_.load(std::memory_order_relaxed);
+    bool whole = true;
     for (uint64_t b = fb; b <= lb; ++b)
-      if (map_->find(b) != kNoSlot || !(no_slots || in_flight(b))) return false;
+      if (map_->find(b) != kNoSlot || !(no_slots || in_flight(b))) whole = false;
+    if (!whole) {
+      // Block by block: carried on this filter's threads when a block of it would go below.
+      if (may_defer())
+        for (uint64_t b = fb; b <= lb && !*carry; ++b) {
+          const uint64_t pos = std::max(off, b * bs);
+          const uint32_t o = static_cast<uint32_t>(pos - b * bs);
+          *carry = wb_touches_below_locked(b, o, static_cast<uint32_t>(std::min<uint64_t>(bs - o, off + len - pos)),
+                                           bypass, false);
+        }
+      return false;
+    }
   }
   std::unique_ptr<MultiFlight> mf(new (std::nothrow) MultiFlight);
   if (!mf) return false;  // block by block, on this thread
@@ -924,6 +1012,25 @@ bool CacheFilter::in_flight(uint64_t b) const {
   return false;
 }
 
+bool CacheFilter::wb_touches_below_locked(uint64_t b, uint32_t o, uint32_t n, bool bypass, bool whole) const {
+  const bool partial = o % kPage || n % kPage;
+  const uint32_t slot = map_->find(b);
+  const bool busy = in_flight(b);
+  if (slot == kNoSlot) {
+    // Straight below (no slot for it) goes with the request's Deferrer when it is the whole
+    // request, else on this thread; a fresh slot has no valid page, so a write that covers
+    // part of one reads the rest from below.
+    const bool gets_slot = !bypass && !busy && !degraded_.load(std::memory_order_relaxed) &&
+                           map_->dirty_count() < map_->slots();
+    return gets_slot ? partial : !whole;
+  }
+  if (busy || degraded_.load(std::memory_order_relaxed)) return true;  // evacuate() sends it below
+  if (!partial) return false;
+  const Meta& m = meta_[slot];
+  const uint32_t pa = o / kPage, pe = (o + n + kPage - 1) / kPage;
+  return (o % kPage && !m.valid.test(pa)) || ((o + n) % kPage && !m.valid.test(pe - 1));
+}
+
 void CacheFilter::unlist(InFlight* fl) {
   InFlight** link = &inflight_[stripe_index(fl->block)];
   while (*link && *link != fl) link = &(*link)->next;
@@ -931,12 +1038,20 @@ void CacheFilter::unlist(InFlight* fl) {
   fl->next = nullptr;
 }
 
-Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass) {
+Status CacheFilter::write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                             bool* carry) {
   std::lock_guard<std::mutex> sl(stripe(b));
   if (passthrough_.load()) return next_->write(io, src, n, b * p_.block + o);  // failover() finished meanwhile
   // Read under the stripe: reconfigure() changes the mode holding every stripe, so a block's
   // write is all in one mode.
   const cache::Mode mode = mode_.load(std::memory_order_acquire);
+  if (carry && mode == cache::Mode::WriteBack && may_defer()) {
+    std::shared_lock<RwLock> g(mu_);
+    if (wb_touches_below_locked(b, o, n, bypass, true)) {
+      *carry = true;  // nothing done: the caller carries the write on this filter's threads
+      return Status::Ok();
+    }
+  }
   return mode == cache::Mode::WriteBack ? write_back_block(io, b, o, n, src, bypass)
                                         : write_block(io, b, o, n, src, bypass, mode);
 }
@@ -1496,6 +1611,7 @@ std::string CacheFilter::stats_json() const {
   s += ",\"destage_rate\":" + std::to_string(rate);
   s += ",\"evictions\":" + std::to_string(evictions_.load()) + ",\"bypasses\":" + std::to_string(bypasses_.load());
   s += ",\"invalidations\":" + std::to_string(invalidations_.load());
+  s += ",\"requests_offloaded\":" + std::to_string(offload_.taken());
   s += ",\"replayed_dirty_blocks\":" + std::to_string(replayed_.load());
   s += ",\"device\":" + json_str(store_path_);
   std::string hl = degraded_reason();

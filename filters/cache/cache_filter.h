@@ -73,6 +73,7 @@
 #include "cache/policy.h"
 #include "cache/store.h"
 #include "filter.h"
+#include "offload.h"
 #include "rwlock.h"
 
 namespace iofilterfs {
@@ -99,6 +100,10 @@ class CacheFilter : public Filter {
   // framework replaces the filter, draining the old one first), as does any change while the
   // cache runs without its device.
   bool reconfigure(const YAML::Node& params) override;
+
+  // The requests it carries on its own threads (offload.h) go below at once and complete.
+  void release_deferred() override { offload_.release(); }
+  void defer_again() override { offload_.again(); }
 
   uint64_t dirty_bytes() const override;
   std::string stats_json() const override;
@@ -147,11 +152,26 @@ class CacheFilter : public Filter {
   struct ReadFlight;
   // A read with a Deferrer (see ReadFlight): false (nothing done) when the cache holds all of
   // it (a hit), or when it is not page-aligned and a block of it has a slot (a fill keeps, and
-  // the dirty overlay lays, whole pages only); the caller then reads block by block on this
-  // thread. Else true, *s its status.
-  // check_hit: look for a hit first (the caller has not).
+  // the dirty overlay lays, whole pages only: then *carry, for the caller carries it on this
+  // filter's threads, offload.h); the caller then reads block by block. Else true, *s its
+  // status. check_hit: look for a hit first (the caller has not).
   bool read_deferred(const Io& io, uint8_t* dst, size_t len, uint64_t off, bool bypass, bool check_hit, size_t* got,
-                     Status* s);
+                     Status* s, bool* carry);
+  // [off, end) block by block on this thread (read_block each), io without a Deferrer.
+  Status read_blocks(const Io& plain, uint8_t* dst, uint64_t off, uint64_t end, bool bypass, size_t* got);
+  // A write after its sequential-cutoff check: below whole with the Deferrer (write_multi),
+  // carried on this filter's threads, or block by block here (write_one each).
+  Status write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass);
+  // A request carried on this filter's threads (offload.h): read_blocks or write_blocks there,
+  // with the bypass read() or write() decided (kBypassTag).
+  Status carried(bool is_write, const Io& plain, void* data, size_t len, uint64_t off, uint32_t tag, size_t* got);
+  static constexpr uint32_t kBypassTag = 1;
+  // Write-back: a write of [o, o+n) of block b would go below on its thread (an edge page's
+  // rest read from below, or the block sent below with its dirty pages by evacuate(), or,
+  // when it is not the whole request (whole), the block sent straight below without a slot;
+  // as the whole request that one takes the Deferrer instead). Stripe of b and mu_ (shared)
+  // held.
+  bool wb_touches_below_locked(uint64_t b, uint32_t o, uint32_t n, bool bypass, bool whole) const;
   // A ReadFlight's end: write-back zeros past below's end, dirty pages laid over, pages kept,
   // slots unpinned.
   Status read_done(ReadFlight* rf, Status s, uint8_t* data, size_t* got);
@@ -164,7 +184,9 @@ class CacheFilter : public Filter {
   // bypass would, and sends the write below as one request. Returns false (and does nothing)
   // when the write cannot go below whole — write-back, where a block of it is cached or may
   // be (the caller then writes block by block) — else true with *s its status.
-  bool write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* s);
+  // *carry: it cannot, and a block of it would go below on the caller's thread (see
+  // wb_touches_below_locked).
+  bool write_multi(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, Status* s, bool* carry);
   // write_block's part before the write goes below (stripe held): slot, pages dropped, the
   // record; into fl's fields (block, o, n, slot, cache_it, st, record_failed, gen).
   void through_begin(InFlight* fl, bool bypass, cache::Mode mode);
@@ -189,8 +211,11 @@ class CacheFilter : public Filter {
   // A hit of [o, o+n) of block b, served without a stripe lock; false when it is not one.
   bool try_hit(uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, size_t* got);
   Status read_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, uint8_t* dst, bool bypass, size_t* got);
-  // One block's part of a write: takes the block's stripe, then by the mode:
-  Status write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
+  // One block's part of a write: takes the block's stripe, then by the mode. With carry (io
+  // has a Deferrer): a write-back write that would go below on this thread does nothing,
+  // sets *carry and returns Ok (the caller carries it on this filter's threads).
+  Status write_one(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
+                   bool* carry = nullptr);
   Status write_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass,
                      cache::Mode mode);
   Status write_back_block(const Io& io, uint64_t b, uint32_t o, uint32_t n, const uint8_t* src, bool bypass);
@@ -266,6 +291,12 @@ class CacheFilter : public Filter {
   bool stop_ = false;    // under thr_mu_
   bool kicked_ = false;  // under thr_mu_
   std::thread thr_;
+
+  // Requests that would wait below on their thread, carried on threads of this filter's own
+  // (see carried()). Last, so its threads are gone before anything they use.
+  Offload offload_{[this](bool w, const Io& io, void* data, size_t len, uint64_t off, uint32_t tag, size_t* got) {
+    return carried(w, io, data, len, off, tag, got);
+  }};
 };
 
 void register_cache(Registry& r);

@@ -118,7 +118,10 @@ ReplicateFilter::ReplicateFilter(rp::ReplicateParams p)
   }
 }
 
-ReplicateFilter::~ReplicateFilter() { close(); }
+ReplicateFilter::~ReplicateFilter() {
+  offload_.stop();  // none is left after a close (the disk released them): its idle threads
+  close();
+}
 
 uint64_t ReplicateFilter::now_ns() const { return mono_ns(); }
 
@@ -882,10 +885,12 @@ void ReplicateFilter::lock_range(uint64_t off, uint64_t len, rp::RangeLock::Guar
 }
 
 Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64_t off) {
-  // Never with the request's Deferrer: the work after the local write (the send, the bitmap,
-  // the range) is done here on its return (see register_replicate).
-  const Io io{req.direct};
   if (!opened_) return kNotOpen;
+  // The work around the local write (the range, the journal or the send, the bitmap) needs a
+  // thread from start to end: with a Deferrer, one of this filter's own (offload.h), so that a
+  // throttle below holds that thread, not a FUSE worker. Below, never with the Deferrer.
+  if (req.defer && may_defer() && offload_.take(req, true, len, off)) return Status::Deferred();
+  const Io io{req.direct};
   if (len == 0) return next_->write(io, buf, len, off);
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
   if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the write is past the bitmap's reach");
@@ -1423,7 +1428,8 @@ std::string ReplicateFilter::stats_json() const {
        ",\"records_shipped\":" + n(records_shipped_) + ",\"bytes_copied\":" + n(bytes_copied_);
   s += ",\"writes_tracked\":" + n(writes_tracked_) + ",\"collapses\":" + n(collapses_) +
        ",\"backpressure_waits\":" + n(backpressure_waits_) +
-       ",\"overlap_waits\":" + std::to_string(ranges_.waits());
+       ",\"overlap_waits\":" + std::to_string(ranges_.waits()) +
+       ",\"requests_offloaded\":" + std::to_string(offload_.taken());
   s += ",\"target_errors\":" + n(target_errors_) + ",\"reconnects\":" + n(reconnects_);
   s += ",\"bitmap_saves\":" + std::to_string(bitmap_ ? bitmap_->saves() : 0);
   s += ",\"bitmap_pages_written\":" + std::to_string(bitmap_ ? bitmap_->pages_written() : 0);
@@ -2197,7 +2203,8 @@ void register_replicate(Registry& r) {
   // Per request (filter.h, "Deferring"): a guest's read passes through untouched (the default
   // Filter::read), so it goes below with the request's Deferrer and a throttle below may park
   // it. A write does not: replicate works on its result (the send, the bitmap, the range lock
-  // it holds until then), so write() sends it below without one and it waits on its worker.
+  // it holds until then), so write() takes it and carries it on its own threads, where it goes
+  // below without one and a throttle blocks that thread (offload.h).
   info.passes_deferral = true;
   r.add(std::move(info));
 }

@@ -95,6 +95,7 @@
 #include <vector>
 
 #include "filter.h"
+#include "offload.h"
 #include "replicate/bitmap.h"
 #include "replicate/history.h"
 #include "replicate/journal.h"
@@ -111,6 +112,8 @@ class ReplicateFilter : public Filter {
   explicit ReplicateFilter(replicate::ReplicateParams p);
   ~ReplicateFilter() override;
 
+  // With the request's Deferrer (a throttle below may hold it): taken, and carried on this
+  // filter's own threads (offload.h), so the wait below holds none of the daemon's workers.
   Status write(const Io& io, const void* buf, size_t len, uint64_t off) override;
   Status sync(const Io& io, bool datasync) override;
   Status fallocate(const Io& io, int mode, uint64_t off, uint64_t len) override;
@@ -130,6 +133,10 @@ class ReplicateFilter : public Filter {
   // With retention: a named restore point in the journal (a Point record, made durable).
   Status snapshot(std::string_view name) override;
   bool reconfigure(const YAML::Node& params) override;
+
+  // The writes it carries on its own threads (see write()) go below at once and complete.
+  void release_deferred() override { offload_.release(); }
+  void defer_again() override { offload_.again(); }
 
   uint64_t replica_lag_bytes() const override;
   std::string degraded_reason() const override;
@@ -360,6 +367,12 @@ class ReplicateFilter : public Filter {
   std::atomic<uint64_t> last_consistent_ns_{0};
   mutable std::mutex err_mu_;
   std::string last_error_;  // under err_mu_
+
+  // Writes offered deferral, carried on threads of this filter's own (see write()). Last, so
+  // its threads are gone before anything they use.
+  Offload offload_{[this](bool, const Io& io, void* data, size_t len, uint64_t off, uint32_t, size_t*) {
+    return write(io, data, len, off);
+  }};
 };
 
 // Adds "replicate" to the registry.

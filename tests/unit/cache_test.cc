@@ -852,6 +852,115 @@ TEST_CASE("the cache hands deferral below with every read it can finish in a hoo
   CHECK(iofilterfs::Registry::instance().find("cache")->passes_deferral);
 }
 
+TEST_CASE("the cache carries on its own threads what would wait below on the thread it came on",
+          "[cache][filter][defer][offload]") {
+  DeferProbe below;
+  below.data.assign(1 << 20, 'x');
+  using V = std::vector<std::string>;
+  auto seen = [&] {
+    V v = below.seen;
+    below.seen.clear();
+    return v;
+  };
+  iofilterfs::Status st;
+  char buf[65536 * 2];
+  size_t got = 0;
+  SECTION("an unaligned read of a cached block: carried, the fill and the hit as on the worker") {
+    auto f = make("{mode: write-through, memory: 1MiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    f->set_may_defer(true);
+    testing::NoDeferrer none;
+    Io io;
+    io.defer = &none;
+    REQUIRE(f->read(io, buf, 4096, 0, &got).ok());  // fills the first page
+    (void)seen();
+    std::memset(below.data.data() + 4096, 'y', 4096);  // (changed below the cache: shows the read went there)
+    testing::Carried c(1000);
+    io.defer = &c;
+    REQUIRE(f->read(io, buf, 1000, 3596, &got).deferred());
+    REQUIRE(c.wait());
+    CHECK(c.answer.ok());
+    CHECK(c.got == 1000);
+    CHECK(c.thread != std::this_thread::get_id());
+    CHECK(std::string(c.buf.data(), 500) == std::string(500, 'x'));
+    CHECK(std::string(c.buf.data() + 500, 500) == std::string(500, 'y'));
+    CHECK(seen() == V{"read"});  // below without the Deferrer, on the filter's thread
+    // Aligned reads are not carried: a hit is served, a miss goes below with the Deferrer.
+    testing::Carried c2(4096);
+    io.defer = &c2;
+    REQUIRE(f->read(io, buf, 4096, 0, &got).ok());
+    REQUIRE(f->read(io, buf, 4096, 65536 * 4, &got).ok());  // c2.take() is not called: taken = false
+    CHECK_FALSE(c2.taken);
+    CHECK(seen() == V{"read+defer"});
+    CHECK(f->stats_json().find("\"requests_offloaded\":1,") != std::string::npos);
+  }
+  SECTION("write-back: a sub-page write that reads the rest of its page from below is carried; others are not") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 0}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    f->set_may_defer(true);
+    Io io;
+    // Whole pages into a free slot: cached here, nothing below, nothing taken.
+    const std::string pages(8192, 'P');
+    testing::Carried c0(pages.size(), pages.data());
+    io.defer = &c0;
+    REQUIRE(f->write(io, pages.data(), pages.size(), 0).ok());
+    CHECK_FALSE(c0.taken);
+    CHECK(seen().empty());
+    // Part of a page of a fresh block: the rest of the page from below, on the filter's thread.
+    const std::string part(100, 'S');
+    testing::Carried c1(part.size(), part.data());
+    io.defer = &c1;
+    REQUIRE(f->write(io, part.data(), part.size(), 65536 + 10).deferred());
+    REQUIRE(c1.wait());
+    CHECK(c1.answer.ok());
+    CHECK(c1.thread != std::this_thread::get_id());
+    CHECK(seen() == V{"read"});
+    // Part of a page that is valid in the cache: nothing below, not carried.
+    testing::Carried c2(part.size(), part.data());
+    io.defer = &c2;
+    REQUIRE(f->write(io, part.data(), part.size(), 100).ok());
+    CHECK_FALSE(c2.taken);
+    CHECK(seen().empty());
+    REQUIRE(f->read(Io{}, buf, 4096, 65536, &got).ok());
+    CHECK(std::string(buf, 10) == std::string(10, 'x'));
+    CHECK(std::string(buf + 10, 100) == part);
+    CHECK(std::string(buf + 110, 4096 - 110) == std::string(4096 - 110, 'x'));
+    REQUIRE(f->drain().ok());
+    CHECK(std::string(below.data.data() + 65536 + 10, 100) == part);
+    CHECK(std::string(below.data.data() + 100, 100) == part);
+  }
+  SECTION("write-back: a write of several blocks, one cached and one that goes below, is carried") {
+    auto f = make("{mode: write-back, memory: 1MiB, unsafe: true, sequential-cutoff: 64KiB}", &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    f->set_may_defer(true);
+    Io io;
+    const std::string one(4096, 'A');
+    REQUIRE(f->write(Io{}, one.data(), one.size(), 65536 - 4096).ok());  // cached (dirty)
+    (void)seen();
+    // A sequential run from 0 reaches the cutoff: the next write bypasses, but its first
+    // block is cached, so it cannot go below whole: its second block goes below on a thread.
+    for (uint64_t at = 0; at < 65536 - 4096; at += 4096) REQUIRE(f->read(Io{}, buf, 4096, at, &got).ok());
+    (void)seen();
+    const std::string two(8192, 'B');
+    testing::Carried c(two.size(), two.data());
+    io.defer = &c;
+    const iofilterfs::Status ws = f->write(io, two.data(), two.size(), 65536 - 4096);
+    if (ws.deferred()) {
+      REQUIRE(c.wait());
+      CHECK(c.answer.ok());
+      CHECK(c.thread != std::this_thread::get_id());
+    } else {
+      REQUIRE(ws.ok());
+    }
+    CHECK(c.taken);
+    for (const std::string& op : seen()) CHECK(op.find("+defer") == std::string::npos);
+    REQUIRE(f->read(Io{}, buf, 8192, 65536 - 4096, &got).ok());
+    CHECK(std::string(buf, 8192) == two);
+    REQUIRE(f->drain().ok());
+    CHECK(std::string(below.data.data() + 65536 - 4096, 8192) == two);
+  }
+}
+
 TEST_CASE("stripe masks: each stripe of a run of blocks once, every stripe for a long run", "[cache][map]") {
   CHECK(stripe_mask(5, 5) == uint64_t(1) << stripe_of(5));
   uint64_t want = 0;

@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -11,6 +13,7 @@
 
 #include "chain.h"
 #include "disk.h"
+#include "offload.h"
 #include "mem_layer.h"
 
 using namespace iofilterfs;
@@ -1063,6 +1066,194 @@ TEST_CASE("a deferred read is answered with every byte the continuation read", "
   CHECK(disk->stats().read_bytes.load() == content.size());
   disk->detach();
   REQUIRE(disk->close().ok());
+  disk.reset();
+  close(pfd);
+  close(fd);
+  unlink(tmpl);
+}
+
+namespace {
+
+// Carries every write offered deferral on its own threads (offload.h), at most two of them.
+class Carrier : public Filter {
+ public:
+  explicit Carrier(std::vector<std::string>* log) : log_(log) {}
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (io.defer && may_defer() && offload.take(io, true, len, off, 7)) return Status::Deferred();
+    return next_->write(io, buf, len, off);
+  }
+  void release_deferred() override {
+    {
+      std::lock_guard<std::mutex> l(log_mu);
+      log_->push_back("carrier:release");
+    }
+    offload.release();
+  }
+  void defer_again() override { offload.again(); }
+  std::vector<std::string>* log_;
+  std::mutex log_mu;
+  std::vector<uint32_t> tags;  // what each pool run was given (0: not a write, or with a Deferrer)
+  Offload offload{[this](bool is_write, const Io& io, void* data, size_t len, uint64_t off, uint32_t tag,
+                         size_t*) -> Status {
+                    {
+                      std::lock_guard<std::mutex> l(log_mu);  // (Catch's CHECK is for the test's thread)
+                      tags.push_back(is_write && !io.defer ? tag : 0);
+                    }
+                    return write(io, data, len, off);
+                  },
+                  2};
+};
+
+// Holds every write on its calling thread until opened; counts who waits.
+class WriteGate : public Filter {
+ public:
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    std::unique_lock<std::mutex> l(mu);
+    ++waiting;
+    threads.push_back(std::this_thread::get_id());
+    cv.notify_all();
+    cv.wait(l, [&] { return open; });
+    --waiting;
+    l.unlock();
+    return next_->write(io, buf, len, off);
+  }
+  void set(bool o) {
+    std::lock_guard<std::mutex> l(mu);
+    open = o;
+    cv.notify_all();
+  }
+  void wait_for(int n) {
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return waiting == n; });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = true;
+  int waiting = 0;
+  std::vector<std::thread::id> threads;
+};
+
+// Declares that it defers (so the disk offers a Deferrer) and logs its release.
+class Releaser : public Filter {
+ public:
+  explicit Releaser(std::vector<std::string>* log, std::mutex* mu) : log_(log), mu_(mu) {}
+  void release_deferred() override {
+    std::lock_guard<std::mutex> l(*mu_);
+    log_->push_back("throttle:release");
+  }
+  std::vector<std::string>* log_;
+  std::mutex* mu_;
+};
+
+}  // namespace
+
+TEST_CASE("a filter carries requests on its own threads: the worker is free while below holds them",
+          "[chain][disk][offload]") {
+  std::vector<std::string> log;
+  Carrier* carrier = nullptr;
+  WriteGate* gate = nullptr;
+  Registry r;
+  FilterInfo ci{"carrier", FilterClass::Replicate, kFilterApiVersion, "", {}, nullptr,
+                [&](const YAML::Node&) {
+                  auto c = std::make_unique<Carrier>(&log);
+                  carrier = c.get();
+                  return c;
+                }};
+  ci.passes_deferral = true;
+  REQUIRE(r.add(std::move(ci)));
+  std::mutex* log_mu = nullptr;
+  FilterInfo ti{"releaser", FilterClass::Throttle, kFilterApiVersion, "", {}, nullptr,
+                [&](const YAML::Node&) { return std::make_unique<Releaser>(&log, log_mu); }};
+  ti.defers = true;
+  REQUIRE(r.add(std::move(ti)));
+  REQUIRE(r.add(FilterInfo{"gate", FilterClass::Encrypt, kFilterApiVersion, "", {}, nullptr, [&](const YAML::Node&) {
+                             auto g = std::make_unique<WriteGate>();
+                             gate = g.get();
+                             return g;
+                           }}));
+  std::mutex lm;
+  log_mu = &lm;
+  char tmpl[] = "/tmp/iofilterfs-unit-XXXXXX";
+  int fd = mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  int pfd = open(tmpl, O_PATH | O_CLOEXEC);
+  DiskOptions opt;
+  opt.registry = &r;
+  opt.filters = {spec("carrier"), spec("releaser"), spec("gate")};
+  std::shared_ptr<Disk> disk;
+  std::string err;
+  REQUIRE(Disk::open(pfd, "carry.raw", opt, &disk, &err).ok());
+  REQUIRE(disk->attach(true, false).ok());
+  REQUIRE(carrier);
+  REQUIRE(gate);
+
+  Answer answer;
+  const Completion done{&Answer::fn, &answer};
+  auto answers = [&] {
+    std::lock_guard<std::mutex> l(answer.mu);
+    return answer.got.size();
+  };
+  // Three writes while below holds every write: each is answered Deferred at once on this
+  // thread; two pool threads wait below (the ceiling), the third is queued.
+  gate->set(false);
+  char data[8] = "carried";
+  for (int i = 0; i < 3; ++i) CHECK(disk->write(Io{}, data, 7, 4096u * i, &done).deferred());
+  std::memset(data, 'X', sizeof data);  // the worker's buffer is free at once
+  gate->wait_for(2);
+  CHECK(carrier->offload.threads() == 2);
+  CHECK(disk->deferred() == 3);
+  CHECK(answers() == 0);
+  {
+    std::lock_guard<std::mutex> l(gate->mu);
+    for (auto id : gate->threads) CHECK(id != std::this_thread::get_id());
+  }
+  // Without a completion (nothing can take a late answer): carried on this thread.
+  gate->set(true);
+  REQUIRE(disk->write(Io{}, "plain", 5, 65536).ok());
+  for (int i = 0; i < 500 && answers() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(answers() == 3);
+  {
+    std::lock_guard<std::mutex> l(answer.mu);
+    for (auto& a : answer.got) CHECK(a == std::make_pair(0, size_t(7)));
+  }
+  CHECK(disk->deferred() == 0);
+  CHECK(carrier->offload.taken() == 3);
+  CHECK(carrier->tags == std::vector<uint32_t>{7, 7, 7});
+  for (int i = 0; i < 3; ++i) {
+    char buf[7];
+    REQUIRE(pread(fd, buf, 7, 4096 * i) == 7);
+    CHECK(std::string(buf, 7) == "carried");
+  }
+
+  // Close with writes carried and held below: the release goes bottom-up (the filters below
+  // let everything through before the carrier waits for its own), and close returns only
+  // once every one is answered.
+  gate->set(false);
+  for (int i = 0; i < 3; ++i) CHECK(disk->write(Io{}, "again!!", 7, 4096u * (4 + i), &done).deferred());
+  gate->wait_for(2);
+  disk->detach();
+  Status closed = Status::Error(EINVAL);
+  std::thread closer([&] { closed = disk->close(); });
+  for (int i = 0; i < 500; ++i) {
+    {
+      std::lock_guard<std::mutex> l(lm);
+      if (std::find(log.begin(), log.end(), "carrier:release") != log.end()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(answers() == 3);  // the release waits for the carried writes
+  gate->set(true);
+  closer.join();
+  CHECK(closed.ok());
+  CHECK(answers() == 6);
+  CHECK(disk->deferred() == 0);
+  {
+    std::lock_guard<std::mutex> l(lm);
+    CHECK(log == std::vector<std::string>{"throttle:release", "carrier:release"});
+  }
+  char buf[7];
+  REQUIRE(pread(fd, buf, 7, 4096 * 6) == 7);
+  CHECK(std::string(buf, 7) == "again!!");
   disk.reset();
   close(pfd);
   close(fd);

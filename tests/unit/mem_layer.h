@@ -4,9 +4,12 @@
 #include <fcntl.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "filter.h"
@@ -77,6 +80,47 @@ class MemLayer : public iofilterfs::Layer {
 struct NoDeferrer final : iofilterfs::Deferrer {
   iofilterfs::Deferred* take() override { return nullptr; }
   void then(iofilterfs::Then*) override {}
+};
+
+// A caller's Deferrer that takes the request it is offered, as the disk does (a write's bytes
+// copied, a read given a buffer of its own), for a filter that carries it on threads of its own
+// (offload.h): resume() runs the continuation on that thread and keeps the answer; wait()
+// waits for it (up to 10 s). Not for a filter that registers hooks (then() is unused here).
+struct Carried final : iofilterfs::Deferrer, iofilterfs::Deferred {
+  explicit Carried(size_t len, const void* src = nullptr) : buf(len) {
+    if (src) std::memcpy(buf.data(), src, len);
+  }
+  iofilterfs::Deferred* take() override {
+    taken = true;
+    return this;
+  }
+  void then(iofilterfs::Then*) override {}
+  void* data() override { return buf.data(); }
+  void resume(iofilterfs::Continuation& k) override {
+    size_t g = 0;
+    const iofilterfs::Status s = k.run(buf.data(), &g);
+    finish(s, g);
+  }
+  void finish(iofilterfs::Status s, size_t g) override {
+    std::lock_guard<std::mutex> l(mu);
+    answer = s;
+    got = g;
+    done = true;
+    thread = std::this_thread::get_id();
+    cv.notify_all();
+  }
+  bool wait() {
+    std::unique_lock<std::mutex> l(mu);
+    return cv.wait_for(l, std::chrono::seconds(10), [&] { return done; });
+  }
+  std::vector<char> buf;
+  bool taken = false;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  iofilterfs::Status answer;
+  size_t got = 0;
+  std::thread::id thread;
 };
 
 }  // namespace testing

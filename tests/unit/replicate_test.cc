@@ -1314,7 +1314,7 @@ struct DeferSeen : testing::MemLayer {
 
 }  // namespace
 
-TEST_CASE("replicate hands the Deferrer down with reads, which it passes through, and never with writes",
+TEST_CASE("replicate hands the Deferrer down with reads, and carries writes offered one on its own threads",
           "[replicate][filter][defer]") {
   for (const char* mode : {"mode: sync", "mode: async"}) {
     INFO(mode);
@@ -1322,21 +1322,53 @@ TEST_CASE("replicate hands the Deferrer down with reads, which it passes through
     rig.mem.data.assign(1 << 20, 0);
     rig.open(mode);
     REQUIRE(rig.f->drain().ok());  // the initial sync
-    testing::NoDeferrer d;
+    rig.f->set_may_defer(true);    // the top of its chain
+    auto seen = [&] {
+      std::lock_guard<std::mutex> g(rig.mem.mu);
+      std::vector<std::string> v = rig.mem.seen;
+      rig.mem.seen.clear();
+      return v;
+    };
+    using V = std::vector<std::string>;
+    (void)seen();
+    // A read passes through with it; a write whose Deferrer takes nothing runs here.
+    testing::NoDeferrer none;
     Io io;
-    io.defer = &d;
-    rig.mem.seen.clear();
+    io.defer = &none;
     char buf[8192];
     size_t got = 0;
     REQUIRE(rig.f->read(io, buf, sizeof buf, 4096, &got).ok());
     const std::string data = pattern(8192, 3);
     REQUIRE(rig.f->write(io, data.data(), data.size(), 4096).ok());
-    {
-      std::lock_guard<std::mutex> g(rig.mem.mu);
-      CHECK(rig.mem.seen == std::vector<std::string>{"read+defer", "write"});
-    }
+    CHECK(seen() == V{"read+defer", "write"});
+    // A write offered a Deferrer that takes it: answered Deferred at once, then carried on
+    // the filter's own thread, where it goes below without one; the answer comes from there.
+    const std::string two = pattern(8192, 4);
+    testing::Carried c(two.size(), two.data());
+    io.defer = &c;
+    REQUIRE(rig.f->write(io, two.data(), two.size(), 65536).deferred());
+    REQUIRE(c.wait());
+    CHECK(c.answer.ok());
+    CHECK(c.thread != std::this_thread::get_id());
+    CHECK(seen() == V{"write"});
+    INFO(rig.f->stats_json());
+    CHECK(rig.f->stats_json().find("\"requests_offloaded\":1,") != std::string::npos);
+    // Released (a re-plumb or a close is under way): nothing is taken until defer_again().
+    rig.f->release_deferred();
+    testing::Carried c2(two.size(), two.data());
+    io.defer = &c2;
+    REQUIRE(rig.f->write(io, two.data(), two.size(), 131072).ok());
+    CHECK_FALSE(c2.taken);
+    rig.f->defer_again();
+    testing::Carried c3(data.size(), data.data());
+    io.defer = &c3;
+    REQUIRE(rig.f->write(io, data.data(), data.size(), 196608).deferred());
+    REQUIRE(c3.wait());
+    CHECK(c3.answer.ok());
     REQUIRE(rig.f->drain().ok());
     CHECK(slurp(rig.replica()) == rig.local());
+    CHECK(rig.local().substr(65536, 8192) == two);
+    CHECK(rig.local().substr(196608, 8192) == data);
     rig.close();
   }
   CHECK(iofilterfs::Registry::instance().find("replicate")->passes_deferral);

@@ -1,6 +1,7 @@
 // A filter's own threads for requests it carries to the end; see offload.h.
 #include "offload.h"
 
+#include <cerrno>
 #include <chrono>
 #include <new>
 #include <thread>
@@ -101,6 +102,13 @@ void Offload::loop() {
 void Offload::release() {
   std::unique_lock<std::mutex> l(mu_);
   released_ = true;
+  // Every queued request starts now, past the ceiling: none waits for a thread to come free
+  // (the filters below already let everything through).
+  for (unsigned n = queued_ > idle_ ? queued_ - idle_ : 0; n; --n) {
+    ++threads_;
+    std::thread([this] { loop(); }).detach();
+  }
+  work_cv_.notify_all();
   done_cv_.wait(l, [&] { return outstanding_ == 0; });
 }
 
@@ -124,6 +132,66 @@ uint64_t Offload::taken() const {
 unsigned Offload::threads() const {
   std::lock_guard<std::mutex> l(mu_);
   return threads_;
+}
+
+// ---- Waiter ----
+
+Deferred* Offload::Waiter::take() {
+  if (taken_) return nullptr;  // one filter holds a request at a time
+  taken_ = true;
+  return this;
+}
+
+void Offload::Waiter::then(Then* t) {
+  t->next_then = nullptr;
+  (tail_ ? tail_->next_then : hooks_) = t;
+  tail_ = t;
+}
+
+void Offload::Waiter::resume(Continuation& k) {
+  size_t got = 0;
+  const Status s = k.run(data_, &got);  // (before reading got)
+  complete(s, got);
+}
+
+void Offload::Waiter::finish(Status s, size_t got) { complete(s, got); }
+
+void Offload::Waiter::run_hooks() {
+  for (Then* t = hooks_; t;) {
+    Then* next = t->next_then;  // t may be gone once it ran
+    s_ = t->then(s_, data_, &got_);
+    t = next;
+  }
+  hooks_ = tail_ = nullptr;
+}
+
+void Offload::Waiter::complete(Status s, size_t got) {
+  s_ = s;
+  got_ = got;
+  if (parties_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;  // wait() runs the hooks
+  run_hooks();
+  std::lock_guard<std::mutex> l(mu_);
+  done_ = true;
+  cv_.notify_one();  // under the lock: the waiter (and this object) may be gone after it
+}
+
+Status Offload::Waiter::wait(Status s, size_t* got) {
+  if (!s.deferred() || !taken_) {
+    if (s.deferred()) s = Status::Error(EIO, "a filter answered Deferred for a request it had not taken");
+    s_ = s;
+    run_hooks();  // none, unless a filter registered one for a request nobody took
+    *got = got_;
+    return s_;
+  }
+  if (parties_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    run_hooks();  // it completed before the call below was back out
+  } else {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return done_; });
+  }
+  *got = got_;
+  if (s_.deferred()) return Status::Error(EIO, "a filter deferred a request it had resumed");
+  return s_;
 }
 
 }  // namespace iofilterfs

@@ -22,6 +22,7 @@
 // (release_deferred, defer_again, close). One mutex (a leaf) guards the queue and the counts.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -52,7 +53,7 @@ class Offload {
   bool take(const Io& io, bool is_write, size_t len, uint64_t off, uint32_t tag = 0);
 
   // The filter's release_deferred(): take nothing new, and return once every request taken
-  // has completed (queued ones run at once on the pool; none stays behind).
+  // has completed (queued ones start at once, on threads past the ceiling if need be).
   void release();
   // The filter's defer_again(): take requests again.
   void again();
@@ -61,6 +62,41 @@ class Offload {
 
   uint64_t taken() const;
   unsigned threads() const;
+
+  // A Deferrer for one request that a carried request sends below, made by the carrying
+  // thread, which then waits for it (wait()). A filter below may defer it (a throttle parks
+  // it) and the filters in between finish their work in completion hooks, as under the
+  // framework's own Deferrer (filter.h), so that none of them holds a lock of its own across
+  // the wait below (a cache's block lock under replicate's carried write). `data` is the
+  // request's buffer as the carrying thread passes it below: it must stay valid until wait()
+  // returns.
+  class Waiter final : public Deferrer, public Deferred {
+   public:
+    explicit Waiter(const void* data) : data_(const_cast<void*>(data)) {}
+    Deferred* take() override;
+    void then(Then* t) override;
+    void* data() override { return data_; }
+    void resume(Continuation& k) override;
+    void finish(Status s, size_t got) override;
+    // The call below answered s: returns the request's final status (after the hooks), once it
+    // has completed; a read's byte count in *got.
+    Status wait(Status s, size_t* got);
+
+   private:
+    void complete(Status s, size_t got);  // the finishing thread's party
+    void run_hooks();
+
+    void* const data_;
+    bool taken_ = false;
+    Then* hooks_ = nullptr;  // in registration order (bottom-up)
+    Then* tail_ = nullptr;
+    std::atomic<int> parties_{2};  // the finishing thread and the waiting one
+    Status s_;
+    size_t got_ = 0;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool done_ = false;  // under mu_: the hooks ran
+  };
 
  private:
   struct Job;

@@ -890,7 +890,21 @@ Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64
   // thread from start to end: with a Deferrer, one of this filter's own (offload.h), so that a
   // throttle below holds that thread, not a FUSE worker. Below, never with the Deferrer.
   if (req.defer && may_defer() && offload_.take(req, true, len, off)) return Status::Deferred();
-  const Io io{req.direct};
+  return write_change(Io{req.direct}, buf, len, off, false);
+}
+
+Status ReplicateFilter::write_local(const Io& io, const void* buf, size_t len, uint64_t off, bool carried) {
+  if (!carried) return next_->write(io, buf, len, off);
+  // On this filter's thread: the filters below may defer the write and finish it in their
+  // hooks (a cache then holds no block lock while a throttle holds the write); this thread
+  // waits for it, as it would inside a blocking call.
+  Offload::Waiter w(buf);
+  size_t got = 0;
+  return w.wait(next_->write(Io{io.direct, &w}, buf, len, off), &got);
+}
+
+Status ReplicateFilter::write_change(const Io& io, const void* buf, size_t len, uint64_t off, bool carried) {
+  if (!opened_) return kNotOpen;
   if (len == 0) return next_->write(io, buf, len, off);
   const uint64_t r0 = region_of(off), r1 = region_of(off + len - 1);
   if (r1 >= rp::AtomicBits::kCapacity) return Status::Error(EFBIG, "replicate: the write is past the bitmap's reach");
@@ -910,7 +924,7 @@ Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64
       leave(r0, r1);
       return ss;
     }
-    Status s = next_->write(io, buf, len, off);
+    Status s = write_local(io, buf, len, off, carried);
     if (!s.ok()) {
       for (uint64_t r = r0; r <= r1; ++r) pending_.set(r);  // what the target has is unknown
       leave(r0, r1);
@@ -1025,7 +1039,7 @@ Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64
     leave(r0, r1);
     return kBitmapFailed;
   }
-  Status s = next_->write(io, buf, len, off);
+  Status s = write_local(io, buf, len, off, carried);
   if (!s.ok()) {
     // The journal holds data the local image may lack: what the image now holds is resent
     // after it (the region goes pending; a resync reads the local bytes).

@@ -153,6 +153,10 @@ class ReplicateFilter : public Filter {
   static uint64_t stripe(uint64_t r) { return r % kStripes; }
   // Enters regions [r0, r1] (in flight, generation); in sync mode also sets and saves their
   // dirty bits. Returns false when the bitmap could not be saved (then nothing is entered).
+  // A write after write() decided where it runs: on the worker, or carried on offload_'s
+  // thread (carried), where the local write below goes with a Waiter (write_local).
+  Status write_change(const Io& io, const void* buf, size_t len, uint64_t off, bool carried);
+  Status write_local(const Io& io, const void* buf, size_t len, uint64_t off, bool carried);
   bool enter(uint64_t r0, uint64_t r1, bool mark_dirty);
   void leave(uint64_t r0, uint64_t r1);
   // Marks [r0, r1] dirty (saved) and pending; false when the save failed.
@@ -371,7 +375,7 @@ class ReplicateFilter : public Filter {
   // Writes offered deferral, carried on threads of this filter's own (see write()). Last, so
   // its threads are gone before anything they use.
   Offload offload_{[this](bool, const Io& io, void* data, size_t len, uint64_t off, uint32_t, size_t*) {
-    return write(io, data, len, off);
+    return write_change(io, data, len, off, true);
   }};
 };
 

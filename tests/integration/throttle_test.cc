@@ -516,7 +516,7 @@ TEST_CASE("a re-plumb lets the writes queued in a group go below unthrottled at 
   CHECK(m.stop() == 0);
 }
 
-TEST_CASE("a re-plumb under congestion wakes workers blocked in the datastore queue, returns at once, none lost, "
+TEST_CASE("a re-plumb under congestion wakes the writes blocked in the datastore queue, returns at once, none lost, "
           "fio verify",
           "[throttle][fio][reload][qos]") {
   // Under replicate (which works on every write's result, so the throttle below it may not
@@ -564,7 +564,10 @@ TEST_CASE("a re-plumb under congestion wakes workers blocked in the datastore qu
               "%.2f s\n",
               json_number(stats, "window"), queued, deferred, carried, secs);
   CHECK(carried >= 30);  // the writes wait on replicate's threads, blocked in the queue
-  CHECK(secs < 1.5);  // the scheduler alone: 30 and more at a window per 300 ms, 2 s and more
+  // The scheduler alone: 30 and more at a window (4 or 5) per 300 ms, over 2 s. Released:
+  // three trips below at most (the throttle's parked writes, then the writes queued for
+  // replicate's threads, then the requests inside as the re-plumb locks), about 1.2 s here.
+  CHECK(secs < 2.0);
   const int rc = wait_fio(t / "w.rc");
   INFO(read_file(t / "w.out") << read_file(t / "w.json").substr(0, 3000));
   CHECK(rc == 0);
@@ -992,15 +995,21 @@ TEST_CASE("under replicate, writes are carried on its own threads: depth 128 at 
   // needs one thread from start to end, so it takes each write and carries it on a pool of its
   // own; the throttle below holds those threads. Before, it held the mount's FUSE workers: at
   // this depth all 64 of them, and the neighbour waited.
-  for (const char* mode : {"async", "sync"}) {
+  // With a cache between them, the carried write goes below with a Deferrer of the carrying
+  // thread's (Offload::Waiter): the cache finishes it in its completion hook and holds no block
+  // lock while the throttle holds the write.
+  for (const std::string mode : {"async", "sync", "async over a write-through cache"}) {
     INFO(mode);
     TempDir t;
     REQUIRE(sh("mkdir -p " + q(t / "replica") + " " + q(t / "state")) == 0);
+    const bool cached = mode.find("cache") != std::string::npos;
     datastore(t, {"slow.raw", "free.raw"},
-              "policies:\n  p: { replicate: { target: " + t / "replica" + ", mode: " + mode + ", journal: " +
-                  t / "state" + " }, throttle: { write-iops: 100 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
+              "policies:\n  p: { replicate: { target: " + t / "replica" + ", mode: " + mode.substr(0, mode.find(' ')) +
+                  ", journal: " + t / "state" + " }, " +
+                  (cached ? "cache: { mode: write-through, memory: 16MiB }, " : "") +
+                  "throttle: { write-iops: 100 } }\nrules:\n  - { match: 'slow.raw', policy: p }\n");
     Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml", "--fault-injection"}});
-    (void)carried_writes_beside_neighbour(t, m, std::string("under replicate (") + mode + ")",
+    (void)carried_writes_beside_neighbour(t, m, "under replicate (" + mode + ")",
                                           "--rw=randwrite --bs=4k --size=4M --verify=crc32c");
     REQUIRE(set_xattr(m.path("slow.raw"), "user.iofilter.flush", "1") == 0);  // the replica has every write
     CHECK(sh("cmp " + q(t / "b/slow.raw") + " " + q(t / "replica/slow.raw")) == 0);

@@ -1259,3 +1259,81 @@ TEST_CASE("a filter carries requests on its own threads: the worker is free whil
   close(fd);
   unlink(tmpl);
 }
+
+namespace {
+
+// Passes io down; when the layer below answers Deferred, registers a hook that notes when it
+// ran and what the write's bytes were then.
+class NotingHooker : public Filter {
+ public:
+  struct Hook final : Then {
+    NotingHooker* f;
+    Status then(Status s, void* data, size_t*) override {
+      f->ran.push_back("hook:" + std::to_string(s.err) + ":" + std::string(static_cast<char*>(data), 4));
+      return s;
+    }
+  } hook;
+  std::vector<std::string> ran;
+  NotingHooker() { hook.f = this; }
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    Status s = next_->write(io, buf, len, off);
+    if (s.deferred()) io.defer->then(&hook);
+    return s;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a carried request's Waiter: the layers below may defer its call, their hooks run, the carrier waits",
+          "[chain][offload]") {
+  testing::MemLayer mem;
+  mem.data.assign(8192, 0);
+  Parker parker;
+  parker.set_next(&mem);
+  parker.set_may_defer(true);
+  NotingHooker hooker;
+  hooker.set_next(&parker);
+  hooker.set_may_defer(true);
+  const char data[] = "abcd";
+  // Resumed from another thread while the carrier waits.
+  {
+    Offload::Waiter w(data);
+    const Status s = hooker.write(Io{false, &w}, data, 4, 100);
+    REQUIRE(s.deferred());
+    REQUIRE(parker.holding() == 1);
+    std::thread later([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      parker.resume_all();
+    });
+    size_t got = 0;
+    const Status done = w.wait(s, &got);
+    later.join();
+    CHECK(done.ok());
+    CHECK(std::string(mem.data.data() + 100, 4) == "abcd");
+    CHECK(hooker.ran == std::vector<std::string>{"hook:0:abcd"});
+  }
+  // Resumed (and failed) before the carrier waits: wait() runs the hooks itself.
+  {
+    hooker.ran.clear();
+    parker.fail = EIO;
+    Offload::Waiter w(data);
+    const Status s = hooker.write(Io{false, &w}, data, 4, 200);
+    REQUIRE(s.deferred());
+    std::thread([&] { parker.resume_all(); }).join();
+    CHECK(hooker.ran.empty());  // not before the carrier is back
+    size_t got = 0;
+    CHECK(w.wait(s, &got).err == EIO);
+    CHECK(hooker.ran == std::vector<std::string>{"hook:5:abcd"});
+    CHECK(mem.data[200] == 0);
+  }
+  // Nothing below took it: the answer as it came.
+  {
+    hooker.ran.clear();
+    parker.fail = 0;
+    Offload::Waiter w(data);
+    size_t got = 0;
+    CHECK(w.wait(hooker.write(Io{false, nullptr}, data, 4, 300), &got).ok());
+    CHECK(hooker.ran.empty());
+    CHECK(std::string(mem.data.data() + 300, 4) == "abcd");
+  }
+}

@@ -366,7 +366,7 @@ Status CacheFilter::carried(bool is_write, const Io& plain, void* data, size_t l
         (void)read_deferred(plain, page, kPage, edges[e], bypass, true, &g, &s, &ignored);
       }
     }
-    return write_blocks(plain, p, len, off, bypass);
+    return write_blocks(plain, p, len, off, bypass, true);
   }
   *got = 0;
   if (!store_ || passthrough_.load(std::memory_order_acquire)) return next_->read(plain, data, len, off, got);
@@ -786,7 +786,8 @@ Status CacheFilter::write(const Io& io, const void* buf, size_t len, uint64_t of
   return write_blocks(io, static_cast<const uint8_t*>(buf), len, off, bypass);
 }
 
-Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass) {
+Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass,
+                                 bool carried) {
   const uint64_t bs = p_.block;
   const Io plain{io.direct};
   const uint32_t tag = bypass ? kBypassTag : 0;
@@ -810,8 +811,17 @@ Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, u
       // blocks below without it (one request is deferred at most once). A one-block write that
       // would wait below on this thread (write-back: an edge page read from below, a block sent
       // below with its dirty pages) is carried on this filter's threads instead.
+      // On this filter's thread (carried), each block goes below with a Waiter instead, so
+      // that it holds no block lock while a throttle holds it.
       const bool single = pos == off && n == len && io.defer;
-      Status s = write_one(single ? io : plain, b, o, n, src + (pos - off), bypass, single ? &carry : nullptr);
+      Status s;
+      if (carried) {
+        Offload::Waiter w(src + (pos - off));
+        size_t ignored = 0;
+        s = w.wait(write_one(Io{io.direct, &w}, b, o, n, src + (pos - off), bypass), &ignored);
+      } else {
+        s = write_one(single ? io : plain, b, o, n, src + (pos - off), bypass, single ? &carry : nullptr);
+      }
       if (carry) {
         carry = false;
         if (offload_.take(io, true, len, off, tag)) return Status::Deferred();

@@ -160,8 +160,9 @@ class CacheFilter : public Filter {
   // [off, end) block by block on this thread (read_block each), io without a Deferrer.
   Status read_blocks(const Io& plain, uint8_t* dst, uint64_t off, uint64_t end, bool bypass, size_t* got);
   // A write after its sequential-cutoff check: below whole with the Deferrer (write_multi),
-  // carried on this filter's threads, or block by block here (write_one each).
-  Status write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass);
+  // carried on this filter's threads, or block by block here (write_one each; carried: on
+  // this filter's thread, each block with an Offload::Waiter).
+  Status write_blocks(const Io& io, const uint8_t* src, size_t len, uint64_t off, bool bypass, bool carried = false);
   // A request carried on this filter's threads (offload.h): read_blocks or write_blocks there,
   // with the bypass read() or write() decided (kBypassTag).
   Status carried(bool is_write, const Io& plain, void* data, size_t len, uint64_t off, uint32_t tag, size_t* got);

@@ -83,11 +83,12 @@ struct NoDeferrer final : iofilterfs::Deferrer {
 };
 
 // A caller's Deferrer that takes the request it is offered, as the disk does (a write's bytes
-// copied, a read given a buffer of its own), for a filter that carries it on threads of its own
-// (offload.h): resume() runs the continuation on that thread and keeps the answer; wait()
-// waits for it (up to 10 s). Not for a filter that registers hooks (then() is unused here).
+// copied, a read given a buffer of its own), for a filter that holds it (the throttle) or
+// carries it on threads of its own (offload.h): resume() runs the continuation on the calling
+// thread and keeps the answer; answered() waits for it. Not for a filter that registers hooks
+// (then() is unused here).
 struct Carried final : iofilterfs::Deferrer, iofilterfs::Deferred {
-  explicit Carried(size_t len, const void* src = nullptr) : buf(len) {
+  explicit Carried(size_t len = 16, const void* src = nullptr) : buf(len) {
     if (src) std::memcpy(buf.data(), src, len);
   }
   iofilterfs::Deferred* take() override {
@@ -109,10 +110,12 @@ struct Carried final : iofilterfs::Deferrer, iofilterfs::Deferred {
     thread = std::this_thread::get_id();
     cv.notify_all();
   }
-  bool wait() {
+  // Waits for the answer (at most `ms`); true when it came.
+  bool answered(int ms) {
     std::unique_lock<std::mutex> l(mu);
-    return cv.wait_for(l, std::chrono::seconds(10), [&] { return done; });
+    return cv.wait_for(l, std::chrono::milliseconds(ms), [&] { return done; });
   }
+  bool wait() { return answered(10000); }
   std::vector<char> buf;
   bool taken = false;
   std::mutex mu;

@@ -1389,47 +1389,6 @@ TEST_CASE("the held queue: arrival order, the earliest deferred start, due ones 
 
 namespace {
 
-// The framework's side of one deferred request, for the adapter: take() hands itself out,
-// resume() runs the continuation on the calling (pool) thread, finish() records the answer.
-struct FakeRequest final : Deferred, Deferrer {
-  std::vector<char> buf = std::vector<char>(16, 0);
-  std::mutex mu;
-  std::condition_variable cv;
-  bool taken = false, done = false;
-  Status status;
-  size_t got = 0;
-  std::thread::id on;
-
-  Deferred* take() override {
-    taken = true;
-    return this;
-  }
-  void then(Then*) override {}  // the throttle registers no hooks
-  void* data() override { return buf.data(); }
-  void resume(Continuation& k) override {
-    size_t g = 0;
-    Status s = k.run(buf.data(), &g);
-    finish(s, g);
-  }
-  void finish(Status s, size_t g) override {
-    std::lock_guard<std::mutex> l(mu);
-    status = s;
-    got = g;
-    done = true;
-    on = std::this_thread::get_id();
-    cv.notify_all();
-  }
-  // Waits for the answer (at most `ms`); true when it came.
-  bool answered(int ms) {
-    std::unique_lock<std::mutex> l(mu);
-    return cv.wait_for(l, std::chrono::milliseconds(ms), [&] { return done; });
-  }
-};
-
-}  // namespace
-
-namespace {
-
 struct Rec {
   static int live;
   int value = 0;
@@ -1483,14 +1442,14 @@ TEST_CASE("a request that must wait is deferred: the caller returns at once, a r
   char buf[16];
   size_t got = 0;
   // The first read is within the budget: it goes at once, on this thread, even when offered.
-  FakeRequest first;
+  testing::Carried first;
   Io io;
   io.defer = &first;
   f.set_may_defer(true);
   REQUIRE(f.read(io, buf, 16, 0, &got).ok());
   CHECK_FALSE(first.taken);
   // The second must wait 0.9 s: deferred, and this thread is free.
-  FakeRequest second;
+  testing::Carried second;
   io.defer = &second;
   Status s = f.read(io, buf, 16, 0, &got);
   CHECK(s.deferred());
@@ -1500,10 +1459,10 @@ TEST_CASE("a request that must wait is deferred: the caller returns at once, a r
   // New limits reschedule it: it goes down from a pool thread, with the data below.
   REQUIRE(f.reconfigure(YAML::Load("iops: 100000")));
   REQUIRE(second.answered(5000));
-  CHECK(second.status.ok());
+  CHECK(second.answer.ok());
   CHECK(second.got == 16);
   CHECK(std::string(second.buf.data(), 16) == std::string(16, 'x'));
-  CHECK(second.on != std::this_thread::get_id());
+  CHECK(second.thread != std::this_thread::get_id());
   const std::string stats = f.stats_json();
   CHECK(stats.find("\"delayed\":1,") != std::string::npos);
   CHECK(stats.find("\"queued\":0,") != std::string::npos);
@@ -1520,20 +1479,20 @@ TEST_CASE("a throttle defers only where the chain allows, and release_deferred l
   REQUIRE(f.write(Io{}, "a", 1, 0).ok());  // uses the budget
   // Not allowed to defer (a filter above does not pass deferral): it would sleep, so try a read
   // instead, which separate read and write limits never hold.
-  FakeRequest r;
+  testing::Carried r;
   Io io;
   io.defer = &r;
   REQUIRE(f.read(io, buf, 16, 0, &got).ok());
   CHECK_FALSE(r.taken);
   // Allowed: three writes deferred behind the write limit; a read still goes at once.
   f.set_may_defer(true);
-  FakeRequest w[3];
+  testing::Carried w[3];
   for (auto& one : w) {
     io.defer = &one;
     one.buf.assign(16, 'w');
     CHECK(f.write(io, one.buf.data(), 16, 100).deferred());
   }
-  FakeRequest r2;
+  testing::Carried r2;
   io.defer = &r2;
   REQUIRE(f.read(io, buf, 16, 0, &got).ok());
   CHECK_FALSE(r2.taken);
@@ -1542,15 +1501,15 @@ TEST_CASE("a throttle defers only where the chain allows, and release_deferred l
   f.release_deferred();
   for (auto& one : w) {
     CHECK(one.done);
-    CHECK(one.status.ok());
+    CHECK(one.answer.ok());
   }
   CHECK(std::string(bottom.data.data() + 100, 16) == std::string(16, 'w'));
   // Until defer_again() nothing new is deferred (a write would sleep on its worker).
-  FakeRequest r3;
+  testing::Carried r3;
   io.defer = &r3;
   REQUIRE(f.read(io, buf, 16, 0, &got).ok());
   f.defer_again();
-  FakeRequest w4;
+  testing::Carried w4;
   io.defer = &w4;
   CHECK(f.write(io, "z", 1, 0).deferred());
   f.close();  // releases it too, and stops the timer
@@ -1570,14 +1529,14 @@ TEST_CASE("a request that must wait in its group is deferred too: the group's gr
   char buf[16];
   size_t got = 0;
   // Within the group's budget: at once, on this thread, not taken.
-  FakeRequest first;
+  testing::Carried first;
   Io io;
   io.defer = &first;
   REQUIRE(f.read(io, buf, 16, 0, &got).ok());
   CHECK_FALSE(first.taken);
   // The group makes the next one wait 0.9 s: the disk has no limit of its own, so it passed
   // stage 1 at once and was parked in the group, and this thread is free.
-  FakeRequest second, third;
+  testing::Carried second, third;
   io.defer = &second;
   CHECK(f.read(io, buf, 16, 0, &got).deferred());
   io.defer = &third;
@@ -1590,11 +1549,11 @@ TEST_CASE("a request that must wait in its group is deferred too: the group's gr
   REQUIRE(f.reconfigure(YAML::Load("{ iops: 100000, group: unit-parked }")));
   REQUIRE(second.answered(5000));
   REQUIRE(third.answered(5000));
-  CHECK(second.status.ok());
+  CHECK(second.answer.ok());
   CHECK(second.got == 16);
   CHECK(std::string(second.buf.data(), 16) == std::string(16, 'x'));
-  CHECK(second.on != std::this_thread::get_id());
-  CHECK(third.status.ok());
+  CHECK(second.thread != std::this_thread::get_id());
+  CHECK(third.answer.ok());
   const std::string stats = f.stats_json();
   CHECK(stats.find("\"queued\":0,") != std::string::npos);
   CHECK(stats.find("\"delayed\":2,") != std::string::npos);

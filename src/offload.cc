@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <chrono>
 #include <new>
+#include <system_error>
 #include <thread>
 
 namespace iofilterfs {
@@ -32,22 +33,34 @@ Offload::Offload(Run run, unsigned max_threads) : run_(std::move(run)), max_thre
 
 Offload::~Offload() { stop(); }
 
+bool Offload::spawn_locked() {
+  try {
+    std::thread([this] { loop(); }).detach();  // stop() waits for threads_ to reach 0
+  } catch (const std::system_error&) {
+    return false;  // no thread to be had now (a limit): the ones there are carry it
+  }
+  ++threads_;
+  return true;
+}
+
 bool Offload::take(const Io& io, bool is_write, size_t len, uint64_t off, uint32_t tag) {
   if (!io.defer) return false;
   {
     // Counted before anything is taken, so that a release() that begins meanwhile waits for
-    // this request too (it is queued after the release looked).
+    // this request too (it is queued after the release looked). A thread for it is started
+    // first: a request is taken only when a thread of the pool will run it.
     std::lock_guard<std::mutex> l(mu_);
     if (released_ || stopping_) return false;
+    if (queued_ >= idle_ && threads_ < max_threads_ && !spawn_locked() && threads_ == 0) return false;
     ++outstanding_;
   }
   Job* j = new (std::nothrow) Job;
   Deferred* d = j ? io.defer->take() : nullptr;
+  std::lock_guard<std::mutex> l(mu_);
   if (!d) {
     delete j;
-    std::lock_guard<std::mutex> l(mu_);
     if (--outstanding_ == 0) done_cv_.notify_all();
-    return false;
+    return false;  // (a thread started for it leaves when idle)
   }
   j->pool = this;
   j->request = d;
@@ -56,15 +69,10 @@ bool Offload::take(const Io& io, bool is_write, size_t len, uint64_t off, uint32
   j->tag = tag;
   j->is_write = is_write;
   j->direct = io.direct;
-  std::lock_guard<std::mutex> l(mu_);
   (tail_ ? tail_->next : head_) = j;
   tail_ = j;
   ++queued_;
   ++taken_;
-  if (queued_ > idle_ && threads_ < max_threads_) {
-    ++threads_;
-    std::thread([this] { loop(); }).detach();  // stop() waits for threads_ to reach 0
-  }
   if (idle_) work_cv_.notify_one();
   return true;
 }
@@ -104,9 +112,7 @@ void Offload::release() {
   released_ = true;
   // Every queued request starts now, past the ceiling: none waits for a thread to come free
   // (the filters below already let everything through).
-  for (unsigned n = queued_ > idle_ ? queued_ - idle_ : 0; n; --n) {
-    ++threads_;
-    std::thread([this] { loop(); }).detach();
+  for (unsigned n = queued_ > idle_ ? queued_ - idle_ : 0; n && spawn_locked(); --n) {
   }
   work_cv_.notify_all();
   done_cv_.wait(l, [&] { return outstanding_ == 0; });

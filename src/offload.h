@@ -101,6 +101,7 @@ class Offload {
  private:
   struct Job;
   void loop();
+  bool spawn_locked();  // one more thread (mu_ held); false when none can be started
 
   const Run run_;
   const unsigned max_threads_;

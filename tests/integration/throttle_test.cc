@@ -989,7 +989,8 @@ std::string carried_writes_beside_neighbour(const TempDir& t, const Mount& m, co
 
 }  // namespace
 
-TEST_CASE("under replicate, writes are carried on its own threads: depth 128 at 100 write IOPS, neighbour unaffected",
+TEST_CASE("under replicate, writes are carried on its own threads: depth 128 at 100 write IOPS, an unthrottled neighbour "
+          "unaffected",
           "[throttle][fio][defer][replicate]") {
   // Replicate's work around a local write (its range, the journal or the send, the bitmap)
   // needs one thread from start to end, so it takes each write and carries it on a pool of its
@@ -1017,7 +1018,8 @@ TEST_CASE("under replicate, writes are carried on its own threads: depth 128 at 
   }
 }
 
-TEST_CASE("under a write-back cache, 2 KiB writes and reads are carried: depth 128 at 100 IOPS, neighbour unaffected",
+TEST_CASE("under a write-back cache, 2 KiB writes and reads are carried: depth 128 at 100 IOPS, an unthrottled "
+          "neighbour unaffected",
           "[throttle][fio][defer][cache]") {
   // A 2 KiB write into a block the cache takes reads the rest of its 4 KiB page from below
   // first, and a 2 KiB read of a cached block reads its block's missing pages below whole; both

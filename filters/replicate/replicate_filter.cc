@@ -888,7 +888,8 @@ Status ReplicateFilter::write(const Io& req, const void* buf, size_t len, uint64
   if (!opened_) return kNotOpen;
   // The work around the local write (the range, the journal or the send, the bitmap) needs a
   // thread from start to end: with a Deferrer, one of this filter's own (offload.h), so that a
-  // throttle below holds that thread, not a FUSE worker. Below, never with the Deferrer.
+  // throttle below holds that thread, not a FUSE worker. Below, never with the request's
+  // Deferrer (there, with the carrying thread's own: write_local).
   if (req.defer && may_defer() && offload_.take(req, true, len, off)) return Status::Deferred();
   return write_change(Io{req.direct}, buf, len, off, false);
 }
@@ -2218,7 +2219,7 @@ void register_replicate(Registry& r) {
   // Filter::read), so it goes below with the request's Deferrer and a throttle below may park
   // it. A write does not: replicate works on its result (the send, the bitmap, the range lock
   // it holds until then), so write() takes it and carries it on its own threads, where it goes
-  // below without one and a throttle blocks that thread (offload.h).
+  // below with a Deferrer of the carrying thread's, which waits for it (Offload::Waiter).
   info.passes_deferral = true;
   r.add(std::move(info));
 }

@@ -810,9 +810,8 @@ Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, u
       // longer write that comes here (write_multi could not send it below whole) sends its
       // blocks below without it (one request is deferred at most once). A one-block write that
       // would wait below on this thread (write-back: an edge page read from below, a block sent
-      // below with its dirty pages) is carried on this filter's threads instead.
-      // On this filter's thread (carried), each block goes below with a Waiter instead, so
-      // that it holds no block lock while a throttle holds it.
+      // below with its dirty pages) is carried on this filter's threads instead, where each
+      // block goes below with a Waiter, so that it holds no block lock while a throttle holds it.
       const bool single = pos == off && n == len && io.defer;
       Status s;
       if (carried) {

@@ -70,8 +70,9 @@
 // replicate passes a read through untouched. A filter whose work around a request needs a
 // thread from start to end (replicate's writes; a cache's writes and reads that complete part
 // of a page from below) takes the request itself and carries it on threads of its own
-// (offload.h), where it goes below without the Deferrer: a throttle below then holds that
-// filter's thread, never a FUSE worker that other disks need.
+// (offload.h), where it goes below with a Deferrer of the carrying thread's, which waits for
+// it (Offload::Waiter): a throttle below parks it, the filters in between finish it in their
+// hooks, and only that filter's thread waits, never a FUSE worker that other disks need.
 //
 // The framework's side of the contract: a drain of the disk for a re-plumb that stops the
 // chain first calls release_deferred() on every filter (resume what you hold now, hold nothing
@@ -420,9 +421,9 @@ struct FilterInfo {
   // A filter below this one may defer (see "Deferring"): on each read and write, this filter
   // either passes io down unchanged and does nothing after next_ returns but return what it
   // returned (or, when that is Deferred, register a completion hook that does its remaining
-  // work: see "Completion hooks"), or takes the request itself (offload.h) and sends it down
-  // with an Io without defer. The default (false) suits a filter that passes io down and then
-  // works on every result. The cache and replicate declare it.
+  // work: see "Completion hooks"), or takes the request itself and carries it on its own
+  // threads (offload.h), or passes an Io without defer. The default (false) suits a filter
+  // that passes io down and then works on every result. The cache and replicate declare it.
   bool passes_deferral = false;
   // This filter may itself take a request and answer it later (io.defer->take(): the
   // throttle). The framework offers a Deferrer only to a chain that holds such a filter, so

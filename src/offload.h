@@ -12,10 +12,12 @@
 //     this pool, which belongs to this filter of this disk alone.
 //
 //   worker:  filter.write(io): offload.take(io) ─► return Deferred ─► (free for other disks)
-//   pool:    d->resume(job) ─► [disk entered] filter.write(Io{direct}) ─► throttle waits here ─► reply
+//   pool:    d->resume(job) ─► [disk entered] filter.write(Io{direct}) ─► its call below with a
+//            Waiter: the throttle parks it, this thread waits ─► the filter's work after ─► reply
 //
 // A pool thread runs the filter's ordinary blocking path (Run, with an Io without a Deferrer),
-// so the filter's logic is the same on both threads. Threads start on demand, up to a ceiling,
+// so the filter's logic is the same on both threads; where that path calls below it may pass
+// a Waiter (below) so that the filters below defer the call rather than block in it. Threads start on demand, up to a ceiling,
 // and leave after a few idle seconds, so a disk that is never throttled has none.
 //
 // Threads: take() from any worker; release()/again()/stop() from the disk's control path

@@ -81,18 +81,17 @@ void Offload::loop() {
   std::unique_lock<std::mutex> l(mu_);
   for (;;) {
     while (!head_) {
-      if (stopping_) {
+      // Leaves when the pool stops, or after idling kIdleExit with nothing come meanwhile.
+      bool leave = stopping_;
+      if (!leave) {
+        ++idle_;
+        leave = work_cv_.wait_for(l, kIdleExit) == std::cv_status::timeout && !head_;
+        --idle_;
+      }
+      if (leave) {
         --threads_;
         done_cv_.notify_all();
         return;  // touches nothing of the pool after the lock goes
-      }
-      ++idle_;
-      const bool woke = work_cv_.wait_for(l, kIdleExit) == std::cv_status::no_timeout;
-      --idle_;
-      if (!woke && !head_) {
-        --threads_;
-        done_cv_.notify_all();
-        return;
       }
     }
     Job* j = head_;

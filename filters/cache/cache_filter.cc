@@ -1,5 +1,7 @@
 #include "cache/cache_filter.h"
 
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <spdlog/spdlog.h>
 #include <time.h>
 #include <yaml-cpp/yaml.h>
@@ -840,9 +842,7 @@ Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, u
     if (!s.ok()) return s;
   }
   if (write_back()) {
-    uint64_t sz = size_.load();
-    while (sz < off + len && !size_.compare_exchange_weak(sz, off + len)) {
-    }
+    grow_size(off + len);
     bool high;
     {
       std::shared_lock<RwLock> g(mu_);
@@ -1256,9 +1256,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
       m.dirty.set_range(pa, pe);
       ++m.gen;
       map_->set_dirty(slot, true);
-      uint64_t sz = size_.load();
-      while (sz < base + o + n && !size_.compare_exchange_weak(sz, base + o + n)) {
-      }
+      grow_size(base + o + n);
     }
     s = persist(slot);  // acknowledged only once the record says so
     if (s.ok()) {
@@ -1519,71 +1517,253 @@ Status CacheFilter::sync(const Io& io, bool datasync) {
   return s;
 }
 
-void CacheFilter::invalidate(uint64_t off, uint64_t end) {
-  if (end <= off) return;
+Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty) {
+  if (end <= off) return Status::Ok();
   const uint64_t fb = off / p_.block, lb = (end - 1) / p_.block;
-  std::vector<std::pair<uint64_t, uint32_t>> hit;
+  struct Edge {
+    uint64_t block;
+    uint32_t slot, page, from, to;  // zeros over [from, to) of the page
+  };
+  std::vector<uint32_t> touched;  // slots whose record changes
+  std::vector<Edge> edges;        // dirty pages the range covers in part
+  bool forgot_dirty = false;
   {
     std::lock_guard<RwLock> g(mu_);
     for (uint32_t s = 0; s < map_->slots(); ++s) {
+      if (map_->queue_of(s) == cache::BlockMap::Queue::Free) continue;
       const uint64_t b = map_->block_of(s);
-      if (map_->queue_of(s) != cache::BlockMap::Queue::Free && b >= fb && b <= lb) hit.emplace_back(b, s);
-    }
-  }
-  for (auto [b, slot] : hit) {
-    std::lock_guard<std::mutex> sl(stripe(b));
-    {
-      std::lock_guard<RwLock> g(mu_);
-      if (map_->find(b) != slot) continue;
+      Meta& m = meta_[s];
+      if (b < fb || b > lb) {
+        if (all_dirty && m.dirty.any()) touched.push_back(s);  // its record names the old size
+        continue;
+      }
       const uint64_t base = b * p_.block;
       const uint32_t pa = static_cast<uint32_t>(off > base ? (off - base) / kPage : 0);
       const uint32_t pe = static_cast<uint32_t>(std::min<uint64_t>(pages(), (end - base + kPage - 1) / kPage));
-      Meta& m = meta_[slot];
+      bool changed = false;
       for (uint32_t p = pa; p < pe; ++p) {
-        if (m.valid.test(p)) valid_pages_.fetch_sub(1, std::memory_order_relaxed);
-        if (m.dirty.test(p)) dirty_pages_.fetch_sub(1, std::memory_order_relaxed);
+        const uint64_t ps = base + uint64_t(p) * kPage;
+        const uint64_t a = std::max(off, ps), e = std::min(end, ps + kPage);
+        if (a == ps && e == ps + kPage) {  // covered whole: below now holds what the page would
+          if (m.valid.test(p)) valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+          if (m.dirty.test(p)) {
+            dirty_pages_.fetch_sub(1, std::memory_order_relaxed);
+            forgot_dirty = true;
+          }
+          changed |= m.valid.test(p) || m.dirty.test(p);
+          m.valid.clear_range(p, p + 1);
+          m.dirty.clear_range(p, p + 1);
+        } else if (m.dirty.test(p)) {  // its dirty bytes outside the range stay, zeros inside
+          edges.push_back(Edge{b, s, p, static_cast<uint32_t>(a - ps), static_cast<uint32_t>(e - ps)});
+          map_->pin(s);
+        } else if (m.valid.test(p)) {
+          valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+          m.valid.clear_range(p, p + 1);
+          changed = true;
+        }
       }
-      m.valid.clear_range(pa, pe);
-      m.dirty.clear_range(pa, pe);
-      ++m.gen;
-      if (!m.dirty.any()) map_->set_dirty(slot, false);
-      invalidations_.fetch_add(1, std::memory_order_relaxed);
+      ++m.gen;  // no fill of bytes from before the range changed lands (read_done, write_block_done)
+      if (!m.dirty.any()) map_->set_dirty(s, false);
+      if (changed) invalidations_.fetch_add(1, std::memory_order_relaxed);
+      if (changed || (all_dirty && m.dirty.any())) touched.push_back(s);
     }
-    if (!persist(slot).ok()) records_failed("write failed while dropping blocks");
   }
+  Status s = Status::Ok();
+  uint8_t* page = nullptr;
+  for (const Edge& e : edges) {
+    if (s.ok() && !page && !(page = scratch(1, kPage))) s = kNoBuffer;
+    if (s.ok() && !store_->read(e.slot, e.block, e.page * kPage, page, kPage).ok()) {
+      degrade("read failed");
+      spdlog::error("{}: cache: dirty data of block {} cannot be read from {}", info_.path, e.block, store_path_);
+      s = kLost;
+    }
+    if (s.ok()) {
+      std::memset(page + e.from, 0, e.to - e.from);
+      Status w = store_->write(e.slot, e.block, e.page * kPage, page, kPage);
+      if (!w.ok()) {
+        // The page may be torn on the device: below gets it instead, and the cache forgets it.
+        degrade(std::string("write failed: ") + std::strerror(w.err));
+        s = next_->write(Io{}, page, kPage, e.block * p_.block + uint64_t(e.page) * kPage);
+        if (s.ok()) {
+          std::lock_guard<RwLock> g(mu_);
+          Meta& m = meta_[e.slot];
+          if (m.valid.test(e.page)) valid_pages_.fetch_sub(1, std::memory_order_relaxed);
+          if (m.dirty.test(e.page)) dirty_pages_.fetch_sub(1, std::memory_order_relaxed);
+          m.valid.clear_range(e.page, e.page + 1);
+          m.dirty.clear_range(e.page, e.page + 1);
+          if (!m.dirty.any()) map_->set_dirty(e.slot, false);
+          forgot_dirty = true;
+          touched.push_back(e.slot);
+        }
+      }
+    }
+    std::lock_guard<RwLock> g(mu_);
+    map_->unpin(e.slot);
+  }
+  if (!s.ok()) return s;  // records still name the dirty pages: nothing acknowledged is lost
+  // The records may forget dirty pages only once below holds their replacement for good.
+  if (forgot_dirty) {
+    s = next_->sync(Io{}, false);
+    if (!s.ok()) return s;
+  } else {
+    below_unsynced_.store(true, std::memory_order_relaxed);
+  }
+  for (uint32_t slot : touched)
+    if (!persist(slot).ok()) {
+      records_failed("write failed while dropping blocks");
+      break;
+    }
+  // Durable before the request is acknowledged: a later open must not replay what was dropped,
+  // nor the old bytes of a page now holding zeros.
+  if ((!touched.empty() || !edges.empty()) && store_->persistent() && !records_broken_.load()) {
+    Status y = store_->sync();
+    if (!y.ok()) records_failed(std::string("sync failed: ") + std::strerror(y.err));
+  }
+  return Status::Ok();
 }
 
 Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len) {
   if (!store_ || passthrough_.load()) return next_->fallocate(io, mode, off, len);
-  Status s = drain();
-  if (!s.ok()) return s;
-  s = next_->fallocate(io, mode, off, len);
-  if (!s.ok()) return s;
-  invalidate(off, off + len);
+  if (records_broken_.load()) {
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->fallocate(io, mode, off, len);
+  }
+  if (!(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE))) {
+    // An allocation: the bytes stay what they are.
+    Status s = next_->fallocate(io, mode, off, len);
+    uint64_t below = 0;
+    if (s.ok() && next_->size(&below).ok()) grow_size(below);
+    return s;
+  }
+  const bool shifts = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE);
+  if (shifts) {
+    // Everything past off moves: the cache follows only once nothing is dirty.
+    Status s = drain();
+    if (!s.ok()) return s;
+  }
+  const uint64_t end = shifts ? UINT64_MAX - p_.block : off + len;
+  if (len == 0 || end <= off) return next_->fallocate(io, mode, off, len);
+  // Every stripe of the range, while below changes and the cache follows: no destage, fill or
+  // write of the range's blocks comes between (a destage landing after the punch would bring
+  // back what it punched). Nothing dirty goes below; dirty pages in the range are dropped.
+  std::array<std::unique_lock<std::mutex>, kStripes> held;
+  lock_stripes(cache::stripe_mask(off / p_.block, (end - 1) / p_.block), &held);
+  Status s = next_->fallocate(io, mode, off, len);
+  if (!s.ok()) return s;  // the cache still holds what it held, dirty or not
   uint64_t below = 0;
-  if (next_->size(&below).ok()) size_.store(below);
-  if (records_broken_.load()) return failover();  // a record could not drop the range
+  if (next_->size(&below).ok()) grow_size(below);
+  s = drop_range_locked(off, end, false);
+  if (!s.ok()) return s;
+  if (records_broken_.load()) {
+    for (auto& h : held) if (h.owns_lock()) h.unlock();
+    return failover();  // a record could not drop the range
+  }
   return s;
 }
 
 Status CacheFilter::resize(const Io& io, uint64_t size) {
   if (!store_ || passthrough_.load()) return next_->resize(io, size);
-  Status s = drain();
+  if (records_broken_.load()) {
+    Status s = failover();
+    if (!s.ok()) return s;
+    return next_->resize(io, size);
+  }
+  // Every stripe: pages past the new end may be in any block's stripe.
+  std::array<std::unique_lock<std::mutex>, kStripes> held;
+  lock_stripes(~uint64_t(0), &held);
+  Status s = next_->resize(io, size);
   if (!s.ok()) return s;
-  s = next_->resize(io, size);
+  const uint64_t before = size_.exchange(size);
+  // Shrinking: what lay past the end is dropped (dirty too) and every dirty record is rewritten
+  // with the new size, so no later open grows the disk back.
+  s = drop_range_locked(size, UINT64_MAX - p_.block, size < before);
   if (!s.ok()) return s;
-  invalidate(size / kPage * kPage, UINT64_MAX - p_.block);
-  size_.store(size);
-  if (records_broken_.load()) return failover();  // a record could not drop the range
+  if (records_broken_.load()) {
+    for (auto& h : held) if (h.owns_lock()) h.unlock();
+    return failover();  // a record could not drop the range
+  }
   return s;
 }
 
-Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
-  if (store_ && !passthrough_.load() && write_back() && dirty_bytes() > 0) {
-    Status s = drain();  // below's holes are the truth only once nothing is dirty
-    if (!s.ok()) return s;
+void CacheFilter::grow_size(uint64_t at_least) {
+  uint64_t sz = size_.load();
+  while (sz < at_least && !size_.compare_exchange_weak(sz, at_least)) {
   }
-  return next_->seek(io, off, whence, result);
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> CacheFilter::dirty_runs() const {
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  {
+    std::shared_lock<RwLock> g(mu_);
+    for (uint32_t s = 0; s < map_->slots(); ++s) {
+      if (!map_->dirty(s)) continue;
+      const uint64_t base = map_->block_of(s) * p_.block;
+      const PageMask& d = meta_[s].dirty;
+      for (uint32_t p = 0; p < pages();) {
+        if (!d.test(p)) {
+          ++p;
+          continue;
+        }
+        uint32_t q = p;
+        while (q < pages() && d.test(q)) ++q;
+        runs.emplace_back(base + uint64_t(p) * kPage, base + uint64_t(q) * kPage);
+        p = q;
+      }
+    }
+  }
+  std::sort(runs.begin(), runs.end());
+  std::vector<std::pair<uint64_t, uint64_t>> merged;
+  for (const auto& r : runs) {
+    if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+    else merged.push_back(r);
+  }
+  return merged;
+}
+
+Status CacheFilter::seek(const Io& io, uint64_t off, int whence, uint64_t* result) {
+  if (!store_ || passthrough_.load() || !write_back() || dirty_bytes() == 0 ||
+      (whence != SEEK_DATA && whence != SEEK_HOLE))
+    return next_->seek(io, off, whence, result);
+  // Dirty pages are data, wherever below's holes are. They are listed before below is asked:
+  // a page destaged since is below by then (the destager writes it before it is clean).
+  const auto runs = dirty_runs();
+  uint64_t size = 0;
+  Status s = this->size(&size);
+  if (!s.ok()) return s;
+  if (off >= size) return Status::Error(ENXIO, "cache: seek past the end");
+  // The first run that ends after at.
+  auto run_after = [&](uint64_t at) {
+    return std::upper_bound(runs.begin(), runs.end(), at,
+                            [](uint64_t v, const std::pair<uint64_t, uint64_t>& r) { return v < r.second; });
+  };
+  if (whence == SEEK_DATA) {
+    uint64_t d = UINT64_MAX;
+    auto it = run_after(off);
+    if (it != runs.end()) d = std::max(off, it->first);
+    uint64_t below = 0;
+    s = next_->seek(io, off, SEEK_DATA, &below);
+    if (s.ok()) d = std::min(d, below);
+    else if (s.err != ENXIO) return s;
+    if (d >= size) return Status::Error(ENXIO, "cache: no data past the offset");
+    *result = d;
+    return Status::Ok();
+  }
+  uint64_t h = off;
+  for (;;) {
+    auto it = run_after(h);
+    if (it != runs.end() && it->first <= h) h = it->second;  // runs are merged: h is outside them now
+    if (h >= size) break;
+    uint64_t below = 0;
+    s = next_->seek(io, h, SEEK_HOLE, &below);
+    if (s.ok()) h = below;
+    else if (s.err != ENXIO) return s;  // ENXIO: past below's end, a hole up to the disk's end
+    if (h >= size) break;
+    it = run_after(h);
+    if (it == runs.end() || it->first > h) break;  // a hole below that no dirty page fills
+  }
+  *result = std::min(h, size);
+  return Status::Ok();
 }
 
 Status CacheFilter::size(uint64_t* out) {

@@ -18,9 +18,14 @@
 //             that finds no slot (every slot dirty) goes below, as does a sequential stream.
 //   sync      write-back on a device: fdatasync of the cache file (what was acknowledged is
 //             then durable), and a sync below if anything went there since the last one.
-//   fallocate/resize/seek
-//             drain first (nothing dirty left), then the pages of the range are dropped and
-//             the request passes down.
+//   fallocate/resize
+//             every stripe of the range is held while the request passes down and the cache
+//             follows (drop_range_locked): nothing dirty goes below, dirty pages the range
+//             covers are dropped, a dirty page it covers in part gets zeros in the store. So a
+//             discard of a throttled disk sends nothing through the throttle. An allocation
+//             passes straight down; a collapse or insert (everything past it moves) drains first.
+//   seek      SEEK_DATA/SEEK_HOLE: below's answer, with the dirty pages counted as data
+//             (nothing is destaged for it).
 //
 // Destaging (write-back): a thread writes dirty pages below in batches once the dirty share
 // reaches high-watermark and until it is down to low-watermark; then it syncs below, then
@@ -232,8 +237,19 @@ class CacheFilter : public Filter {
   // synced, then the block leaves the cache (stripe held; slot pinned, unpinned here). Fails
   // only when below fails or a dirty page cannot be read.
   Status evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src);
-  // Drops pages of [off, end) from the cache (nothing dirty there: drained first).
-  void invalidate(uint64_t off, uint64_t end);
+  // After below punched, zeroed or cut [off, end), with every stripe of the range held: the
+  // cache follows without sending anything below. A page the range covers whole is forgotten,
+  // dirty or not (below holds what it would now hold); a dirty page it covers in part gets zeros
+  // over the part in the store and stays dirty; a clean one is forgotten. Every slot of the range
+  // gets a new gen (no fill of older bytes lands). Forgotten dirty pages: below is synced before
+  // their records say so; then the records, then the store is synced. all_dirty: every dirty
+  // slot's record is rewritten too (a shrink: records carry the disk's size). An error leaves
+  // the records naming what was dirty.
+  Status drop_range_locked(uint64_t off, uint64_t end, bool all_dirty);
+  // The dirty pages as byte ranges [first, second), sorted and merged (seek()).
+  std::vector<std::pair<uint64_t, uint64_t>> dirty_runs() const;
+  // size_ = max(size_, at_least).
+  void grow_size(uint64_t at_least);
   Status destage_pass(size_t max_blocks, size_t* cleaned);
   // Destage passes until nothing is dirty.
   Status drain_dirty();

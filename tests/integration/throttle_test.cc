@@ -1043,3 +1043,66 @@ TEST_CASE("under a write-back cache, 2 KiB writes and reads are carried: depth 1
            &out) == 0);
   INFO(out);
 }
+
+TEST_CASE("under a write-back cache, a discard, a zero-range, a truncate and a seek of a throttled disk send "
+          "nothing dirty below",
+          "[throttle][cache][discard]") {
+  // The cache holds 8 MiB dirty behind a throttle of 20 write IOPS (128 blocks: over 6 s to
+  // destage). A discard, a zero-range and a truncate drop what they cover in the cache instead
+  // of destaging it first, so none waits in the throttle: the dirty data stays in the cache.
+  TempDir t;
+  REQUIRE(sh("mkdir -p " + q(t / "c")) == 0);
+  datastore(t, {"d.raw"},
+            "policies:\n  p: { cache: { mode: write-back, device: " + t / "c" +
+                ", size: 32MiB, sequential-cutoff: 0 }, throttle: { write-iops: 20 } }\nrules:\n"
+                "  - { match: 'd.raw', policy: p }\n");
+  REQUIRE(sh("truncate -s 8M " + q(t / "b/d.raw")) == 0);
+  REQUIRE(sh("head -c 8388608 /dev/urandom > " + q(t / "data")) == 0);
+  std::string expect = read_file(t / "data");
+  Mount m(t / "b", t / "m", {{"--config", t / "ds.yaml"}});
+  const int keep = open(m.path("d.raw").c_str(), O_RDONLY);  // the cache lives while the disk is open
+  REQUIRE(keep >= 0);
+  REQUIRE(sh("dd if=" + q(t / "data") + " of=" + q(m.path("d.raw")) + " bs=64k conv=notrunc,fsync status=none") ==
+          0);
+  const double dirty = json_number(get_xattr(m.path("d.raw"), "user.iofilter.stats"), "dirty_bytes");
+  CHECK(dirty == 8 << 20);
+  // Unaligned at both ends: the pages covered in part keep their other bytes.
+  struct Step {
+    const char* what;
+    std::string cmd;
+  };
+  const std::vector<Step> steps = {
+      {"discard", "fallocate --punch-hole --offset 1000000 --length 3000000 " + q(m.path("d.raw"))},
+      {"zero-range", "fallocate --zero-range --keep-size --offset 5000001 --length 1000000 " + q(m.path("d.raw"))},
+      {"truncate", "truncate -s 7000000 " + q(m.path("d.raw"))},
+      {"grow", "truncate -s 8M " + q(m.path("d.raw"))},
+  };
+  std::memset(expect.data() + 1000000, 0, 3000000);
+  std::memset(expect.data() + 5000001, 0, 1000000);
+  std::memset(expect.data() + 7000000, 0, expect.size() - 7000000);
+  for (const Step& s : steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(sh(s.cmd) == 0);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("throttle: a %s of a write-back cached disk behind 20 write IOPS took %.3f s\n", s.what, secs);
+  }
+  // SEEK_HOLE and SEEK_DATA count the dirty pages as data without destaging them. Nothing
+  // reached the backing file, all holes: the first hole is the first page the discard covers
+  // whole, and data resumes at the page it covers in part at its end.
+  const int fd = open(m.path("d.raw").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  CHECK(lseek(fd, 0, SEEK_HOLE) == 1003520);
+  CHECK(lseek(fd, 1003520, SEEK_DATA) == 3997696);
+  close(fd);
+  const std::string stats = get_xattr(m.path("d.raw"), "user.iofilter.stats");
+  INFO(stats);
+  // Only the covered pages left the cache; nothing was destaged (not a byte went through the throttle).
+  CHECK(json_number(stats, "dirty_bytes") > 2 << 20);
+  CHECK(json_number(stats, "dirty_bytes") < dirty);
+  CHECK(json_number(stats, "destaged_bytes") == 0);
+  write_file(t / "expect", expect);
+  CHECK(sh("cmp " + q(t / "expect") + " " + q(m.path("d.raw"))) == 0);
+  close(keep);
+  CHECK(m.stop() == 0);  // destages the rest
+  CHECK(sh("cmp " + q(t / "expect") + " " + q(t / "b/d.raw")) == 0);
+}

@@ -5,10 +5,13 @@
 // invalidation, and a write-back cache file that survives the filter's sudden end.
 #include <catch2/catch.hpp>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <random>
@@ -471,7 +474,7 @@ TEST_CASE("write-back: destaging between the watermarks, evictions, and a full c
 
 namespace {
 
-// Random writes and reads in one mode agree with a model, before and after a drain. Every
+// Random writes, reads, discards and zero-ranges in one mode agree with a model, before and after a drain. Every
 // request goes with io (which may offer a Deferrer); with `aligned`, every other one is
 // page-aligned (what the cache hands below with a Deferrer), the rest anywhere.
 void agree_with_model(const char* mode, const Io& io, bool aligned) {
@@ -493,10 +496,15 @@ void agree_with_model(const char* mode, const Io& io, bool aligned) {
       len = (len + 4095) & ~size_t(4095);
       off = std::min<uint64_t>(off & ~uint64_t(4095), model.size() - len);
     }
-    if (rng() % 2) {
+    const int op = static_cast<int>(rng() % 7);
+    if (op < 3) {
       const std::string d = pattern(len, i);
       REQUIRE(f->write(io, d.data(), len, off).ok());
       model.replace(off, len, d);
+    } else if (op == 3) {  // a discard or a zero-range, anywhere: nothing dirty goes below first
+      const int how = i % 2 ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+      REQUIRE(f->fallocate(Io{}, how, off, len).ok());
+      std::memset(model.data() + off, 0, len);
     } else {
       std::string r(len, '\0');
       size_t got = 0;
@@ -512,7 +520,7 @@ void agree_with_model(const char* mode, const Io& io, bool aligned) {
 
 }  // namespace
 
-TEST_CASE("every mode: random unaligned writes and reads agree with a model, before and after a drain",
+TEST_CASE("every mode: random unaligned writes, reads and discards agree with a model, before and after a drain",
           "[cache][filter]") {
   for (const char* mode : {"write-through", "write-around", "write-back"}) agree_with_model(mode, Io{}, false);
 }
@@ -526,32 +534,178 @@ TEST_CASE("every mode, a Deferrer offered (nothing below defers): random writes 
   for (const char* mode : {"write-through", "write-around", "write-back"}) agree_with_model(mode, io, true);
 }
 
-TEST_CASE("punch-hole, truncate and grow drain first and drop the cached pages", "[cache][filter]") {
+TEST_CASE("punch-hole, truncate and grow send nothing dirty below: the cache follows, and a reopen agrees",
+          "[cache][filter][crash]") {
   for (const char* mode : {"write-through", "write-back"}) {
     INFO(mode);
+    const bool wb = std::string(mode) == "write-back";
     TmpDir dir;
     testing::MemLayer below;
     below.data.assign(1 << 20, 0);
-    iofilterfs::Status st;
-    auto f = make(std::string("{mode: ") + mode + ", device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below,
-                  "d.raw", &st);
-    REQUIRE(st.ok());
+    std::vector<std::string> log;
+    const std::string yaml = std::string("{mode: ") + mode + ", device: " + dir.path + ", size: 1MiB, block: 16KiB}";
     const std::string a = pattern(200000, 5);
-    REQUIRE(f->write(Io{}, a.data(), a.size(), 1000).ok());
-    CHECK(read_all(*f, 1000, a.size()) == a);  // cached
-    REQUIRE(f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 50000, 30000).ok());
-    CHECK(f->dirty_bytes() == 0);
     std::string expect = a;
     std::memset(expect.data() + 49000, 0, 30000);
-    CHECK(read_all(*f, 1000, a.size()) == expect);
-    REQUIRE(f->resize(Io{}, 100000).ok());
+    {
+      iofilterfs::Status st;
+      auto f = make(yaml, &below, "d.raw", &st);
+      REQUIRE(st.ok());
+      f->shutdown();  // no destager: whatever reaches below is the request's doing
+      REQUIRE(f->write(Io{}, a.data(), a.size(), 1000).ok());
+      CHECK(read_all(*f, 1000, a.size()) == a);  // cached
+      const uint64_t dirty = f->dirty_bytes();
+      CHECK(dirty == (wb ? 50u * 4096 : 0u));
+      below.log = &log;
+      // Unaligned at both ends: pages 12 and 19 are covered in part.
+      REQUIRE(f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 50000, 30000).ok());
+      CHECK(f->dirty_bytes() == dirty - (wb ? 6u * 4096 : 0u));  // pages 13..18 dropped, 12 and 19 keep zeros
+      CHECK(std::count(log.begin(), log.end(), "bottom:write") == 0);
+      CHECK(read_all(*f, 1000, a.size()) == expect);
+      // Truncate into the data, unaligned: what lay past the end is dropped, dirty or not.
+      REQUIRE(f->resize(Io{}, 100000).ok());
+      CHECK(std::count(log.begin(), log.end(), "bottom:write") == 0);
+      uint64_t size = 0;
+      REQUIRE(f->size(&size).ok());
+      CHECK(size == 100000);
+      CHECK(read_all(*f, 1000, 200000) == expect.substr(0, 99000));
+      below.log = nullptr;
+    }  // ends without destaging
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
     uint64_t size = 0;
     REQUIRE(f->size(&size).ok());
-    CHECK(size == 100000);
+    CHECK(size == 100000);  // no record grows the disk back
+    CHECK(read_all(*f, 1000, 200000) == expect.substr(0, 99000));
     REQUIRE(f->resize(Io{}, 300000).ok());
-    std::string grown = expect.substr(0, 99000) + std::string(300000 - 100000, '\0');
+    const std::string grown = expect.substr(0, 99000) + std::string(300000 - 100000, '\0');
     CHECK(read_all(*f, 1000, 299000) == grown);
+    REQUIRE(f->drain().ok());
+    CHECK(f->dirty_bytes() == 0);
     CHECK(std::string(below.data.data() + 1000, 299000) == grown);
+  }
+}
+
+TEST_CASE("SEEK_DATA and SEEK_HOLE count dirty pages as data without destaging them", "[cache][filter]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  below.holes = true;
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  f->shutdown();
+  const std::string a = pattern(10000, 7), c = pattern(9000, 8);
+  REQUIRE(f->write(Io{}, a.data(), a.size(), 100000).ok());  // dirty pages 24..26: [98304, 110592)
+  std::memcpy(below.data.data() + 500000, c.data(), c.size());  // data below only: pages 122..124
+  REQUIRE(f->write(Io{}, a.data(), a.size(), 507000).ok());     // dirty pages 123..126, over it and past it
+  std::vector<std::string> log;
+  below.log = &log;
+  struct Ask {
+    uint64_t off;
+    int whence;
+    uint64_t want;  // UINT64_MAX: ENXIO
+  };
+  const std::vector<Ask> asks = {
+      {0, SEEK_DATA, 98304},           {0, SEEK_HOLE, 0},
+      {98304, SEEK_HOLE, 110592},      {100000, SEEK_DATA, 100000},
+      {110592, SEEK_DATA, 499712},     {499712, SEEK_HOLE, 520192},  // below's pages, then the cache's
+      {520192, SEEK_DATA, UINT64_MAX}, {(1 << 20) - 1, SEEK_HOLE, (1 << 20) - 1},
+      {1 << 20, SEEK_HOLE, UINT64_MAX},
+  };
+  auto check = [&](const char* when) {
+    for (const Ask& q : asks) {
+      INFO(when << ": " << (q.whence == SEEK_DATA ? "SEEK_DATA " : "SEEK_HOLE ") << q.off);
+      uint64_t r = 0;
+      iofilterfs::Status s = f->seek(Io{}, q.off, q.whence, &r);
+      if (q.want == UINT64_MAX) {
+        CHECK(s.err == ENXIO);
+      } else {
+        REQUIRE(s.ok());
+        CHECK(r == q.want);
+      }
+    }
+  };
+  const uint64_t dirty = f->dirty_bytes();
+  check("dirty");
+  CHECK(f->dirty_bytes() == dirty);
+  CHECK(std::count(log.begin(), log.end(), "bottom:write") == 0);
+  below.log = nullptr;
+  REQUIRE(f->drain().ok());
+  check("destaged");  // below now answers alone, the same
+}
+
+TEST_CASE("a discard or truncate that fails below leaves the cache's dirty data as it was", "[cache][filter]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(1 << 20, 0);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  f->shutdown();
+  const std::string a = pattern(100000, 6);
+  REQUIRE(f->write(Io{}, a.data(), a.size(), 0).ok());
+  const uint64_t dirty = f->dirty_bytes();
+  below.fallocate_err = EOPNOTSUPP;
+  iofilterfs::Status s = f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10000, 50000);
+  CHECK(s.err == EOPNOTSUPP);
+  CHECK(f->dirty_bytes() == dirty);
+  CHECK(read_all(*f, 0, a.size()) == a);
+  REQUIRE(f->drain().ok());
+  CHECK(std::string(below.data.data(), a.size()) == a);
+}
+
+TEST_CASE("discards racing destage passes on other threads: no punched byte comes back, no written one is lost",
+          "[cache][filter][threads]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  constexpr size_t kRegion = 256 << 10;
+  constexpr int kThreads = 4;
+  below.data.assign(kRegion * kThreads, 0);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 256KiB, block: 16KiB, sequential-cutoff: 0}",
+                &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  std::atomic<bool> done{false};
+  std::thread destager([&] {
+    while (!done.load()) f->destage_once();
+  });
+  std::vector<std::string> models(kThreads, std::string(kRegion, '\0'));
+  std::atomic<int> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(100 + t);
+      std::string& model = models[t];
+      const uint64_t base = uint64_t(t) * kRegion;
+      for (int i = 0; i < 1500; ++i) {
+        const size_t len = 1 + rng() % 40000;
+        const uint64_t off = rng() % (kRegion - len);
+        const int op = static_cast<int>(rng() % 3);
+        if (op == 0) {
+          const std::string d = pattern(len, t * 10000 + i);
+          if (!f->write(Io{}, d.data(), len, base + off).ok()) ++bad;
+          model.replace(off, len, d);
+        } else if (op == 1) {
+          if (!f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, base + off, len).ok()) ++bad;
+          std::memset(model.data() + off, 0, len);
+        } else {
+          std::string r(len, '\0');
+          size_t got = 0;
+          if (!f->read(Io{}, r.data(), len, base + off, &got).ok() || r != model.substr(off, len)) ++bad;
+        }
+      }
+    });
+  for (auto& t : ts) t.join();
+  done = true;
+  destager.join();
+  CHECK(bad.load() == 0);
+  REQUIRE(f->drain().ok());
+  for (int t = 0; t < kThreads; ++t) {
+    INFO("region " << t);
+    CHECK(std::string(below.data.data() + t * kRegion, kRegion) == models[t]);
+    CHECK(read_all(*f, t * kRegion, kRegion) == models[t]);
   }
 }
 

@@ -24,6 +24,7 @@ class MemLayer : public iofilterfs::Layer {
   std::vector<std::string>* log = nullptr;  // optional: appends "bottom:OP"
   std::mutex mu;
   int syncs = 0;
+  int fallocate_err = 0;  // set: fallocate fails with it and changes nothing
 
   void note(const char* op) {
     if (log) log->push_back(std::string("bottom:") + op);
@@ -52,6 +53,7 @@ class MemLayer : public iofilterfs::Layer {
   Status fallocate(const Io&, int mode, uint64_t off, uint64_t len) override {
     std::lock_guard<std::mutex> g(mu);
     note("fallocate");
+    if (fallocate_err) return Status::Error(fallocate_err, "mem: fallocate refused");
     if (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
       uint64_t end = std::min<uint64_t>(off + len, data.size());
       if (off < end) std::memset(data.data() + off, 0, end - off);
@@ -64,8 +66,26 @@ class MemLayer : public iofilterfs::Layer {
     data.resize(size);
     return Status::Ok();
   }
-  Status seek(const Io&, uint64_t off, int, uint64_t* result) override {
-    *result = off;
+  bool holes = false;  // set: seek reports every all-zero 4 KiB page as a hole (else all is data)
+  Status seek(const Io&, uint64_t off, int whence, uint64_t* result) override {
+    std::lock_guard<std::mutex> g(mu);
+    if (!holes) {
+      *result = off;
+      return Status::Ok();
+    }
+    if (off >= data.size()) return Status::Error(ENXIO, "mem: seek past the end");
+    auto zero_page = [&](uint64_t p) {
+      const uint64_t a = p * 4096, e = std::min<uint64_t>(a + 4096, data.size());
+      return std::all_of(data.begin() + a, data.begin() + e, [](char c) { return c == 0; });
+    };
+    const uint64_t pages = (data.size() + 4095) / 4096;
+    for (uint64_t p = off / 4096; p < pages; ++p)
+      if (zero_page(p) == (whence == SEEK_HOLE)) {
+        *result = std::max(off, p * 4096);
+        return Status::Ok();
+      }
+    if (whence == SEEK_DATA) return Status::Error(ENXIO, "mem: no data past the offset");
+    *result = data.size();
     return Status::Ok();
   }
   Status size(uint64_t* out) override {

@@ -1272,6 +1272,7 @@ Status CacheFilter::write_back_block(const Io& io, uint64_t b, uint32_t o, uint3
 }
 
 Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o, uint32_t n, const uint8_t* src) {
+  wait_destaged(b, b);  // older bytes of the block on their way below land first
   const uint64_t base = b * p_.block;
   const uint32_t fa = (o + kPage - 1) / kPage, fe = (o + n) / kPage;  // pages the write covers whole
   PageMask dirty;
@@ -1343,39 +1344,57 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   if (items.empty()) return Status::Ok();
   uint8_t* buf = nullptr;
   uint64_t bytes = 0;
+  // The dirty runs of one block: [first page, end page).
+  std::vector<std::pair<uint32_t, uint32_t>> runs;
   for (Item& it : items) {
-    std::lock_guard<std::mutex> sl(stripe(it.block));
-    {
-      std::lock_guard<RwLock> g(mu_);
-      if (map_->find(it.block) != it.slot) {
-        it.slot = kNoSlot;
-        continue;
-      }
-      it.gen = meta_[it.slot].gen;
-      it.dirty = meta_[it.slot].dirty;
-      map_->pin(it.slot);
-    }
     Status s = Status::Ok();
-    for (uint32_t p = 0; s.ok() && p < pages();) {
-      if (!it.dirty.test(p)) {
-        ++p;
-        continue;
+    {
+      // Under the stripe: what is dirty, and its bytes, read out of the store.
+      std::lock_guard<std::mutex> sl(stripe(it.block));
+      {
+        std::lock_guard<RwLock> g(mu_);
+        if (map_->find(it.block) != it.slot) {
+          it.slot = kNoSlot;
+          continue;
+        }
+        it.gen = meta_[it.slot].gen;
+        it.dirty = meta_[it.slot].dirty;
+        map_->pin(it.slot);
       }
-      uint32_t q = p;
-      while (q < pages() && it.dirty.test(q)) ++q;
-      const size_t len = size_t(q - p) * kPage;
+      runs.clear();
+      for (uint32_t p = 0; p < pages();) {
+        if (!it.dirty.test(p)) {
+          ++p;
+          continue;
+        }
+        uint32_t q = p;
+        while (q < pages() && it.dirty.test(q)) ++q;
+        runs.emplace_back(p, q);
+        p = q;
+      }
       if (!buf) buf = scratch(1, p_.block);
       if (!buf) s = kNoBuffer;
-      if (s.ok()) s = store_->read(it.slot, it.block, p * kPage, buf, len);
-      if (!s.ok() && s.err != ENOMEM) {
-        degrade(std::string("read failed: ") + std::strerror(s.err));
-        spdlog::error("{}: cache: dirty data of block {} cannot be read from {}", info_.path, it.block, store_path_);
-        s = kLost;
+      for (size_t r = 0; s.ok() && r < runs.size(); ++r) {
+        const auto [p, q] = runs[r];
+        s = store_->read(it.slot, it.block, p * kPage, buf + size_t(p) * kPage, size_t(q - p) * kPage);
+        if (!s.ok()) {
+          degrade(std::string("read failed: ") + std::strerror(s.err));
+          spdlog::error("{}: cache: dirty data of block {} cannot be read from {}", info_.path, it.block, store_path_);
+          s = kLost;
+        }
       }
-      if (s.ok()) s = next_->write(Io{}, buf, len, it.block * p_.block + p * kPage);
-      bytes += len;
-      p = q;
+      if (s.ok()) begin_destage(it.block);
     }
+    // Below without the stripe: a throttle there may hold this write, and the block's other
+    // requests go on meanwhile. A write of the block into the cache changes its gen (so it
+    // stays dirty, below); what would send the block's bytes below waits (wait_destaged).
+    for (size_t r = 0; s.ok() && r < runs.size(); ++r) {
+      const auto [p, q] = runs[r];
+      const size_t len = size_t(q - p) * kPage;
+      s = next_->write(Io{}, buf + size_t(p) * kPage, len, it.block * p_.block + uint64_t(p) * kPage);
+      bytes += len;
+    }
+    end_destage();
     {
       std::lock_guard<RwLock> g(mu_);
       map_->unpin(it.slot);
@@ -1421,6 +1440,25 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
   destaged_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   rate_.add(bytes, now_ns());
   return Status::Ok();
+}
+
+void CacheFilter::begin_destage(uint64_t block) {
+  std::lock_guard<std::mutex> g(dst_mu_);
+  destaging_ = block;
+}
+
+void CacheFilter::end_destage() {
+  {
+    std::lock_guard<std::mutex> g(dst_mu_);
+    if (destaging_ == kNoBlock) return;
+    destaging_ = kNoBlock;
+  }
+  dst_cv_.notify_all();
+}
+
+void CacheFilter::wait_destaged(uint64_t first, uint64_t last) {
+  std::unique_lock<std::mutex> g(dst_mu_);
+  dst_cv_.wait(g, [&] { return destaging_ == kNoBlock || destaging_ < first || destaging_ > last; });
 }
 
 Status CacheFilter::drain() {
@@ -1649,6 +1687,7 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
   // back what it punched). Nothing dirty goes below; dirty pages in the range are dropped.
   std::array<std::unique_lock<std::mutex>, kStripes> held;
   lock_stripes(cache::stripe_mask(off / p_.block, (end - 1) / p_.block), &held);
+  wait_destaged(off / p_.block, (end - 1) / p_.block);
   Status s = next_->fallocate(io, mode, off, len);
   if (!s.ok()) return s;  // the cache still holds what it held, dirty or not
   uint64_t below = 0;
@@ -1672,6 +1711,7 @@ Status CacheFilter::resize(const Io& io, uint64_t size) {
   // Every stripe: pages past the new end may be in any block's stripe.
   std::array<std::unique_lock<std::mutex>, kStripes> held;
   lock_stripes(~uint64_t(0), &held);
+  wait_destaged(size / p_.block, UINT64_MAX);
   Status s = next_->resize(io, size);
   if (!s.ok()) return s;
   const uint64_t before = size_.exchange(size);

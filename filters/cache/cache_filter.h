@@ -30,8 +30,12 @@
 // Destaging (write-back): a thread writes dirty pages below in batches once the dirty share
 // reaches high-watermark and until it is down to low-watermark; then it syncs below, then
 // writes the slots' clean records and syncs the cache file, and only then may those slots be
-// evicted. drain() (flush, quiesce, snapshot, close, policy removal) destages everything the
-// same way and returns when the layer below holds it.
+// evicted. A block's dirty pages are read out of the store under its stripe and written below
+// without it (a throttle below may hold that write: the block's reads and cache writes go on;
+// a write of the block meanwhile changes its gen, so it stays dirty; what would send the
+// block's bytes below itself — evacuate, a discard, a truncate — waits for that write to land
+// first, wait_destaged). drain() (flush, quiesce, snapshot, close, policy removal) destages
+// everything the same way and returns when the layer below holds it.
 //
 // Encryption: when the policy also encrypts (DiskInfo::at_rest, from the encrypt filter
 // below), the cache file's pages are sealed with the container's own data cipher at their disk
@@ -61,7 +65,7 @@
 // atomic, a pin), without a stripe lock, so hits never queue behind each other; everything
 // that changes the map or a mask holds it exclusively. No I/O happens under mu_ except a hit's
 // copy out of RAM and failover()'s renaming of the cache file. seq_mu_ (the sequential-cutoff
-// table) is a leaf, taken alone; so are health_mu_, thr_mu_ and p_mu_.
+// table) is a leaf, taken alone; so are health_mu_, thr_mu_, p_mu_ and dst_mu_.
 #pragma once
 
 #include <array>
@@ -250,7 +254,17 @@ class CacheFilter : public Filter {
   std::vector<std::pair<uint64_t, uint64_t>> dirty_runs() const;
   // size_ = max(size_, at_least).
   void grow_size(uint64_t at_least);
+  // One pass of the destager (or a drain): up to max_blocks dirty blocks, each read out of
+  // the store under its stripe and written below without it (begin_destage .. end_destage),
+  // then below is synced and the blocks not written meanwhile (gen) are marked clean.
   Status destage_pass(size_t max_blocks, size_t* cleaned);
+  // The block whose dirty pages are on their way below without its stripe (one at a time:
+  // destage_mu_ is held). Set under the block's stripe.
+  void begin_destage(uint64_t block);
+  void end_destage();
+  // Waits until no block in [first, last] is on its way below from a destage: the caller (its
+  // stripe held) is about to send that block's bytes below, which must land after the older ones.
+  void wait_destaged(uint64_t first, uint64_t last);
   // Destage passes until nothing is dirty.
   Status drain_dirty();
   // The device failed a record write or a sync: the file no longer says what it holds.
@@ -303,6 +317,9 @@ class CacheFilter : public Filter {
   std::atomic<uint64_t> valid_pages_{0}, dirty_pages_{0}, destaged_bytes_{0}, replayed_{0};
 
   std::mutex destage_mu_;
+  std::mutex dst_mu_;  // a leaf
+  std::condition_variable dst_cv_;
+  uint64_t destaging_ = UINT64_MAX;  // under dst_mu_: begin_destage's block, or none
   std::mutex thr_mu_;
   std::condition_variable thr_cv_;
   bool stop_ = false;    // under thr_mu_

@@ -12,7 +12,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <future>
+#include <mutex>
 #include <map>
 #include <random>
 #include <set>
@@ -634,6 +637,77 @@ TEST_CASE("SEEK_DATA and SEEK_HOLE count dirty pages as data without destaging t
   below.log = nullptr;
   REQUIRE(f->drain().ok());
   check("destaged");  // below now answers alone, the same
+}
+
+namespace {
+// A memory layer whose writes starting with 'B' stop at a gate until it opens.
+struct GateBelow : testing::MemLayer {
+  std::mutex gm;
+  std::condition_variable gcv;
+  bool at_gate = false, open_gate = false;
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (len && static_cast<const char*>(buf)[0] == 'B') {
+      std::unique_lock<std::mutex> l(gm);
+      at_gate = true;
+      gcv.notify_all();
+      gcv.wait(l, [&] { return open_gate; });
+    }
+    return MemLayer::write(io, buf, len, off);
+  }
+  void open() {
+    std::lock_guard<std::mutex> l(gm);
+    open_gate = true;
+    gcv.notify_all();
+  }
+};
+}  // namespace
+
+TEST_CASE("a destage write held below holds no block lock: the stripe's reads and writes go on, a discard of the "
+          "block waits for it",
+          "[cache][filter][threads]") {
+  TmpDir dir;
+  GateBelow below;
+  below.data.assign(1 << 20, 0);
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  f->shutdown();
+  // Another block in block 0's stripe, with bytes only below.
+  uint64_t k = 1;
+  while (stripe_of(k) != stripe_of(0)) ++k;
+  const std::string other = pattern(16384, 3);
+  std::memcpy(below.data.data() + k * 16384, other.data(), other.size());
+  const std::string b(16384, 'B'), a(4096, 'A');
+  REQUIRE(f->write(Io{}, b.data(), b.size(), 0).ok());
+  std::thread destage([&] { f->destage_once(); });  // its write of block 0 stops at the gate
+  {
+    std::unique_lock<std::mutex> l(below.gm);
+    below.gcv.wait(l, [&] { return below.at_gate; });
+  }
+  // The stripe is free: a read miss of block k and a write of block 0 complete meanwhile.
+  auto read = std::async(std::launch::async, [&] { return read_all(*f, k * 16384, 16384); });
+  auto write = std::async(std::launch::async, [&] { return f->write(Io{}, a.data(), a.size(), 4096).ok(); });
+  const bool read_done = read.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  const bool write_done = write.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  CHECK(read_done);
+  CHECK(write_done);
+  // A discard of block 0 must land after the older bytes the destage is sending.
+  auto punch = std::async(std::launch::async, [&] {
+    return f->fallocate(Io{}, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 4096).ok();
+  });
+  CHECK(punch.wait_for(std::chrono::milliseconds(300)) == std::future_status::timeout);
+  below.open();
+  destage.join();
+  if (read_done) CHECK(read.get() == other);
+  if (write_done) CHECK(write.get());
+  CHECK(punch.get());
+  CHECK(f->dirty_bytes() > 0);  // written meanwhile: not marked clean
+  REQUIRE(f->drain().ok());
+  std::string expect = b;
+  expect.replace(4096, 4096, a);
+  std::memset(expect.data() + 8192, 0, 4096);
+  CHECK(std::string(below.data.data(), 16384) == expect);
+  CHECK(read_all(*f, 0, 16384) == expect);
 }
 
 TEST_CASE("a discard or truncate that fails below leaves the cache's dirty data as it was", "[cache][filter]") {

@@ -1675,19 +1675,29 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
     return s;
   }
   const bool shifts = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE);
-  if (shifts) {
-    // Everything past off moves: the cache follows only once nothing is dirty.
-    Status s = drain();
-    if (!s.ok()) return s;
-  }
   const uint64_t end = shifts ? UINT64_MAX - p_.block : off + len;
   if (len == 0 || end <= off) return next_->fallocate(io, mode, off, len);
   // Every stripe of the range, while below changes and the cache follows: no destage, fill or
   // write of the range's blocks comes between (a destage landing after the punch would bring
   // back what it punched). Nothing dirty goes below; dirty pages in the range are dropped.
   std::array<std::unique_lock<std::mutex>, kStripes> held;
-  lock_stripes(cache::stripe_mask(off / p_.block, (end - 1) / p_.block), &held);
-  wait_destaged(off / p_.block, (end - 1) / p_.block);
+  for (int attempt = 0;; ++attempt) {
+    if (shifts) {
+      // Everything past off moves: the cache follows only once nothing is dirty.
+      Status s = drain();
+      if (!s.ok()) return s;
+    }
+    lock_stripes(cache::stripe_mask(off / p_.block, (end - 1) / p_.block), &held);
+    wait_destaged(off / p_.block, (end - 1) / p_.block);
+    if (!shifts) break;
+    {
+      std::shared_lock<RwLock> g(mu_);
+      if (map_->dirty_count() == 0) break;
+    }
+    for (auto& h : held)
+      if (h.owns_lock()) h.unlock();  // written meanwhile: drain again
+    if (attempt == 100) return Status::Error(EBUSY, "cache: dirty data keeps coming before a collapse or insert");
+  }
   Status s = next_->fallocate(io, mode, off, len);
   if (!s.ok()) return s;  // the cache still holds what it held, dirty or not
   uint64_t below = 0;

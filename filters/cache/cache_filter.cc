@@ -1565,6 +1565,7 @@ Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty
   std::vector<uint32_t> touched;  // slots whose record changes
   std::vector<Edge> edges;        // dirty pages the range covers in part
   bool forgot_dirty = false;
+  bool dirty_records = false;  // a record about dirty pages changes: the store is synced after
   {
     std::lock_guard<RwLock> g(mu_);
     for (uint32_t s = 0; s < map_->slots(); ++s) {
@@ -1572,7 +1573,10 @@ Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty
       const uint64_t b = map_->block_of(s);
       Meta& m = meta_[s];
       if (b < fb || b > lb) {
-        if (all_dirty && m.dirty.any()) touched.push_back(s);  // its record names the old size
+        if (all_dirty && m.dirty.any()) {
+          touched.push_back(s);  // its record names the old size
+          dirty_records = true;
+        }
         continue;
       }
       const uint64_t base = b * p_.block;
@@ -1604,8 +1608,10 @@ Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty
       if (!m.dirty.any()) map_->set_dirty(s, false);
       if (changed) invalidations_.fetch_add(1, std::memory_order_relaxed);
       if (changed || (all_dirty && m.dirty.any())) touched.push_back(s);
+      if (all_dirty && m.dirty.any()) dirty_records = true;
     }
   }
+  dirty_records |= forgot_dirty || !edges.empty();
   Status s = Status::Ok();
   uint8_t* page = nullptr;
   for (const Edge& e : edges) {
@@ -1652,8 +1658,9 @@ Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty
       break;
     }
   // Durable before the request is acknowledged: a later open must not replay what was dropped,
-  // nor the old bytes of a page now holding zeros.
-  if ((!touched.empty() || !edges.empty()) && store_->persistent() && !records_broken_.load()) {
+  // nor the old bytes of a page now holding zeros, nor grow the disk back. (Clean records need
+  // not be: a kill loses no written record, and after a reboot clean blocks are dropped.)
+  if (dirty_records && store_->persistent() && !records_broken_.load()) {
     Status y = store_->sync();
     if (!y.ok()) records_failed(std::string("sync failed: ") + std::strerror(y.err));
   }

@@ -118,11 +118,14 @@ Status CacheFilter::open(const DiskInfo& info) {
         // below through the file's own layout, then the file starts over.
         const uint32_t obs = fs->header().block_size;
         std::vector<uint8_t> page(kPage);
+        uint64_t end = bsize;  // the disk's end, as the dirty records knew it
+        for (const cache::Record& r : replay.live)
+          if (r.dirty.any()) end = std::max(end, r.size);
         for (const cache::Record& r : replay.live) {
           for (uint32_t pg = 0; pg < obs / kPage; ++pg) {
             if (!r.dirty.test(pg)) continue;
             s = fs->read(r.slot, r.block, pg * kPage, page.data(), kPage);
-            if (s.ok()) s = next_->write(Io{}, page.data(), kPage, r.block * obs + pg * kPage);
+            if (s.ok()) s = pages_below(Io{}, page.data(), kPage, r.block * obs + pg * kPage, end);
             if (!s.ok()) return Status::Error(EIO, "cache: dirty data of an older cache file could not be destaged");
           }
         }
@@ -186,10 +189,10 @@ void CacheFilter::stop_destager() {
   if (thr_.joinable()) thr_.join();
 }
 
-void CacheFilter::kick() {
+void CacheFilter::kick(bool all) {
   {
     std::lock_guard<std::mutex> g(thr_mu_);
-    kicked_ = true;
+    (all ? kicked_ : woken_) = true;
   }
   thr_cv_.notify_one();
 }
@@ -197,10 +200,10 @@ void CacheFilter::kick() {
 void CacheFilter::destager() {
   std::unique_lock<std::mutex> l(thr_mu_);
   while (!stop_) {
-    thr_cv_.wait_for(l, std::chrono::milliseconds(250), [&] { return stop_ || kicked_; });
+    thr_cv_.wait_for(l, std::chrono::milliseconds(250), [&] { return stop_ || kicked_ || woken_; });
     if (stop_) break;
     const bool kicked = kicked_;
-    kicked_ = false;
+    kicked_ = woken_ = false;
     l.unlock();
     // This thread is the filter's own: its calls below hold a BelowGuard (filter.h), one
     // bounded pass at a time, so a re-plumb never relinks the chain under a destage.
@@ -274,6 +277,16 @@ Status CacheFilter::persist(uint32_t slot) {
     r = record_locked(slot);
   }
   return store_->put_record(r);
+}
+
+Status CacheFilter::pages_below(const Io& io, const uint8_t* data, size_t len, uint64_t at, uint64_t end) {
+  if (at >= end) return Status::Ok();
+  return next_->write(io, data, std::min<uint64_t>(len, end - at), at);
+}
+
+uint64_t CacheFilter::disk_end() {
+  uint64_t end = 0;
+  return size(&end).ok() ? end : UINT64_MAX;
 }
 
 Status CacheFilter::read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got) {
@@ -848,7 +861,7 @@ Status CacheFilter::write_blocks(const Io& io, const uint8_t* src, size_t len, u
       std::shared_lock<RwLock> g(mu_);
       high = marks_.above_high(map_->dirty_count(), map_->slots());
     }
-    if (high) kick();
+    if (high) kick(false);  // down to the low mark
   }
   return deferred ? Status::Deferred() : Status::Ok();
 }
@@ -1289,7 +1302,7 @@ Status CacheFilter::evacuate(const Io& io, uint64_t b, uint32_t slot, uint32_t o
     if (!page) page = scratch(1, kPage);
     if (!page) s = kNoBuffer;
     else if (!store_->read(slot, b, p * kPage, page, kPage).ok()) s = kLost;
-    else s = next_->write(io, page, kPage, base + p * kPage);
+    else s = pages_below(io, page, kPage, base + p * kPage, disk_end());
   }
   if (s.ok()) s = next_->write(io, src, n, base + o);
   if (s.ok()) {
@@ -1388,10 +1401,11 @@ Status CacheFilter::destage_pass(size_t max_blocks, size_t* cleaned) {
     // Below without the stripe: a throttle there may hold this write, and the block's other
     // requests go on meanwhile. A write of the block into the cache changes its gen (so it
     // stays dirty, below); what would send the block's bytes below waits (wait_destaged).
+    const uint64_t end = runs.empty() ? 0 : disk_end();
     for (size_t r = 0; s.ok() && r < runs.size(); ++r) {
       const auto [p, q] = runs[r];
       const size_t len = size_t(q - p) * kPage;
-      s = next_->write(Io{}, buf + size_t(p) * kPage, len, it.block * p_.block + uint64_t(p) * kPage);
+      s = pages_below(Io{}, buf + size_t(p) * kPage, len, it.block * p_.block + uint64_t(p) * kPage, end);
       bytes += len;
     }
     end_destage();
@@ -1627,7 +1641,7 @@ Status CacheFilter::drop_range_locked(uint64_t off, uint64_t end, bool all_dirty
       if (!w.ok()) {
         // The page may be torn on the device: below gets it instead, and the cache forgets it.
         degrade(std::string("write failed: ") + std::strerror(w.err));
-        s = next_->write(Io{}, page, kPage, e.block * p_.block + uint64_t(e.page) * kPage);
+        s = pages_below(Io{}, page, kPage, e.block * p_.block + uint64_t(e.page) * kPage, disk_end());
         if (s.ok()) {
           std::lock_guard<RwLock> g(mu_);
           Meta& m = meta_[e.slot];
@@ -1927,7 +1941,7 @@ bool CacheFilter::reconfigure(const YAML::Node& params) {
     std::lock_guard<std::mutex> g(p_mu_);
     p_ = np;
   }
-  if (np.mode == cache::Mode::WriteBack) kick();  // new marks: the destager looks again
+  if (np.mode == cache::Mode::WriteBack) kick(false);  // new marks: the destager looks again
   spdlog::info("{}: cache: reconfigured in place: {}", info_.path, cache::describe_cache(np));
   return true;
 }

@@ -234,6 +234,11 @@ class CacheFilter : public Filter {
   cache::Record record_locked(uint32_t slot);
   // Writes slot's record (stripe of its block held, mu_ not).
   Status persist(uint32_t slot);
+  // Writes whole cache pages below at `at`, cut at end (the disk's end: the bytes of a page
+  // past it are not the disk's, and below must not grow past it).
+  Status pages_below(const Io& io, const uint8_t* data, size_t len, uint64_t at, uint64_t end);
+  // The disk's end as size() says (UINT64_MAX when below cannot say).
+  uint64_t disk_end();
   // Reads [off, off+len) from below into buf, zero-filling past the end; *got what came up.
   Status read_below(const Io& io, uint8_t* buf, size_t len, uint64_t off, size_t* got);
   // A write-back write to a cached block that the device cannot take (it failed, or the cache
@@ -276,7 +281,9 @@ class CacheFilter : public Filter {
   // write) when dirty data cannot be read or the file cannot be set aside.
   Status failover();
   void destager();
-  void kick();
+  // Wakes the destager: all, to destage everything (replayed dirty data, a degraded device);
+  // else to look at the watermarks now (between them, it runs down to the low mark).
+  void kick(bool all = true);
   void degrade(const std::string& why);
   void start_destager();
   void stop_destager();
@@ -323,7 +330,8 @@ class CacheFilter : public Filter {
   std::mutex thr_mu_;
   std::condition_variable thr_cv_;
   bool stop_ = false;    // under thr_mu_
-  bool kicked_ = false;  // under thr_mu_
+  bool kicked_ = false;  // under thr_mu_: kick(true)
+  bool woken_ = false;   // under thr_mu_: kick(false)
   std::thread thr_;
 
   // Requests that would wait below on their thread, carried on threads of this filter's own

@@ -710,6 +710,37 @@ TEST_CASE("a destage write held below holds no block lock: the stripe's reads an
   CHECK(read_all(*f, 0, 16384) == expect);
 }
 
+TEST_CASE("write-back: destaging or replaying a disk that ends inside a page does not grow it",
+          "[cache][filter][crash]") {
+  TmpDir dir;
+  testing::MemLayer below;
+  below.data.assign(100000, 0);
+  const std::string yaml = "{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}";
+  const std::string a = pattern(2500, 4);
+  {
+    iofilterfs::Status st;
+    auto f = make(yaml, &below, "d.raw", &st);
+    REQUIRE(st.ok());
+    f->shutdown();
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 98000).ok());  // the disk now ends at 100500, in page 24
+    uint64_t size = 0;
+    REQUIRE(f->size(&size).ok());
+    CHECK(size == 100500);
+    CHECK(f->destage_once() == 2);  // blocks 5 and 6
+    CHECK(below.data.size() == 100500);
+    REQUIRE(f->write(Io{}, a.data(), a.size(), 98500).ok());  // the disk now ends at 101000
+  }  // ends without destaging: the reopen destages it
+  iofilterfs::Status st;
+  auto f = make(yaml, &below, "d.raw", &st);
+  REQUIRE(st.ok());
+  REQUIRE(f->drain().ok());
+  CHECK(below.data.size() == 101000);
+  uint64_t size = 0;
+  REQUIRE(f->size(&size).ok());
+  CHECK(size == 101000);
+  CHECK(std::string(below.data.data() + 98500, a.size()) == a);
+}
+
 TEST_CASE("a discard or truncate that fails below leaves the cache's dirty data as it was", "[cache][filter]") {
   TmpDir dir;
   testing::MemLayer below;

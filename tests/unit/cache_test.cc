@@ -321,6 +321,16 @@ std::unique_ptr<CacheFilter> make(const std::string& yaml, testing::MemLayer* be
   return f;
 }
 
+// A write-back cache of 64 blocks of 16 KiB on a cache file in dir, without its destager
+// thread: what reaches below is the test's doing (destage_once, drain).
+std::unique_ptr<CacheFilter> write_back_by_hand(const TmpDir& dir, testing::MemLayer* below) {
+  iofilterfs::Status st;
+  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", below, "d.raw", &st);
+  REQUIRE(st.ok());
+  f->shutdown();
+  return f;
+}
+
 std::string read_all(iofilterfs::Layer& l, uint64_t off, size_t len) {
   std::string s(len, '\0');
   size_t got = 0;
@@ -595,10 +605,7 @@ TEST_CASE("SEEK_DATA and SEEK_HOLE count dirty pages as data without destaging t
   testing::MemLayer below;
   below.data.assign(1 << 20, 0);
   below.holes = true;
-  iofilterfs::Status st;
-  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
-  REQUIRE(st.ok());
-  f->shutdown();
+  auto f = write_back_by_hand(dir, &below);
   const std::string a = pattern(10000, 7), c = pattern(9000, 8);
   REQUIRE(f->write(Io{}, a.data(), a.size(), 100000).ok());  // dirty pages 24..26: [98304, 110592)
   std::memcpy(below.data.data() + 500000, c.data(), c.size());  // data below only: pages 122..124
@@ -639,39 +646,14 @@ TEST_CASE("SEEK_DATA and SEEK_HOLE count dirty pages as data without destaging t
   check("destaged");  // below now answers alone, the same
 }
 
-namespace {
-// A memory layer whose writes starting with 'B' stop at a gate until it opens.
-struct GateBelow : testing::MemLayer {
-  std::mutex gm;
-  std::condition_variable gcv;
-  bool at_gate = false, open_gate = false;
-  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
-    if (len && static_cast<const char*>(buf)[0] == 'B') {
-      std::unique_lock<std::mutex> l(gm);
-      at_gate = true;
-      gcv.notify_all();
-      gcv.wait(l, [&] { return open_gate; });
-    }
-    return MemLayer::write(io, buf, len, off);
-  }
-  void open() {
-    std::lock_guard<std::mutex> l(gm);
-    open_gate = true;
-    gcv.notify_all();
-  }
-};
-}  // namespace
 
 TEST_CASE("a destage write held below holds no block lock: the stripe's reads and writes go on, a discard of the "
           "block waits for it",
           "[cache][filter][threads]") {
   TmpDir dir;
-  GateBelow below;
+  testing::GateLayer below;
   below.data.assign(1 << 20, 0);
-  iofilterfs::Status st;
-  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
-  REQUIRE(st.ok());
-  f->shutdown();
+  auto f = write_back_by_hand(dir, &below);
   // Another block in block 0's stripe, with bytes only below.
   uint64_t k = 1;
   while (stripe_of(k) != stripe_of(0)) ++k;
@@ -680,10 +662,7 @@ TEST_CASE("a destage write held below holds no block lock: the stripe's reads an
   const std::string b(16384, 'B'), a(4096, 'A');
   REQUIRE(f->write(Io{}, b.data(), b.size(), 0).ok());
   std::thread destage([&] { f->destage_once(); });  // its write of block 0 stops at the gate
-  {
-    std::unique_lock<std::mutex> l(below.gm);
-    below.gcv.wait(l, [&] { return below.at_gate; });
-  }
+  below.wait_at_gate();
   // The stripe is free: a read miss of block k and a write of block 0 complete meanwhile.
   auto read = std::async(std::launch::async, [&] { return read_all(*f, k * 16384, 16384); });
   auto write = std::async(std::launch::async, [&] { return f->write(Io{}, a.data(), a.size(), 4096).ok(); });
@@ -745,10 +724,7 @@ TEST_CASE("a discard or truncate that fails below leaves the cache's dirty data 
   TmpDir dir;
   testing::MemLayer below;
   below.data.assign(1 << 20, 0);
-  iofilterfs::Status st;
-  auto f = make("{mode: write-back, device: " + dir.path + ", size: 1MiB, block: 16KiB}", &below, "d.raw", &st);
-  REQUIRE(st.ok());
-  f->shutdown();
+  auto f = write_back_by_hand(dir, &below);
   const std::string a = pattern(100000, 6);
   REQUIRE(f->write(Io{}, a.data(), a.size(), 0).ok());
   const uint64_t dirty = f->dirty_bytes();

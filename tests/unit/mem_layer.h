@@ -95,6 +95,32 @@ class MemLayer : public iofilterfs::Layer {
   }
 };
 
+// A memory layer whose writes starting with 'B' stop at a gate until it opens: a test holds a
+// write below (wait_at_gate), checks what goes on meanwhile, then open()s it.
+struct GateLayer : MemLayer {
+  std::mutex gm;
+  std::condition_variable gcv;
+  bool at_gate = false, open_gate = false;
+  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
+    if (len && static_cast<const char*>(buf)[0] == 'B') {
+      std::unique_lock<std::mutex> l(gm);
+      at_gate = true;
+      gcv.notify_all();
+      gcv.wait(l, [&] { return open_gate; });
+    }
+    return MemLayer::write(io, buf, len, off);
+  }
+  void wait_at_gate() {
+    std::unique_lock<std::mutex> l(gm);
+    gcv.wait(l, [&] { return at_gate; });
+  }
+  void open() {
+    std::lock_guard<std::mutex> l(gm);
+    open_gate = true;
+    gcv.notify_all();
+  }
+};
+
 // A caller's Deferrer that never takes a request: a filter under test sees one offered (and
 // takes its deferral paths) while the layer below answers at once.
 struct NoDeferrer final : iofilterfs::Deferrer {

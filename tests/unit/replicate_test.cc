@@ -1224,23 +1224,7 @@ TEST_CASE("range lock: a waiter gets the range when the holder leaves, many thre
   CHECK(sum == want);
 }
 
-namespace {
-// A memory layer whose writes starting with 'B' stop at a gate until released.
-struct GateLayer : testing::MemLayer {
-  std::mutex gm;
-  std::condition_variable gcv;
-  bool at_gate = false, open_gate = false;
-  Status write(const Io& io, const void* buf, size_t len, uint64_t off) override {
-    if (len && static_cast<const char*>(buf)[0] == 'B') {
-      std::unique_lock<std::mutex> l(gm);
-      at_gate = true;
-      gcv.notify_all();
-      gcv.wait(l, [&] { return open_gate; });
-    }
-    return MemLayer::write(io, buf, len, off);
-  }
-};
-}  // namespace
+using testing::GateLayer;
 
 TEST_CASE("replicate async: overlapping writes in flight reach the journal in the image's order", "[replicate][filter]") {
   // B is journaled and then held before its local write; A, to the same bytes, comes next.

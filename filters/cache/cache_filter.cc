@@ -931,6 +931,11 @@ void CacheFilter::lock_stripes(uint64_t mask, std::array<std::unique_lock<std::m
     if (mask >> i & 1) (*held)[i] = std::unique_lock<std::mutex>(stripes_[i]);
 }
 
+void CacheFilter::unlock_stripes(std::array<std::unique_lock<std::mutex>, kStripes>* held) {
+  for (auto& h : *held)
+    if (h.owns_lock()) h.unlock();
+}
+
 Status CacheFilter::multi_done(MultiFlight* mf, Status s, const uint8_t* data) {
   InFlight* const k = mf->blocks();
   // Out of the lists first: two blocks of this write in one stripe must not keep each other
@@ -1715,9 +1720,12 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
       std::shared_lock<RwLock> g(mu_);
       if (map_->dirty_count() == 0) break;
     }
-    for (auto& h : held)
-      if (h.owns_lock()) h.unlock();  // written meanwhile: drain again
+    unlock_stripes(&held);  // written meanwhile: drain again
     if (attempt == 100) return Status::Error(EBUSY, "cache: dirty data keeps coming before a collapse or insert");
+  }
+  if (passthrough_.load()) {  // failover() finished meanwhile (it holds every stripe)
+    unlock_stripes(&held);
+    return next_->fallocate(io, mode, off, len);
   }
   Status s = next_->fallocate(io, mode, off, len);
   if (!s.ok()) return s;  // the cache still holds what it held, dirty or not
@@ -1726,7 +1734,7 @@ Status CacheFilter::fallocate(const Io& io, int mode, uint64_t off, uint64_t len
   s = drop_range_locked(off, end, false);
   if (!s.ok()) return s;
   if (records_broken_.load()) {
-    for (auto& h : held) if (h.owns_lock()) h.unlock();
+    unlock_stripes(&held);
     return failover();  // a record could not drop the range
   }
   return s;
@@ -1743,6 +1751,10 @@ Status CacheFilter::resize(const Io& io, uint64_t size) {
   std::array<std::unique_lock<std::mutex>, kStripes> held;
   lock_stripes(~uint64_t(0), &held);
   wait_destaged(size / p_.block, UINT64_MAX);
+  if (passthrough_.load()) {  // failover() finished meanwhile
+    unlock_stripes(&held);
+    return next_->resize(io, size);
+  }
   Status s = next_->resize(io, size);
   if (!s.ok()) return s;
   const uint64_t before = size_.exchange(size);
@@ -1751,7 +1763,7 @@ Status CacheFilter::resize(const Io& io, uint64_t size) {
   s = drop_range_locked(size, UINT64_MAX - p_.block, size < before);
   if (!s.ok()) return s;
   if (records_broken_.load()) {
-    for (auto& h : held) if (h.owns_lock()) h.unlock();
+    unlock_stripes(&held);
     return failover();  // a record could not drop the range
   }
   return s;

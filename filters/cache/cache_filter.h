@@ -202,6 +202,7 @@ class CacheFilter : public Filter {
   void through_begin(InFlight* fl, bool bypass, cache::Mode mode);
   // Takes the stripes of mask (cache::stripe_mask) in ascending order.
   void lock_stripes(uint64_t mask, std::array<std::unique_lock<std::mutex>, cache::kStripes>* held);
+  static void unlock_stripes(std::array<std::unique_lock<std::mutex>, cache::kStripes>* held);
   // A MultiFlight's blocks leave the lists, then each is finished as write_block_done would
   // (their stripes held); returns s.
   Status multi_done(MultiFlight* mf, Status s, const uint8_t* data);

@@ -17,8 +17,9 @@
 //
 // A pool thread runs the filter's ordinary blocking path (Run, with an Io without a Deferrer),
 // so the filter's logic is the same on both threads; where that path calls below it may pass
-// a Waiter (below) so that the filters below defer the call rather than block in it. Threads start on demand, up to a ceiling,
-// and leave after a few idle seconds, so a disk that is never throttled has none.
+// a Waiter (below) so that the filters below defer the call rather than block in it. Threads
+// start on demand, up to a ceiling, and leave after a few idle seconds, so a disk that is
+// never throttled has none.
 //
 // Threads: take() from any worker; release()/again()/stop() from the disk's control path
 // (release_deferred, defer_again, close). One mutex (a leaf) guards the queue and the counts.

@@ -1244,10 +1244,7 @@ TEST_CASE("replicate async: overlapping writes in flight reach the journal in th
   REQUIRE(f->drain().ok());
   const std::string b(8192, 'B'), a(4096, 'A');
   std::thread tb([&] { CHECK(f->write(Io{}, b.data(), b.size(), 4096).ok()); });
-  {
-    std::unique_lock<std::mutex> l(mem.gm);
-    mem.gcv.wait(l, [&] { return mem.at_gate; });
-  }
+  mem.wait_at_gate();
   std::atomic<bool> a_done{false};
   std::thread ta([&] {
     CHECK(f->write(Io{}, a.data(), a.size(), 8192).ok());
@@ -1256,11 +1253,7 @@ TEST_CASE("replicate async: overlapping writes in flight reach the journal in th
   // Until A has either overtaken B (what happens without ordering) or waits for B's range.
   auto waits = [&] { return YAML::Load(f->stats_json())["overlap_waits"].as<uint64_t>(); };
   while (!a_done && waits() == 0) std::this_thread::yield();
-  {
-    std::lock_guard<std::mutex> l(mem.gm);
-    mem.open_gate = true;
-  }
-  mem.gcv.notify_all();
+  mem.open();
   tb.join();
   ta.join();
   REQUIRE(f->drain().ok());
